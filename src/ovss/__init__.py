@@ -1,0 +1,40 @@
+"""ovss: training-free open-vocabulary semantic segmentation with frozen CLIP (and DINO).
+
+>>> import ovss
+>>> seg = ovss.load("clearclip", clip="ViT-B/16")
+>>> result = seg.predict("photo.jpg", ["sky", "road", ["person", "pedestrian"]])
+>>> result.labels.shape  # (H0, W0) class index per pixel
+
+The public names are imported on first use, so ``import ovss`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "ovss.api",
+    "OvssError": "ovss.errors",
+    "available_models": "ovss.hub",
+    "available_methods": "ovss.methods",
+    "Prediction": "ovss.predictor",
+    "Segmenter": "ovss.predictor",
+}
+
+__all__ = ["OvssError", "Prediction", "Segmenter", "__version__", "available_methods", "available_models", "load"]
+
+if TYPE_CHECKING:
+    from ovss.api import load
+    from ovss.errors import OvssError
+    from ovss.hub import available_models
+    from ovss.methods import available_methods
+    from ovss.predictor import Prediction, Segmenter
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ovss' has no attribute {name!r}")

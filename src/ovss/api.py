@@ -1,0 +1,153 @@
+"""``ovss.load``: build a :class:`Segmenter` from a method name, CLIP weights and pipeline knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ovss.config import PipelineConfig
+from ovss.errors import OvssError
+from ovss.methods.registry import MethodSpec, get_method
+from ovss.models.clip import CLIP, build_clip
+from ovss.predictor import Segmenter
+from ovss.text.tokenizer import Tokenizer
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<method default>"
+
+
+UNSET: Any = _Unset()  # "use the method's default" (None is a real value for short_side / area_threshold)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a dtype or one of fp32 / bf16 / fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise OvssError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return DTYPES[dtype]
+
+
+def load_clip(
+    clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
+    *,
+    act: str | None = None,
+    download: bool = True,
+) -> tuple[CLIP, dict[str, Any]]:
+    """Load CLIP weights by registry name or local file/folder (OpenAI .pt, OpenCLIP, Hugging Face).
+
+    Args:
+        clip: a name from :func:`ovss.available_models`, a local weight file or HF folder, or a built model.
+        act: MLP activation override ("quick_gelu" or "gelu"); default from the file or the registry entry.
+        download: allow downloading registry weights that are not cached.
+
+    Returns:
+        The model (CPU, fp32, eval) and a record of where it came from (name, path, format, activation).
+    """
+    if isinstance(clip, CLIP):
+        return clip, {"clip": "<in-memory model>"}
+    from ovss import hub
+    from ovss.models.formats import load_clip_state_dict
+
+    name = str(clip)
+    path = hub.resolve(name, kind="clip", download=download)
+    state_dict, info = load_clip_state_dict(path)
+    entry = hub.REGISTRY.get(name)
+    chosen = act or info.act or (entry.act if entry is not None else None) or "quick_gelu"
+    if chosen not in ("quick_gelu", "gelu"):
+        raise OvssError(f"unknown activation {chosen!r}; use quick_gelu or gelu")
+    model = build_clip(state_dict, act=chosen)
+    record = {"clip": name, "clip_path": str(Path(path)), "clip_format": info.format, "clip_act": chosen}
+    if entry is not None and entry.sha256:
+        record["clip_sha256"] = entry.sha256
+    return model, record
+
+
+def resolve_options(spec: MethodSpec, overrides: dict[str, Any]) -> Any:
+    """The method's option dataclass with user overrides applied; unknown names raise OvssError."""
+    fields = {f.name for f in dataclasses.fields(spec.options)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise OvssError(f"method {spec.name!r} has no option {', '.join(unknown)}; its options are: {valid}")
+    return dataclasses.replace(spec.options, **overrides)
+
+
+def load(
+    method: str = "clearclip",
+    clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    short_side: int | None = UNSET,
+    crop: int = UNSET,
+    stride: int = UNSET,
+    logit_scale: float = UNSET,
+    bg_threshold: float = 0.0,
+    area_threshold: float | None = None,
+    pamr_steps: int = 0,
+    templates: str = "imagenet80",
+    window_batch: int = 16,
+    tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+    act: str | None = None,
+    download: bool = True,
+    **options: Any,
+) -> Segmenter:
+    """Build a segmenter.
+
+    Args:
+        method: a name from :func:`ovss.available_methods` (e.g. "clearclip", "naclip", "sclip").
+        clip: CLIP weights: a registry name (default "ViT-B/16", downloaded and checksummed on first use),
+            a local file in any supported format, or an already built :class:`~ovss.models.clip.CLIP`.
+        device: where to run (default CPU). Nothing is moved behind your back.
+        dtype: backbone precision: torch.float32 (default), torch.bfloat16 or torch.float16 (or "bf16" ...).
+            Similarities, softmax and merging always run in fp32.
+        short_side: resize so the short side has this many pixels; None keeps the image size.
+        crop: sliding-window side in processing pixels; 0 processes the whole image in one pass.
+        stride: sliding-window stride in processing pixels.
+        logit_scale: temperature of the softmax over all names (method default, spec §5.1).
+        bg_threshold: pixels whose best class probability is below this get class 0 (default 0: off).
+        area_threshold: SCLIP's area filter (classes >= 1 covering <= this share are dropped); None: off.
+        pamr_steps: PAMR refinement iterations (0: off; NACLIP's post-processing uses 10).
+        templates: prompt templates: "imagenet80" (default, every reference number), "imagenet7", "maskclip5".
+        window_batch: windows per backbone forward (memory only).
+        tokenizer: BPE vocabulary file or HF tokenizer folder; default: downloaded once and cached.
+        act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
+        download: allow downloading weights that are not cached.
+        **options: method options, e.g. ``sigma=5.0`` for naclip or ``reduced=True`` for sclip.
+
+    Returns:
+        A :class:`Segmenter`.
+    """
+    spec = get_method(method)
+    opts = resolve_options(spec, options)
+    geo = spec.geometry
+    config = PipelineConfig(
+        short_side=geo.short_side if short_side is UNSET else short_side,
+        crop=geo.crop if crop is UNSET else int(crop),
+        stride=geo.stride if stride is UNSET else int(stride),
+        logit_scale=spec.logit_scale if logit_scale is UNSET else float(logit_scale),
+        bg_threshold=float(bg_threshold),
+        area_threshold=area_threshold,
+        pamr_steps=int(pamr_steps),
+        templates=templates,
+        window_batch=int(window_batch),
+    )
+    torch_dtype = resolve_dtype(dtype)
+    model, record = load_clip(clip, act=act, download=download)
+    model = model.to(device=device, dtype=torch_dtype)
+    vfm = None
+    if spec.needs_vfm:
+        raise OvssError(f"method {method!r} needs a vision foundation model, which this build cannot load yet")
+    return Segmenter(
+        model, spec, opts, config, vfm=vfm, tokenizer=tokenizer, device=device, dtype=torch_dtype, record=record
+    )

@@ -1,0 +1,317 @@
+"""One compact Vision Transformer for CLIP's image tower and for DINO / DINOv2.
+
+Parameter names follow OpenAI CLIP (``conv1``, ``class_embedding``, ``positional_embedding``,
+``transformer.resblocks.{i}.attn.in_proj_weight`` ...), so an OpenAI state dict loads as is; other
+formats are converted to this layout by :mod:`ovss.models.formats`. The architecture is read off the
+weight shapes (:func:`build_vit`), never from a config file.
+
+Tokens are batch-first: ``(B, n, D)`` with [CLS] at position 0, then register tokens (DINOv2), then the
+``gr * gc`` patch tokens in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (as openai/CLIP does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation of OpenAI CLIP (and MetaCLIP / *-quickgelu models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (DINOv2, some OpenCLIP models)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names (fused in-projection)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
+        self.heads = heads
+        self.head_dim = width // heads
+        self.scale = self.head_dim**-0.5
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project normalised tokens to per-head queries, keys and values.
+
+        Args:
+            x: (B, n, D) tokens, already passed through the block's ``ln_1``.
+
+        Returns:
+            q, k, v, each (B, heads, n, head_dim).
+        """
+        B, n, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, n, 3D)
+        qkv = qkv.view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, d)
+        return qkv[0], qkv[1], qkv[2]
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """Concatenate heads and apply the output projection: (B, H, n, d) -> (B, n, D)."""
+        B, H, n, d = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, n, H * d))  # (B, n, D)
+
+    def attention_map(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ordinary softmax(q k^T / sqrt(d)) map of normalised tokens ``x``: (B, n, D) -> (B, H, n, n)."""
+        q, k, _ = self.qkv(x)
+        logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, n, n)
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        return logits.float().softmax(dim=-1).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x)  # (B, H, n, d) each
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, n, d)
+        return self.merge_heads(y)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1 x), then + mlp(ln_2 x) (optionally layer-scaled)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, act: str, eps: float, layer_scale: bool) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, mlp_width)),
+                    ("gelu", ACTIVATIONS[act]()),
+                    ("c_proj", nn.Linear(mlp_width, width)),
+                ]
+            )
+        )
+        self.ls_1: nn.Module = LayerScale(width) if layer_scale else nn.Identity()
+        self.ls_2: nn.Module = LayerScale(width) if layer_scale else nn.Identity()
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch including ln_2 and layer scale: (B, n, D) -> (B, n, D)."""
+        return self.ls_2(self.mlp(self.ln_2(x)))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask))  # (B, n, D)
+        return x + self.ffn(x)  # (B, n, D)
+
+
+class Transformer(nn.Module):
+    """A stack of blocks, named ``resblocks`` as in openai/CLIP."""
+
+    def __init__(
+        self, width: int, layers: int, heads: int, act: str, eps: float = 1e-5, layer_scale: bool = False
+    ) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, 4 * width, act, eps, layer_scale) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a :class:`VisionTransformer`; :func:`build_vit` reads it off the weights."""
+
+    patch: int  # patch side p in pixels (16 for ViT-B/16, 8 for DINO ViT-B/8)
+    width: int  # token width D (768 for ViT-B)
+    layers: int  # number of blocks (12 for ViT-B)
+    heads: int  # attention heads (width // 64 for every released CLIP/DINO model)
+    grid: int  # side of the pretrained position table (14 for CLIP ViT-B/16 at 224 px)
+    output_dim: int | None  # joint embedding size E of the visual projection (None: no projection, DINO)
+    act: str = "quick_gelu"  # MLP activation: "quick_gelu" (OpenAI CLIP) or "gelu" (DINO, most OpenCLIP)
+    eps: float = 1e-5  # LayerNorm epsilon (CLIP 1e-5, DINO 1e-6)
+    pre_norm: bool = True  # ln_pre after the embeddings (CLIP yes, DINO no)
+    patch_bias: bool = False  # bias in the patch-embedding conv (CLIP no, DINO yes)
+    registers: int = 0  # register tokens after [CLS] (DINOv2-reg: 4)
+    layer_scale: bool = False  # LayerScale on both residual branches (DINOv2)
+    pos_offset: float = 0.1  # position-table interpolation uses scale (g + offset) / grid (spec §2.4)
+    pos_antialias: bool = False  # antialias in the position-table interpolation (DINOv2-reg release)
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patch embedding, [CLS] (+ registers), position table, blocks, final norm, projection."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.conv1 = nn.Conv2d(3, D, kernel_size=cfg.patch, stride=cfg.patch, bias=cfg.patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(D))
+        self.positional_embedding = nn.Parameter(torch.zeros(1 + cfg.grid * cfg.grid, D))
+        if cfg.registers:
+            self.register_tokens = nn.Parameter(torch.zeros(cfg.registers, D))
+        self.ln_pre: nn.Module = LayerNorm(D, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
+        self.transformer = Transformer(D, cfg.layers, cfg.heads, cfg.act, cfg.eps, cfg.layer_scale)
+        self.ln_post = LayerNorm(D, eps=cfg.eps)
+        if cfg.output_dim is not None:
+            self.proj = nn.Parameter(torch.zeros(D, cfg.output_dim))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: [CLS] plus registers."""
+        return 1 + self.cfg.registers
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (rows, cols) of an input of ``height x width`` pixels (the conv floors)."""
+        return height // self.cfg.patch, width // self.cfg.patch
+
+    def position_table(self, rows: int, cols: int) -> torch.Tensor:
+        """Position embeddings for a ``rows x cols`` patch grid (spec §2.4).
+
+        The pretrained ``grid x grid`` table is resized by bicubic interpolation (a = -0.75, half-pixel,
+        borders clamped) with scale factors ``(rows + 0.1) / grid`` and ``(cols + 0.1) / grid`` (the DINO
+        convention: source coordinates use that scale, not ``grid / rows``). The [CLS] entry is unchanged;
+        the pretrained grid is returned untouched.
+
+        Returns:
+            (1 + rows * cols, D) in the table's dtype.
+        """
+        table = self.positional_embedding  # (1 + G*G, D)
+        G = self.cfg.grid
+        if (rows, cols) == (G, G):
+            return table
+        cls_pos, patch_pos = table[:1], table[1:]
+        D = table.shape[1]
+        patch_pos = patch_pos.reshape(1, G, G, D).permute(0, 3, 1, 2).float()  # (1, D, G, G)
+        offset = self.cfg.pos_offset
+        if offset == 0.0:
+            patch_pos = F.interpolate(
+                patch_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=self.cfg.pos_antialias
+            )
+        else:
+            patch_pos = F.interpolate(
+                patch_pos,
+                scale_factor=((rows + offset) / G, (cols + offset) / G),
+                mode="bicubic",
+                align_corners=False,
+                recompute_scale_factor=False,
+                antialias=self.cfg.pos_antialias,
+            )  # (1, D, rows, cols)
+        assert patch_pos.shape[-2:] == (rows, cols), f"position grid {tuple(patch_pos.shape)} != {(rows, cols)}"
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(rows * cols, D).to(table.dtype)  # (rows*cols, D)
+        return torch.cat([cls_pos, patch_pos], dim=0)  # (1 + rows*cols, D)
+
+    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch-embed images and add [CLS], position embeddings, registers and ln_pre.
+
+        Args:
+            pixels: (B, 3, h, w) normalised images; sides that are not multiples of the patch are floored.
+
+        Returns:
+            tokens (B, 1 + registers + gr * gc, D) and the grid (gr, gc).
+        """
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))  # (B, D, gr, gc)
+        B, D, gr, gc = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, gr*gc, D)
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, D)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.position_table(gr, gc).to(x.dtype)  # (B, 1 + gr*gc, D)
+        if self.cfg.registers:
+            reg = self.register_tokens.to(x.dtype).expand(B, -1, D)  # (B, R, D)
+            x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)  # (B, 1 + R + gr*gc, D)
+        return self.ln_pre(x), (gr, gc)
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D)."""
+        for block in self.blocks[start:end]:
+            x = block(x)
+        return x
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The unmodified tower: all blocks, then ln_post (and the projection if any) on every token.
+
+        Returns:
+            (B, n, E) with E = output_dim, or (B, n, D) without a projection.
+        """
+        x, _ = self.embed(pixels)
+        return self.head(self.forward_blocks(x))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """ln_post then the visual projection (if any): (B, n, D) -> (B, n, E). Not normalised."""
+        z = self.ln_post(z)
+        if self.cfg.output_dim is not None:
+            z = z @ self.proj.to(z.dtype)
+        return z
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+    if indices != set(range(len(indices))):
+        raise ValueError(f"blocks under {prefix!r} are not numbered 0..n-1: {sorted(indices)}")
+    return len(indices)
+
+
+def build_vit(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    act: str = "quick_gelu",
+    eps: float = 1e-5,
+    pos_offset: float = 0.1,
+    pos_antialias: bool = False,
+) -> VisionTransformer:
+    """Build a :class:`VisionTransformer` from a state dict in the OpenAI visual layout (no ``visual.`` prefix).
+
+    Patch size, width, depth, grid, registers, projection and LayerScale are read off the weight shapes;
+    heads = width // 64 (true of every released CLIP and DINO ViT). The weights are loaded strictly.
+    """
+    conv = state_dict["conv1.weight"]  # (D, 3, p, p)
+    width, patch = conv.shape[0], conv.shape[-1]
+    n_pos = state_dict["positional_embedding"].shape[0] - 1
+    grid = math.isqrt(n_pos)
+    if grid * grid != n_pos:
+        raise ValueError(f"position table has {n_pos} patch entries, not a square grid")
+    proj = state_dict.get("proj")
+    cfg = ViTConfig(
+        patch=patch,
+        width=width,
+        layers=_count_blocks(state_dict, "transformer.resblocks."),
+        heads=max(width // 64, 1),
+        grid=grid,
+        output_dim=None if proj is None else int(proj.shape[1]),
+        act=act,
+        eps=eps,
+        pre_norm="ln_pre.weight" in state_dict,
+        patch_bias="conv1.bias" in state_dict,
+        registers=int(state_dict["register_tokens"].shape[0]) if "register_tokens" in state_dict else 0,
+        layer_scale="transformer.resblocks.0.ls_1.gamma" in state_dict,
+        pos_offset=pos_offset,
+        pos_antialias=pos_antialias,
+    )
+    model = VisionTransformer(cfg)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval().requires_grad_(False)

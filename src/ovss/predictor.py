@@ -1,0 +1,225 @@
+"""The :class:`Segmenter`: ``set_image`` runs the image encoder once, ``predict`` scores any label set."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ovss.config import PipelineConfig
+from ovss.errors import OvssError
+from ovss.labels import flatten_labels, normalize_labels
+from ovss.methods.common import Backbones, WindowBatch
+from ovss.methods.registry import MethodSpec
+from ovss.models.clip import CLIP
+from ovss.models.vit import VisionTransformer
+from ovss.pipeline.image import clip_normalize, read_image, resize_short_side
+from ovss.pipeline.merge import merge_window_logits, resize_logits
+from ovss.pipeline.pamr import pamr
+from ovss.pipeline.postprocess import logits_to_labels
+from ovss.pipeline.windows import Padding, Window, pad_windows, sliding_windows, symmetric_padding
+from ovss.text.embeddings import EmbeddingCache
+from ovss.text.templates import TEMPLATE_SETS
+from ovss.text.tokenizer import Tokenizer, load_tokenizer
+
+ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Image.Image]
+LabelsLike = Sequence[Union[str, Sequence[str]]]
+
+
+@dataclass
+class Prediction:
+    """The result of :meth:`Segmenter.predict`, everything at the input image's resolution H0 x W0."""
+
+    logits: torch.Tensor  # (Q, H0, W0) fp32 cosine similarities per name, before the softmax (after PAMR)
+    probs: torch.Tensor  # (C, H0, W0) fp32 class probabilities (max over each class's names), in [0, 1]
+    labels: torch.Tensor  # (H0, W0) int64 class index per pixel, in 0..C-1
+    classes: list[list[str]]  # the names of each class, as used
+    config: dict[str, Any]  # the fully resolved configuration that produced this result
+
+
+@dataclass
+class ImageState:
+    """What :meth:`Segmenter.set_image` keeps: per-window dense features and the geometry to stitch them."""
+
+    rgb: np.ndarray  # (H0, W0, 3) uint8 original image
+    pixels: torch.Tensor  # (3, H, W) CLIP-normalised processing image
+    windows: list[Window]  # L windows in processing pixels
+    padding: Padding  # symmetric padding of every window
+    padded_size: tuple[int, int]  # size of each window as fed to the backbone
+    features: torch.Tensor  # (L, gr * gc, E) fp32 L2-normalised dense features
+    grid: tuple[int, int]  # (gr, gc) token grid of the features
+    info: dict[str, Any]  # method diagnostics
+
+
+class Segmenter:
+    """Open-vocabulary segmentation with a frozen CLIP and a training-free method.
+
+    Create it with :func:`ovss.load`. ``set_image`` computes the image's dense features once; ``predict``
+    then scores any label list against them (text embeddings are cached per name).
+    """
+
+    def __init__(
+        self,
+        clip: CLIP,
+        method: MethodSpec,
+        options: Any,
+        config: PipelineConfig,
+        *,
+        vfm: VisionTransformer | None = None,
+        tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        self.clip = clip
+        self.method = method
+        self.options = options
+        self.pipeline = config
+        self.vfm = vfm
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._tokenizer_source = tokenizer
+        self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
+        self._cache = EmbeddingCache()
+        self._record = dict(record or {})
+        self._state: ImageState | None = None
+        if config.templates not in TEMPLATE_SETS:
+            raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> dict[str, Any]:
+        """The fully resolved configuration (method, options, pipeline, weights, device, dtype)."""
+        return {
+            "method": self.method.name,
+            "options": dataclasses.asdict(self.options),
+            "pipeline": self.pipeline.to_dict(),
+            "pad_multiple": self.method.pad_multiple,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "clip_fingerprint": self.clip.fingerprint,
+            **self._record,
+        }
+
+    # ------------------------------------------------------------------ text
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            source = self._tokenizer_source
+            self._tokenizer = load_tokenizer(None if source is None else str(source))
+        return self._tokenizer
+
+    def encode_names(self, names: Sequence[str]) -> torch.Tensor:
+        """Text embeddings of names with the configured templates (spec §3): (Q, E) fp32, unit rows."""
+        templates = TEMPLATE_SETS[self.pipeline.templates]
+        key = f"{self.clip.fingerprint}:{self.pipeline.templates}"
+        return self._cache.get(key, self.clip.encode_text, self.tokenizer, list(names), templates)
+
+    # ------------------------------------------------------------------ image
+    def set_image(self, image: ImageLike) -> None:
+        """Read, resize and window an image and compute its dense features with the method.
+
+        Args:
+            image: a path, an (H, W, 3) uint8 RGB array (greyscale/RGBA/16-bit accepted), or a PIL image.
+        """
+        rgb = read_image(image)  # (H0, W0, 3) uint8
+        cfg = self.pipeline
+        processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
+        pixels = clip_normalize(processed, device=self.device)  # (3, H, W) fp32
+        H, W = pixels.shape[-2:]
+        windows = sliding_windows(H, W, cfg.crop, cfg.stride)
+        h, w = windows[0].height, windows[0].width  # every window has the same size (spec §2.3)
+        padding = symmetric_padding(h, w, self.method.pad_multiple)
+        padded = (h + padding.top + padding.bottom, w + padding.left + padding.right)
+        patch = self.clip.visual.cfg.patch
+        if padded[0] < patch or padded[1] < patch:
+            raise OvssError(
+                f"the processed image is {H}x{W} pixels, smaller than one {patch}x{patch} CLIP patch; "
+                "use a larger image or a larger short_side"
+            )
+        crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
+        crops = pad_windows(crops, padding).to(self.dtype)  # (L, 3, h', w')
+        features, grid, info = self._dense_features(crops, windows, padding, (H, W))
+        self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info)
+
+    @torch.inference_mode()
+    def _dense_features(
+        self, crops: torch.Tensor, windows: list[Window], padding: Padding, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+        backbones = Backbones(self.clip.visual, self.vfm)
+        step = self.pipeline.window_batch
+        chunks, grid, info = [], (0, 0), {}
+        for start in range(0, len(windows), step):
+            batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size)
+            out = self.method.run(backbones, batch, self.options)
+            f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
+            chunks.append(F.normalize(f, dim=-1))
+            grid, info = out.grid, {**info, **out.info}
+        return torch.cat(chunks), grid, info  # (L, N, E)
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: ImageLike | None = None,
+        labels: LabelsLike | None = None,
+        *,
+        text_embeddings: torch.Tensor | np.ndarray | None = None,
+    ) -> Prediction:
+        """Label every pixel with one of the given classes.
+
+        Args:
+            image: an image (see :meth:`set_image`); None reuses the image of the last ``set_image``.
+            labels: one entry per class: a name or a list of synonyms, e.g.
+                ``['sky', 'road', ['person', 'pedestrian']]``.
+            text_embeddings: optional (Q, E) embeddings of the Q names in label order (synonyms flattened),
+                used instead of encoding the names (e.g. your own prompt ensemble); rows are L2-normalised.
+
+        Returns:
+            A :class:`Prediction` at the input resolution.
+        """
+        if labels is None:
+            raise OvssError("predict() needs labels, e.g. ['sky', 'road', ['person', 'pedestrian']]")
+        classes = normalize_labels(labels)
+        names, name_to_class = flatten_labels(classes)
+        if image is not None:
+            self.set_image(image)
+        if self._state is None:
+            raise OvssError("no image: call set_image(image) first or pass an image to predict()")
+        text = self._text_embeddings(names, text_embeddings)  # (Q, E)
+        st = self._state
+        L, N, E = st.features.shape
+        window_logits = (st.features @ text.T).transpose(1, 2).reshape(L, -1, *st.grid)  # (L, Q, gr, gc)
+        H, W = st.pixels.shape[-2:]
+        merged = merge_window_logits(window_logits, st.windows, st.padding, st.padded_size, (H, W))  # (Q, H, W)
+        H0, W0 = st.rgb.shape[:2]
+        logits = resize_logits(merged, (H0, W0))  # (Q, H0, W0)
+        cfg = self.pipeline
+        if cfg.pamr_steps > 0:
+            guide = F.interpolate(st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
+            logits = pamr(guide, logits, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations)
+        probs, label_map = logits_to_labels(
+            logits, name_to_class, len(classes), cfg.logit_scale, cfg.bg_threshold, cfg.area_threshold
+        )
+        return Prediction(logits, probs, label_map, classes, {**self.config, "method_info": st.info})
+
+    def _text_embeddings(self, names: list[str], given: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        if given is None:
+            return self.encode_names(names).to(self.device)
+        text = torch.as_tensor(given, dtype=torch.float32, device=self.device)
+        E = self.clip.visual.cfg.output_dim
+        if text.ndim != 2 or text.shape != (len(names), E):
+            raise OvssError(
+                f"text_embeddings must have shape ({len(names)}, {E}) — one row per name in label order "
+                f"(synonyms flattened) — got {tuple(text.shape)}"
+            )
+        if not torch.isfinite(text).all() or (text.norm(dim=-1) == 0).any():
+            raise OvssError("text_embeddings contain NaN/inf or all-zero rows")
+        return F.normalize(text, dim=-1)

@@ -1,0 +1,51 @@
+"""Shared test fixtures: the ../shared folder beside the checkout (CI clones it there)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_dir() -> Path:
+    override = os.environ.get("OVSS_SHARED_DIR")
+    return Path(override) if override else REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only ``shared/`` folder (assets, spec) that sits beside the repository."""
+    path = _shared_dir()
+    if not (path / "assets").is_dir():
+        pytest.fail(f"shared assets not found at {path}; clone the project with shared/ beside it "
+                    "or set OVSS_SHARED_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets_dir(shared_dir: Path) -> Path:
+    return shared_dir / "assets"
+
+
+@pytest.fixture(scope="session")
+def bpe_path(assets_dir: Path) -> Path:
+    """The real CLIP BPE vocabulary (read from shared/, never shipped)."""
+    return assets_dir / "clip-bpe-vocab" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict() -> dict:
+    """A tiny random CLIP (width 128 = 2 heads, 3 visual blocks) in the OpenAI layout."""
+    from tiny import tiny_clip_state_dict
+
+    return tiny_clip_state_dict(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_state_dict: dict):
+    from ovss.models.clip import build_clip
+
+    return build_clip(tiny_state_dict)
