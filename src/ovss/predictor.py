@@ -149,6 +149,12 @@ class Segmenter:
         features, grid, info = self._dense_features(crops, windows, padding, (H, W))
         self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info)
 
+    def current_image(self) -> np.ndarray:
+        """The (H0, W0, 3) uint8 RGB image of the last ``set_image``."""
+        if self._state is None:
+            raise OvssError("no image: call set_image(image) first")
+        return self._state.rgb
+
     @torch.inference_mode()
     def _dense_features(
         self, crops: torch.Tensor, windows: list[Window], padding: Padding, size: tuple[int, int]

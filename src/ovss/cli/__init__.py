@@ -1,0 +1,1 @@
+"""The ``ovss`` command line (a thin layer over the Python API)."""

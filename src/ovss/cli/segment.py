@@ -1,0 +1,113 @@
+"""``ovss segment``: label every pixel of an image, a folder of images, or a bundled example photo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ovss.cli.options import add_model_flags, load_kwargs
+from ovss.errors import OvssError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+EXAMPLES = ("astronaut", "chelsea", "coffee", "motorcycle_left", "rocket", "cat")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment images with free-form labels",
+        description="Segment an image, a folder of images, or a scikit-image example photo. Writes per image "
+        "<stem>.png (palette PNG of class ids), <stem>_overlay.png (colours + legend) and, with --save-logits, "
+        "<stem>_logits.npy (Q x H x W cosine logits); plus config.json with the resolved configuration.",
+    )
+    p.add_argument("inputs", nargs="*", help="image files and/or folders of images")
+    p.add_argument("--example", choices=EXAMPLES, help="segment a photo bundled with scikit-image instead")
+    labels = p.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='classes separated by commas, synonyms by "|": "sky, road, person|pedestrian"')
+    labels.add_argument("--labels-file", "--labels_file", dest="labels_file",
+                        help="one class per line, synonyms separated by commas")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--save-logits", "--save_logits", dest="save_logits", action="store_true",
+                   help="also write the full-resolution name logits as .npy")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_model_flags(p)
+    p.set_defaults(func=run)
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Expand folders into their image files (sorted); missing paths raise OvssError."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise OvssError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise OvssError(f"input {item!r} does not exist")
+    return files
+
+
+def example_image(name: str) -> np.ndarray:
+    """A photo bundled with scikit-image, (H, W, 3) uint8 RGB."""
+    try:
+        from skimage import data
+    except ImportError as err:
+        raise OvssError("--example needs scikit-image: pip install 'ovss[examples]'") from err
+    image = np.asarray(getattr(data, name)())
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return image[..., :3]
+
+
+def run(args: argparse.Namespace) -> int:
+    import ovss
+    from ovss.io_utils import save_npy, save_png
+    from ovss.labels import parse_labels, read_labels_file
+    from ovss.viz import overlay, save_label_png
+
+    if not args.inputs and not args.example:
+        raise OvssError("nothing to segment: give image files/folders or --example NAME")
+    classes = parse_labels(args.labels) if args.labels is not None else read_labels_file(args.labels_file)
+    jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
+    if args.example:
+        jobs.append((args.example, example_image(args.example)))
+    stems = [stem for stem, _ in jobs]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
+    segmenter = ovss.load(args.method, **load_kwargs(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [c[0] for c in classes]
+    failures = 0
+    from tqdm import tqdm
+
+    bar = tqdm(jobs, desc="segment", unit="img", disable=not args.progress or len(jobs) < 2, file=sys.stderr)
+    for stem, source in bar:
+        try:
+            result = segmenter.predict(source, classes)
+        except OvssError as err:
+            failures += 1
+            tqdm.write(f"ovss: error: {err}", file=sys.stderr)
+            continue
+        labels = result.labels.numpy()
+        rgb = segmenter.current_image()
+        save_label_png(labels, out / f"{stem}.png")
+        save_png(overlay(rgb, labels, names, alpha=args.alpha), out / f"{stem}_overlay.png")
+        if args.save_logits:
+            save_npy(result.logits.numpy().astype(np.float32), out / f"{stem}_logits.npy")
+    record = {**segmenter.config, "classes": classes, "inputs": stems}
+    (out / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    done = len(jobs) - failures
+    print(f"segmented {done} of {len(jobs)} image(s) into {out}", file=sys.stderr)
+    return 0 if failures == 0 else 1
