@@ -69,11 +69,29 @@ def example_image(name: str) -> np.ndarray:
     return image[..., :3]
 
 
+def write_outputs(out: Path, stem: str, result: Any, rgb: np.ndarray, names: list[str], args: Any) -> None:
+    """Write one image's files; every array is computed first, and a failed write removes the image's files."""
+    from ovss.io_utils import save_npy, save_png
+    from ovss.viz import overlay, save_label_png
+
+    labels = result.labels.numpy()  # (H0, W0) int64
+    blended = overlay(rgb, labels, names, alpha=args.alpha)  # (H0, W0 + legend, 3) uint8
+    logits = result.logits.numpy().astype(np.float32) if args.save_logits else None  # (Q, H0, W0)
+    written: list[Path] = []
+    try:
+        written.append(save_label_png(labels, out / f"{stem}.png") or out / f"{stem}.png")
+        written.append(save_png(out / f"{stem}_overlay.png", blended))
+        if logits is not None:
+            written.append(save_npy(out / f"{stem}_logits.npy", logits))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     import ovss
-    from ovss.io_utils import save_npy, save_png
     from ovss.labels import parse_labels, read_labels_file
-    from ovss.viz import overlay, save_label_png
 
     if not args.inputs and not args.example:
         raise OvssError("nothing to segment: give image files/folders or --example NAME")
@@ -100,12 +118,11 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             tqdm.write(f"ovss: error: {err}", file=sys.stderr)
             continue
-        labels = result.labels.numpy()
-        rgb = segmenter.current_image()
-        save_label_png(labels, out / f"{stem}.png")
-        save_png(overlay(rgb, labels, names, alpha=args.alpha), out / f"{stem}_overlay.png")
-        if args.save_logits:
-            save_npy(result.logits.numpy().astype(np.float32), out / f"{stem}_logits.npy")
+        try:
+            write_outputs(out, stem, result, segmenter.current_image(), names, args)
+        except OSError as err:
+            failures += 1
+            tqdm.write(f"ovss: error: cannot write outputs for {stem!r} to {out}: {err}", file=sys.stderr)
     record = {**segmenter.config, "classes": classes, "inputs": stems}
     (out / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     done = len(jobs) - failures

@@ -1,0 +1,236 @@
+"""Visualising label maps: the PASCAL VOC colour map, palette PNGs of class ids, and legend overlays."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+from ovss.errors import OvssError
+from ovss.io_utils import save_png
+
+# Number of ids the VOC colour-map bit trick gives distinct colours to (3 x 8 bits of the id).
+_MAX_PALETTE_IDS = 2**24
+# Legend layout, in multiples of the font's line height.
+_LEGEND_MARGIN = 0.5  # empty border around the legend
+_LEGEND_ROW_SPACING = 1.4  # distance between the tops of two legend rows
+_LEGEND_GAP = 0.4  # space between a swatch and its name, and between columns
+_LEGEND_BACKGROUND = (255, 255, 255)  # legend panel colour (RGB)
+_LEGEND_TEXT = (0, 0, 0)  # class-name colour (RGB)
+_SWATCH_OUTLINE = (96, 96, 96)  # 1-pixel frame around each swatch, visible for pale colours (RGB)
+
+
+def palette(n: int) -> npt.NDArray[np.uint8]:
+    """The PASCAL VOC colour map: distinct RGB colours for class ids 0..n-1.
+
+    Bit j of the id goes to bit 7 - j // 3 of the red (j % 3 == 0), green (1) or blue (2) channel, so
+    0 -> black, 1 -> (128, 0, 0), 2 -> (0, 128, 0), 15 -> (192, 128, 128), 255 -> (224, 224, 192). The first
+    256 colours are those of VOC's ``SegmentationClass`` PNGs; later ids keep getting distinct colours.
+
+    Args:
+        n: number of colours, 0 <= n <= 2**24.
+
+    Returns:
+        (n, 3) uint8 array of RGB colours.
+    """
+    return _voc_color_map(n)
+
+
+def _voc_color_map(n: int) -> npt.NDArray[np.uint8]:
+    """Implementation of ``palette`` (a separate name, since ``palette`` is also a parameter name below)."""
+    if not 0 <= n <= _MAX_PALETTE_IDS:
+        raise ValueError(f"palette size must be in [0, {_MAX_PALETTE_IDS}], got {n}")
+    remaining_bits = np.arange(n, dtype=np.int64)  # (n,) id bits not yet distributed
+    colors = np.zeros((n, 3), dtype=np.int64)  # (n, 3)
+    for bit in range(8):
+        for channel in range(3):
+            colors[:, channel] |= ((remaining_bits >> channel) & 1) << (7 - bit)
+        remaining_bits >>= 3
+    return colors.astype(np.uint8)
+
+
+def _check_palette(colors: np.ndarray, needed: int) -> npt.NDArray[np.uint8]:
+    """Validate a user palette: (K, 3) uint8 with at least ``needed`` rows."""
+    if colors.ndim != 2 or colors.shape[1] != 3 or colors.dtype != np.uint8:
+        raise OvssError(
+            f"palette must be a (K, 3) uint8 array of RGB colours, got dtype {colors.dtype} and shape "
+            f"{colors.shape}; see ovss.viz.palette"
+        )
+    if colors.shape[0] < needed:
+        raise OvssError(f"palette has {colors.shape[0]} colours but {needed} are needed; give more colours")
+    return colors
+
+
+def save_label_png(
+    labels: np.ndarray, path: str | os.PathLike[str], palette: np.ndarray | None = None
+) -> Path:
+    """Save a map of class ids as a palette ('P' mode) PNG: pixel values are the ids themselves.
+
+    Read back the ids with ``np.asarray(PIL.Image.open(path))`` (never via the RGB colours). The file is
+    written atomically.
+
+    Args:
+        labels: (H, W) integer (or bool) class ids in 0..255 (255 is the usual "ignore" id).
+        path: destination, must end in ``.png``.
+        palette: (K, 3) uint8 RGB colours of ids 0..K-1 (K <= 256; missing entries are black);
+            default: the VOC colour map.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        OvssError: not a 2-D integer array, ids outside 0..255, or an invalid palette.
+    """
+    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+        raise OvssError(
+            f"label map must be an (H, W) integer array, got dtype {labels.dtype} and shape {labels.shape}"
+        )
+    if labels.size > 0 and (labels.min() < 0 or labels.max() > 255):
+        raise OvssError(
+            f"a palette PNG stores ids 0..255, but the label map holds ids {labels.min()}..{labels.max()}; "
+            "save it with save_npy instead"
+        )
+    colors = _voc_color_map(256) if palette is None else _check_palette(palette, 0)
+    if colors.shape[0] > 256:
+        colors = colors[:256]
+    full_palette = np.zeros((256, 3), dtype=np.uint8)  # (256, 3) unused entries black
+    full_palette[: colors.shape[0]] = colors
+    indexed = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint8)))  # mode 'L', (H, W)
+    indexed.putpalette(full_palette.tobytes())  # becomes mode 'P'
+    return save_png(path, indexed)
+
+
+def _load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in font at ``size`` pixels (its fixed-size bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _legend_panel(
+    class_ids: Sequence[int], class_names: Sequence[str], colors: np.ndarray, height: int, font_size: int
+) -> Image.Image:
+    """Draw swatch + name rows for ``class_ids``, top to bottom, wrapping into columns to fit ``height``."""
+    font = _load_font(font_size)
+    line_height = max(int(font.getbbox("Ag")[3]), 1)  # pixels from the text origin to the descender
+    margin = max(int(_LEGEND_MARGIN * line_height), 1)
+    row_step = max(int(_LEGEND_ROW_SPACING * line_height), 2)
+    gap = max(int(_LEGEND_GAP * line_height), 1)
+    swatch = line_height
+    rows_per_column = max((height - 2 * margin) // row_step, 1)
+    columns = [
+        list(class_ids[start : start + rows_per_column])
+        for start in range(0, len(class_ids), rows_per_column)
+    ]
+    column_widths = [
+        swatch + gap + max(math.ceil(font.getlength(class_names[c])) for c in column) for column in columns
+    ]
+    panel_width = margin + sum(column_widths) + gap * (len(columns) - 1) + margin
+    panel_height = max(height, 2 * margin + min(len(class_ids), rows_per_column) * row_step)
+    panel = Image.new("RGB", (panel_width, panel_height), _LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    x = margin
+    for column, column_width in zip(columns, column_widths, strict=True):
+        for row, class_id in enumerate(column):
+            y = margin + row * row_step
+            color = tuple(int(value) for value in colors[class_id])
+            draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=color, outline=_SWATCH_OUTLINE)
+            draw.text((x + swatch + gap, y), class_names[class_id], fill=_LEGEND_TEXT, font=font)
+        x += column_width + gap
+    return panel
+
+
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    palette: np.ndarray | None = None,
+    font_size: int | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Blend class colours over an image and append a legend of the classes present.
+
+    Each pixel with a class id c in [0, K) becomes round((1 - alpha) * pixel + alpha * colour[c]); pixels
+    with other ids (e.g. 255 = ignore, or negative) keep their colour. To the right of the image, a white
+    legend panel lists the classes present, in class order, as a colour swatch and the class name; the
+    list wraps into further columns when it is taller than the image. The image occupies the top-left
+    (H, W) region of the result; the result is taller than H only if the image is shorter than one
+    legend row.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image.
+        labels: (H, W) integer class ids.
+        class_names: K names shown in the legend (e.g. canonical class names), in class-id order.
+        alpha: weight of the class colour, in [0, 1].
+        palette: (K', 3) uint8 RGB colours with K' >= K; default: the VOC colour map.
+        font_size: legend text height in pixels; default: H / 40, clamped to [12, 48].
+
+    Returns:
+        (max(H, legend height), W + legend width, 3) uint8 RGB image; just the blended (H, W, 3) image
+        when no pixel has a class id in [0, K).
+
+    Raises:
+        OvssError: mismatched or invalid shapes or dtypes, no class names, ``alpha`` outside [0, 1].
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise OvssError(
+            f"overlay needs an (H, W, 3) uint8 RGB image, got dtype {image.dtype} and shape {image.shape}"
+        )
+    if labels.shape != image.shape[:2] or labels.dtype.kind not in "iub":
+        raise OvssError(
+            f"overlay needs an integer label map of the image's size {image.shape[:2]}, got dtype "
+            f"{labels.dtype} and shape {labels.shape}; resize the labels to the image first"
+        )
+    if len(class_names) == 0:
+        raise OvssError("overlay needs the class names; give one name per class id")
+    if not 0.0 <= alpha <= 1.0:
+        raise OvssError(f"overlay alpha must be in [0, 1], got {alpha}")
+    num_classes = len(class_names)
+    colors = _voc_color_map(num_classes) if palette is None else _check_palette(palette, num_classes)
+    height, width = labels.shape
+    label_ids = labels.astype(np.int64)  # (H, W)
+    valid = (label_ids >= 0) & (label_ids < num_classes)  # (H, W)
+    blended = image.copy()  # (H, W, 3)
+    class_colors = colors[label_ids[valid]].astype(np.float32)  # (n_valid, 3)
+    mixed = (1.0 - alpha) * image[valid].astype(np.float32) + alpha * class_colors  # (n_valid, 3)
+    blended[valid] = np.floor(mixed + 0.5).astype(np.uint8)
+    present = [int(class_id) for class_id in np.unique(label_ids[valid])]  # ascending class order
+    if not present:
+        return blended
+    if font_size is None:
+        font_size = min(max(round(height / 40), 12), 48)
+    legend = _legend_panel(present, class_names, colors, height, font_size)
+    canvas = Image.new("RGB", (width + legend.width, max(height, legend.height)), _LEGEND_BACKGROUND)
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    canvas.paste(legend, (width, 0))
+    return np.asarray(canvas, dtype=np.uint8).copy()  # (H', W + legend width, 3)
+
+
+def save_overlay(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    palette: np.ndarray | None = None,
+) -> Path:
+    """Render ``overlay(image, labels, class_names, alpha, palette)`` and save it as a PNG, atomically.
+
+    Args:
+        path: destination, must end in ``.png``.
+        image: (H, W, 3) uint8 RGB image.
+        labels: (H, W) integer class ids.
+        class_names: K names shown in the legend, in class-id order.
+        alpha: weight of the class colour, in [0, 1].
+        palette: (K', 3) uint8 RGB colours with K' >= K; default: the VOC colour map.
+
+    Returns:
+        The destination path.
+    """
+    return save_png(path, overlay(image, labels, class_names, alpha=alpha, palette=palette))
