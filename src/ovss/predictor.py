@@ -155,6 +155,12 @@ class Segmenter:
             raise OvssError("no image: call set_image(image) first")
         return self._state.rgb
 
+    def current_windows(self) -> tuple[list[Window], tuple[int, int]]:
+        """The windows of the last ``set_image`` and the processing size (H, W) they live in."""
+        if self._state is None:
+            raise OvssError("no image: call set_image(image) first")
+        return self._state.windows, (int(self._state.pixels.shape[-2]), int(self._state.pixels.shape[-1]))
+
     @torch.inference_mode()
     def _dense_features(
         self, crops: torch.Tensor, windows: list[Window], padding: Padding, size: tuple[int, int]

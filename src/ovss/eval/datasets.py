@@ -1,0 +1,591 @@
+"""Benchmark datasets: standard layouts, label decoding and label remapping (spec §6.1–6.2).
+
+A dataset is a list of (image file, label PNG) pairs; labels are decoded on access and returned at their
+original resolution H0 x W0 as uint8 class ids with 255 = ignore (after any remapping). Images are only
+located here; decoding and resizing belong to the pipeline (§2.1).
+
+``open_dataset(name, root)`` reads one of the eight benchmarks from its mmsegmentation layout; ``root``
+may be the base directory of the layout (e.g. ``VOCdevkit/VOC2012``), its parent (``VOCdevkit``) or the
+folder that contains the whole chain. ``check_dataset`` reports what is there without raising.
+``FolderDataset`` pairs any folder of images with a folder of label PNGs by file stem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ovss.errors import OvssError
+from ovss.eval.names import DATASETS, class_names, read_names_file
+
+IGNORE_INDEX = 255
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_MAX_LISTED = 5  # missing files named in reports and errors
+
+# ---------------------------------------------------------------------------------------------------------
+# Label decoding and remapping (§6.2)
+# ---------------------------------------------------------------------------------------------------------
+
+# Cityscapes labelIds -> trainIds (official mapping); every other id -> 255.
+CITYSCAPES_LABELID_TO_TRAINID: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+
+
+def _lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Apply a 256-entry uint8 lookup table; values outside 0..255 map to 255."""
+    values = np.asarray(values)
+    inside = (values >= 0) & (values <= 255)
+    out = np.full(values.shape, IGNORE_INDEX, dtype=np.uint8)
+    out[inside] = table[values[inside].astype(np.int64)]
+    return out
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Decode a label PNG to class ids.
+
+    Palette ("P") images give their palette **indices** (never the RGB colours); greyscale ("L") and
+    16-bit images give their values.
+
+    Args:
+        path: a palette, greyscale or 16-bit PNG.
+
+    Returns:
+        (H0, W0) uint8 class ids.
+
+    Raises:
+        OvssError: the file is an RGB(A) image or holds values above 255.
+    """
+    with Image.open(path) as image:
+        mode = image.mode
+        if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+            raise OvssError(
+                f"label {path} is a {mode} image; labels must be palette or greyscale PNGs of class ids"
+            )
+        values = np.array(image)  # (H0, W0)
+    if values.dtype != np.uint8:
+        if values.min() < 0 or values.max() > 255:
+            raise OvssError(
+                f"label {path} has values outside 0..255; store class ids 0..254 and 255 = ignore"
+            )
+        values = values.astype(np.uint8)
+    return values
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmsegmentation's ``reduce_zero_label``: 0 -> 255, v -> v - 1 for 1..254, 255 stays 255.
+
+    Args:
+        label: (H0, W0) uint8 class ids.
+
+    Returns:
+        (H0, W0) uint8, a new array.
+    """
+    table = np.arange(-1, 255, dtype=np.int64)  # v -> v - 1
+    table[0] = IGNORE_INDEX
+    table[255] = IGNORE_INDEX
+    return _lookup(label, table.astype(np.uint8))
+
+
+def labelids_to_trainids(label_ids: np.ndarray) -> np.ndarray:
+    """Cityscapes ``labelIds`` (34 ids) to the 19 ``labelTrainIds`` (official mapping, §6.2).
+
+    Args:
+        label_ids: (H0, W0) integer array of Cityscapes label ids.
+
+    Returns:
+        (H0, W0) uint8 train ids 0..18; every unmapped id -> 255.
+    """
+    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for label_id, train_id in CITYSCAPES_LABELID_TO_TRAINID.items():
+        table[label_id] = train_id
+    return _lookup(label_ids, table)
+
+
+def trainids_to_coco_object(train_ids: np.ndarray) -> np.ndarray:
+    """COCO-Stuff ``labelTrainIds`` to COCO-Object ids (GroupViT/TCL conversion, §6.2).
+
+    Args:
+        train_ids: (H0, W0) integer array of COCO-Stuff train ids (0..170, 255).
+
+    Returns:
+        (H0, W0) uint8: things 0..79 -> 1..80; stuff 80..170, 255 and anything else -> 0 (background).
+    """
+    table = np.zeros(256, dtype=np.uint8)
+    table[:80] = np.arange(1, 81, dtype=np.uint8)
+    out = _lookup(train_ids, table)
+    out[out == IGNORE_INDEX] = 0  # values outside 0..255 are background too
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One evaluation example."""
+
+    name: str  # sample id, e.g. "2007_000033" or "frankfurt/frankfurt_000000_000294"
+    image_path: Path  # image file, decoded later by the pipeline (§2.1)
+    label: np.ndarray  # (H0, W0) uint8 class ids after remapping, 255 = ignore
+
+
+class SegDataset:
+    """Images paired with label PNGs; labels are decoded (and remapped) on access.
+
+    Attributes:
+        dataset: benchmark name (one of ``names.DATASETS``) or ``"custom"``.
+        class_names: canonical class names in label order.
+        num_classes: C; labels hold 0..C-1 and 255.
+        has_background: class 0 is "background" (the background threshold applies).
+        reduce_zero_label: labels are remapped 0 -> 255, v -> v - 1 on access.
+    """
+
+    def __init__(
+        self,
+        sample_names: Sequence[str],
+        image_paths: Sequence[Path],
+        label_paths: Sequence[Path],
+        class_names: Sequence[str],
+        has_background: bool,
+        reduce_zero_label: bool = False,
+        dataset: str = "custom",
+    ) -> None:
+        if not len(sample_names) == len(image_paths) == len(label_paths):
+            raise ValueError("sample_names, image_paths and label_paths must have the same length")
+        self.sample_names = list(sample_names)
+        self.image_paths = list(image_paths)
+        self.label_paths = list(label_paths)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.has_background = has_background
+        self.reduce_zero_label = reduce_zero_label
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.sample_names)
+
+    def __getitem__(self, index: int) -> Sample:
+        """Sample ``index`` with its decoded label.
+
+        Raises:
+            IndexError: index out of range.
+            OvssError: the label holds an id >= ``num_classes`` other than 255 (wrong dataset or a
+                missing/extra ``reduce_zero_label``).
+        """
+        label_path = self.label_paths[index]
+        label = read_label(label_path)  # (H0, W0) uint8
+        if self.reduce_zero_label:
+            label = reduce_zero_label(label)
+        invalid = (label >= self.num_classes) & (label != IGNORE_INDEX)
+        if invalid.any():
+            raise OvssError(
+                f"label {label_path} has id {int(label[invalid].max())} but {self.dataset} has "
+                f"{self.num_classes} classes (0..{self.num_classes - 1}, 255 = ignore); "
+                "check the dataset name and reduce_zero_label"
+            )
+        return Sample(self.sample_names[index], self.image_paths[index], label)
+
+
+class FolderDataset(SegDataset):
+    """A folder of images paired by file stem with a folder of label PNGs (a custom dataset).
+
+    ``images_dir/<key><image_suffix>.<ext>`` pairs with ``labels_dir/<key><label_suffix>.png``; e.g. the
+    VOC samples ``0_image.png`` and ``0_label.png`` with ``image_suffix="_image"``,
+    ``label_suffix="_label"``. Images whose stem does not end with ``image_suffix`` are skipped.
+    Samples are sorted by key and named by it.
+
+    Args:
+        images_dir: folder of images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), not searched recursively.
+        labels_dir: folder of palette or greyscale label PNGs.
+        names_file: class-name file (see ``names.read_names_file``), one class per line in label order.
+        reduce_zero_label: remap labels 0 -> 255, v -> v - 1.
+        image_suffix: end of the image stem that is not part of the key.
+        label_suffix: end of the label stem that is not part of the key.
+        has_background: class 0 is "background" (the background threshold applies).
+
+    Raises:
+        OvssError: a folder is missing, no image matches, or some images have no label.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        labels_dir: str | Path,
+        names_file: str | Path,
+        reduce_zero_label: bool = False,
+        image_suffix: str = "",
+        label_suffix: str = "",
+        has_background: bool = False,
+    ) -> None:
+        images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+        for folder in (images_dir, labels_dir):
+            if not folder.is_dir():
+                raise OvssError(f"folder {folder} not found; pass existing image and label folders")
+        self.names = read_names_file(names_file)
+        pairs: dict[str, tuple[Path, Path]] = {}
+        for image_path in images_dir.iterdir():
+            stem = image_path.stem
+            if image_path.suffix.lower() not in _IMAGE_EXTENSIONS or not stem.endswith(image_suffix):
+                continue
+            key = stem[: len(stem) - len(image_suffix)]
+            pairs[key] = (image_path, labels_dir / f"{key}{label_suffix}.png")
+        if not pairs:
+            raise OvssError(f"no images ending in '{image_suffix}.<ext>' in {images_dir}; check image_suffix")
+        keys = sorted(pairs)
+        missing = [pairs[key][1].name for key in keys if not pairs[key][1].is_file()]
+        if missing:
+            raise OvssError(
+                f"{len(missing)} of {len(keys)} images have no label in {labels_dir} "
+                f"(e.g. {', '.join(missing[:_MAX_LISTED])}); check labels_dir and label_suffix"
+            )
+        super().__init__(
+            sample_names=keys,
+            image_paths=[pairs[key][0] for key in keys],
+            label_paths=[pairs[key][1] for key in keys],
+            class_names=[synonyms[0] for synonyms in self.names],
+            has_background=has_background,
+            reduce_zero_label=reduce_zero_label,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Standard layouts (§6.1)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a benchmark's files live, relative to its base directory."""
+
+    base: tuple[str, ...]  # folders from the dataset root down to the base, e.g. ("VOCdevkit", "VOC2012")
+    image_dir: str  # image folder under the base
+    image_suffix: str  # image file = image_dir / (id + image_suffix)
+    label_dir: str  # label folder under the base
+    label_suffix: str  # label file = label_dir / (id + label_suffix)
+    split_file: str | None  # id list under the base; None = every image matching image_glob
+    image_glob: str  # pattern under image_dir that enumerates the images when there is no split file
+    expected: int  # images in the official validation split
+    has_background: bool  # class 0 is "background"
+    reduce_zero_label: bool  # labels are remapped 0 -> 255, v -> v - 1
+    source_suffix: str = ""  # label suffix the labels can be prepared from ("" = none)
+    prepare: str = ""  # function of this module that prepares the labels from source_suffix files
+
+
+_VOC21 = Layout(
+    base=("VOCdevkit", "VOC2012"),
+    image_dir="JPEGImages",
+    image_suffix=".jpg",
+    label_dir="SegmentationClass",
+    label_suffix=".png",
+    split_file="ImageSets/Segmentation/val.txt",
+    image_glob="*.jpg",
+    expected=1449,
+    has_background=True,
+    reduce_zero_label=False,
+)
+_PC60 = replace(
+    _VOC21,
+    base=("VOCdevkit", "VOC2010"),
+    label_dir="SegmentationClassContext",
+    split_file="ImageSets/SegmentationContext/val.txt",
+    expected=5105,
+)
+_COCO_STUFF = Layout(
+    base=("coco_stuff164k",),
+    image_dir="images/val2017",
+    image_suffix=".jpg",
+    label_dir="annotations/val2017",
+    label_suffix="_labelTrainIds.png",
+    split_file=None,
+    image_glob="*.jpg",
+    expected=5000,
+    has_background=False,
+    reduce_zero_label=False,
+)
+LAYOUTS: dict[str, Layout] = {
+    "voc21": _VOC21,
+    "voc20": replace(_VOC21, has_background=False, reduce_zero_label=True),
+    "pc60": _PC60,
+    "pc59": replace(_PC60, has_background=False, reduce_zero_label=True),
+    "coco_object": replace(
+        _COCO_STUFF,
+        label_suffix="_instanceTrainIds.png",
+        has_background=True,
+        source_suffix="_labelTrainIds.png",
+        prepare="prepare_coco_object",
+    ),
+    "coco_stuff": _COCO_STUFF,
+    "cityscapes": Layout(
+        base=("cityscapes",),
+        image_dir="leftImg8bit/val",
+        image_suffix="_leftImg8bit.png",
+        label_dir="gtFine/val",
+        label_suffix="_gtFine_labelTrainIds.png",
+        split_file=None,
+        image_glob="*/*_leftImg8bit.png",
+        expected=500,
+        has_background=False,
+        reduce_zero_label=False,
+        source_suffix="_gtFine_labelIds.png",
+        prepare="prepare_cityscapes",
+    ),
+    "ade20k": Layout(
+        base=("ADEChallengeData2016",),
+        image_dir="images/validation",
+        image_suffix=".jpg",
+        label_dir="annotations/validation",
+        label_suffix=".png",
+        split_file=None,
+        image_glob="*.jpg",
+        expected=2000,
+        has_background=False,
+        reduce_zero_label=True,
+    ),
+}
+
+
+def layout_tree(name: str) -> str:
+    """The expected directory tree of a benchmark, as an ASCII drawing (for error messages)."""
+    layout = _layout(name)
+    lines = ["<root>/"]
+    indent = ""
+    for folder in layout.base:
+        lines.append(f"{indent}└── {folder}/")
+        indent += "    "
+    id_name = "<city>/A" if "/" in layout.image_glob else "X"
+    leaves = [
+        f"{layout.image_dir}/{id_name}{layout.image_suffix}",
+        f"{layout.label_dir}/{id_name}{layout.label_suffix}",
+    ]
+    if layout.split_file is not None:
+        leaves.append(f"{layout.split_file}  (one X per line)")
+    lines += [f"{indent}{'└──' if i == len(leaves) - 1 else '├──'} {leaf}" for i, leaf in enumerate(leaves)]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What ``check_dataset`` found for one benchmark under one root."""
+
+    dataset: str  # benchmark name
+    root: Path  # the root the user gave
+    base: Path | None  # resolved base directory of the layout; None when it was not found
+    expected: int  # official validation images (or the ids of a user split file)
+    found: int  # ids whose image and label both exist
+    num_missing: int  # image or label files missing for listed ids (or the split file / image folder)
+    missing: tuple[str, ...]  # the first few missing files, relative to the base
+    hint: str  # how to create the missing files, "" when there is no such advice
+
+    @property
+    def ok(self) -> bool:
+        """The layout was found, lists at least one sample and no listed file is missing."""
+        return self.base is not None and self.found > 0 and self.num_missing == 0
+
+    @property
+    def complete(self) -> bool:
+        """``ok`` and the number of samples equals the expected count."""
+        return self.ok and self.found == self.expected
+
+    def summary(self) -> str:
+        """Human-readable multi-line report."""
+        where = self.base if self.base is not None else f"{self.root} (layout not found)"
+        lines = [f"{self.dataset}: {self.found}/{self.expected} image-label pairs under {where}"]
+        if self.num_missing:
+            lines.append(f"  {self.num_missing} missing file(s), e.g. {', '.join(self.missing)}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        if not self.ok:
+            lines.append("  expected layout:")
+            lines += ["    " + line for line in layout_tree(self.dataset).splitlines()]
+        elif not self.complete:
+            lines.append(f"  usable, but the official split has {self.expected} images")
+        return "\n".join(lines)
+
+
+def _layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise OvssError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return LAYOUTS[name]
+
+
+def _find_base(root: Path, layout: Layout) -> Path | None:
+    """The base directory: ``root/<base chain>``, or a shorter chain when root is already inside it."""
+    for start in range(len(layout.base) + 1):
+        candidate = root.joinpath(*layout.base[start:])
+        if (candidate / layout.image_dir).is_dir() or (candidate / layout.label_dir).is_dir():
+            return candidate
+    return None
+
+
+def _read_ids(split_file: Path) -> list[str]:
+    """Non-empty, stripped lines of a split file."""
+    return [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+
+
+def _list_ids(base: Path, layout: Layout) -> list[str] | None:
+    """Sample ids from the layout's split file or its image folder; None if that is missing."""
+    if layout.split_file is not None:
+        split_file = base / layout.split_file
+        return _read_ids(split_file) if split_file.is_file() else None
+    image_dir = base / layout.image_dir
+    if not image_dir.is_dir():
+        return None
+    relative = [path.relative_to(image_dir).as_posix() for path in image_dir.glob(layout.image_glob)]
+    return sorted(path[: len(path) - len(layout.image_suffix)] for path in relative)
+
+
+def _scan(name: str, root: str | Path, split_file: str | Path | None) -> tuple[DatasetReport, list[str]]:
+    layout = _layout(name)
+    root = Path(root)
+    user_ids: list[str] | None = None
+    if split_file is not None:
+        if not Path(split_file).is_file():
+            raise OvssError(
+                f"split file {split_file} not found; pass an existing file with one sample id per line"
+            )
+        user_ids = _read_ids(Path(split_file))
+    expected = layout.expected if user_ids is None else len(user_ids)
+    base = _find_base(root, layout)
+    if base is None:
+        return DatasetReport(name, root, None, expected, 0, 0, (), ""), []
+    ids = user_ids if user_ids is not None else _list_ids(base, layout)
+    if ids is None:  # the split file or the image folder is missing
+        missing_list = (layout.split_file or layout.image_dir,)
+        return DatasetReport(name, root, base, expected, 0, 1, missing_list, ""), []
+    found: list[str] = []
+    missing: list[str] = []
+    hint = ""
+    for sample_id in ids:
+        image = f"{layout.image_dir}/{sample_id}{layout.image_suffix}"
+        label = f"{layout.label_dir}/{sample_id}{layout.label_suffix}"
+        absent = [path for path in (image, label) if not (base / path).is_file()]
+        missing += absent
+        if not absent:
+            found.append(sample_id)
+        elif label in absent and layout.source_suffix and not hint:
+            source = base / f"{layout.label_dir}/{sample_id}{layout.source_suffix}"
+            hint = f"run ovss.eval.datasets.{layout.prepare}(root) first" if source.is_file() else ""
+    report = DatasetReport(
+        name, root, base, expected, len(found), len(missing), tuple(missing[:_MAX_LISTED]), hint
+    )
+    return report, found
+
+
+def check_dataset(name: str, root: str | Path, split_file: str | Path | None = None) -> DatasetReport:
+    """Report how much of a benchmark is present under ``root``, without raising for missing files.
+
+    Args:
+        name: one of ``names.DATASETS``.
+        root: the layout's root folder, its base directory, or any folder in between.
+        split_file: optional file of sample ids (one per line) replacing the layout's split; ids are
+            paths relative to the image folder without the image suffix (e.g. ``frankfurt/A``).
+
+    Returns:
+        The report; ``report.summary()`` is human-readable.
+
+    Raises:
+        OvssError: unknown dataset or missing ``split_file``.
+    """
+    return _scan(name, root, split_file)[0]
+
+
+def open_dataset(name: str, root: str | Path, split_file: str | Path | None = None) -> SegDataset:
+    """Open one of the eight benchmarks from its standard layout (§6.1) with its label handling (§6.2).
+
+    Args:
+        name: one of ``names.DATASETS``.
+        root: the layout's root folder, its base directory, or any folder in between.
+        split_file: optional file of sample ids replacing the layout's split (see ``check_dataset``).
+
+    Returns:
+        The dataset, samples in split-file order (or sorted by id when the layout has no split file).
+
+    Raises:
+        OvssError: unknown dataset, layout not found, or some listed image/label files are missing;
+            the message draws the expected layout.
+    """
+    report, ids = _scan(name, root, split_file)
+    if not report.ok:
+        if report.base is None:
+            problem = f"no {name} layout found under {report.root}"
+        elif report.num_missing:
+            problem = f"{report.num_missing} {name} files missing (e.g. {', '.join(report.missing)})"
+        else:
+            problem = f"no {name} samples listed under {report.base}"
+        fix = report.hint or "point root at the folder holding this layout"
+        raise OvssError(f"{problem}; {fix}:\n{layout_tree(name)}")
+    layout = LAYOUTS[name]
+    assert report.base is not None
+    return SegDataset(
+        sample_names=ids,
+        image_paths=[report.base / layout.image_dir / f"{i}{layout.image_suffix}" for i in ids],
+        label_paths=[report.base / layout.label_dir / f"{i}{layout.label_suffix}" for i in ids],
+        class_names=class_names(name),
+        has_background=layout.has_background,
+        reduce_zero_label=layout.reduce_zero_label,
+        dataset=name,
+    )
+
+
+def _prepare(
+    name: str, root: str | Path, convert: Callable[[np.ndarray], np.ndarray], overwrite: bool
+) -> int:
+    layout = LAYOUTS[name]
+    base = _find_base(Path(root), layout)
+    label_dir = base / layout.label_dir if base is not None else None
+    sources = sorted(label_dir.rglob(f"*{layout.source_suffix}")) if label_dir is not None else []
+    if not sources:
+        raise OvssError(
+            f"no *{layout.source_suffix} files found for {name} under {root}; "
+            f"point root at the folder holding the layout below\n" + layout_tree(name)
+        )
+    written = 0
+    for source in sources:
+        target = source.with_name(source.name[: -len(layout.source_suffix)] + layout.label_suffix)
+        if target.exists() and not overwrite:
+            continue
+        Image.fromarray(convert(read_label(source))).save(target)
+        written += 1
+    return written
+
+
+def prepare_coco_object(root: str | Path, overwrite: bool = False) -> int:
+    """Write ``X_instanceTrainIds.png`` (COCO-Object, 81 classes) next to every ``X_labelTrainIds.png``.
+
+    Uses ``trainids_to_coco_object``: 0..79 -> 1..80, 80..170 -> 0, 255 -> 0.
+
+    Args:
+        root: the ``coco_stuff164k`` layout root, its base directory, or any folder in between.
+        overwrite: rewrite files that already exist.
+
+    Returns:
+        Number of files written.
+
+    Raises:
+        OvssError: no ``_labelTrainIds.png`` file found under ``annotations/val2017``.
+    """
+    return _prepare("coco_object", root, trainids_to_coco_object, overwrite)
+
+
+def prepare_cityscapes(root: str | Path, overwrite: bool = False) -> int:
+    """Write ``A_gtFine_labelTrainIds.png`` next to every ``A_gtFine_labelIds.png`` of Cityscapes val.
+
+    Args:
+        root: the ``cityscapes`` layout root, its base directory, or any folder in between.
+        overwrite: rewrite files that already exist.
+
+    Returns:
+        Number of files written.
+
+    Raises:
+        OvssError: no ``_gtFine_labelIds.png`` file found under ``gtFine/val``.
+    """
+    return _prepare("cityscapes", root, labelids_to_trainids, overwrite)
