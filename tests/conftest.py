@@ -20,8 +20,10 @@ def shared_dir() -> Path:
     """The read-only ``shared/`` folder (assets, spec) that sits beside the repository."""
     path = _shared_dir()
     if not (path / "assets").is_dir():
-        pytest.fail(f"shared assets not found at {path}; clone the project with shared/ beside it "
-                    "or set OVSS_SHARED_DIR")
+        pytest.fail(
+            f"shared assets not found at {path}; clone the project with shared/ beside it "
+            "or set OVSS_SHARED_DIR"
+        )
     return path
 
 

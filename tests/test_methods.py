@@ -106,20 +106,27 @@ def test_method_matches_release_reference(tiny_clip, pixels, name, kind, kw):
 
 def test_sclip_reduced_drops_residual_and_ffn(tiny_clip, pixels):
     ours = _run(tiny_clip, "sclip", pixels, reduced=True)
-    torch.testing.assert_close(ours, _release_last_block(tiny_clip.visual, pixels, "csa"), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ours, _release_last_block(tiny_clip.visual, pixels, "csa"), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_naclip_sigma_changes_result(tiny_clip, pixels):
     a = _run(tiny_clip, "naclip", pixels, sigma=5.0)
     b = _run(tiny_clip, "naclip", pixels, sigma=2.0)
-    torch.testing.assert_close(b, _release_last_block(tiny_clip.visual, pixels, "naclip", sigma=2.0), atol=2e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        b, _release_last_block(tiny_clip.visual, pixels, "naclip", sigma=2.0), atol=2e-5, rtol=1e-4
+    )
     assert (a - b).abs().max() > 1e-4
 
 
 def test_naclip_variants_kk_vanilla(tiny_clip, pixels):
-    torch.testing.assert_close(_run(tiny_clip, "naclip", pixels, attn="vanilla"),
-                               _release_last_block(tiny_clip.visual, pixels, "qk"), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        _run(tiny_clip, "naclip", pixels, attn="vanilla"),
+        _release_last_block(tiny_clip.visual, pixels, "qk"),
+        atol=2e-5,
+        rtol=1e-4,
+    )
     vanilla_arch = _run(tiny_clip, "naclip", pixels, arch="vanilla", attn="vanilla")
     full = tiny_clip.visual.forward_blocks(tiny_clip.visual.embed(pixels)[0])[:, 1:]
     torch.testing.assert_close(vanilla_arch, full, atol=1e-5, rtol=1e-5)

@@ -32,12 +32,20 @@ def test_predict_shapes_and_record(tiny_clip, bpe_path, image):
     assert r.logits.abs().max() <= 1.0 + 1e-5  # cosine similarities
     assert torch.allclose(r.probs.sum(0) <= 1.0 + 1e-5, torch.ones(200, 300, dtype=torch.bool))
     assert r.config["method"] == "clearclip" and r.config["pipeline"]["crop"] == 64
-    assert r.config["pipeline"]["logit_scale"] == 50.0 and r.classes == [["sky"], ["road"], ["person", "pedestrian"]]
+    assert r.config["pipeline"]["logit_scale"] == 50.0 and r.classes == [
+        ["sky"],
+        ["road"],
+        ["person", "pedestrian"],
+    ]
 
 
 def test_single_window_covering_image_equals_whole_image_mode(tiny_clip, bpe_path, image):
-    whole = _load(tiny_clip, bpe_path, method="naclip", short_side=None, crop=0, stride=1).predict(image, LABELS)
-    window = _load(tiny_clip, bpe_path, method="naclip", short_side=None, crop=300, stride=150).predict(image, LABELS)
+    whole = _load(tiny_clip, bpe_path, method="naclip", short_side=None, crop=0, stride=1).predict(
+        image, LABELS
+    )
+    window = _load(tiny_clip, bpe_path, method="naclip", short_side=None, crop=300, stride=150).predict(
+        image, LABELS
+    )
     torch.testing.assert_close(window.logits, whole.logits)
     assert torch.equal(window.labels, whole.labels)
 
@@ -111,8 +119,12 @@ def test_background_threshold_and_pamr(tiny_clip, bpe_path, image):
     base = _load(tiny_clip, bpe_path, short_side=96, crop=64, stride=32)
     r = base.predict(image, LABELS)
     thr = float(r.probs.max(0).values.median())
-    bg = _load(tiny_clip, bpe_path, short_side=96, crop=64, stride=32, bg_threshold=thr).predict(image, LABELS)
+    bg = _load(tiny_clip, bpe_path, short_side=96, crop=64, stride=32, bg_threshold=thr).predict(
+        image, LABELS
+    )
     low = r.probs.max(0).values < thr
     assert bool((bg.labels[low] == 0).all()) and bool(torch.equal(bg.labels[~low], r.labels[~low]))
-    refined = _load(tiny_clip, bpe_path, short_side=96, crop=64, stride=32, pamr_steps=3).predict(image, LABELS)
+    refined = _load(tiny_clip, bpe_path, short_side=96, crop=64, stride=32, pamr_steps=3).predict(
+        image, LABELS
+    )
     assert refined.logits.shape == r.logits.shape and not torch.allclose(refined.logits, r.logits)

@@ -24,7 +24,15 @@ _EXPORTS = {
     "Segmenter": "ovss.predictor",
 }
 
-__all__ = ["OvssError", "Prediction", "Segmenter", "__version__", "available_methods", "available_models", "load"]
+__all__ = [
+    "OvssError",
+    "Prediction",
+    "Segmenter",
+    "__version__",
+    "available_methods",
+    "available_models",
+    "load",
+]
 
 if TYPE_CHECKING:
     from ovss.api import load

@@ -24,8 +24,14 @@ class _Unset:
 
 UNSET: Any = _Unset()  # "use the method's default" (None is a real value for short_side / area_threshold)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -147,7 +153,17 @@ def load(
     model = model.to(device=device, dtype=torch_dtype)
     vfm = None
     if spec.needs_vfm:
-        raise OvssError(f"method {method!r} needs a vision foundation model, which this build cannot load yet")
+        raise OvssError(
+            f"method {method!r} needs a vision foundation model, which this build cannot load yet"
+        )
     return Segmenter(
-        model, spec, opts, config, vfm=vfm, tokenizer=tokenizer, device=device, dtype=torch_dtype, record=record
+        model,
+        spec,
+        opts,
+        config,
+        vfm=vfm,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=torch_dtype,
+        record=record,
     )

@@ -32,7 +32,9 @@ class PipelineConfig:
         if self.crop > 0 and self.stride < 1:
             raise OvssError(f"stride must be >= 1, got {self.stride}")
         if self.crop > 0 and self.stride > self.crop:
-            raise OvssError(f"stride {self.stride} exceeds crop {self.crop}: pixels between windows would be lost")
+            raise OvssError(
+                f"stride {self.stride} exceeds crop {self.crop}: pixels between windows would be lost"
+            )
         if not self.logit_scale > 0:
             raise OvssError(f"logit_scale must be > 0, got {self.logit_scale}")
         if not 0.0 <= self.bg_threshold <= 1.0:

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ from ovss.text.embeddings import EmbeddingCache
 from ovss.text.templates import TEMPLATE_SETS
 from ovss.text.tokenizer import Tokenizer, load_tokenizer
 
-ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Image.Image]
-LabelsLike = Sequence[Union[str, Sequence[str]]]
+ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
+LabelsLike = Sequence[str | Sequence[str]]
 
 
 @dataclass
@@ -91,7 +91,9 @@ class Segmenter:
         self._record = dict(record or {})
         self._state: ImageState | None = None
         if config.templates not in TEMPLATE_SETS:
-            raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+            raise OvssError(
+                f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}"
+            )
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -167,7 +169,9 @@ class Segmenter:
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
         backbones = Backbones(self.clip.visual, self.vfm)
         step = self.pipeline.window_batch
-        chunks, grid, info = [], (0, 0), {}
+        chunks: list[torch.Tensor] = []
+        grid: tuple[int, int] = (0, 0)
+        info: dict[str, Any] = {}
         for start in range(0, len(windows), step):
             batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size)
             out = self.method.run(backbones, batch, self.options)
@@ -207,15 +211,19 @@ class Segmenter:
             raise OvssError("no image: call set_image(image) first or pass an image to predict()")
         text = self._text_embeddings(names, text_embeddings)  # (Q, E)
         st = self._state
-        L, N, E = st.features.shape
+        L = st.features.shape[0]
         window_logits = (st.features @ text.T).transpose(1, 2).reshape(L, -1, *st.grid)  # (L, Q, gr, gc)
         H, W = st.pixels.shape[-2:]
-        merged = merge_window_logits(window_logits, st.windows, st.padding, st.padded_size, (H, W))  # (Q, H, W)
+        merged = merge_window_logits(
+            window_logits, st.windows, st.padding, st.padded_size, (H, W)
+        )  # (Q, H, W)
         H0, W0 = st.rgb.shape[:2]
         logits = resize_logits(merged, (H0, W0))  # (Q, H0, W0)
         cfg = self.pipeline
         if cfg.pamr_steps > 0:
-            guide = F.interpolate(st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
+            guide = F.interpolate(
+                st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False
+            )[0]
             logits = pamr(guide, logits, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations)
         probs, label_map = logits_to_labels(
             logits, name_to_class, len(classes), cfg.logit_scale, cfg.bg_threshold, cfg.area_threshold

@@ -28,13 +28,26 @@ def add_parser(sub: Any) -> None:
     p.add_argument("inputs", nargs="*", help="image files and/or folders of images")
     p.add_argument("--example", choices=EXAMPLES, help="segment a photo bundled with scikit-image instead")
     labels = p.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help='classes separated by commas, synonyms by "|": "sky, road, person|pedestrian"')
-    labels.add_argument("--labels-file", "--labels_file", dest="labels_file",
-                        help="one class per line, synonyms separated by commas")
+    labels.add_argument(
+        "--labels", help='classes separated by commas, synonyms by "|": "sky, road, person|pedestrian"'
+    )
+    labels.add_argument(
+        "--labels-file",
+        "--labels_file",
+        dest="labels_file",
+        help="one class per line, synonyms separated by commas",
+    )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--save-logits", "--save_logits", dest="save_logits", action="store_true",
-                   help="also write the full-resolution name logits as .npy")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    p.add_argument(
+        "--save-logits",
+        "--save_logits",
+        dest="save_logits",
+        action="store_true",
+        help="also write the full-resolution name logits as .npy",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_model_flags(p)
     p.set_defaults(func=run)

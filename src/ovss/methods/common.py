@@ -42,7 +42,9 @@ class MethodOutput:
     info: dict[str, Any] = field(default_factory=dict)  # per-image diagnostics (e.g. detected blocks)
 
 
-def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def tokens_before_last_block(
+    clip: VisionTransformer, pixels: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Embed windows and run every block but the last, unchanged.
 
     Args:
@@ -56,7 +58,9 @@ def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> t
     return clip.forward_blocks(x, 0, len(clip.blocks) - 1), grid
 
 
-def softmax_attention(a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+def softmax_attention(
+    a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(a b^T * scale + bias) over the last axis, computed in fp32.
 
     Args:

@@ -102,7 +102,8 @@ def build_clip(state_dict: dict[str, torch.Tensor], act: str = "quick_gelu") -> 
         text_sd = {
             k: v
             for k, v in state_dict.items()
-            if not k.startswith("visual.") and k not in ("logit_scale", "input_resolution", "context_length", "vocab_size")
+            if not k.startswith("visual.")
+            and k not in ("logit_scale", "input_resolution", "context_length", "vocab_size")
         }
         vocab, width = text_sd["token_embedding.weight"].shape
         layers = len({k.split(".")[2] for k in text_sd if k.startswith("transformer.resblocks.")})

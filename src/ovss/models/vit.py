@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         Returns:
             q, k, v, each (B, heads, n, head_dim).
         """
-        B, n, D = x.shape
+        B, n, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, n, 3D)
         qkv = qkv.view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, d)
         return qkv[0], qkv[1], qkv[2]
@@ -97,7 +98,9 @@ class Attention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1 x), then + mlp(ln_2 x) (optionally layer-scaled)."""
 
-    def __init__(self, width: int, heads: int, mlp_width: int, act: str, eps: float, layer_scale: bool) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_width: int, act: str, eps: float, layer_scale: bool
+    ) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
@@ -179,8 +182,9 @@ class VisionTransformer(nn.Module):
             self.proj = nn.Parameter(torch.zeros(D, cfg.output_dim))
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        return self.transformer.resblocks
+    def blocks(self) -> list[ResidualAttentionBlock]:
+        """The transformer blocks, in order (a typed view of ``transformer.resblocks``)."""
+        return cast("list[ResidualAttentionBlock]", list(self.transformer.resblocks))
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -212,7 +216,11 @@ class VisionTransformer(nn.Module):
         offset = self.cfg.pos_offset
         if offset == 0.0:
             patch_pos = F.interpolate(
-                patch_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=self.cfg.pos_antialias
+                patch_pos,
+                size=(rows, cols),
+                mode="bicubic",
+                align_corners=False,
+                antialias=self.cfg.pos_antialias,
             )
         else:
             patch_pos = F.interpolate(
@@ -223,7 +231,9 @@ class VisionTransformer(nn.Module):
                 recompute_scale_factor=False,
                 antialias=self.cfg.pos_antialias,
             )  # (1, D, rows, cols)
-        assert patch_pos.shape[-2:] == (rows, cols), f"position grid {tuple(patch_pos.shape)} != {(rows, cols)}"
+        assert patch_pos.shape[-2:] == (rows, cols), (
+            f"position grid {tuple(patch_pos.shape)} != {(rows, cols)}"
+        )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(rows * cols, D).to(table.dtype)  # (rows*cols, D)
         return torch.cat([cls_pos, patch_pos], dim=0)  # (1 + rows*cols, D)
 
