@@ -1,0 +1,370 @@
+"""Named weights and assets: a plain-dict registry, a cache folder, and a checked download.
+
+``resolve("ViT-B/16")`` returns the cached file, downloading it on first use (SHA-256 verified, written
+atomically). Existing paths are returned unchanged, so every ``--clip`` / ``clip=`` argument may be either
+a registered name or a local file. Nothing here runs at import time or inside a model constructor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ovss.errors import OvssError
+
+__all__ = [
+    "DEFAULT_CLIP",
+    "DEFAULT_VFM",
+    "KINDS",
+    "REGISTRY",
+    "WeightsEntry",
+    "available_models",
+    "cache_dir",
+    "resolve",
+]
+
+KINDS = ("clip", "vfm", "tokenizer")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation (openai/CLIP clip.py)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)  # used by open_clip's ViT-L-14 laion2b_s32b_b82k
+INCEPTION_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO / DINOv2
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TIMEOUT_S = 30.0  # seconds a connection may stall before the download is abandoned
+_CHUNK = 1 << 20  # bytes read per network call
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One downloadable file: model weights or a tokenizer vocabulary."""
+
+    name: str  # registry name, e.g. "ViT-B/16"
+    url: str  # where the file is downloaded from
+    sha256: str | None  # expected SHA-256 (hex); None = unknown, the first download's digest is recorded
+    filename: str  # file name inside cache_dir() (unique across the registry)
+    format: str  # file format: "openai-jit", "open_clip", "dino", "dinov2" or "bpe"
+    act: str | None  # MLP activation the weights were trained with: "quick_gelu", "gelu"; None for assets
+    kind: str  # "clip", "vfm" or "tokenizer"
+    description: str  # one line for listings
+    mean: tuple[float, float, float] | None = None  # RGB mean the model expects (0..1 scale); None for assets
+    std: tuple[float, float, float] | None = None  # RGB std the model expects; None for assets
+
+
+def _openai(name: str, url: str, description: str) -> WeightsEntry:
+    """An OpenAI CLIP release: the SHA-256 is the hex path component of its URL (as openai/CLIP checks)."""
+    filename = url.rsplit("/", 1)[1]
+    sha = url.rsplit("/", 2)[1]
+    return WeightsEntry(
+        name, url, sha, filename, "openai-jit", "quick_gelu", "clip", description, OPENAI_MEAN, OPENAI_STD
+    )
+
+
+def _open_clip(name: str, url: str, act: str, description: str, inception: bool = False) -> WeightsEntry:
+    """An open_clip / MetaCLIP tag ``ARCH/tag``; its cache name is the name with '/' replaced by '-'."""
+    filename = name.replace("/", "-") + "." + url.rsplit(".", 1)[1]
+    mean, std = (INCEPTION_MEAN, INCEPTION_STD) if inception else (OPENAI_MEAN, OPENAI_STD)
+    return WeightsEntry(name, url, None, filename, "open_clip", act, "clip", description, mean, std)
+
+
+def _vfm(name: str, url: str, fmt: str, description: str) -> WeightsEntry:
+    """A self-supervised ViT (DINO / DINOv2) from dl.fbaipublicfiles.com; both use nn.GELU."""
+    filename = url.rsplit("/", 1)[1]
+    return WeightsEntry(
+        name, url, None, filename, fmt, "gelu", "vfm", description, IMAGENET_MEAN, IMAGENET_STD
+    )
+
+
+_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
+_HF = "https://huggingface.co"
+_DINO = "https://dl.fbaipublicfiles.com/dino"
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+_ENTRIES = (
+    _openai(
+        "ViT-B/16",
+        f"{_OPENAI_URL}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        "OpenAI CLIP ViT-B/16, 224 px (default)",
+    ),
+    _openai(
+        "ViT-B/32",
+        f"{_OPENAI_URL}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+        "OpenAI CLIP ViT-B/32, 224 px",
+    ),
+    _openai(
+        "ViT-L/14",
+        f"{_OPENAI_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        "OpenAI CLIP ViT-L/14, 224 px",
+    ),
+    _openai(
+        "ViT-L/14@336px",
+        f"{_OPENAI_URL}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+        "OpenAI CLIP ViT-L/14, 336 px",
+    ),
+    _open_clip(
+        "ViT-B-16/laion2b_s34b_b88k",
+        f"{_HF}/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin",
+        "gelu",
+        "OpenCLIP ViT-B/16 trained on LAION-2B",
+    ),
+    _open_clip(
+        "ViT-B-32/laion2b_s34b_b79k",
+        f"{_HF}/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/open_clip_pytorch_model.bin",
+        "gelu",
+        "OpenCLIP ViT-B/32 trained on LAION-2B",
+    ),
+    _open_clip(
+        "ViT-L-14/laion2b_s32b_b82k",
+        f"{_HF}/laion/CLIP-ViT-L-14-laion2B-s32B-b82K/resolve/main/open_clip_pytorch_model.bin",
+        "gelu",
+        "OpenCLIP ViT-L/14 trained on LAION-2B (inputs normalised with mean = std = 0.5)",
+        inception=True,
+    ),
+    _open_clip(
+        "ViT-B-16-quickgelu/metaclip_400m",
+        "https://dl.fbaipublicfiles.com/MMPT/metaclip/b16_400m.pt",
+        "quick_gelu",
+        "MetaCLIP ViT-B/16 trained on 400M curated pairs",
+    ),
+    _open_clip(
+        "ViT-L-14-quickgelu/metaclip_400m",
+        "https://dl.fbaipublicfiles.com/MMPT/metaclip/l14_400m.pt",
+        "quick_gelu",
+        "MetaCLIP ViT-L/14 trained on 400M curated pairs",
+    ),
+    WeightsEntry(
+        "clip-bpe",
+        "https://raw.githubusercontent.com/openai/CLIP/main/clip/bpe_simple_vocab_16e6.txt.gz",
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
+        "bpe_simple_vocab_16e6.txt.gz",
+        "bpe",
+        None,
+        "tokenizer",
+        "CLIP byte-pair-encoding merges (openai/CLIP)",
+    ),
+    _vfm(
+        "dino-vitb8",
+        f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+        "dino",
+        "DINO ViT-B/8 (default VFM)",
+    ),
+    _vfm(
+        "dino-vitb16", f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "dino", "DINO ViT-B/16"
+    ),
+    _vfm(
+        "dino-vits8", f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "dino", "DINO ViT-S/8"
+    ),
+    _vfm(
+        "dino-vits16",
+        f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+        "dino",
+        "DINO ViT-S/16",
+    ),
+    _vfm(
+        "dinov2-vitb14-reg",
+        f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
+        "dinov2",
+        "DINOv2 ViT-B/14 with 4 registers",
+    ),
+    _vfm(
+        "dinov2-vitl14-reg",
+        f"{_DINOV2}/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
+        "dinov2",
+        "DINOv2 ViT-L/14 with 4 registers",
+    ),
+)
+REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in _ENTRIES}
+DEFAULT_CLIP = "ViT-B/16"
+DEFAULT_VFM = "dino-vitb8"
+# How each kind is named in messages, and the CLI flag / keyword that takes a local file instead.
+_LABELS = {"clip": "CLIP weights", "vfm": "VFM weights", "tokenizer": "Tokenizer vocabulary"}
+_VERBS = {"clip": "are", "vfm": "are", "tokenizer": "is"}
+_SUPPLY = {
+    "clip": "--clip PATH (or clip=PATH)",
+    "vfm": "--vfm PATH (or vfm=PATH)",
+    "tokenizer": "OVSS_BPE_PATH=PATH (or load_tokenizer(PATH))",
+}
+
+
+def available_models(kind: str | None = None) -> list[str]:
+    """Registered names, in registry order.
+
+    Args:
+        kind: ``"clip"``, ``"vfm"`` or ``"tokenizer"`` to list one kind; None lists all.
+
+    Returns:
+        Names accepted by :func:`resolve`, e.g. ``["ViT-B/16", "ViT-B/32", ...]`` for ``"clip"``.
+    """
+    if kind is not None:
+        _check_kind(kind)
+    return [name for name, entry in REGISTRY.items() if kind is None or entry.kind == kind]
+
+
+def cache_dir() -> Path:
+    """The download folder: ``$OVSS_CACHE``, else ``$XDG_CACHE_HOME/ovss``, else ``~/.cache/ovss``.
+
+    The folder is not created here; :func:`resolve` creates it when it downloads.
+    """
+    if os.environ.get("OVSS_CACHE"):
+        return Path(os.environ["OVSS_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "ovss"
+    return Path("~/.cache/ovss").expanduser()
+
+
+def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, progress: bool = True) -> Path:
+    """The local file for a registered name or a path, downloading a registered file if it is not cached.
+
+    Args:
+        name_or_path: an existing file or folder (returned unchanged), or one of
+            ``available_models(kind)``.
+        kind: ``"clip"``, ``"vfm"`` or ``"tokenizer"``; a registered name must be of this kind.
+        download: allow a network download when the file is not cached. ``OVSS_OFFLINE=1`` or
+            ``HF_HUB_OFFLINE=1`` in the environment forbid it too.
+        progress: show a tqdm progress bar on stderr while downloading.
+
+    Returns:
+        Path of the file: ``cache_dir() / entry.filename`` for a registered name.
+
+    Raises:
+        OvssError: unknown name; a name of another kind; the file is not cached and cannot be downloaded
+            (offline, network error); or its SHA-256 differs from the expected or recorded digest.
+    """
+    _check_kind(kind)
+    if not name_or_path.strip():
+        raise OvssError(f"empty {_LABELS[kind]} name; use one of: {', '.join(available_models(kind))}")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    entry = REGISTRY.get(name_or_path)
+    if entry is None:
+        names = available_models(kind)
+        close = difflib.get_close_matches(name_or_path, names, n=len(names), cutoff=0.0)
+        raise OvssError(
+            f"{_LABELS[kind]} '{name_or_path}' is neither an existing path nor a registered name; "
+            f"available (closest first): {', '.join(close)}"
+        )
+    if entry.kind != kind:
+        raise OvssError(
+            f"'{entry.name}' names {_LABELS[entry.kind]}, not {_LABELS[kind]}; "
+            f"choose one of: {', '.join(available_models(kind))}"
+        )
+    target = cache_dir() / entry.filename
+    if target.is_file():
+        _check_cached(entry, target)
+        return target
+    reason = _offline_reason(download)
+    if reason is None:
+        try:
+            _download(entry, target, progress)
+            return target
+        except (OSError, http.client.HTTPException, ValueError) as e:  # HTTP errors, timeouts, DNS, bad URL
+            reason = _describe(e)
+    raise OvssError(
+        f"{_LABELS[kind]} '{entry.name}' {_VERBS[kind]} not cached at {target} "
+        f"and could not be downloaded ({reason}). "
+        f"Supply a local file with {_SUPPLY[kind]}, copy {entry.filename} to {target.parent}, "
+        "or set OVSS_CACHE to a folder that holds it."
+    )
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise OvssError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def _offline_reason(download: bool) -> str | None:
+    """Why no download may happen, or None when it may."""
+    if not download:
+        return "downloads disabled (download=False)"
+    for var in ("OVSS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"offline mode: {var}={os.environ[var]}"
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """A short, one-line reason for a failed download."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return f"network error: {error.reason}"
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record_path(target: Path) -> Path:
+    """Where the digest of a file without a registered SHA-256 is recorded."""
+    return target.with_name(target.name + ".sha256")
+
+
+def _check_cached(entry: WeightsEntry, target: Path) -> None:
+    """Verify a cached file against the registered digest, or the digest recorded at its first use."""
+    actual = _sha256(target)
+    record = _record_path(target)
+    expected = entry.sha256
+    if expected is None and record.is_file():
+        expected = record.read_text().split()[0]
+    if expected is None:
+        with contextlib.suppress(OSError):  # first use of a copied-in file: remember it if we may write
+            record.write_text(f"{actual}  {entry.filename}\n")
+    elif actual != expected:
+        raise OvssError(
+            f"cached file {target} for '{entry.name}' has SHA-256 {actual}, expected {expected}; "
+            "the file is corrupt or was replaced: delete it (and any .sha256 beside it) to download it again"
+        )
+
+
+def _download(entry: WeightsEntry, target: Path, progress: bool) -> None:
+    """Stream ``entry.url`` into a temp file beside ``target``, verify it, then rename atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            with tqdm(
+                total=int(length) if length else None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=entry.filename,
+                file=sys.stderr,
+                disable=not progress,
+            ) as bar:
+                received = 0
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+                    received += len(chunk)
+        if length and received != int(length):
+            raise ConnectionError(f"connection closed after {received} of {length} bytes")
+        actual = digest.hexdigest()
+        if entry.sha256 is not None and actual != entry.sha256:
+            raise OvssError(
+                f"download of '{entry.name}' from {entry.url} has SHA-256 {actual}, expected {entry.sha256}; "
+                "the transfer was corrupted or the file changed upstream: try again, or supply a local file"
+            )
+        os.replace(tmp, target)
+        if entry.sha256 is None:
+            _record_path(target).write_text(f"{actual}  {entry.filename}\n")
+    finally:
+        tmp.unlink(missing_ok=True)
