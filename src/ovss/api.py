@@ -13,6 +13,7 @@ from ovss.config import PipelineConfig
 from ovss.errors import OvssError
 from ovss.methods.registry import MethodSpec, get_method
 from ovss.models.clip import CLIP, build_clip
+from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
 from ovss.text.tokenizer import Tokenizer
 
@@ -78,20 +79,60 @@ def load_clip(
     return model, record
 
 
+def option_names(options: Any) -> set[str]:
+    """Every option name a method accepts (composed options: the names of their parts)."""
+    names: set[str] = set()
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        names |= option_names(value) if dataclasses.is_dataclass(value) else {f.name}
+    return names
+
+
+def _apply(options: Any, overrides: dict[str, Any]) -> Any:
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _apply(value, overrides)
+        elif f.name in overrides:
+            changes[f.name] = overrides[f.name]
+    return dataclasses.replace(options, **changes)
+
+
 def resolve_options(spec: MethodSpec, overrides: dict[str, Any]) -> Any:
-    """The method's option dataclass with user overrides applied; unknown names raise OvssError."""
-    fields = {f.name for f in dataclasses.fields(spec.options)}
-    unknown = sorted(set(overrides) - fields)
+    """The method's option dataclass with user overrides applied; unknown names raise OvssError.
+
+    Composed options (``X+gla``: base options and GLA options) receive each override in every part that
+    has a field of that name (e.g. ``beta``/``gamma`` of ProxyCLIP and of GLA's fixed normalisation).
+    """
+    valid = option_names(spec.options)
+    unknown = sorted(set(overrides) - valid)
     if unknown:
-        valid = ", ".join(sorted(fields)) or "none"
-        raise OvssError(f"method {spec.name!r} has no option {', '.join(unknown)}; its options are: {valid}")
-    return dataclasses.replace(spec.options, **overrides)
+        listing = ", ".join(sorted(valid)) or "none"
+        raise OvssError(f"method {spec.name!r} has no option {', '.join(unknown)}; its options are: {listing}")
+    try:
+        return _apply(spec.options, overrides)
+    except (TypeError, ValueError) as err:
+        raise OvssError(f"invalid option for method {spec.name!r}: {err}") from err
+
+
+def load_vfm(vfm: str | os.PathLike[str] | VisionTransformer | None, download: bool) -> tuple[Any, dict[str, Any]]:
+    """Load the vision foundation model of a DINO-guided method (default ``dino-vitb8``)."""
+    if isinstance(vfm, VisionTransformer):
+        return vfm, {"vfm": "<in-memory model>"}
+    from ovss import hub
+    from ovss.models.dino import load_vfm as load_vfm_weights
+
+    model, rec = load_vfm_weights(str(vfm or hub.DEFAULT_VFM), download=download)
+    return model, {"vfm": rec.get("name"), "vfm_path": rec.get("path"), "vfm_format": rec.get("format")}
 
 
 def load(
     method: str = "clearclip",
     clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
     *,
+    vfm: str | os.PathLike[str] | VisionTransformer | None = None,
+    gla: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
     short_side: int | None = UNSET,
@@ -111,9 +152,12 @@ def load(
     """Build a segmenter.
 
     Args:
-        method: a name from :func:`ovss.available_methods` (e.g. "clearclip", "naclip", "sclip").
+        method: a name from :func:`ovss.available_methods` (e.g. "clearclip", "naclip", "proxyclip+gla").
         clip: CLIP weights: a registry name (default "ViT-B/16", downloaded and checksummed on first use),
             a local file in any supported format, or an already built :class:`~ovss.models.clip.CLIP`.
+        vfm: the vision foundation model of DINO-guided methods (default "dino-vitb8"): a registry name,
+            a local DINO / DINOv2 / Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
+        gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``).
         device: where to run (default CPU). Nothing is moved behind your back.
         dtype: backbone precision: torch.float32 (default), torch.bfloat16 or torch.float16 (or "bf16" ...).
             Similarities, softmax and merging always run in fp32.
@@ -134,6 +178,8 @@ def load(
     Returns:
         A :class:`Segmenter`.
     """
+    if gla and not method.endswith("+gla"):
+        method = f"{method}+gla"
     spec = get_method(method)
     opts = resolve_options(spec, options)
     geo = spec.geometry
@@ -151,17 +197,17 @@ def load(
     torch_dtype = resolve_dtype(dtype)
     model, record = load_clip(clip, act=act, download=download)
     model = model.to(device=device, dtype=torch_dtype)
-    vfm = None
+    vfm_model = None
     if spec.needs_vfm:
-        raise OvssError(
-            f"method {method!r} needs a vision foundation model, which this build cannot load yet"
-        )
+        vfm_model, vfm_record = load_vfm(vfm, download)
+        vfm_model = vfm_model.to(device=device, dtype=torch_dtype)
+        record.update(vfm_record)
     return Segmenter(
         model,
         spec,
         opts,
         config,
-        vfm=vfm,
+        vfm=vfm_model,
         tokenizer=tokenizer,
         device=device,
         dtype=torch_dtype,

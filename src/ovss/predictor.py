@@ -168,7 +168,7 @@ class Segmenter:
         self, crops: torch.Tensor, windows: list[Window], padding: Padding, size: tuple[int, int]
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
         backbones = Backbones(self.clip.visual, self.vfm)
-        step = self.pipeline.window_batch
+        step = len(windows) if self.method.joint_windows else self.pipeline.window_batch
         chunks: list[torch.Tensor] = []
         grid: tuple[int, int] = (0, 0)
         info: dict[str, Any] = {}

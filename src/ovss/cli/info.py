@@ -20,9 +20,7 @@ def list_methods(args: argparse.Namespace) -> int:
         spec = METHODS[name]
         geo = spec.geometry
         crop = "whole" if geo.crop == 0 else f"{geo.crop}/{geo.stride}"
-        print(
-            f"{name:18s} tau={spec.logit_scale:<5g} resize={geo.short_side} window={crop:8s} {spec.description}"
-        )
+        print(f"{name:18s} tau={spec.logit_scale:<5g} resize={geo.short_side} window={crop:8s} {spec.description}")
     return 0
 
 

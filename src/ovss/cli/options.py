@@ -15,9 +15,7 @@ def _optional_int(text: str) -> int | None:
     try:
         return int(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of pixels or 'none', got {text!r}"
-        ) from err
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels or 'none', got {text!r}") from err
 
 
 def _optional_float(text: str) -> float | None:
@@ -43,12 +41,8 @@ def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip
         help="CLIP weights: a name from `ovss models` or a local file "
         "(OpenAI .pt, OpenCLIP .bin/.safetensors, Hugging Face folder); default ViT-B/16",
     )
-    g.add_argument(
-        "--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say"
-    )
-    g.add_argument(
-        "--tokenizer", help="CLIP BPE vocabulary (.txt.gz) or HF tokenizer folder (default: cached)"
-    )
+    g.add_argument("--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say")
+    g.add_argument("--tokenizer", help="CLIP BPE vocabulary (.txt.gz) or HF tokenizer folder (default: cached)")
     g.add_argument(
         "--opt",
         action="append",

@@ -28,9 +28,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("inputs", nargs="*", help="image files and/or folders of images")
     p.add_argument("--example", choices=EXAMPLES, help="segment a photo bundled with scikit-image instead")
     labels = p.add_mutually_exclusive_group(required=True)
-    labels.add_argument(
-        "--labels", help='classes separated by commas, synonyms by "|": "sky, road, person|pedestrian"'
-    )
+    labels.add_argument("--labels", help='classes separated by commas, synonyms by "|": "sky, road, person|pedestrian"')
     labels.add_argument(
         "--labels-file",
         "--labels_file",
@@ -45,9 +43,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also write the full-resolution name logits as .npy",
     )
-    p.add_argument(
-        "--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)"
-    )
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_model_flags(p)
     p.set_defaults(func=run)

@@ -33,6 +33,7 @@ class MethodSpec:
     pad_multiple: int  # windows are zero-padded symmetrically to a multiple of this (1 = no padding)
     geometry: Geometry  # default resize / crop / stride for generic images
     needs_vfm: bool = False  # whether the method needs a vision foundation model (DINO)
+    joint_windows: bool = False  # all windows of an image must be processed in one call (GLA)
     description: str = ""  # one line for `ovss methods` and the README table
 
 
