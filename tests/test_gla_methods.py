@@ -112,3 +112,30 @@ def test_end_to_end_joint_windows(tiny_clip, tiny_dino, bpe_path):
     torch.testing.assert_close(a.logits, b.logits)
     assert a.config["method_info"]["gla"]["windows"] == 3  # 112 x 187 -> 1 x 3 windows
     assert a.config["options"]["gla"]["rho"] == 0.6
+
+
+def test_gclip_gla_fuses_own_window_maps(tiny_state_dict, bpe_path):
+    from tiny import tiny_clip_state_dict
+
+    from ovss.gla.bases import gclip_parts
+    from ovss.gla.method import cross_window_tokens
+    from ovss.models.clip import build_clip
+
+    clip = build_clip(tiny_clip_state_dict(seed=3, layers=12))
+    backbones = Backbones(clip.visual)
+    batch = _batch(96, 160, 96, 64, 16)
+    spec = get_method("gclip+gla")
+    out = spec.run(backbones, batch, spec.options)
+    parts = gclip_parts(backbones, batch, spec.options.base)
+    L, N = len(batch.windows), 36
+    assert parts.local_maps.shape == (L, N, N) and parts.local_count == 2
+    torch.testing.assert_close(parts.local_maps.sum(-1), torch.full((L, N), 2.0), atol=1e-5, rtol=0)
+    # Without AMF maps the fusion is the plain cross-window map; with them, (AMF + alpha) / (l + 2).
+    alpha_only = cross_window_tokens(dataclasses.replace(parts, local_maps=None, local_count=0), batch,
+                                     spec.options.gla)[0]
+    v = parts.values  # (L, H, N, d)
+    own = torch.einsum("lij,lhjd->lhid", parts.local_maps, v)  # (L, H, N, d) AMF part, own window only
+    bias = clip.visual.blocks[-1].attn.out_proj.bias
+    expected = (parts.merge_heads(own) - bias + alpha_only - bias) / 3 + bias
+    torch.testing.assert_close(out.tokens, expected, atol=1e-5, rtol=1e-4)
+    assert "gclip" in out.info and len(out.info["gclip"]["global_block"]) == L

@@ -159,8 +159,9 @@ def load(
             a local DINO / DINOv2 / Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
         gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``).
         device: where to run (default CPU). Nothing is moved behind your back.
-        dtype: backbone precision: torch.float32 (default), torch.bfloat16 or torch.float16 (or "bf16" ...).
-            Similarities, softmax and merging always run in fp32.
+        dtype: backbone precision: torch.float32 (default), or torch.bfloat16 / torch.float16 ("bf16", "fp16")
+            to autocast the backbones' matrix products; weights stay fp32, and similarities, proxies,
+            normalisation, softmax and merging always run in fp32.
         short_side: resize so the short side has this many pixels; None keeps the image size.
         crop: sliding-window side in processing pixels; 0 processes the whole image in one pass.
         stride: sliding-window stride in processing pixels.
@@ -196,11 +197,11 @@ def load(
     )
     torch_dtype = resolve_dtype(dtype)
     model, record = load_clip(clip, act=act, download=download)
-    model = model.to(device=device, dtype=torch_dtype)
+    model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
     vfm_model = None
     if spec.needs_vfm:
         vfm_model, vfm_record = load_vfm(vfm, download)
-        vfm_model = vfm_model.to(device=device, dtype=torch_dtype)
+        vfm_model = vfm_model.to(device=device)
         record.update(vfm_record)
     return Segmenter(
         model,

@@ -25,6 +25,7 @@ from ovss.pipeline.merge import merge_window_logits, resize_logits
 from ovss.pipeline.pamr import pamr
 from ovss.pipeline.postprocess import logits_to_labels
 from ovss.pipeline.windows import Padding, Window, pad_windows, sliding_windows, symmetric_padding
+from ovss.precision import backbone_precision
 from ovss.text.embeddings import EmbeddingCache
 from ovss.text.templates import TEMPLATE_SETS
 from ovss.text.tokenizer import Tokenizer, load_tokenizer
@@ -56,6 +57,22 @@ class ImageState:
     features: torch.Tensor  # (L, gr * gc, E) fp32 L2-normalised dense features
     grid: tuple[int, int]  # (gr, gc) token grid of the features
     info: dict[str, Any]  # method diagnostics
+
+
+def merge_info(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge per-sub-batch method diagnostics: per-window lists concatenate, dicts merge, scalars update."""
+    out = dict(a)
+    for key, value in b.items():
+        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge_info(out[key], value)
+        elif key in out and isinstance(out[key], list) and isinstance(value, list) and key.startswith(PER_WINDOW):
+            out[key] = out[key] + value
+        else:
+            out[key] = value
+    return out
+
+
+PER_WINDOW = ("global_block", "fused_blocks", "detector_fallback")  # info lists with one entry per window
 
 
 class Segmenter:
@@ -91,9 +108,7 @@ class Segmenter:
         self._record = dict(record or {})
         self._state: ImageState | None = None
         if config.templates not in TEMPLATE_SETS:
-            raise OvssError(
-                f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}"
-            )
+            raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -147,7 +162,7 @@ class Segmenter:
                 "use a larger image or a larger short_side"
             )
         crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
-        crops = pad_windows(crops, padding).to(self.dtype)  # (L, 3, h', w')
+        crops = pad_windows(crops, padding)  # (L, 3, h', w')
         features, grid, info = self._dense_features(crops, windows, padding, (H, W))
         self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info)
 
@@ -174,10 +189,11 @@ class Segmenter:
         info: dict[str, Any] = {}
         for start in range(0, len(windows), step):
             batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size)
-            out = self.method.run(backbones, batch, self.options)
-            f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
+            with backbone_precision(self.device, self.dtype):
+                out = self.method.run(backbones, batch, self.options)
+                f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
             chunks.append(F.normalize(f, dim=-1))
-            grid, info = out.grid, {**info, **out.info}
+            grid, info = out.grid, merge_info(info, out.info)
         return torch.cat(chunks), grid, info  # (L, N, E)
 
     # ------------------------------------------------------------------ prediction
@@ -214,16 +230,12 @@ class Segmenter:
         L = st.features.shape[0]
         window_logits = (st.features @ text.T).transpose(1, 2).reshape(L, -1, *st.grid)  # (L, Q, gr, gc)
         H, W = st.pixels.shape[-2:]
-        merged = merge_window_logits(
-            window_logits, st.windows, st.padding, st.padded_size, (H, W)
-        )  # (Q, H, W)
+        merged = merge_window_logits(window_logits, st.windows, st.padding, st.padded_size, (H, W))  # (Q, H, W)
         H0, W0 = st.rgb.shape[:2]
         logits = resize_logits(merged, (H0, W0))  # (Q, H0, W0)
         cfg = self.pipeline
         if cfg.pamr_steps > 0:
-            guide = F.interpolate(
-                st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False
-            )[0]
+            guide = F.interpolate(st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
             logits = pamr(guide, logits, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations)
         probs, label_map = logits_to_labels(
             logits, name_to_class, len(classes), cfg.logit_scale, cfg.bg_threshold, cfg.area_threshold

@@ -10,7 +10,7 @@ from ovss.errors import OvssError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ovss.cli import info, segment
+    from ovss.cli import evaluate, info, segment
 
     parser = argparse.ArgumentParser(
         prog="ovss", description="Training-free open-vocabulary semantic segmentation with frozen CLIP."
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     segment.add_parser(sub)
     info.add_parsers(sub)
+    evaluate.add_parsers(sub)
     return parser
 
 

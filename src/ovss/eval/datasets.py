@@ -1,4 +1,4 @@
-"""Benchmark datasets: standard layouts, label decoding and label remapping (spec §6.1–6.2).
+"""Benchmark datasets: image/label pairs of the eight benchmarks and of users' folders (spec §6.1–6.2).
 
 A dataset is a list of (image file, label PNG) pairs; labels are decoded on access and returned at their
 original resolution H0 x W0 as uint8 class ids with 255 = ignore (after any remapping). Images are only
@@ -8,124 +8,55 @@ located here; decoding and resizing belong to the pipeline (§2.1).
 may be the base directory of the layout (e.g. ``VOCdevkit/VOC2012``), its parent (``VOCdevkit``) or the
 folder that contains the whole chain. ``check_dataset`` reports what is there without raising.
 ``FolderDataset`` pairs any folder of images with a folder of label PNGs by file stem.
+
+Label decoding and remapping live in ``ovss.eval.labels``, the layouts in ``ovss.eval.layouts``; their
+public names are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ovss.errors import OvssError
-from ovss.eval.names import DATASETS, class_names, read_names_file
+from ovss.eval.labels import (
+    CITYSCAPES_LABELID_TO_TRAINID,
+    IGNORE_INDEX,
+    labelids_to_trainids,
+    prepare_cityscapes,
+    prepare_coco_object,
+    read_label,
+    reduce_zero_label,
+    trainids_to_coco_object,
+)
+from ovss.eval.layouts import LAYOUTS, Layout, find_base, get_layout, layout_tree
+from ovss.eval.names import class_names, read_names_file
 
-IGNORE_INDEX = 255
+__all__ = [
+    "CITYSCAPES_LABELID_TO_TRAINID",
+    "IGNORE_INDEX",
+    "LAYOUTS",
+    "DatasetReport",
+    "FolderDataset",
+    "Layout",
+    "Sample",
+    "SegDataset",
+    "check_dataset",
+    "labelids_to_trainids",
+    "layout_tree",
+    "open_dataset",
+    "prepare_cityscapes",
+    "prepare_coco_object",
+    "read_label",
+    "reduce_zero_label",
+    "trainids_to_coco_object",
+]
+
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _MAX_LISTED = 5  # missing files named in reports and errors
-
-# ---------------------------------------------------------------------------------------------------------
-# Label decoding and remapping (§6.2)
-# ---------------------------------------------------------------------------------------------------------
-
-# Cityscapes labelIds -> trainIds (official mapping); every other id -> 255.
-CITYSCAPES_LABELID_TO_TRAINID: dict[int, int] = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
-
-
-def _lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Apply a 256-entry uint8 lookup table; values outside 0..255 map to 255."""
-    values = np.asarray(values)
-    inside = (values >= 0) & (values <= 255)
-    out = np.full(values.shape, IGNORE_INDEX, dtype=np.uint8)
-    out[inside] = table[values[inside].astype(np.int64)]
-    return out
-
-
-def read_label(path: str | Path) -> np.ndarray:
-    """Decode a label PNG to class ids.
-
-    Palette ("P") images give their palette **indices** (never the RGB colours); greyscale ("L") and
-    16-bit images give their values.
-
-    Args:
-        path: a palette, greyscale or 16-bit PNG.
-
-    Returns:
-        (H0, W0) uint8 class ids.
-
-    Raises:
-        OvssError: the file is an RGB(A) image or holds values above 255.
-    """
-    with Image.open(path) as image:
-        mode = image.mode
-        if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-            raise OvssError(
-                f"label {path} is a {mode} image; labels must be palette or greyscale PNGs of class ids"
-            )
-        values = np.array(image)  # (H0, W0)
-    if values.dtype != np.uint8:
-        if values.min() < 0 or values.max() > 255:
-            raise OvssError(
-                f"label {path} has values outside 0..255; store class ids 0..254 and 255 = ignore"
-            )
-        values = values.astype(np.uint8)
-    return values
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """mmsegmentation's ``reduce_zero_label``: 0 -> 255, v -> v - 1 for 1..254, 255 stays 255.
-
-    Args:
-        label: (H0, W0) uint8 class ids.
-
-    Returns:
-        (H0, W0) uint8, a new array.
-    """
-    table = np.arange(-1, 255, dtype=np.int64)  # v -> v - 1
-    table[0] = IGNORE_INDEX
-    table[255] = IGNORE_INDEX
-    return _lookup(label, table.astype(np.uint8))
-
-
-def labelids_to_trainids(label_ids: np.ndarray) -> np.ndarray:
-    """Cityscapes ``labelIds`` (34 ids) to the 19 ``labelTrainIds`` (official mapping, §6.2).
-
-    Args:
-        label_ids: (H0, W0) integer array of Cityscapes label ids.
-
-    Returns:
-        (H0, W0) uint8 train ids 0..18; every unmapped id -> 255.
-    """
-    table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for label_id, train_id in CITYSCAPES_LABELID_TO_TRAINID.items():
-        table[label_id] = train_id
-    return _lookup(label_ids, table)
-
-
-def trainids_to_coco_object(train_ids: np.ndarray) -> np.ndarray:
-    """COCO-Stuff ``labelTrainIds`` to COCO-Object ids (GroupViT/TCL conversion, §6.2).
-
-    Args:
-        train_ids: (H0, W0) integer array of COCO-Stuff train ids (0..170, 255).
-
-    Returns:
-        (H0, W0) uint8: things 0..79 -> 1..80; stuff 80..170, 255 and anything else -> 0 (background).
-    """
-    table = np.zeros(256, dtype=np.uint8)
-    table[:80] = np.arange(1, 81, dtype=np.uint8)
-    out = _lookup(train_ids, table)
-    out[out == IGNORE_INDEX] = 0  # values outside 0..255 are background too
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -256,121 +187,6 @@ class FolderDataset(SegDataset):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Standard layouts (§6.1)
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a benchmark's files live, relative to its base directory."""
-
-    base: tuple[str, ...]  # folders from the dataset root down to the base, e.g. ("VOCdevkit", "VOC2012")
-    image_dir: str  # image folder under the base
-    image_suffix: str  # image file = image_dir / (id + image_suffix)
-    label_dir: str  # label folder under the base
-    label_suffix: str  # label file = label_dir / (id + label_suffix)
-    split_file: str | None  # id list under the base; None = every image matching image_glob
-    image_glob: str  # pattern under image_dir that enumerates the images when there is no split file
-    expected: int  # images in the official validation split
-    has_background: bool  # class 0 is "background"
-    reduce_zero_label: bool  # labels are remapped 0 -> 255, v -> v - 1
-    source_suffix: str = ""  # label suffix the labels can be prepared from ("" = none)
-    prepare: str = ""  # function of this module that prepares the labels from source_suffix files
-
-
-_VOC21 = Layout(
-    base=("VOCdevkit", "VOC2012"),
-    image_dir="JPEGImages",
-    image_suffix=".jpg",
-    label_dir="SegmentationClass",
-    label_suffix=".png",
-    split_file="ImageSets/Segmentation/val.txt",
-    image_glob="*.jpg",
-    expected=1449,
-    has_background=True,
-    reduce_zero_label=False,
-)
-_PC60 = replace(
-    _VOC21,
-    base=("VOCdevkit", "VOC2010"),
-    label_dir="SegmentationClassContext",
-    split_file="ImageSets/SegmentationContext/val.txt",
-    expected=5105,
-)
-_COCO_STUFF = Layout(
-    base=("coco_stuff164k",),
-    image_dir="images/val2017",
-    image_suffix=".jpg",
-    label_dir="annotations/val2017",
-    label_suffix="_labelTrainIds.png",
-    split_file=None,
-    image_glob="*.jpg",
-    expected=5000,
-    has_background=False,
-    reduce_zero_label=False,
-)
-LAYOUTS: dict[str, Layout] = {
-    "voc21": _VOC21,
-    "voc20": replace(_VOC21, has_background=False, reduce_zero_label=True),
-    "pc60": _PC60,
-    "pc59": replace(_PC60, has_background=False, reduce_zero_label=True),
-    "coco_object": replace(
-        _COCO_STUFF,
-        label_suffix="_instanceTrainIds.png",
-        has_background=True,
-        source_suffix="_labelTrainIds.png",
-        prepare="prepare_coco_object",
-    ),
-    "coco_stuff": _COCO_STUFF,
-    "cityscapes": Layout(
-        base=("cityscapes",),
-        image_dir="leftImg8bit/val",
-        image_suffix="_leftImg8bit.png",
-        label_dir="gtFine/val",
-        label_suffix="_gtFine_labelTrainIds.png",
-        split_file=None,
-        image_glob="*/*_leftImg8bit.png",
-        expected=500,
-        has_background=False,
-        reduce_zero_label=False,
-        source_suffix="_gtFine_labelIds.png",
-        prepare="prepare_cityscapes",
-    ),
-    "ade20k": Layout(
-        base=("ADEChallengeData2016",),
-        image_dir="images/validation",
-        image_suffix=".jpg",
-        label_dir="annotations/validation",
-        label_suffix=".png",
-        split_file=None,
-        image_glob="*.jpg",
-        expected=2000,
-        has_background=False,
-        reduce_zero_label=True,
-    ),
-}
-
-
-def layout_tree(name: str) -> str:
-    """The expected directory tree of a benchmark, as an ASCII drawing (for error messages)."""
-    layout = _layout(name)
-    lines = ["<root>/"]
-    indent = ""
-    for folder in layout.base:
-        lines.append(f"{indent}└── {folder}/")
-        indent += "    "
-    id_name = "<city>/A" if "/" in layout.image_glob else "X"
-    leaves = [
-        f"{layout.image_dir}/{id_name}{layout.image_suffix}",
-        f"{layout.label_dir}/{id_name}{layout.label_suffix}",
-    ]
-    if layout.split_file is not None:
-        leaves.append(f"{layout.split_file}  (one X per line)")
-    lines += [f"{indent}{'└──' if i == len(leaves) - 1 else '├──'} {leaf}" for i, leaf in enumerate(leaves)]
-    return "\n".join(lines)
-
-
 @dataclass(frozen=True)
 class DatasetReport:
     """What ``check_dataset`` found for one benchmark under one root."""
@@ -410,21 +226,6 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _layout(name: str) -> Layout:
-    if name not in LAYOUTS:
-        raise OvssError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return LAYOUTS[name]
-
-
-def _find_base(root: Path, layout: Layout) -> Path | None:
-    """The base directory: ``root/<base chain>``, or a shorter chain when root is already inside it."""
-    for start in range(len(layout.base) + 1):
-        candidate = root.joinpath(*layout.base[start:])
-        if (candidate / layout.image_dir).is_dir() or (candidate / layout.label_dir).is_dir():
-            return candidate
-    return None
-
-
 def _read_ids(split_file: Path) -> list[str]:
     """Non-empty, stripped lines of a split file."""
     return [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
@@ -443,17 +244,15 @@ def _list_ids(base: Path, layout: Layout) -> list[str] | None:
 
 
 def _scan(name: str, root: str | Path, split_file: str | Path | None) -> tuple[DatasetReport, list[str]]:
-    layout = _layout(name)
+    layout = get_layout(name)
     root = Path(root)
     user_ids: list[str] | None = None
     if split_file is not None:
         if not Path(split_file).is_file():
-            raise OvssError(
-                f"split file {split_file} not found; pass an existing file with one sample id per line"
-            )
+            raise OvssError(f"split file {split_file} not found; pass an existing file with one sample id per line")
         user_ids = _read_ids(Path(split_file))
     expected = layout.expected if user_ids is None else len(user_ids)
-    base = _find_base(root, layout)
+    base = find_base(root, layout)
     if base is None:
         return DatasetReport(name, root, None, expected, 0, 0, (), ""), []
     ids = user_ids if user_ids is not None else _list_ids(base, layout)
@@ -472,10 +271,9 @@ def _scan(name: str, root: str | Path, split_file: str | Path | None) -> tuple[D
             found.append(sample_id)
         elif label in absent and layout.source_suffix and not hint:
             source = base / f"{layout.label_dir}/{sample_id}{layout.source_suffix}"
-            hint = f"run ovss.eval.datasets.{layout.prepare}(root) first" if source.is_file() else ""
-    report = DatasetReport(
-        name, root, base, expected, len(found), len(missing), tuple(missing[:_MAX_LISTED]), hint
-    )
+            command = f"`ovss data prepare {name} --root <root>` or ovss.eval.datasets.{layout.prepare}(root)"
+            hint = f"run {command} first" if source.is_file() else ""
+    report = DatasetReport(name, root, base, expected, len(found), len(missing), tuple(missing[:_MAX_LISTED]), hint)
     return report, found
 
 
@@ -533,59 +331,3 @@ def open_dataset(name: str, root: str | Path, split_file: str | Path | None = No
         reduce_zero_label=layout.reduce_zero_label,
         dataset=name,
     )
-
-
-def _prepare(
-    name: str, root: str | Path, convert: Callable[[np.ndarray], np.ndarray], overwrite: bool
-) -> int:
-    layout = LAYOUTS[name]
-    base = _find_base(Path(root), layout)
-    label_dir = base / layout.label_dir if base is not None else None
-    sources = sorted(label_dir.rglob(f"*{layout.source_suffix}")) if label_dir is not None else []
-    if not sources:
-        raise OvssError(
-            f"no *{layout.source_suffix} files found for {name} under {root}; "
-            f"point root at the folder holding the layout below\n" + layout_tree(name)
-        )
-    written = 0
-    for source in sources:
-        target = source.with_name(source.name[: -len(layout.source_suffix)] + layout.label_suffix)
-        if target.exists() and not overwrite:
-            continue
-        Image.fromarray(convert(read_label(source))).save(target)
-        written += 1
-    return written
-
-
-def prepare_coco_object(root: str | Path, overwrite: bool = False) -> int:
-    """Write ``X_instanceTrainIds.png`` (COCO-Object, 81 classes) next to every ``X_labelTrainIds.png``.
-
-    Uses ``trainids_to_coco_object``: 0..79 -> 1..80, 80..170 -> 0, 255 -> 0.
-
-    Args:
-        root: the ``coco_stuff164k`` layout root, its base directory, or any folder in between.
-        overwrite: rewrite files that already exist.
-
-    Returns:
-        Number of files written.
-
-    Raises:
-        OvssError: no ``_labelTrainIds.png`` file found under ``annotations/val2017``.
-    """
-    return _prepare("coco_object", root, trainids_to_coco_object, overwrite)
-
-
-def prepare_cityscapes(root: str | Path, overwrite: bool = False) -> int:
-    """Write ``A_gtFine_labelTrainIds.png`` next to every ``A_gtFine_labelIds.png`` of Cityscapes val.
-
-    Args:
-        root: the ``cityscapes`` layout root, its base directory, or any folder in between.
-        overwrite: rewrite files that already exist.
-
-    Returns:
-        Number of files written.
-
-    Raises:
-        OvssError: no ``_gtFine_labelIds.png`` file found under ``gtFine/val``.
-    """
-    return _prepare("cityscapes", root, labelids_to_trainids, overwrite)

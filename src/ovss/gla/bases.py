@@ -8,7 +8,7 @@ The adapters reuse the bases' own functions, so no method code is copied.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ class CrossWindowParts:
     prior_weight: float = 1.0  # kappa, the weight of that prior
     local_maps: torch.Tensor | None = None  # (L, N, N) GCLIP + GLA: summed within-window AMF maps (rows sum l+1)
     local_count: int = 0  # number of maps summed in local_maps (l + 1); the fusion divides by local_count + 1
+    info: dict[str, Any] = field(default_factory=dict)  # the base's diagnostics (e.g. GCLIP's detected blocks)
 
 
 def _identity(a: torch.Tensor) -> torch.Tensor:
@@ -123,9 +124,41 @@ def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     )
 
 
+def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+    """GCLIP base [ovss design]: clean-stream q as keys, values from the channel-suppressed stream, and the
+    within-window AMF maps (patches only, renormalised) fused with the cross-window map: (sum AMF + alpha) / (l + 2).
+    """
+    from ovss.methods.gclip import gclip_streams
+
+    if opts.fuse_heads == "per_head":
+        raise OvssError("gclip+gla shares one attention map across heads; use fuse_heads='mixed' or 'averaged'")
+    clip = backbones.clip
+    st = gclip_streams(backbones, batch, opts, patch_maps=True)
+    last = clip.blocks[-1]
+    q, _, v = last.attn.qkv(last.ln_1(st.x))  # (L, H, n, d) clean stream
+    if st.xs is not None:
+        _, _, v = last.attn.qkv(last.ln_1(st.xs))  # (L, H, n, d) values from the suppressed stream
+    p = clip.num_prefix_tokens
+    local = None if st.early is None else st.early[:, 0]  # (L, N, N) rows sum to l + 1
+    count = 0 if st.early is None else opts.fuse_layers + 1
+    return CrossWindowParts(
+        [heads_concat(q, p)],
+        v[:, :, p:],
+        st.grid,
+        clip.cfg.patch,
+        True,
+        last.attn.merge_heads,
+        _identity,
+        local_maps=local,
+        local_count=count,
+        info={"gclip": st.info},
+    )
+
+
 ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
     "proxyclip": proxyclip_parts,
     "clearclip": clearclip_parts,
     "sclip": sclip_parts,
     "naclip": naclip_parts,
+    "gclip": gclip_parts,
 }

@@ -18,9 +18,10 @@ from ovss.gla.bases import ADAPTERS, CrossWindowParts
 from ovss.gla.config import GLAConfig
 from ovss.gla.cross_window import attend_chunked, attention_rows, choose_chunk_rows, global_similarity_mean
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
-from ovss.methods import clearclip, naclip, proxyclip, sclip  # noqa: F401  (the bases register first)
+from ovss.methods import clearclip, gclip, naclip, proxyclip, sclip  # noqa: F401  (the bases register first)
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.methods.registry import METHODS, Geometry, MethodSpec, register
+from ovss.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,14 @@ def gaussian_prior_rows(origins: torch.Tensor, sigma_px: float, weight: float) -
 
 
 def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLAConfig) -> tuple[torch.Tensor, dict]:
-    """Replace the base's per-window attention by GLA's cross-window attention.
+    """Replace the base's per-window attention by GLA's cross-window attention (statistics in fp32).
 
     Returns:
         tokens (L, N, D) for the dense head, and diagnostics (L, M, chunk rows, smoothing).
     """
     L, H, N, d = parts.values.shape
     M = L * N
-    values = parts.values.transpose(0, 1).reshape(H, M, d)  # (H, M, d) window-major
+    values = parts.values.float().transpose(0, 1).reshape(H, M, d)  # (H, M, d) fp32, window-major
     smoothing = resolve_smoothing(cfg.smoothing, parts.clip_internal)
     index = None
     if smoothing != "off":
@@ -103,7 +104,7 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
     out = attend_chunked(values, probs, chunk)  # (H, M, d)
     y = out.reshape(H, L, N, d).transpose(0, 1)  # (L, H, N, d)
     tokens = parts.finish(parts.merge_heads(y))  # (L, N, D)
-    info = {"gla": {"windows": L, "tokens": M, "chunk_rows": chunk, "smoothing": smoothing}}
+    info = {**parts.info, "gla": {"windows": L, "tokens": M, "chunk_rows": chunk, "smoothing": smoothing}}
     return tokens, info
 
 
@@ -117,8 +118,9 @@ def _own_window_rows(local_maps: torch.Tensor, rows: torch.Tensor, N: int, M: in
 
 
 def run_gla(base: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
-    parts = ADAPTERS[base](backbones, batch, opts.base)
-    tokens, info = cross_window_tokens(parts, batch, opts.gla)
+    parts = ADAPTERS[base](backbones, batch, opts.base)  # backbone passes (autocast if reduced precision)
+    with full_precision():  # similarities, proxies, normalisation and softmax in fp32 (spec §2.9)
+        tokens, info = cross_window_tokens(parts, batch, opts.gla)
     info["gla"]["u"] = 1.0 + opts.gla.lam1 * math.log(1 + (len(batch.windows) if opts.gla.kve else 1))
     return MethodOutput(tokens, parts.grid, info)
 

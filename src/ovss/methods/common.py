@@ -13,6 +13,7 @@ import torch
 
 from ovss.models.vit import ResidualAttentionBlock, VisionTransformer
 from ovss.pipeline.windows import Padding, Window
+from ovss.precision import full_precision
 
 
 @dataclass
@@ -42,9 +43,7 @@ class MethodOutput:
     info: dict[str, Any] = field(default_factory=dict)  # per-image diagnostics (e.g. detected blocks)
 
 
-def tokens_before_last_block(
-    clip: VisionTransformer, pixels: torch.Tensor
-) -> tuple[torch.Tensor, tuple[int, int]]:
+def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Embed windows and run every block but the last, unchanged.
 
     Args:
@@ -58,9 +57,7 @@ def tokens_before_last_block(
     return clip.forward_blocks(x, 0, len(clip.blocks) - 1), grid
 
 
-def softmax_attention(
-    a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def softmax_attention(a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(a b^T * scale + bias) over the last axis, computed in fp32.
 
     Args:
@@ -70,10 +67,11 @@ def softmax_attention(
     Returns:
         (L, H, n, n) row-stochastic attention.
     """
-    logits = (a.float() @ b.float().transpose(-2, -1)) * scale  # (L, H, n, n)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1)
+    with full_precision():
+        logits = (a.float() @ b.float().transpose(-2, -1)) * scale  # (L, H, n, n)
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1)
 
 
 def attend(block: ResidualAttentionBlock, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,9 @@ class AttentionFusion:
     it also sums the maps of the fixed blocks, used where no block qualifies (or for detector "fixed").
     """
 
-    def __init__(self, opts: GCLIPOptions, last: int, fixed: int, prefix: int) -> None:
+    def __init__(self, opts: GCLIPOptions, last: int, fixed: int, prefix: int, patch_maps: bool = False) -> None:
         self.opts = opts
+        self.patch_maps = patch_maps  # keep patch rows/cols only, each map renormalised to rows summing to 1
         self.last = last  # f, the index of the last block
         self.fixed = fixed  # 0-based fixed g
         self.prefix = prefix  # [CLS] and register tokens before the patches
@@ -105,6 +106,9 @@ class AttentionFusion:
         term = attn if self.opts.fuse_heads == "per_head" else mean[:, None]  # (L, H or 1, n, n)
         if self.opts.fuse_cls:
             term = term[:, :, :1].expand_as(term)  # (L, H or 1, n, n) [CLS] query row for every query
+        if self.patch_maps:
+            term = term[:, :, self.prefix :, self.prefix :]  # (L, H or 1, N, N) [CLS] excluded
+            term = term / term.sum(dim=-1, keepdim=True)  # (L, H or 1, N, N) patch weights sum to 1
         if self.fixed <= b <= self.fixed + l:
             self.fixed_sum = term if self.fixed_sum is None else self.fixed_sum + term
         if self.opts.detector == "fixed":
@@ -167,13 +171,24 @@ def resolve_blocks(opts: GCLIPOptions, depth: int) -> tuple[int, int | None]:
     return fixed, start - opts.block_index_base
 
 
-def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> MethodOutput:
-    """GCLIP's last-block output for every window.
+@dataclass
+class GCLIPStreams:
+    """GCLIP's backbone passes for all windows: the last block's inputs and the fused early maps."""
 
-    Returns:
-        Patch tokens (L, gr * gc, D) = OutProj(A_f v) and ``info["gclip"]`` with the CS start block, H_b,
-        d_hat_b and N_dhat / N_bar of every block (when ``cs``), and per window the fused blocks and whether
-        the detector fell back to ``fixed_block`` (when ``amf``).
+    x: torch.Tensor  # (L, n, D) clean input of the last block (queries and AMF maps come from it)
+    xs: torch.Tensor | None  # (L, n, D) channel-suppressed input of the last block (values), None without CS
+    grid: tuple[int, int]  # (gr, gc) CLIP grid
+    early: torch.Tensor | None  # (L, 1 or H, n, n) summed maps of blocks g .. g + l (None without AMF)
+    info: dict[str, Any]  # CS statistics, detected blocks, fallbacks
+
+
+def gclip_streams(
+    backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions, *, patch_maps: bool = False
+) -> GCLIPStreams:
+    """Run blocks 0..f-1 with channel suppression and collect the AMF maps (spec §4.6).
+
+    Args:
+        patch_maps: keep only patch rows/columns of the early maps, each renormalised (GCLIP + GLA, §4.9).
     """
     clip = backbones.clip
     blocks = clip_blocks(clip)
@@ -189,20 +204,13 @@ def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> M
         info["cs_entropy"] = [s.entropy for s in stats]
         info["cs_channel"] = [s.channel for s in stats]
         info["cs_norm_ratio"] = [s.ratio for s in stats]
-    fusion = AttentionFusion(opts, f, fixed, clip.num_prefix_tokens) if opts.amf else None
+    fusion = AttentionFusion(opts, f, fixed, clip.num_prefix_tokens, patch_maps) if opts.amf else None
 
     x, grid = clip.embed(batch.pixels)  # (L, n, D)
     x, xs = forward_streams(clip, x, fc2, opts.cs_scope, fusion)  # (L, n, D), (L, n, D) or None
-    last = blocks[f]
-    q, _, v = last.attn.qkv(last.ln_1(x))  # (L, H, n, d) each, clean stream
-    if xs is not None:
-        _, _, v = last.attn.qkv(last.ln_1(xs))  # (L, H, n, d) values from the suppressed stream
-    attn = softmax_attention(q, q, last.attn.scale)  # (L, H, n, n) A^qq_f
+    early = None
     if fusion is not None:
         early, g, fallback = fusion.result()  # (L, 1 or H, n, n), (L,), (L,)
-        if opts.fuse_heads == "averaged":
-            attn = attn.mean(dim=1, keepdim=True)  # (L, 1, n, n)
-        attn = (early + attn) / (opts.fuse_layers + 2)  # (L, H or 1, n, n) row-stochastic A_f
         info["global_block"] = g.tolist()
         info["fused_blocks"] = [list(range(i, i + opts.fuse_layers + 1)) for i in g.tolist()]
         info["detector_fallback"] = fallback.tolist()
@@ -214,8 +222,30 @@ def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> M
                 len(fallback),
                 fixed,
             )
+    return GCLIPStreams(x, xs, grid, early, info)
+
+
+def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> MethodOutput:
+    """GCLIP's last-block output for every window.
+
+    Returns:
+        Patch tokens (L, gr * gc, D) = OutProj(A_f v) and ``info["gclip"]`` with the CS start block, H_b,
+        d_hat_b and N_dhat / N_bar of every block (when ``cs``), and per window the fused blocks and whether
+        the detector fell back to ``fixed_block`` (when ``amf``).
+    """
+    clip = backbones.clip
+    st = gclip_streams(backbones, batch, opts)
+    last = clip_blocks(clip)[-1]
+    q, _, v = last.attn.qkv(last.ln_1(st.x))  # (L, H, n, d) each, clean stream
+    if st.xs is not None:
+        _, _, v = last.attn.qkv(last.ln_1(st.xs))  # (L, H, n, d) values from the suppressed stream
+    attn = softmax_attention(q, q, last.attn.scale)  # (L, H, n, n) A^qq_f
+    if st.early is not None:
+        if opts.fuse_heads == "averaged":
+            attn = attn.mean(dim=1, keepdim=True)  # (L, 1, n, n)
+        attn = (st.early + attn) / (opts.fuse_layers + 2)  # (L, H or 1, n, n) row-stochastic A_f
     z = attend(last, attn, v)  # (L, n, D) no residual, no FFN
-    return MethodOutput(patch_tokens(z, clip), grid, {"gclip": info})
+    return MethodOutput(patch_tokens(z, clip), st.grid, {"gclip": st.info})
 
 
 register(

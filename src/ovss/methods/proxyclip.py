@@ -21,6 +21,7 @@ from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, to
 from ovss.methods.registry import Geometry, MethodSpec, register
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
+from ovss.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,11 @@ def proxy_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.
         (L, N, N) masked softmax of ``gamma * (S - beta * mean(S))``, ``S`` = cosine similarity, the mean a
         scalar over each window's N x N matrix.
     """
-    f = F.normalize(features.float(), dim=-1)  # (L, N, D_v)
-    s = f @ f.transpose(-2, -1)  # (L, N, N) cosine similarity
-    s_mean = s.mean(dim=(-2, -1), keepdim=True)  # (L, 1, 1)
-    return masked_softmax(gamma * (s - beta * s_mean))  # (L, N, N)
+    with full_precision():
+        f = F.normalize(features.float(), dim=-1)  # (L, N, D_v)
+        s = f @ f.transpose(-2, -1)  # (L, N, N) cosine similarity
+        s_mean = s.mean(dim=(-2, -1), keepdim=True)  # (L, 1, 1)
+        return masked_softmax(gamma * (s - beta * s_mean))  # (L, N, N)
 
 
 def run_proxyclip(backbones: Backbones, batch: WindowBatch, opts: ProxyCLIPOptions) -> MethodOutput:

@@ -1,0 +1,78 @@
+"""The papers' mIoU numbers (spec §8) as data, keyed by (method, preset), for ``ovss report``.
+
+Values are mIoU in percent as printed in the papers (CLIP ViT-B/16). Only rows that an ovss method and
+preset reproduce are listed; the other rows of the papers' tables are context and live in the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Column order of the papers' Table 1 (GLA-CLIP, NACLIP) and of ``ovss report``.
+COLUMNS: tuple[str, ...] = ("voc21", "pc60", "coco_object", "voc20", "pc59", "coco_stuff", "cityscapes", "ade20k")
+COLUMN_TITLES: dict[str, str] = {
+    "voc21": "V21",
+    "pc60": "PC60",
+    "coco_object": "C-Obj",
+    "voc20": "V20",
+    "pc59": "PC59",
+    "coco_stuff": "C-Stf",
+    "cityscapes": "City",
+    "ade20k": "ADE",
+}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One published row."""
+
+    source: str  # where the numbers are printed, e.g. "GLA-CLIP Table 1"
+    miou: dict[str, float]  # dataset -> mIoU (%) as printed; datasets the paper does not report are absent
+    average: float | None  # the paper's own average over the eight datasets (None: not over all eight)
+
+
+def _row(source: str, values: tuple[float, ...], average: float | None) -> Reference:
+    """A row in :data:`COLUMNS` order (V21 PC60 C-Obj V20 PC59 C-Stf City ADE)."""
+    return Reference(source, dict(zip(COLUMNS, values, strict=True)), average)
+
+
+_GLA = "GLA-CLIP Table 1"
+_GLA_OWN = _row(_GLA, (66.3, 36.1, 37.7, 84.2, 39.9, 26.9, 40.8, 20.0), 44.0)
+_CLEARCLIP = _row(_GLA, (51.8, 32.6, 33.0, 80.9, 35.9, 23.9, 30.0, 16.7), 38.1)
+_PROXYCLIP = _row(_GLA, (61.3, 35.3, 37.5, 80.3, 39.1, 26.5, 38.1, 20.2), 42.3)
+
+REFERENCES: dict[tuple[str, str], Reference] = {
+    # GLA-CLIP Table 1, one block per setting (§8.1).
+    ("proxyclip+gla", "clip-dinoiser"): _row(_GLA, (63.4, 35.8, 37.3, 80.4, 39.4, 26.3, 33.5, 19.1), 41.9),
+    ("clearclip", "clearclip"): _CLEARCLIP,
+    ("clearclip", "clearclip-release"): _CLEARCLIP,  # the release produced ClearCLIP's published numbers
+    ("clearclip+gla", "clearclip"): _row(_GLA, (55.6, 33.2, 34.6, 79.7, 36.5, 24.6, 32.7, 17.4), 39.3),
+    ("proxyclip", "proxyclip"): _PROXYCLIP,
+    ("proxyclip", "proxyclip-release"): _PROXYCLIP,
+    ("proxyclip+gla", "proxyclip"): _row(_GLA, (63.2, 35.8, 37.7, 81.5, 39.7, 26.8, 38.5, 20.3), 42.9),
+    ("sclip", "sclip"): _row(_GLA, (59.1, 30.4, 30.5, 80.4, 34.2, 22.4, 32.2, 16.1), 38.2),
+    ("sclip+gla", "sclip"): _row(_GLA, (59.8, 32.0, 32.8, 80.5, 35.1, 24.2, 35.1, 18.0), 39.8),
+    ("naclip", "naclip"): _row(_GLA, (58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4), 39.4),
+    ("cass", "cass"): _row(_GLA, (65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4), 44.4),
+    ("proxyclip+gla", "gla"): _GLA_OWN,
+    ("proxyclip+gla", "gla-release"): _GLA_OWN,  # the release (rho 0.55) is what produced Table 1
+    # NACLIP Tables 1 and 4 (§8.3), NACLIP's setting.
+    ("naclip", "naclip-pamr"): _row("NACLIP Table 1", (64.1, 35.0, 36.2, 83.0, 38.4, 25.7, 38.3, 19.1), 42.5),
+    ("vanilla", "naclip"): _row("NACLIP Table 1", (18.6, 7.8, 6.5, 49.1, 11.2, 5.7, 6.7, 3.2), 13.6),
+    ("vanilla-reduced", "naclip"): _row("NACLIP Table 4", (37.5, 22.3, 23.2, 81.4, 24.9, 16.7, 20.2, 11.6), 29.7),
+    # SCLIP release README (§8.4, secondary target).
+    ("sclip", "sclip-release"): _row(
+        "SCLIP release README", (59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45), None
+    ),
+    # GCLIP Table 1 (§8.2): five datasets without background, ClearCLIP setting; its average is over five.
+    ("gclip", "clearclip"): Reference(
+        "GCLIP Table 1",
+        {"voc20": 81.3, "pc59": 36.8, "ade20k": 18.5, "cityscapes": 33.7, "coco_stuff": 24.8},
+        None,
+    ),
+}
+
+
+def reference_for(method: str, preset: str) -> Reference | None:
+    """The published row of a method in a preset, or None when no paper reports it."""
+    return REFERENCES.get((method, preset))

@@ -1,0 +1,272 @@
+"""What a run records and how runs are reported: ``config.json``, ``result.md``, Table 1 (``ovss report``).
+
+``run_config`` is the fully resolved configuration written next to every result, with the SHA-256 of
+each weight file (computed once per file and process); ``summarise`` turns summed counts into
+result.json's metrics; ``result_markdown`` renders one run.
+
+The table has one row per (method, preset) — plus the overridden setting fields, if any — and the
+columns V21 PC60 C-Obj V20 PC59 C-Stf City ADE Avg. A cell shows ovss's number and, for mIoU, the
+paper's number for that method and preset in parentheses (``ovss.eval.reference``); "–" marks a dataset
+that was not evaluated. Avg is the mean over the eight datasets and needs all eight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ovss.errors import OvssError
+from ovss.eval.ber import BoundaryErrorAccumulator, format_ber
+from ovss.eval.datasets import SegDataset
+from ovss.eval.distributed import DistContext
+from ovss.eval.metrics import ConfusionAccumulator
+from ovss.eval.reference import COLUMN_TITLES, COLUMNS, Reference, reference_for
+from ovss.predictor import Segmenter
+from ovss.presets import ResolvedSetting
+
+MISSING = "–"  # an empty cell
+METRICS = ("mIoU", "mAcc", "aAcc", "BER")  # what a report table can show
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> hex digest
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file, computed once per (path, size, modification time) in this process."""
+    from ovss.hub import _sha256
+
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = _sha256(resolved)
+    return _SHA256_CACHE[key]
+
+
+def weights_record(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name, path and SHA-256 of every weight file in a segmenter's config (keys ``<x>`` / ``<x>_path``)."""
+    weights: dict[str, dict[str, Any]] = {}
+    for key, value in config.items():
+        if key.endswith("_path") and value:
+            prefix = key[: -len("_path")]
+            sha = file_sha256(value) if Path(value).is_file() else config.get(f"{prefix}_sha256")
+            weights[prefix] = {"name": config.get(prefix), "path": str(value), "sha256": sha}
+    if "clip" not in weights:
+        weights["clip"] = {"name": config.get("clip"), "path": None, "sha256": None}
+    return weights
+
+
+def run_config(
+    segmenter: Segmenter,
+    setting: ResolvedSetting,
+    dataset: SegDataset,
+    classes: list[list[str]],
+    context: DistContext,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The fully resolved configuration written to ``config.json``."""
+    import ovss
+
+    config = segmenter.config
+    return {
+        "method": setting.method,
+        "preset": setting.preset,
+        "dataset": setting.dataset,
+        "name_set": setting.name_set,
+        "setting": setting.to_dict(),
+        "options": config["options"],
+        "pipeline": config["pipeline"],
+        "pad_multiple": config["pad_multiple"],
+        "classes": classes,
+        "class_names": dataset.class_names,
+        "num_images": len(dataset),
+        "weights": weights_record(config),
+        "clip_fingerprint": config.get("clip_fingerprint"),
+        "device": config["device"],
+        "dtype": config["dtype"],
+        "world_size": context.world_size,
+        "ovss_version": ovss.__version__,
+        "torch_version": torch.__version__,
+        **extra,
+    }
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 2)
+
+
+def summarise(
+    confusion: ConfusionAccumulator, boundary: BoundaryErrorAccumulator, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """result.json's metrics: mIoU, mAcc, aAcc (percent, 2 decimals, None if undefined), BER, per class, counts."""
+    metrics = confusion.compute()
+    iou, acc = metrics["IoU"], metrics["Acc"]
+    miou, macc, aacc = metrics["mIoU"], metrics["mAcc"], metrics["aAcc"]
+    assert isinstance(iou, list) and isinstance(acc, list)
+    assert isinstance(miou, float) and isinstance(macc, float) and isinstance(aacc, float)
+    ber = boundary.compute()
+    return {
+        "mIoU": _round(miou),
+        "mAcc": _round(macc),
+        "aAcc": _round(aacc),
+        "BER": _round(ber) if not math.isnan(ber) else format_ber(ber),
+        "per_class": [
+            {"class": name, "IoU": _round(i), "Acc": _round(a)}
+            for name, i, a in zip(class_names, iou, acc, strict=True)
+        ],
+        "counts": {
+            "intersection": confusion.intersection.tolist(),
+            "pred_area": confusion.pred_area.tolist(),
+            "label_area": confusion.label_area.tolist(),
+            "ber_errors": boundary.errors,
+            "ber_pairs": boundary.pairs,
+        },
+    }
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return value if isinstance(value, str) else f"{value:.2f}"
+
+
+def result_markdown(result: dict[str, Any]) -> str:
+    """``result.md``: the summary metrics and the per-class IoU / accuracy of one run.
+
+    Args:
+        result: the dictionary :func:`ovss.eval.runner.evaluate` returns (and writes to result.json).
+
+    Returns:
+        Markdown text ending in a newline.
+    """
+    partial = "" if result["complete"] else " (partial run)"
+    lines = [
+        f"# {result['method']} on {result['dataset']}, preset {result['preset']}{partial}",
+        "",
+        "| mIoU | mAcc | aAcc | BER | images | s / image |",
+        "|---|---|---|---|---|---|",
+        f"| {_cell(result['mIoU'])} | {_cell(result['mAcc'])} | {_cell(result['aAcc'])} | {_cell(result['BER'])} "
+        f"| {result['images']} | {_cell(result['timing']['seconds_per_image'])} |",
+        "",
+        "| class | IoU | Acc |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {row['class']} | {_cell(row['IoU'])} | {_cell(row['Acc'])} |" for row in result["per_class"]]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What the report needs from one run folder."""
+
+    path: Path  # the run folder
+    method: str  # method name
+    preset: str  # preset name
+    dataset: str  # benchmark name (or "custom")
+    overrides: tuple[str, ...]  # "field=value" for every setting field changed from the preset
+    result: dict[str, Any]  # content of result.json
+
+
+def read_run(path: str | os.PathLike[str]) -> RunSummary:
+    """Read ``result.json`` and ``config.json`` of a run folder.
+
+    Raises:
+        OvssError: the folder holds no finished run (result.json missing) or unreadable files.
+    """
+    folder = Path(path)
+    try:
+        result = json.loads((folder / "result.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError as error:
+        raise OvssError(f"{folder} holds no finished run ({Path(str(error.filename)).name} missing)") from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise OvssError(f"cannot read the run in {folder}: {error}") from error
+    setting = config.get("setting", {})
+    overrides = tuple(f"{key}={setting[key]}" for key in setting.get("overrides", []) if key in setting)
+    return RunSummary(folder, result["method"], result["preset"], result["dataset"], overrides, result)
+
+
+def _row_label(method: str, preset: str, overrides: tuple[str, ...]) -> str:
+    label = f"{method} / {preset}"
+    return f"{label} ({', '.join(overrides)})" if overrides else label
+
+
+def _row_cells(runs: dict[str, RunSummary], metric: str, reference: Reference | None) -> tuple[list[str], list[str]]:
+    """The cells of one table row and the footnote marks it needs."""
+    cells, notes = [], []
+    values: list[float] = []
+    for dataset in COLUMNS:
+        run = runs.get(dataset)
+        paper = reference.miou.get(dataset) if reference is not None and metric == "mIoU" else None
+        if run is None:
+            cells.append(MISSING if paper is None else f"{MISSING} ({paper})")
+            continue
+        value = run.result.get(metric)
+        if isinstance(value, (int, float)):
+            values.append(float(value))
+        text = _cell(value) + ("" if run.result.get("complete", True) else "*")
+        if not run.result.get("complete", True):
+            notes.append(f"{run.path}: {run.result['images']} images only")
+        cells.append(text if paper is None else f"{text} ({paper})")
+    average = f"{sum(values) / len(values):.2f}" if len(values) == len(COLUMNS) else MISSING
+    paper_average = reference.average if reference is not None and metric == "mIoU" else None
+    cells.append(average if paper_average is None else f"{average} ({paper_average})")
+    return cells, notes
+
+
+def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIoU") -> tuple[str, list[str]]:
+    """The papers' Table-1 layout over run folders.
+
+    Args:
+        run_dirs: run folders written by ``ovss eval`` (``evaluate``'s ``out_dir``).
+        metric: mIoU (default; paper numbers alongside), mAcc, aAcc or BER.
+
+    Returns:
+        ``(markdown, skipped)``: the table (rows in first-seen order) and one line per folder that was
+        left out (unfinished, not a benchmark, or a duplicate of a later folder).
+
+    Raises:
+        OvssError: unknown metric or no usable run.
+    """
+    if metric not in METRICS:
+        raise OvssError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    rows: dict[tuple[str, str, tuple[str, ...]], dict[str, RunSummary]] = {}
+    skipped: list[str] = []
+    for path in run_dirs:
+        try:
+            run = read_run(path)
+        except OvssError as error:
+            skipped.append(str(error))
+            continue
+        if run.dataset not in COLUMNS:
+            skipped.append(f"{run.path}: dataset {run.dataset!r} is not one of the eight benchmarks")
+            continue
+        row = rows.setdefault((run.method, run.preset, run.overrides), {})
+        if run.dataset in row:
+            skipped.append(f"{row[run.dataset].path}: replaced by {run.path} (same method, preset and dataset)")
+        row[run.dataset] = run
+    if not rows:
+        raise OvssError("no finished benchmark run among the given folders: " + "; ".join(skipped))
+    header = ["method / preset", *(COLUMN_TITLES[d] for d in COLUMNS), "Avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    footnotes: list[str] = []
+    sources: list[str] = []
+    for (method, preset, overrides), runs in rows.items():
+        reference = reference_for(method, preset) if not overrides else None
+        cells, notes = _row_cells(runs, metric, reference)
+        lines.append("| " + " | ".join([_row_label(method, preset, overrides), *cells]) + " |")
+        footnotes += notes
+        if reference is not None and metric == "mIoU":
+            sources.append(f"{method} / {preset}: {reference.source}")
+    legend = f"Cells: ovss {metric}" + (" (paper's number in parentheses)" if metric == "mIoU" else "")
+    lines += ["", legend + f"; {MISSING} = not evaluated; Avg needs all eight datasets."]
+    if sources:
+        lines.append("Paper numbers: " + "; ".join(sources) + ".")
+    if footnotes:
+        lines.append("\\* partial run: " + "; ".join(footnotes) + ".")
+    return "\n".join(lines) + "\n", skipped

@@ -1,0 +1,199 @@
+"""``ovss eval`` / ``data`` / ``report`` end to end with a tiny CLIP file; a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovss.cli.main import main
+from ovss.eval.datasets import labelids_to_trainids, read_label
+from ovss.eval.names import load_names
+
+
+@pytest.fixture(scope="module")
+def model_file(tiny_state_dict: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny import save_openai_jit
+
+    return save_openai_jit(tiny_state_dict, tmp_path_factory.mktemp("model") / "tiny-ViT.pt")
+
+
+@pytest.fixture(scope="module")
+def folder_args(
+    assets_dir: Path, bpe_path: Path, model_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[str]:
+    names = tmp_path_factory.mktemp("names") / "voc21.txt"
+    names.write_text("".join(", ".join(n) + "\n" for n in load_names("voc21", "plain")))
+    samples = assets_dir / "voc2012-val-samples"
+    return [
+        "eval",
+        "--dataset", "folder",
+        "--images", str(samples / "images"),
+        "--labels", str(samples / "labels"),
+        "--names", str(names),
+        "--image-suffix", "_image",
+        "--label-suffix", "_label",
+        "--has-background",
+        "--method", "clearclip",
+        "--preset", "clearclip",
+        "--clip", str(model_file),
+        "--tokenizer", str(bpe_path),
+        "--templates", "imagenet7",
+        "--short-side", "64",
+        "--crop", "32",
+        "--stride", "24",
+        "--bg-threshold", "0.1",
+        "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_run(folder_args: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like every torchrun worker, so both runs reduce in the same order
+    try:
+        assert main([*folder_args, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_eval_end_to_end_on_the_voc_samples(cli_run: Path, model_file: Path) -> None:
+    result = json.loads((cli_run / "result.json").read_text())
+    assert result["images"] == 14 and result["complete"] and result["dataset"] == "custom"
+    assert 0 <= result["mIoU"] <= 100 and isinstance(result["BER"], float)
+    assert sum(result["counts"]["pred_area"]) == sum(result["counts"]["label_area"]) > 0
+    config = json.loads((cli_run / "config.json").read_text())
+    weights = config["weights"]["clip"]
+    assert weights["path"] == str(model_file)
+    assert weights["sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert config["setting"]["logit_scale"] == 50.0 and config["root"].endswith("images")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_torchrun_processes_give_the_single_process_counts(
+    cli_run: Path, folder_args: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "dist"
+    torchrun = shutil.which("torchrun")
+    assert torchrun is not None, "torchrun must be on PATH"
+    command = [
+        torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "-m", "ovss", *folder_args, "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("mIoU") == 1  # only rank 0 reports
+    single = json.loads((cli_run / "result.json").read_text())
+    double = json.loads((out / "result.json").read_text())
+    assert double["counts"] == single["counts"] and double["mIoU"] == single["mIoU"]
+    assert double["timing"]["world_size"] == 2 and double["images"] == 14
+    # the saved accumulator states: rank 0 took the even indices, rank 1 the odd ones, and they sum exactly
+    ranks = [torch.load(out / "checkpoint" / f"rank{r}-of-2.pt", weights_only=True) for r in (0, 1)]
+    alone = torch.load(cli_run / "checkpoint" / "rank0-of-1.pt", weights_only=True)
+    assert ranks[0]["done"] == list(range(0, 14, 2)) and ranks[1]["done"] == list(range(1, 14, 2))
+    for key in ("intersection", "pred_area", "label_area"):
+        assert torch.equal(ranks[0]["confusion"][key] + ranks[1]["confusion"][key], alone["confusion"][key])
+    for key in ("errors", "pairs"):
+        assert int(ranks[0]["boundary"][key] + ranks[1]["boundary"][key]) == int(alone["boundary"][key])
+
+
+def test_eval_user_errors_exit_2(folder_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--dataset", "voc21", "--out", str(tmp_path), "--method", "clearclip"]) == 2
+    assert "ovss: error: --dataset voc21 needs --root DIR" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "folder", "--out", str(tmp_path)]) == 2
+    assert "needs --images, --labels, --names" in capsys.readouterr().err
+    assert main([*folder_args, "--out", str(tmp_path), "--preset", "gla", "--opt", "nonsense=1"]) == 2
+    assert "has no option nonsense" in capsys.readouterr().err
+
+
+def _voc_tree(root: Path, samples: Path, ids: list[str]) -> Path:
+    """A VOCdevkit/VOC2012 layout holding the given sample ids (images re-encoded as JPEG)."""
+    base = root / "VOCdevkit" / "VOC2012"
+    (base / "JPEGImages").mkdir(parents=True)
+    (base / "SegmentationClass").mkdir()
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for sample_id in ids:
+        Image.open(samples / "images" / f"{sample_id}_image.png").convert("RGB").save(
+            base / "JPEGImages" / f"{sample_id}.jpg", quality=95
+        )
+        shutil.copy(samples / "labels" / f"{sample_id}_label.png", base / "SegmentationClass" / f"{sample_id}.png")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{i}\n" for i in ids))
+    return base
+
+
+def test_data_check_reports_missing_files(assets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = _voc_tree(tmp_path, assets_dir / "voc2012-val-samples", ["0", "1", "8"])
+    (base / "SegmentationClass" / "1.png").unlink()
+    assert main(["data", "check", "voc21", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "voc21: 2/1449 image-label pairs" in out and "SegmentationClass/1.png" in out
+    split = tmp_path / "two.txt"
+    split.write_text("0\n8\n")
+    assert main(["data", "check", "voc21", "--root", str(base), "--split-file", str(split)]) == 0
+    assert "voc21: 2/2 image-label pairs" in capsys.readouterr().out
+    assert main(["data", "check", "ade20k", "--root", str(tmp_path)]) == 1
+    assert "ADEChallengeData2016/" in capsys.readouterr().out
+
+
+def test_data_prepare_cityscapes(assets_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = assets_dir / "cityscapes-val-sample" / "frankfurt_000000_000294_gtFine_labelIds.png"
+    folder = tmp_path / "cityscapes" / "gtFine" / "val" / "frankfurt"
+    folder.mkdir(parents=True)
+    shutil.copy(source, folder / source.name)
+    assert main(["data", "prepare", "cityscapes", "--root", str(tmp_path)]) == 0
+    assert "wrote 1 label file(s)" in capsys.readouterr().out
+    written = np.asarray(Image.open(folder / "frankfurt_000000_000294_gtFine_labelTrainIds.png"))
+    assert np.array_equal(written, labelids_to_trainids(read_label(source)))
+    assert main(["data", "prepare", "coco_object", "--root", str(tmp_path)]) == 2
+
+
+def test_report_renders_table_one_from_run_folders(
+    assets_dir: Path, bpe_path: Path, model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _voc_tree(tmp_path / "data", assets_dir / "voc2012-val-samples", ["0", "23"])
+    common = ["--root", str(tmp_path / "data"), "--method", "clearclip", "--preset", "clearclip", "--clip"]
+    common += [str(model_file), "--tokenizer", str(bpe_path), "--templates", "imagenet7", "--no-progress"]
+    runs: dict[str, Any] = {}
+    for dataset in ("voc21", "voc20"):
+        out = tmp_path / "runs" / dataset
+        assert main(["eval", "--dataset", dataset, *common, "--out", str(out)]) == 0
+        runs[dataset] = json.loads((out / "result.json").read_text())
+    (tmp_path / "runs" / "unfinished").mkdir()
+    capsys.readouterr()
+    folders = [str(tmp_path / "runs" / name) for name in ("voc21", "voc20", "unfinished")]
+    assert main(["report", *folders]) == 0
+    captured = capsys.readouterr()
+    header, rule, row = captured.out.splitlines()[:3]
+    assert header == "| method / preset | V21 | PC60 | C-Obj | V20 | PC59 | C-Stf | City | ADE | Avg |"
+    assert rule == "|" + "---|" * 10
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == "clearclip / clearclip"
+    assert cells[1] == f"{runs['voc21']['mIoU']:.2f} (51.8)" and cells[4] == f"{runs['voc20']['mIoU']:.2f} (80.9)"
+    assert cells[2] == "– (32.6)" and cells[9] == "– (38.1)"
+    assert "GLA-CLIP Table 1" in captured.out
+    assert "unfinished holds no finished run" in captured.err
+    assert main(["report", str(tmp_path / "runs" / "unfinished")]) == 2
+
+
+def test_module_entry_point_lists_the_new_commands() -> None:
+    done = subprocess.run([sys.executable, "-m", "ovss", "--help"], capture_output=True, text=True, check=True)
+    assert all(command in done.stdout for command in ("eval", "data", "report"))
