@@ -115,11 +115,10 @@ def test_end_to_end_joint_windows(tiny_clip, tiny_dino, bpe_path):
 
 
 def test_gclip_gla_fuses_own_window_maps(tiny_state_dict, bpe_path):
-    from tiny import tiny_clip_state_dict
-
     from ovss.gla.bases import gclip_parts
     from ovss.gla.method import cross_window_tokens
     from ovss.models.clip import build_clip
+    from tiny import tiny_clip_state_dict
 
     clip = build_clip(tiny_clip_state_dict(seed=3, layers=12))
     backbones = Backbones(clip.visual)
@@ -131,8 +130,9 @@ def test_gclip_gla_fuses_own_window_maps(tiny_state_dict, bpe_path):
     assert parts.local_maps.shape == (L, N, N) and parts.local_count == 2
     torch.testing.assert_close(parts.local_maps.sum(-1), torch.full((L, N), 2.0), atol=1e-5, rtol=0)
     # Without AMF maps the fusion is the plain cross-window map; with them, (AMF + alpha) / (l + 2).
-    alpha_only = cross_window_tokens(dataclasses.replace(parts, local_maps=None, local_count=0), batch,
-                                     spec.options.gla)[0]
+    alpha_only = cross_window_tokens(
+        dataclasses.replace(parts, local_maps=None, local_count=0), batch, spec.options.gla
+    )[0]
     v = parts.values  # (L, H, N, d)
     own = torch.einsum("lij,lhjd->lhid", parts.local_maps, v)  # (L, H, N, d) AMF part, own window only
     bias = clip.visual.blocks[-1].attn.out_proj.bias

@@ -41,6 +41,12 @@ def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip
         help="CLIP weights: a name from `ovss models` or a local file "
         "(OpenAI .pt, OpenCLIP .bin/.safetensors, Hugging Face folder); default ViT-B/16",
     )
+    g.add_argument(
+        "--vfm",
+        help="vision foundation model of DINO-guided methods (default dino-vitb8): a name from `ovss models` "
+        "or a local DINO / DINOv2 / Hugging Face checkpoint",
+    )
+    g.add_argument("--gla", action="store_true", help="attach GLA to the method (same as --method NAME+gla)")
     g.add_argument("--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say")
     g.add_argument("--tokenizer", help="CLIP BPE vocabulary (.txt.gz) or HF tokenizer folder (default: cached)")
     g.add_argument(
@@ -136,6 +142,8 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs.update(parse_method_options(args.opt))
     kwargs.update(
         clip=args.clip,
+        vfm=args.vfm,
+        gla=args.gla,
         act=args.act,
         tokenizer=args.tokenizer,
         device=args.device,

@@ -1,0 +1,126 @@
+"""`ovss segment` end to end through the command line, with tiny random weights saved in real formats."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_dino import dino_state_dict
+from tiny import save_open_clip, save_openai_jit, tiny_clip_state_dict
+
+from ovss.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("weights")
+    clip = save_openai_jit(tiny_clip_state_dict(seed=0), folder / "tiny-openai.pt")
+    clip12 = save_open_clip(tiny_clip_state_dict(seed=1, layers=12), folder / "tiny12.bin", "bin")
+    dino = folder / "tiny_dino_pretrain.pth"
+    torch.save(dino_state_dict(seed=2, grid=28), dino)
+    return {"clip": clip, "clip12": clip12, "dino": dino}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, assets_dir) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for name in ["1_image.png", "23_image.png"]:
+        shutil.copy(assets_dir / "voc2012-val-samples" / "images" / name, folder / name)
+    return folder
+
+
+def _segment(weights, bpe_path, out: Path, *extra: str) -> int:
+    args = ["segment", *extra, "--clip", str(weights["clip"]), "--tokenizer", str(bpe_path), "--out", str(out),
+            "--short-side", "128", "--no-progress"]
+    return main(args)
+
+
+def test_segment_folder_writes_outputs_and_config(weights, bpe_path, images, tmp_path):
+    out = tmp_path / "out"
+    code = _segment(weights, bpe_path, out, str(images), "--labels", "sky, person|pedestrian, dog", "--method",
+                    "naclip", "--crop", "96", "--stride", "64", "--save-logits")
+    assert code == 0
+    for stem in ["1_image", "23_image"]:
+        labels = np.asarray(Image.open(out / f"{stem}.png"))
+        assert labels.shape == (513, 513) and labels.max() <= 2
+        assert Image.open(out / f"{stem}.png").mode == "P"
+        overlay = np.asarray(Image.open(out / f"{stem}_overlay.png"))
+        assert overlay.shape[0] == 513 and overlay.shape[1] > 513  # legend panel on the right
+        logits = np.load(out / f"{stem}_logits.npy")
+        assert logits.shape == (4, 513, 513) and logits.dtype == np.float32
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "naclip" and config["pipeline"]["crop"] == 96
+    assert config["classes"] == [["sky"], ["person", "pedestrian"], ["dog"]]
+    assert config["clip_format"] == "openai-jit"
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [("proxyclip", []), ("proxyclip", ["--gla", "--opt", "rho=0.55"]), ("gclip+gla", []), ("gclip", [])],
+)
+def test_dino_and_global_methods_run_through_the_cli(weights, bpe_path, images, tmp_path, method, extra):
+    out = tmp_path / "out"
+    clip = weights["clip12"] if method.startswith("gclip") else weights["clip"]
+    args = ["segment", str(images / "1_image.png"), "--labels", "sky, person", "--method", method, "--clip",
+            str(clip), "--vfm", str(weights["dino"]), "--tokenizer", str(bpe_path), "--out", str(out),
+            "--short-side", "112", "--crop", "112", "--stride", "56", "--no-progress", *extra]
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method + ("+gla" if "--gla" in extra else "")
+    if "--gla" in extra:
+        assert config["options"]["gla"]["rho"] == 0.55
+    assert np.asarray(Image.open(out / "1_image.png")).shape == (513, 513)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "sky, sky"], "sky"),
+        (["--labels", " , "], "empty"),
+        (["--labels", "a, b", "--method", "nope"], "unknown method"),
+        (["--labels", "a, b", "--opt", "sigma"], "KEY=VALUE"),
+        (["--labels", "a, b", "--crop", "64", "--stride", "128"], "stride"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(weights, bpe_path, images, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    code = _segment(weights, bpe_path, out, str(images / "1_image.png"), *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and err.startswith("ovss: error:") and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_corrupt_image_in_folder_is_reported_and_skipped(weights, bpe_path, images, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    shutil.copytree(images, folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    code = _segment(weights, bpe_path, out, str(folder), "--labels", "a, b", "--crop", "96", "--stride", "64")
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.jpg" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("broken")) == []
+    assert (out / "1_image.png").exists() and (out / "23_image.png").exists()
+
+
+def test_missing_weights_offline_names_the_fix(bpe_path, images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OVSS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OVSS_OFFLINE", "1")
+    code = main(["segment", str(images / "1_image.png"), "--labels", "a, b", "--out", str(tmp_path / "o"),
+                 "--tokenizer", str(bpe_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "ViT-B-16.pt" in err and "--clip" in err and "OVSS_CACHE" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_methods_and_models_listings(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    for name in ["clearclip", "naclip", "sclip", "proxyclip", "proxyclip+gla", "gclip", "maskclip"]:
+        assert name in listing
+    assert main(["models"]) == 0
+    assert "ViT-B/16" in capsys.readouterr().out
