@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_dino import dino_state_dict
-from tiny import save_open_clip, save_openai_jit, tiny_clip_state_dict
 
 from ovss.cli.main import main
+from test_dino import dino_state_dict
+from tiny import save_open_clip, save_openai_jit, tiny_clip_state_dict
 
 
 @pytest.fixture(scope="module")

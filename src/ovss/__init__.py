@@ -22,6 +22,7 @@ _EXPORTS = {
     "available_methods": "ovss.methods",
     "Prediction": "ovss.predictor",
     "Segmenter": "ovss.predictor",
+    "evaluate": "ovss.eval.runner",
 }
 
 __all__ = [
@@ -31,12 +32,14 @@ __all__ = [
     "__version__",
     "available_methods",
     "available_models",
+    "evaluate",
     "load",
 ]
 
 if TYPE_CHECKING:
     from ovss.api import load
     from ovss.errors import OvssError
+    from ovss.eval.runner import evaluate
     from ovss.hub import available_models
     from ovss.methods import available_methods
     from ovss.predictor import Prediction, Segmenter
