@@ -11,13 +11,13 @@ from ovss.gla.cross_window import (
     attention_rows,
     choose_chunk_rows,
     cross_window_attention,
-    dense_cross_window_attention,
     dynamic_shift,
     global_similarity_mean,
     proxy_anchors,
     sharpen_weight,
     window_index,
 )
+from ovss.gla.reference import dense_cross_window_attention
 from ovss.gla.smoothing import SmoothingIndex, resolve_smoothing, smooth_queries, smoothing_index
 
 __all__ = [

@@ -4,7 +4,7 @@ The tokens of all L windows of one image form one list of M = L * N tokens, wind
 query row the operator builds a proxy anchor from the keys of all windows, compares it with all M keys,
 normalises the similarities per query (dynamic normalisation), masks and takes a softmax. Every step is
 row-wise given the full keys, so rows are processed in chunks of R and memory stays O(R * M + M * D); no
-M x M matrix is held, except by `dense_cross_window_attention`, the readable reference the tests use.
+M x M matrix is held (`ovss.gla.reference` has the readable dense version the tests compare with).
 
 All similarities, proxies, statistics and softmaxes are computed in fp32 whatever the input dtype
 (spec §2.9); the output takes the values' dtype.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +92,7 @@ def sharpen_weight(counts: Tensor, lam2: float) -> Tensor:
 def window_index(num_tokens: int, num_windows: int, device: torch.device | None = None) -> Tensor:
     """Window of every token of a window-major list of L equal windows: (M,) long, token // N."""
     if num_windows < 1 or num_tokens % num_windows != 0:
-        raise ValueError(
-            f"M={num_tokens} tokens do not split into L={num_windows} equal windows; pass window_of"
-        )
+        raise ValueError(f"M={num_tokens} tokens do not split into L={num_windows} equal windows; pass window_of")
     return torch.arange(num_tokens, device=device) // (num_tokens // num_windows)  # (M,)
 
 
@@ -102,9 +100,7 @@ def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1)  # (..., D) fp32, unit rows
 
 
-def _high_confidence(
-    q: Tensor, keys: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None
-) -> Tensor:
+def _high_confidence(q: Tensor, keys: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None) -> Tensor:
     """P = {j : <q_hat, K_j> > rho} (within key_mask), an empty row falls back to its own key."""
     selected = _unit(q) @ keys.T > rho  # (R, M) bool
     if key_mask is not None:
@@ -364,85 +360,3 @@ def cross_window_attention(
         return alpha  # (R, M)
 
     return attend_chunked(values, probs, chunk)
-
-
-def dense_cross_window_attention(
-    keys: Tensor,
-    values: Tensor,
-    queries: Tensor | None,
-    num_windows: int,
-    cfg: GLAConfig,
-    *,
-    prior: PriorFn | None = None,
-) -> tuple[Tensor, RowStats]:
-    """Unchunked reference of `cross_window_attention` that materialises M x M (§4.8.8 pseudocode).
-
-    For tests and reading only (memory O(M^2)). Windows are L equal window-major blocks; without KVE each
-    window is run alone with L = 1.
-
-    Args:
-        keys, values, queries, num_windows, cfg, prior: as in `cross_window_attention`.
-
-    Returns:
-        out: (H, M, d) in the values' dtype.
-        stats: `RowStats` of all M rows.
-    """
-    m = keys.shape[0]
-    q0 = keys if queries is None else queries  # (M, D)
-    if not cfg.kve:
-        n = m // num_windows
-        runs = []
-        for b in range(num_windows):
-            sl = slice(b * n, (b + 1) * n)
-            sub_prior = None if prior is None else (lambda r, sl=sl: prior(r + sl.start)[:, sl])  # (n, n)
-            runs.append(
-                dense_cross_window_attention(
-                    keys[sl], values[:, sl], q0[sl], 1, replace(cfg, kve=True), prior=sub_prior
-                )
-            )
-        stats = [st for _, st in runs]
-        return torch.cat([o for o, _ in runs], dim=1), RowStats(
-            counts=torch.cat([st.counts for st in stats]),
-            mean=torch.cat([st.mean for st in stats]),
-            weight=torch.cat([st.weight for st in stats]),
-            shift=stats[0].shift,
-        )
-    k = _unit(keys)  # (M, D)
-    q = q0.float()  # (M, D)
-    diag = torch.arange(m, device=k.device)  # (M,)
-    if cfg.proxy:
-        for _ in range(cfg.steps):
-            p = _unit(q) @ k.T > cfg.rho  # (M, M) P^(t-1)
-            p[diag, diag] |= ~p.any(dim=1)  # empty set -> {i}
-            counts = p.sum(dim=1)  # (M,)
-            q = p.float() @ k / counts[:, None]  # (M, D) Q^(t)
-    else:
-        counts = (_unit(q) @ k.T > cfg.rho).sum(dim=1).clamp(min=1)  # (M,)
-    s = _unit(q) @ k.T  # (M, M) S^proxy
-    mu = s.mean(dim=1)  # (M,)
-    if cfg.clamp_mean:
-        mu = mu.clamp(min=0.0)
-    ones = torch.ones_like(mu)  # (M,)
-    if cfg.norm == "dynamic":
-        u = dynamic_shift(num_windows, cfg.lam1)
-        w = 1.0 + cfg.lam2 / counts.float()  # (M,)
-        a = w[:, None] * (s - u * mu[:, None])  # (M, M)
-        row_stats = RowStats(counts, mu, w, u)
-    elif cfg.norm == "fixed":
-        a = cfg.gamma * (s - cfg.beta * mu[:, None])  # (M, M)
-        row_stats = RowStats(counts, mu, cfg.gamma * ones, cfg.beta)
-    elif cfg.norm == "global_mean":
-        mbar = s.mean()  # () scalar mean of the whole matrix
-        a = cfg.gamma * (s - cfg.beta * mbar)  # (M, M)
-        row_stats = RowStats(counts, mbar * ones, cfg.gamma * ones, cfg.beta)
-    else:
-        a = s  # (M, M) plain cosine similarity
-        row_stats = RowStats(counts, mu, ones, 0.0)
-    if prior is not None:
-        a = a + prior(diag).float()  # (M, M)
-    if cfg.norm != "none":
-        theta = a.max(dim=1).values.clamp(max=0.0)  # (M,)
-        a = a.masked_fill(a < theta[:, None], -math.inf)  # (M, M)
-    alpha = torch.softmax(a / cfg.temperature, dim=1)  # (M, M)
-    out = torch.einsum("ij,hjd->hid", alpha, values.float())  # (H, M, d)
-    return out.to(values.dtype), row_stats
