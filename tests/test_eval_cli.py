@@ -197,3 +197,20 @@ def test_report_renders_table_one_from_run_folders(
 def test_module_entry_point_lists_the_new_commands() -> None:
     done = subprocess.run([sys.executable, "-m", "ovss", "--help"], capture_output=True, text=True, check=True)
     assert all(command in done.stdout for command in ("eval", "data", "report"))
+
+
+def test_eval_uses_the_given_vfm_and_gla_flag(folder_args: list[str], tmp_path: Path) -> None:
+    from test_dino import dino_state_dict
+
+    dino = tmp_path / "tiny_dino_pretrain.pth"
+    torch.save(dino_state_dict(seed=2, grid=28), dino)
+    args = list(folder_args)
+    args[args.index("--method") + 1] = "proxyclip"
+    args[args.index("--preset") + 1] = "proxyclip"
+    args[args.index("--crop") + 1], args[args.index("--stride") + 1] = "56", "56"
+    out = tmp_path / "run"
+    assert main([*args, "--vfm", str(dino), "--gla", "--limit", "1", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["setting"]["method"] == "proxyclip+gla"
+    assert config["weights"]["vfm"]["path"] == str(dino)
+    assert config["weights"]["vfm"]["sha256"] == hashlib.sha256(dino.read_bytes()).hexdigest()

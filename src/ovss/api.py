@@ -44,6 +44,11 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def method_name(method: str, gla: bool = False) -> str:
+    """The registry name of ``method`` with GLA attached when ``gla`` (``proxyclip`` -> ``proxyclip+gla``)."""
+    return f"{method}+gla" if gla and not method.endswith("+gla") else method
+
+
 def load_clip(
     clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
     *,
@@ -179,9 +184,7 @@ def load(
     Returns:
         A :class:`Segmenter`.
     """
-    if gla and not method.endswith("+gla"):
-        method = f"{method}+gla"
-    spec = get_method(method)
+    spec = get_method(method_name(method, gla))
     opts = resolve_options(spec, options)
     geo = spec.geometry
     config = PipelineConfig(

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from ovss.cli.options import PIPELINE_KEYS, add_model_flags, parse_method_options
+from ovss.cli.options import PIPELINE_KEYS, add_model_flags, model_kwargs, parse_method_options
 from ovss.errors import OvssError
 
 _FOLDER = "folder"  # --dataset value for a user's own folder of images and labels
@@ -115,6 +115,7 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _setting(args: argparse.Namespace) -> Any:
+    from ovss.api import method_name
     from ovss.presets import CUSTOM, resolve
 
     overrides: dict[str, Any] = {key: getattr(args, key) for key in _SETTING_KEYS if hasattr(args, key)}
@@ -124,7 +125,7 @@ def _setting(args: argparse.Namespace) -> Any:
     if options:
         overrides["method_options"] = options
     dataset = CUSTOM if args.dataset == _FOLDER else args.dataset
-    return resolve(args.preset, dataset, args.method, **overrides)
+    return resolve(args.preset, dataset, method_name(args.method, args.gla), **overrides)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -137,14 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
         load_kwargs: dict[str, Any] = {
             key: getattr(args, key) for key in PIPELINE_KEYS if key not in _SETTING_KEYS and hasattr(args, key)
         }
-        load_kwargs.update(
-            clip=args.clip,
-            act=args.act,
-            tokenizer=args.tokenizer,
-            device=rank_device(args.device, context),
-            dtype=args.dtype,
-            download=not args.offline,
-        )
+        load_kwargs.update(model_kwargs(args), device=rank_device(args.device, context))
         result = evaluate(
             dataset,
             load_kwargs,

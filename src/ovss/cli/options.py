@@ -136,18 +136,23 @@ def parse_method_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keywords of ``ovss.load`` that choose the weights and where they run (shared by segment and eval)."""
+    return {
+        "clip": args.clip,
+        "vfm": args.vfm,
+        "gla": args.gla,
+        "act": args.act,
+        "tokenizer": args.tokenizer,
+        "device": args.device,
+        "dtype": args.dtype,
+        "download": not args.offline,
+    }
+
+
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``ovss.load`` from parsed flags (only the flags the user set)."""
     kwargs: dict[str, Any] = {key: getattr(args, key) for key in PIPELINE_KEYS if hasattr(args, key)}
     kwargs.update(parse_method_options(args.opt))
-    kwargs.update(
-        clip=args.clip,
-        vfm=args.vfm,
-        gla=args.gla,
-        act=args.act,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=args.dtype,
-        download=not args.offline,
-    )
+    kwargs.update(model_kwargs(args))
     return kwargs
