@@ -23,21 +23,13 @@ _GENERIC_ROW = "pc59"  # the preset row used for custom datasets: the 59-class P
 _BACKGROUND_DATASETS = ("voc21", "pc60", "coco_object")  # the only datasets with θ_bg (§5.2, §10 #27)
 _WHOLE = 0  # crop 0 = whole-image mode (§2.2)
 
-# §5.1: logit scale τ per base method; SCLIP's release uses other values on three datasets.
-LOGIT_SCALES: dict[str, float] = {
-    "vanilla": 40.0,
-    "vanilla-reduced": 40.0,
-    "maskclip": 40.0,
-    "maskclip-reimpl": 40.0,
-    "sclip": 40.0,
-    "clearclip": 50.0,
-    "gclip": 50.0,
-    "naclip": 40.0,
-    "proxyclip": 40.0,
-    "cass": 40.0,
-}
+# §5.1: a registered method's τ is its MethodSpec.logit_scale; these are the presets' methods ovss does not
+# register. SCLIP's release uses other values on three datasets.
+LOGIT_SCALES: dict[str, float] = {"cass": 40.0}
 SCLIP_LOGIT_SCALES: dict[str, float] = {"voc21": 65.0, "pc60": 50.0, "coco_object": 50.0}
 SCLIP_AREA_THRESHOLD = 0.1  # §2.8: area_thd of the SCLIP release, VOC21 only
+# The ovss.load pipeline keywords a setting fixes (the rest, e.g. templates, stay the caller's).
+SETTING_PIPELINE_KEYS = ("short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold", "pamr_steps")
 
 # §4.10: CASS's per-dataset (global-similarity weight g_w, text-shift weight m, Ward distance threshold h),
 # and whether the low-rank DINO graph's singular values are re-scaled (not for VOC20 and Cityscapes).
@@ -200,8 +192,7 @@ class ResolvedSetting:
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The pipeline keywords of ``ovss.load`` this setting fixes."""
-        keys = ("short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold", "pamr_steps")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in SETTING_PIPELINE_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy of every field."""
@@ -210,17 +201,7 @@ class ResolvedSetting:
         return record
 
 
-OVERRIDABLE = (
-    "short_side",
-    "crop",
-    "stride",
-    "logit_scale",
-    "bg_threshold",
-    "area_threshold",
-    "pamr_steps",
-    "name_set",
-    "method_options",
-)
+OVERRIDABLE = (*SETTING_PIPELINE_KEYS, "name_set", "method_options")
 
 
 def available_presets() -> list[str]:
@@ -255,7 +236,7 @@ def default_preset(method: str) -> str:
 def method_logit_scale(method: str, dataset: str) -> float:
     """τ of a method on a dataset (§5.1): the base method's value, SCLIP's per-dataset exceptions included.
 
-    Methods missing from :data:`LOGIT_SCALES` use their registry default.
+    Registered methods use their registry value; :data:`LOGIT_SCALES` covers the unregistered ones.
     """
     base = base_method(method)
     if base == "sclip" and dataset in SCLIP_LOGIT_SCALES:

@@ -14,7 +14,6 @@ from ovss.cli.options import PIPELINE_KEYS, add_model_flags, model_kwargs, parse
 from ovss.errors import OvssError
 
 _FOLDER = "folder"  # --dataset value for a user's own folder of images and labels
-_SETTING_KEYS = ("short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold", "pamr_steps")
 
 
 def add_parsers(sub: Any) -> None:
@@ -116,9 +115,9 @@ def _open(args: argparse.Namespace) -> Any:
 
 def _setting(args: argparse.Namespace) -> Any:
     from ovss.api import method_name
-    from ovss.presets import CUSTOM, resolve
+    from ovss.presets import CUSTOM, SETTING_PIPELINE_KEYS, resolve
 
-    overrides: dict[str, Any] = {key: getattr(args, key) for key in _SETTING_KEYS if hasattr(args, key)}
+    overrides: dict[str, Any] = {key: getattr(args, key) for key in SETTING_PIPELINE_KEYS if hasattr(args, key)}
     if args.name_set is not None:
         overrides["name_set"] = args.name_set
     options = parse_method_options(args.opt)
@@ -131,12 +130,13 @@ def _setting(args: argparse.Namespace) -> Any:
 def run_eval(args: argparse.Namespace) -> int:
     from ovss.eval.distributed import distributed_session, rank_device
     from ovss.eval.runner import evaluate
+    from ovss.presets import SETTING_PIPELINE_KEYS
 
     with distributed_session(args.device) as context:
         setting = _setting(args)
         dataset = _open(args)
         load_kwargs: dict[str, Any] = {
-            key: getattr(args, key) for key in PIPELINE_KEYS if key not in _SETTING_KEYS and hasattr(args, key)
+            key: getattr(args, key) for key in PIPELINE_KEYS if key not in SETTING_PIPELINE_KEYS and hasattr(args, key)
         }
         load_kwargs.update(model_kwargs(args), device=rank_device(args.device, context))
         result = evaluate(
