@@ -242,3 +242,16 @@ def test_distributed_helpers_in_a_single_process(monkeypatch: pytest.MonkeyPatch
     assert distributed.launched_by_torchrun()
     with pytest.raises(OvssError, match="MASTER_ADDR, MASTER_PORT"), ExitStack() as stack:
         stack.enter_context(distributed.distributed_session("cpu"))
+
+
+def test_check_segmenter_reads_composed_gla_options(tiny_clip, tiny_dino, bpe_path) -> None:
+    import ovss
+    from ovss.eval.runner import check_segmenter
+    from ovss.presets import resolve
+
+    setting = resolve("gla-release", "voc21", "proxyclip+gla")
+    assert setting.method_options == {"rho": 0.55, "clamp_mean": True}
+    kw = dict(clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, **setting.pipeline_kwargs())
+    check_segmenter(ovss.load(setting.method, **kw, **setting.method_options), setting)
+    with pytest.raises(OvssError, match="rho"):
+        check_segmenter(ovss.load(setting.method, **kw, rho=0.6, clamp_mean=True), setting)

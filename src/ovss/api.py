@@ -93,6 +93,18 @@ def option_names(options: Any) -> set[str]:
     return names
 
 
+def option_value(options: Any, name: str, default: Any = None) -> Any:
+    """The value of option ``name``, looking inside composed options (``X+gla``: base, then GLA)."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value):
+            if name in option_names(value):
+                return option_value(value, name)
+        elif f.name == name:
+            return value
+    return default
+
+
 def _apply(options: Any, overrides: dict[str, Any]) -> Any:
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(options):

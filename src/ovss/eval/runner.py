@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ovss.api import option_value
 from ovss.errors import OvssError
 from ovss.eval.ber import BoundaryErrorAccumulator, boundary_error_counts, boundary_lines
 from ovss.eval.datasets import FolderDataset, SegDataset
@@ -85,7 +86,7 @@ def check_segmenter(segmenter: Segmenter, setting: ResolvedSetting) -> None:
             continue  # the stride is unused in whole-image mode
         actual[key], expected[key] = getattr(segmenter.pipeline, key), value
     for key, value in setting.method_options.items():
-        actual[key], expected[key] = getattr(segmenter.options, key, "<absent>"), value
+        actual[key], expected[key] = option_value(segmenter.options, key, "<absent>"), value
     differ = [f"{key}={actual[key]!r} (setting: {expected[key]!r})" for key in expected if actual[key] != expected[key]]
     if differ:
         raise OvssError(
