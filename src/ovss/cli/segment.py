@@ -88,7 +88,7 @@ def write_outputs(out: Path, stem: str, result: Any, rgb: np.ndarray, names: lis
     logits = result.logits.numpy().astype(np.float32) if args.save_logits else None  # (Q, H0, W0)
     written: list[Path] = []
     try:
-        written.append(save_label_png(labels, out / f"{stem}.png") or out / f"{stem}.png")
+        written.append(save_label_png(labels, out / f"{stem}.png"))
         written.append(save_png(out / f"{stem}_overlay.png", blended))
         if logits is not None:
             written.append(save_npy(out / f"{stem}_logits.npy", logits))

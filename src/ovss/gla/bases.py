@@ -40,12 +40,14 @@ def _identity(a: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def _clip_qkv(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _clip_qkv(
+    clip: VisionTransformer, pixels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
     """x11 (L, n, D) and the last block's q, k, v (L, H, n, d)."""
     x, grid = tokens_before_last_block(clip, pixels)  # (L, n, D)
     block = clip.blocks[-1]
     q, k, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d) each
-    return x, q, k, v, torch.tensor(grid)
+    return x, q, k, v, grid
 
 
 def heads_concat(t: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -75,9 +77,8 @@ def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> Cros
     _, q, _, v, grid = _clip_qkv(clip, batch.pixels)
     p = clip.num_prefix_tokens
     block = clip.blocks[-1]
-    g = (int(grid[0]), int(grid[1]))
     return CrossWindowParts(
-        [heads_concat(q, p)], v[:, :, p:], g, clip.cfg.patch, True, block.attn.merge_heads, _identity
+        [heads_concat(q, p)], v[:, :, p:], grid, clip.cfg.patch, True, block.attn.merge_heads, _identity
     )
 
 
@@ -92,9 +93,8 @@ def sclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
     def finish(a: torch.Tensor) -> torch.Tensor:
         return a if opts.reduced else residual_ffn(block, x_patches, a)  # (L, N, D)
 
-    g = (int(grid[0]), int(grid[1]))
     keys = [heads_concat(q, p), heads_concat(k, p)]
-    return CrossWindowParts(keys, v[:, :, p:], g, clip.cfg.patch, True, block.attn.merge_heads, finish)
+    return CrossWindowParts(keys, v[:, :, p:], grid, clip.cfg.patch, True, block.attn.merge_heads, finish)
 
 
 def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
@@ -110,12 +110,11 @@ def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     def finish(a: torch.Tensor) -> torch.Tensor:
         return a if opts.arch == "reduced" else residual_ffn(block, x_patches, a)  # (L, N, D)
 
-    g = (int(grid[0]), int(grid[1]))
     sigma_px = float(opts.sigma) * clip.cfg.patch
     return CrossWindowParts(
         [heads_concat(k, p)],
         v[:, :, p:],
-        g,
+        grid,
         clip.cfg.patch,
         True,
         block.attn.merge_heads,
