@@ -205,7 +205,7 @@ def test_fusion_detects_per_window_and_falls_back():
 
 @pytest.mark.parametrize("detector", ["geomean", "product_fp32"])
 def test_detector_finds_planted_block(planted, pixels, detector):
-    info = _run(planted, pixels, detector=detector, cs=False).info["gclip"]
+    info = _run(planted, pixels, detector=detector, cs=False).window_info
     assert info["global_block"] == [PLANTED, 6]
     assert info["detector_fallback"] == [False, True]
     assert info["fused_blocks"] == [[PLANTED, PLANTED + 1], [6, 7]]
@@ -215,16 +215,16 @@ def test_geomean_and_product_fp32_agree(planted, vit, pixels):
     for model in (planted, vit):
         a = _run(model, pixels, detector="geomean")
         b = _run(model, pixels, detector="product_fp32")
-        assert a.info == b.info
+        assert a.info == b.info and a.window_info == b.window_info
         assert torch.equal(a.tokens, b.tokens)
 
 
 def test_unmodified_model_falls_back_to_fixed_block(vit, pixels):
-    info = _run(vit, pixels, cs=False).info["gclip"]
+    info = _run(vit, pixels, cs=False).window_info
     assert info["global_block"] == [6, 6] and info["detector_fallback"] == [True, True]
-    info = _run(vit, pixels, cs=False, block_index_base=1).info["gclip"]
+    info = _run(vit, pixels, cs=False, block_index_base=1).window_info
     assert info["fused_blocks"] == [[5, 6], [5, 6]]
-    info = _run(vit, pixels[:1, :, :64, :64], cs=False, detector="fixed", fuse_layers=2).info["gclip"]
+    info = _run(vit, pixels[:1, :, :64, :64], cs=False, detector="fixed", fuse_layers=2).window_info
     assert info["fused_blocks"] == [[6, 7, 8]] and info["detector_fallback"] == [False]
 
 
@@ -361,8 +361,8 @@ def test_batched_windows_equal_one_by_one(planted, pixels):
     together = _run(planted, pixels)
     apart = [_run(planted, pixels[i : i + 1]) for i in range(2)]
     torch.testing.assert_close(together.tokens, torch.cat([o.tokens for o in apart]), atol=1e-5, rtol=1e-5)
-    assert together.info["gclip"]["global_block"] == [PLANTED, 6]
-    assert [o.info["gclip"]["global_block"][0] for o in apart] == [PLANTED, 6]
+    assert together.window_info["global_block"] == [PLANTED, 6]
+    assert [o.window_info["global_block"][0] for o in apart] == [PLANTED, 6]
 
 
 @pytest.mark.parametrize(

@@ -138,4 +138,4 @@ def test_gclip_gla_fuses_own_window_maps(tiny_state_dict, bpe_path):
     bias = clip.visual.blocks[-1].attn.out_proj.bias
     expected = (parts.merge_heads(own) - bias + alpha_only - bias) / 3 + bias
     torch.testing.assert_close(out.tokens, expected, atol=1e-5, rtol=1e-4)
-    assert "gclip" in out.info and len(out.info["gclip"]["global_block"]) == L
+    assert "gclip" in out.info and len(out.window_info["global_block"]) == L

@@ -128,3 +128,17 @@ def test_background_threshold_and_pamr(tiny_clip, bpe_path, image):
         image, LABELS
     )
     assert refined.logits.shape == r.logits.shape and not torch.allclose(refined.logits, r.logits)
+
+
+def test_window_info_covers_every_window_across_sub_batches(bpe_path, image):
+    from ovss.models.clip import build_clip
+    from tiny import tiny_clip_state_dict
+
+    clip12 = build_clip(tiny_clip_state_dict(seed=3, layers=12))
+    kw = dict(short_side=96, crop=64, stride=32)
+    one = _load(clip12, bpe_path, "gclip", window_batch=1, **kw).predict(image, LABELS).config
+    all_ = _load(clip12, bpe_path, "gclip", window_batch=16, **kw).predict(image, LABELS).config
+    # 200 x 300 -> 96 x 144 processing image; crop 64 / stride 32 -> 2 x 4 = 8 windows
+    assert len(all_["window_info"]["global_block"]) == 8 and len(all_["window_info"]["fused_blocks"]) == 8
+    assert one["window_info"] == all_["window_info"]  # 8 sub-batches of one window add up to one batch
+    assert "cs_start" in all_["method_info"]["gclip"]

@@ -56,23 +56,8 @@ class ImageState:
     padded_size: tuple[int, int]  # size of each window as fed to the backbone
     features: torch.Tensor  # (L, gr * gc, E) fp32 L2-normalised dense features
     grid: tuple[int, int]  # (gr, gc) token grid of the features
-    info: dict[str, Any]  # method diagnostics
-
-
-def merge_info(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Merge per-sub-batch method diagnostics: per-window lists concatenate, dicts merge, scalars update."""
-    out = dict(a)
-    for key, value in b.items():
-        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
-            out[key] = merge_info(out[key], value)
-        elif key in out and isinstance(out[key], list) and isinstance(value, list) and key.startswith(PER_WINDOW):
-            out[key] = out[key] + value
-        else:
-            out[key] = value
-    return out
-
-
-PER_WINDOW = ("global_block", "fused_blocks", "detector_fallback")  # info lists with one entry per window
+    info: dict[str, Any]  # method diagnostics, per image
+    window_info: dict[str, list[Any]]  # method diagnostics, one entry per window (all sub-batches)
 
 
 class Segmenter:
@@ -163,8 +148,8 @@ class Segmenter:
             )
         crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
         crops = pad_windows(crops, padding)  # (L, 3, h', w')
-        features, grid, info = self._dense_features(crops, windows, padding, (H, W))
-        self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info)
+        features, grid, info, window_info = self._dense_features(crops, windows, padding, (H, W))
+        self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info, window_info)
 
     def current_image(self) -> np.ndarray:
         """The (H0, W0, 3) uint8 RGB image of the last ``set_image``."""
@@ -181,20 +166,23 @@ class Segmenter:
     @torch.inference_mode()
     def _dense_features(
         self, crops: torch.Tensor, windows: list[Window], padding: Padding, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any]]:
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]]]:
         backbones = Backbones(self.clip.visual, self.vfm)
         step = len(windows) if self.method.joint_windows else self.pipeline.window_batch
         chunks: list[torch.Tensor] = []
         grid: tuple[int, int] = (0, 0)
         info: dict[str, Any] = {}
+        window_info: dict[str, list[Any]] = {}
         for start in range(0, len(windows), step):
             batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size)
             with backbone_precision(self.device, self.dtype):
                 out = self.method.run(backbones, batch, self.options)
                 f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
             chunks.append(F.normalize(f, dim=-1))
-            grid, info = out.grid, merge_info(info, out.info)
-        return torch.cat(chunks), grid, info  # (L, N, E)
+            grid, info = out.grid, {**info, **out.info}  # per-image facts: every sub-batch says the same
+            for key, values in out.window_info.items():
+                window_info[key] = window_info.get(key, []) + list(values)
+        return torch.cat(chunks), grid, info, window_info  # (L, N, E)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -240,7 +228,8 @@ class Segmenter:
         probs, label_map = logits_to_labels(
             logits, name_to_class, len(classes), cfg.logit_scale, cfg.bg_threshold, cfg.area_threshold
         )
-        return Prediction(logits, probs, label_map, classes, {**self.config, "method_info": st.info})
+        record = {**self.config, "method_info": st.info, "window_info": st.window_info}
+        return Prediction(logits, probs, label_map, classes, record)
 
     def _text_embeddings(self, names: list[str], given: torch.Tensor | np.ndarray | None) -> torch.Tensor:
         if given is None:

@@ -33,7 +33,8 @@ class CrossWindowParts:
     prior_weight: float = 1.0  # kappa, the weight of that prior
     local_maps: torch.Tensor | None = None  # (L, N, N) GCLIP + GLA: summed within-window AMF maps (rows sum l+1)
     local_count: int = 0  # number of maps summed in local_maps (l + 1); the fusion divides by local_count + 1
-    info: dict[str, Any] = field(default_factory=dict)  # the base's diagnostics (e.g. GCLIP's detected blocks)
+    info: dict[str, Any] = field(default_factory=dict)  # the base's per-image diagnostics
+    window_info: dict[str, list[Any]] = field(default_factory=dict)  # the base's per-window diagnostics
 
 
 def _identity(a: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,7 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
         local_maps=local,
         local_count=count,
         info={"gclip": st.info},
+        window_info=st.window_info,
     )
 
 

@@ -122,7 +122,7 @@ def run_gla(base: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethod
     with full_precision():  # similarities, proxies, normalisation and softmax in fp32 (spec §2.9)
         tokens, info = cross_window_tokens(parts, batch, opts.gla)
     info["gla"]["u"] = 1.0 + opts.gla.lam1 * math.log(1 + (len(batch.windows) if opts.gla.kve else 1))
-    return MethodOutput(tokens, parts.grid, info)
+    return MethodOutput(tokens, parts.grid, info, parts.window_info)
 
 
 def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:

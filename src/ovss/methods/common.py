@@ -40,7 +40,8 @@ class MethodOutput:
 
     tokens: torch.Tensor  # (L, gr * gc, D) patch tokens entering the dense head (ln_post, proj)
     grid: tuple[int, int]  # (gr, gc) token grid of the logits (CLIP grid, or the DINO grid)
-    info: dict[str, Any] = field(default_factory=dict)  # per-image diagnostics (e.g. detected blocks)
+    info: dict[str, Any] = field(default_factory=dict)  # per-image diagnostics (e.g. GCLIP's CS start block)
+    window_info: dict[str, list[Any]] = field(default_factory=dict)  # per-window diagnostics, one entry per window
 
 
 def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -179,7 +179,8 @@ class GCLIPStreams:
     xs: torch.Tensor | None  # (L, n, D) channel-suppressed input of the last block (values), None without CS
     grid: tuple[int, int]  # (gr, gc) CLIP grid
     early: torch.Tensor | None  # (L, 1 or H, n, n) summed maps of blocks g .. g + l (None without AMF)
-    info: dict[str, Any]  # CS statistics, detected blocks, fallbacks
+    info: dict[str, Any]  # CS statistics (per image)
+    window_info: dict[str, list[Any]]  # detected global-token block, fused blocks, fallback (per window)
 
 
 def gclip_streams(
@@ -209,11 +210,12 @@ def gclip_streams(
     x, grid = clip.embed(batch.pixels)  # (L, n, D)
     x, xs = forward_streams(clip, x, fc2, opts.cs_scope, fusion)  # (L, n, D), (L, n, D) or None
     early = None
+    windows: dict[str, list[Any]] = {}
     if fusion is not None:
         early, g, fallback = fusion.result()  # (L, 1 or H, n, n), (L,), (L,)
-        info["global_block"] = g.tolist()
-        info["fused_blocks"] = [list(range(i, i + opts.fuse_layers + 1)) for i in g.tolist()]
-        info["detector_fallback"] = fallback.tolist()
+        windows["global_block"] = g.tolist()
+        windows["fused_blocks"] = [list(range(i, i + opts.fuse_layers + 1)) for i in g.tolist()]
+        windows["detector_fallback"] = fallback.tolist()
         if bool(fallback.any()):
             logger.info(
                 "gclip: no global-token block before %d in %d of %d windows; using fixed block %d",
@@ -222,16 +224,16 @@ def gclip_streams(
                 len(fallback),
                 fixed,
             )
-    return GCLIPStreams(x, xs, grid, early, info)
+    return GCLIPStreams(x, xs, grid, early, info, windows)
 
 
 def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> MethodOutput:
     """GCLIP's last-block output for every window.
 
     Returns:
-        Patch tokens (L, gr * gc, D) = OutProj(A_f v) and ``info["gclip"]`` with the CS start block, H_b,
-        d_hat_b and N_dhat / N_bar of every block (when ``cs``), and per window the fused blocks and whether
-        the detector fell back to ``fixed_block`` (when ``amf``).
+        Patch tokens (L, gr * gc, D) = OutProj(A_f v); ``info["gclip"]`` with the CS start block, H_b,
+        d_hat_b and N_dhat / N_bar of every block (when ``cs``); ``window_info`` with the global-token block,
+        the fused blocks and whether the detector fell back to ``fixed_block``, per window (when ``amf``).
     """
     clip = backbones.clip
     st = gclip_streams(backbones, batch, opts)
@@ -245,7 +247,7 @@ def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> M
             attn = attn.mean(dim=1, keepdim=True)  # (L, 1, n, n)
         attn = (st.early + attn) / (opts.fuse_layers + 2)  # (L, H or 1, n, n) row-stochastic A_f
     z = attend(last, attn, v)  # (L, n, D) no residual, no FFN
-    return MethodOutput(patch_tokens(z, clip), st.grid, {"gclip": st.info})
+    return MethodOutput(patch_tokens(z, clip), st.grid, {"gclip": st.info}, st.window_info)
 
 
 register(
