@@ -151,17 +151,20 @@ class Segmenter:
         features, grid, info, window_info = self._dense_features(crops, windows, padding, (H, W))
         self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info, window_info)
 
+    def _current(self, hint: str = "") -> ImageState:
+        """The state of the last ``set_image``; OvssError when there is none."""
+        if self._state is None:
+            raise OvssError(f"no image: call set_image(image) first{hint}")
+        return self._state
+
     def current_image(self) -> np.ndarray:
         """The (H0, W0, 3) uint8 RGB image of the last ``set_image``."""
-        if self._state is None:
-            raise OvssError("no image: call set_image(image) first")
-        return self._state.rgb
+        return self._current().rgb
 
     def current_windows(self) -> tuple[list[Window], tuple[int, int]]:
         """The windows of the last ``set_image`` and the processing size (H, W) they live in."""
-        if self._state is None:
-            raise OvssError("no image: call set_image(image) first")
-        return self._state.windows, (int(self._state.pixels.shape[-2]), int(self._state.pixels.shape[-1]))
+        st = self._current()
+        return st.windows, (int(st.pixels.shape[-2]), int(st.pixels.shape[-1]))
 
     @torch.inference_mode()
     def _dense_features(
@@ -211,10 +214,8 @@ class Segmenter:
         names, name_to_class = flatten_labels(classes)
         if image is not None:
             self.set_image(image)
-        if self._state is None:
-            raise OvssError("no image: call set_image(image) first or pass an image to predict()")
+        st = self._current(" or pass an image to predict()")
         text = self._text_embeddings(names, text_embeddings)  # (Q, E)
-        st = self._state
         L = st.features.shape[0]
         window_logits = (st.features @ text.T).transpose(1, 2).reshape(L, -1, *st.grid)  # (L, Q, gr, gc)
         H, W = st.pixels.shape[-2:]
