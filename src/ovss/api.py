@@ -1,29 +1,22 @@
-"""``ovss.load``: build a :class:`Segmenter` from a method name, CLIP weights and pipeline knobs."""
+"""``ovss.load``: build a :class:`Segmenter` from a method name, CLIP weights, pipeline settings and options."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ovss.config import PipelineConfig
+from ovss.config import PIPELINE_KEYS, pipeline_config
 from ovss.errors import OvssError
-from ovss.methods.registry import MethodSpec, get_method
+from ovss.methods.options import resolve_options
+from ovss.methods.registry import with_gla
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
 from ovss.text.tokenizer import Tokenizer
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "<method default>"
-
-
-UNSET: Any = _Unset()  # "use the method's default" (None is a real value for short_side / area_threshold)
 
 DTYPES = {
     "fp32": torch.float32,
@@ -42,11 +35,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES:
         raise OvssError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
     return DTYPES[dtype]
-
-
-def method_name(method: str, gla: bool = False) -> str:
-    """The registry name of ``method`` with GLA attached when ``gla`` (``proxyclip`` -> ``proxyclip+gla``)."""
-    return f"{method}+gla" if gla and not method.endswith("+gla") else method
 
 
 def load_clip(
@@ -84,55 +72,6 @@ def load_clip(
     return model, record
 
 
-def option_names(options: Any) -> set[str]:
-    """Every option name a method accepts (composed options: the names of their parts)."""
-    names: set[str] = set()
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        names |= option_names(value) if dataclasses.is_dataclass(value) else {f.name}
-    return names
-
-
-def option_value(options: Any, name: str, default: Any = None) -> Any:
-    """The value of option ``name``, looking inside composed options (``X+gla``: base, then GLA)."""
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if dataclasses.is_dataclass(value):
-            if name in option_names(value):
-                return option_value(value, name)
-        elif f.name == name:
-            return value
-    return default
-
-
-def _apply(options: Any, overrides: dict[str, Any]) -> Any:
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if dataclasses.is_dataclass(value):
-            changes[f.name] = _apply(value, overrides)
-        elif f.name in overrides:
-            changes[f.name] = overrides[f.name]
-    return dataclasses.replace(options, **changes)
-
-
-def resolve_options(spec: MethodSpec, overrides: dict[str, Any]) -> Any:
-    """The method's option dataclass with user overrides applied; unknown names raise OvssError.
-
-    Composed options (``X+gla``: base options and GLA options) receive each override in every part that
-    has a field of that name (e.g. ``beta``/``gamma`` of ProxyCLIP and of GLA's fixed normalisation).
-    """
-    valid = option_names(spec.options)
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        listing = ", ".join(sorted(valid)) or "none"
-        raise OvssError(f"method {spec.name!r} has no option {', '.join(unknown)}; its options are: {listing}")
-    try:
-        return _apply(spec.options, overrides)
-    except (TypeError, ValueError) as err:
-        raise OvssError(f"invalid option for method {spec.name!r}: {err}") from err
-
-
 def load_vfm(vfm: str | os.PathLike[str] | VisionTransformer | None, download: bool) -> tuple[Any, dict[str, Any]]:
     """Load the vision foundation model of a DINO-guided method (default ``dino-vitb8``)."""
     if isinstance(vfm, VisionTransformer):
@@ -149,22 +88,13 @@ def load(
     clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
     *,
     vfm: str | os.PathLike[str] | VisionTransformer | None = None,
-    gla: bool = False,
+    gla: bool | Mapping[str, Any] = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
-    short_side: int | None = UNSET,
-    crop: int = UNSET,
-    stride: int = UNSET,
-    logit_scale: float = UNSET,
-    bg_threshold: float = 0.0,
-    area_threshold: float | None = None,
-    pamr_steps: int = 0,
-    templates: str = "imagenet80",
-    window_batch: int = 16,
     tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     act: str | None = None,
     download: bool = True,
-    **options: Any,
+    **settings: Any,
 ) -> Segmenter:
     """Build a segmenter.
 
@@ -174,42 +104,39 @@ def load(
             a local file in any supported format, or an already built :class:`~ovss.models.clip.CLIP`.
         vfm: the vision foundation model of DINO-guided methods (default "dino-vitb8"): a registry name,
             a local DINO / DINOv2 / Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
-        gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``).
+        gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``);
+            a dict attaches GLA with these GLA options (``gla={"rho": 0.55}`` equals ``gla_rho=0.55``).
         device: where to run (default CPU). Nothing is moved behind your back.
         dtype: backbone precision: torch.float32 (default), or torch.bfloat16 / torch.float16 ("bf16", "fp16")
             to autocast the backbones' matrix products; weights stay fp32, and similarities, proxies,
             normalisation, softmax and merging always run in fp32.
-        short_side: resize so the short side has this many pixels; None keeps the image size.
-        crop: sliding-window side in processing pixels; 0 processes the whole image in one pass.
-        stride: sliding-window stride in processing pixels.
-        logit_scale: temperature of the softmax over all names (method default, spec §5.1).
-        bg_threshold: pixels whose best class probability is below this get class 0 (default 0: off).
-        area_threshold: SCLIP's area filter (classes >= 1 covering <= this share are dropped); None: off.
-        pamr_steps: PAMR refinement iterations (0: off; NACLIP's post-processing uses 10).
-        templates: prompt templates: "imagenet80" (default, every reference number), "imagenet7", "maskclip5".
-        window_batch: windows per backbone forward (memory only).
         tokenizer: BPE vocabulary file or HF tokenizer folder; default: downloaded once and cached.
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
-        **options: method options, e.g. ``sigma=5.0`` for naclip or ``reduced=True`` for sclip.
+        **settings: pipeline settings and method options, checked against their declared types.
+            Pipeline settings are the fields of :class:`~ovss.config.PipelineConfig` (unset: the method's
+            default): short_side (None keeps the image size), crop (0: whole image), stride, logit_scale,
+            bg_threshold, area_threshold, pamr_steps, pamr_dilations, templates, max_long_side, window_batch.
+            Method options are listed by ``ovss methods``, e.g. ``sigma=5.0`` for naclip; GLA's carry the
+            prefix ``gla_`` (``load("proxyclip+gla", beta=1.5, gla_rho=0.55)``: ProxyCLIP's beta, GLA's rho).
 
     Returns:
         A :class:`Segmenter`.
+
+    Raises:
+        OvssError: unknown method, setting or option, a value of the wrong type or out of range, or weights
+            that cannot be loaded. Settings and options are checked before any weights are read.
     """
-    spec = get_method(method_name(method, gla))
-    opts = resolve_options(spec, options)
-    geo = spec.geometry
-    config = PipelineConfig(
-        short_side=geo.short_side if short_side is UNSET else short_side,
-        crop=geo.crop if crop is UNSET else int(crop),
-        stride=geo.stride if stride is UNSET else int(stride),
-        logit_scale=spec.logit_scale if logit_scale is UNSET else float(logit_scale),
-        bg_threshold=float(bg_threshold),
-        area_threshold=area_threshold,
-        pamr_steps=int(pamr_steps),
-        templates=templates,
-        window_batch=int(window_batch),
-    )
+    spec = with_gla(method, isinstance(gla, Mapping) or bool(gla))
+    options = {key: value for key, value in settings.items() if key not in PIPELINE_KEYS}
+    if isinstance(gla, Mapping):
+        given = {f"gla_{key}": value for key, value in gla.items()}
+        twice = sorted(set(given) & set(options))
+        if twice:
+            raise OvssError(f"{', '.join(twice)} given both as a keyword and in gla={{...}}; give each once")
+        options.update(given)
+    opts = resolve_options(spec.name, spec.options, options, also=PIPELINE_KEYS)
+    config = pipeline_config(spec, {key: value for key, value in settings.items() if key in PIPELINE_KEYS})
     torch_dtype = resolve_dtype(dtype)
     model, record = load_clip(clip, act=act, download=download)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)

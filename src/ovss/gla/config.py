@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from ovss.errors import OvssError
+from ovss.fields import check_fields
 
-NORMS = ("none", "fixed", "dynamic", "global_mean")
-SMOOTHINGS = ("auto", "off", "eq17", "release_proxyclip")
+Norm = Literal["none", "fixed", "dynamic", "global_mean"]
+Smoothing = Literal["auto", "off", "eq17", "release_proxyclip"]
+NORMS: tuple[str, ...] = get_args(Norm)
+SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
 
 
 @dataclass(frozen=True)
@@ -17,7 +21,7 @@ class GLAConfig:
 
     kve: bool = True  # key-value extension: attend to the keys of all L windows (False: own window only)
     proxy: bool = True  # proxy anchors (§4.8.2); False: similarity of the initial query itself
-    norm: str = "dynamic"  # none | fixed | dynamic | global_mean (§4.8.4, ablation §4.8.7)
+    norm: Norm = "dynamic"  # none | fixed | dynamic | global_mean (§4.8.4, ablation §4.8.7)
     rho: float = 0.6  # proxy threshold on cosine similarity, strict (s > rho); release runs 0.55
     steps: int = 2  # T, number of proxy refinement steps (>= 1)
     lam1: float = 0.3  # lambda_1 of the dynamic shift u = 1 + lam1 * ln(1 + L)
@@ -25,32 +29,41 @@ class GLAConfig:
     beta: float = 1.2  # shift of the fixed / global_mean normalisation
     gamma: float = 3.0  # scale of the fixed / global_mean normalisation
     clamp_mean: bool = False  # clamp the per-query mean mu_i at 0 (release behaviour; paper Eq. 13 has none)
-    smoothing: str = "auto"  # auto | off | eq17 | release_proxyclip: initial-query smoothing (§4.8.3)
+    smoothing: Smoothing = "auto"  # auto | off | eq17 | release_proxyclip: initial-query smoothing (§4.8.3)
     chunk_rows: int | None = None  # query rows per chunk; None: chosen from memory_budget_mb (§9.2)
     memory_budget_mb: float = 1024.0  # MiB for the O(R*M) row-chunk buffers when chunk_rows is None
     temperature: float = 1.0  # softmax temperature t: alpha = softmax(Attn / t)
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise OvssError(f"gla.norm must be one of {NORMS}, got {self.norm!r}")
-        if self.smoothing not in SMOOTHINGS:
-            raise OvssError(f"gla.smoothing must be one of {SMOOTHINGS}, got {self.smoothing!r}")
+        check_fields(self, prefix="gla_")  # types and Literal choices from the annotations
         if not -1.0 <= self.rho <= 1.0:
-            raise OvssError(f"gla.rho is a cosine threshold in [-1, 1], got {self.rho}")
+            raise OvssError(f"gla_rho is a cosine threshold in [-1, 1], got {self.rho}")
         if self.steps < 1:
-            raise OvssError(f"gla.steps (T) must be >= 1, got {self.steps}")
+            raise OvssError(f"gla_steps (T) must be >= 1, got {self.steps}")
         for name in ("lam1", "lam2", "beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
-                raise OvssError(f"gla.{name} must be finite and >= 0, got {value}")
+                raise OvssError(f"gla_{name} must be finite and >= 0, got {value}")
         if not (math.isfinite(self.gamma) and self.gamma > 0.0):
-            raise OvssError(f"gla.gamma must be finite and > 0, got {self.gamma}")
+            raise OvssError(f"gla_gamma must be finite and > 0, got {self.gamma}")
         if not (math.isfinite(self.temperature) and self.temperature > 0.0):
-            raise OvssError(f"gla.temperature must be finite and > 0, got {self.temperature}")
+            raise OvssError(f"gla_temperature must be finite and > 0, got {self.temperature}")
         if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise OvssError(f"gla.chunk_rows must be None or >= 1, got {self.chunk_rows}")
+            raise OvssError(f"gla_chunk_rows must be None or >= 1, got {self.chunk_rows}")
         if not (math.isfinite(self.memory_budget_mb) and self.memory_budget_mb > 0.0):
-            raise OvssError(f"gla.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+            raise OvssError(f"gla_memory_budget_mb must be > 0, got {self.memory_budget_mb}")
 
 
 GLA_RELEASE = GLAConfig(rho=0.55, clamp_mean=True)  # preset `gla-release` (spec §10 rows 1-2)
+
+
+@dataclass(frozen=True)
+class GLAMethodOptions:
+    """Options of a ``X+gla`` method: the base's own options and the GLA hyper-parameters.
+
+    As ``ovss.load`` keywords the base's options keep their names (``beta``) and GLA's carry the prefix
+    ``gla_`` (``gla_rho``, ``gla_beta``): see :func:`ovss.methods.options.option_fields`.
+    """
+
+    base: Any  # the base method's options dataclass (e.g. ProxyCLIPOptions)
+    gla: GLAConfig  # rho, T, lambda1, lambda2, ablation switches, chunking

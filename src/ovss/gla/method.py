@@ -6,30 +6,18 @@ the L windows; the last block's attention of every window sees the keys and valu
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ovss.gla.bases import ADAPTERS, CrossWindowParts
-from ovss.gla.config import GLAConfig
+from ovss.gla.config import GLAConfig, GLAMethodOptions
 from ovss.gla.cross_window import attend_chunked, attention_rows, choose_chunk_rows, global_similarity_mean
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
-from ovss.methods import clearclip, gclip, naclip, proxyclip, sclip  # noqa: F401  (the bases register first)
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
-from ovss.methods.registry import METHODS, Geometry, MethodSpec, register
 from ovss.precision import full_precision
-
-
-@dataclass(frozen=True)
-class GLAMethodOptions:
-    """Options of a ``X+gla`` method: the base's own options and the GLA hyper-parameters."""
-
-    base: Any  # the base method's options dataclass (e.g. ProxyCLIPOptions)
-    gla: GLAConfig  # rho, T, lambda1, lambda2, ablation switches, chunking
 
 
 def token_origins(batch: WindowBatch, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -123,26 +111,3 @@ def run_gla(base: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethod
         tokens, info = cross_window_tokens(parts, batch, opts.gla)
     info["gla"]["u"] = 1.0 + opts.gla.lam1 * math.log(1 + (len(batch.windows) if opts.gla.kve else 1))
     return MethodOutput(tokens, parts.grid, info, parts.window_info)
-
-
-def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
-    """Register ``<base>+gla`` with the base's logit scale, padding and VFM needs (spec §5.1)."""
-    spec = METHODS[base]
-    return register(
-        MethodSpec(
-            name=f"{base}+gla",
-            run=functools.partial(run_gla, base),
-            options=GLAMethodOptions(spec.options, GLAConfig()),
-            logit_scale=spec.logit_scale,
-            pad_multiple=spec.pad_multiple,
-            geometry=geometry or spec.geometry,
-            needs_vfm=spec.needs_vfm,
-            joint_windows=True,
-            description=f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
-        )
-    )
-
-
-for _base in ADAPTERS:
-    # The flagship's default setting is GLA-CLIP's own (spec §5.2 `gla`: 336 / 224 / 112).
-    register_gla(_base, Geometry(336, 224, 112) if _base == "proxyclip" else None)

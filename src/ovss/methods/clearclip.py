@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, patch_tokens, softmax_attention
-from ovss.methods.registry import Geometry, MethodSpec, register
+from ovss.methods.options import ClearCLIPOptions
 from ovss.models.vit import ResidualAttentionBlock
-
-
-@dataclass(frozen=True)
-class ClearCLIPOptions:
-    """Options of ``clearclip``."""
-
-    last_n_layers: int = 1  # sum the q-q attention outputs of the last n blocks (release option; 1 = paper)
 
 
 def qq_attention_output(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -38,16 +30,3 @@ def run_clearclip(backbones: Backbones, batch: WindowBatch, opts: ClearCLIPOptio
         z = z + qq_attention_output(block, x)  # (L, n, D)
         x = block(x)
     return MethodOutput(patch_tokens(z, clip), grid)
-
-
-register(
-    MethodSpec(
-        name="clearclip",
-        run=run_clearclip,
-        options=ClearCLIPOptions(),
-        logit_scale=50.0,
-        pad_multiple=16,
-        geometry=Geometry(448, 448, 224),
-        description="ClearCLIP: q-q attention in the last block, no residual, no FFN",
-    )
-)

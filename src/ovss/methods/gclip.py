@@ -25,31 +25,13 @@ from ovss.methods.channel_suppression import (
     suppressed_fc2_weights,
 )
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, patch_tokens, softmax_attention
-from ovss.methods.registry import Geometry, MethodSpec, register
+from ovss.methods.options import GCLIPOptions
 
 logger = logging.getLogger(__name__)
 
 DETECTORS = ("geomean", "product_fp32", "product_fp16", "fixed")
 FUSE_HEADS = ("mixed", "averaged", "per_head")
 LOG_FLOOR = 1e-30  # floor inside the logarithm of the geometric-mean detector
-
-
-@dataclass(frozen=True)
-class GCLIPOptions:
-    """Options of ``gclip`` (spec §4.6, decision register rows 18-22). Blocks count from 0 by default."""
-
-    fuse_layers: int = 1  # l: fuse the maps of blocks g .. g + l with the last q-q map (Table 2: 1 is best)
-    amf: bool = True  # Attention Map Fusion (False: "ClearCLIP + CS")
-    cs: bool = True  # Channel Suppression (False: "ClearCLIP + AMF")
-    detector: str = "geomean"  # global-token test G(i): geomean, product_fp32, product_fp16 or fixed
-    sigma: float = 100.0  # sigma of Eq. 2: a patch key is global when its geomean attention exceeds 1 / sigma
-    fixed_block: int = 6  # g for detector "fixed", and the fallback when no block qualifies
-    block_index_base: int = 0  # 1: fixed_block and an integer cs_start count from 1 (6 -> block 5)
-    cs_start: int | str = "auto"  # first suppressed block: "auto" (largest entropy drop) or a block (7)
-    entropy: str = "softmax"  # norms -> distribution for the entropy: "softmax" or "proportional" (N / sum N)
-    cs_scope: str = "values"  # "values": suppressed stream feeds only the values; "weights": one edited pass
-    fuse_heads: str = "mixed"  # "mixed": early maps head-averaged, q-q per head; "averaged"; "per_head"
-    fuse_cls: bool = False  # Table 4 ablation: fuse the [CLS] query's attention row, repeated for every query
 
 
 def has_global_tokens(attn: torch.Tensor, prefix: int, detector: str = "geomean", sigma: float = 100.0) -> torch.Tensor:
@@ -248,16 +230,3 @@ def run_gclip(backbones: Backbones, batch: WindowBatch, opts: GCLIPOptions) -> M
         attn = (st.early + attn) / (opts.fuse_layers + 2)  # (L, H or 1, n, n) row-stochastic A_f
     z = attend(last, attn, v)  # (L, n, D) no residual, no FFN
     return MethodOutput(patch_tokens(z, clip), st.grid, {"gclip": st.info}, st.window_info)
-
-
-register(
-    MethodSpec(
-        name="gclip",
-        run=run_gclip,
-        options=GCLIPOptions(),
-        logit_scale=50.0,
-        pad_multiple=16,
-        geometry=Geometry(448, 448, 224),
-        description="GCLIP: ClearCLIP + fusion of global-token block attention + FFN channel suppression",
-    )
-)

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, patch_tokens, tokens_before_last_block
-from ovss.methods.registry import Geometry, MethodSpec, register
-
-
-@dataclass(frozen=True)
-class MaskCLIPOptions:
-    """Options of ``maskclip`` / ``maskclip-reimpl``."""
-
-    residual_ffn: bool = True  # keep residual and FFN (MaskCLIP paper); False = later re-implementations
+from ovss.methods.options import MaskCLIPOptions
 
 
 def run_maskclip(backbones: Backbones, batch: WindowBatch, opts: MaskCLIPOptions) -> MethodOutput:
@@ -25,27 +17,3 @@ def run_maskclip(backbones: Backbones, batch: WindowBatch, opts: MaskCLIPOptions
         u = x + block.ls_1(a)  # (L, n, D)
         a = u + block.ffn(u)  # (L, n, D)
     return MethodOutput(patch_tokens(a, clip), grid)
-
-
-register(
-    MethodSpec(
-        name="maskclip",
-        run=run_maskclip,
-        options=MaskCLIPOptions(),
-        logit_scale=40.0,
-        pad_multiple=1,
-        geometry=Geometry(336, 224, 112),
-        description="MaskCLIP: value path of the last block, residual and FFN kept",
-    )
-)
-register(
-    MethodSpec(
-        name="maskclip-reimpl",
-        run=run_maskclip,
-        options=MaskCLIPOptions(residual_ffn=False),
-        logit_scale=40.0,
-        pad_multiple=16,
-        geometry=Geometry(336, 224, 112),
-        description="MaskCLIP as re-implemented by ClearCLIP/GLA: OutProj(v), no residual, no FFN",
-    )
-)

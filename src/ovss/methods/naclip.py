@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -18,16 +17,7 @@ from ovss.methods.common import (
     softmax_attention,
     tokens_before_last_block,
 )
-from ovss.methods.registry import Geometry, MethodSpec, register
-
-
-@dataclass(frozen=True)
-class NACLIPOptions:
-    """Options of ``naclip`` (release defaults)."""
-
-    sigma: float = 5.0  # std of the Gaussian neighbourhood prior, in patches
-    attn: str = "naclip"  # "naclip" (kk + prior), "nonly" (prior only, Eq. 12), "kk", "vanilla" (qk)
-    arch: str = "reduced"  # "reduced" (no residual, no FFN) or "vanilla" (residual and FFN kept)
+from ovss.methods.options import NACLIPOptions
 
 
 @functools.lru_cache(maxsize=32)
@@ -74,16 +64,3 @@ def run_naclip(backbones: Backbones, batch: WindowBatch, opts: NACLIPOptions) ->
     else:
         raise OvssError(f"naclip arch must be reduced or vanilla, got {opts.arch!r}")
     return MethodOutput(patch_tokens(z, clip), grid)
-
-
-register(
-    MethodSpec(
-        name="naclip",
-        run=run_naclip,
-        options=NACLIPOptions(),
-        logit_scale=40.0,
-        pad_multiple=1,
-        geometry=Geometry(336, 224, 112),
-        description="NACLIP: k-k attention + Gaussian neighbourhood prior, no residual, no FFN",
-    )
-)

@@ -11,25 +11,16 @@ passed through OutProj. No residual, no FFN; the logits live on the VFM grid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, tokens_before_last_block
-from ovss.methods.registry import Geometry, MethodSpec, register
+from ovss.methods.options import ProxyCLIPOptions
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.precision import full_precision
-
-
-@dataclass(frozen=True)
-class ProxyCLIPOptions:
-    """Options of ``proxyclip`` (release defaults, shared by all datasets)."""
-
-    beta: float = 1.2  # shift: A = gamma * (S - beta * mean(S)); robust in [1.0, 1.6]
-    gamma: float = 3.0  # sharpness of the proxy attention (> 0); robust in [2, 5]
 
 
 def vfm_features(vfm: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -140,17 +131,3 @@ def run_proxyclip(backbones: Backbones, batch: WindowBatch, opts: ProxyCLIPOptio
     )  # (L, N, D)
     clip_grid = clip.grid_size(*batch.pixels.shape[-2:])
     return MethodOutput(z, grid, {"clip_grid": clip_grid})
-
-
-register(
-    MethodSpec(
-        name="proxyclip",
-        run=run_proxyclip,
-        options=ProxyCLIPOptions(),
-        logit_scale=40.0,
-        pad_multiple=56,
-        geometry=Geometry(336, 336, 112),
-        needs_vfm=True,
-        description="ProxyCLIP: CLIP values attended with normalised DINO self-similarity, on the DINO grid",
-    )
-)

@@ -1,16 +1,25 @@
-"""The method registry: a plain dict from name to :class:`MethodSpec` (segment-anything's builder dict)."""
+"""The method registry: a plain dict from name to :class:`MethodSpec` (segment-anything's builder dict).
+
+The registry is metadata only and imports no torch: a built-in method's run function is named by its import
+path (:class:`LazyRun`) and imported on first call, so ``ovss methods`` and ``ovss --help`` start fast.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ovss.errors import OvssError
-from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 
-MethodFn = Callable[[Backbones, WindowBatch, Any], MethodOutput]
+if TYPE_CHECKING:
+    from ovss.methods.common import Backbones, MethodOutput, WindowBatch
+
+MethodFn = Callable[["Backbones", "WindowBatch", Any], "MethodOutput"]
+
+GLA_SUFFIX = "+gla"  # name of GLA attached to a base: "<base>+gla"
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,19 @@ class Geometry:
     short_side: int | None  # resize the short side to this many pixels (None: use the image as given)
     crop: int  # window side c in processing pixels (0: whole image in one pass)
     stride: int  # window stride s in processing pixels
+
+
+@dataclass(frozen=True)
+class LazyRun:
+    """A run function named by import path, imported on its first call (keeps the registry torch-free)."""
+
+    target: str  # "package.module:function"
+    args: tuple[Any, ...] = ()  # leading arguments bound to the function (e.g. the base name of X+gla)
+
+    def __call__(self, backbones: Backbones, batch: WindowBatch, options: Any) -> MethodOutput:
+        module, _, name = self.target.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        return fn(*self.args, backbones, batch, options)
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,7 @@ class MethodSpec:
     needs_vfm: bool = False  # whether the method needs a vision foundation model (DINO)
     joint_windows: bool = False  # all windows of an image must be processed in one call (GLA)
     description: str = ""  # one line for `ovss methods` and the README table
+    base: str | None = None  # the method GLA is attached to ("proxyclip" for "proxyclip+gla"); None: none
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -48,6 +71,31 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
+    """Register ``<base>+gla``: GLA's cross-window attention on a registered base (spec §4.8, §4.9).
+
+    The composed method keeps the base's logit scale, padding and VFM needs (spec §5.1); its options are
+    the base's plus GLA's (keywords ``gla_<name>``). The base needs an adapter in ``ovss.gla.bases.ADAPTERS``.
+    """
+    from ovss.gla.config import GLAConfig, GLAMethodOptions
+
+    spec = METHODS[base]
+    return register(
+        MethodSpec(
+            name=base + GLA_SUFFIX,
+            run=LazyRun("ovss.gla.method:run_gla", (base,)),
+            options=GLAMethodOptions(spec.options, GLAConfig()),
+            logit_scale=spec.logit_scale,
+            pad_multiple=spec.pad_multiple,
+            geometry=geometry or spec.geometry,
+            needs_vfm=spec.needs_vfm,
+            joint_windows=True,
+            description=f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
+            base=base,
+        )
+    )
+
+
 def get_method(name: str) -> MethodSpec:
     """Look a method up by name; unknown names raise an :class:`OvssError` listing close matches."""
     _ensure_builtin_methods()
@@ -58,6 +106,27 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def with_gla(name: str, gla: bool = True) -> MethodSpec:
+    """The method ``name``, with GLA attached when ``gla`` (``with_gla("proxyclip")`` is ``proxyclip+gla``).
+
+    Raises:
+        OvssError: unknown method, or GLA is not available for it.
+    """
+    spec = get_method(name)
+    if not gla or spec.base is not None:
+        return spec
+    if spec.name + GLA_SUFFIX not in METHODS:
+        bases = sorted(s.base for s in METHODS.values() if s.base is not None)
+        raise OvssError(f"GLA is not available for {spec.name!r}; it attaches to {', '.join(bases)}")
+    return METHODS[spec.name + GLA_SUFFIX]
+
+
+def base_name(name: str) -> str:
+    """The base of a registered method (``"sclip+gla"`` -> ``"sclip"``); a base method is its own base."""
+    spec = get_method(name)
+    return spec.base or spec.name
+
+
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     _ensure_builtin_methods()
@@ -65,5 +134,5 @@ def available_methods() -> list[str]:
 
 
 def _ensure_builtin_methods() -> None:
-    # Importing the package registers the built-in methods (each module calls `register`).
+    # Importing the catalogue registers the built-in methods (torch-free: run functions load lazily).
     import ovss.methods.builtin  # noqa: F401

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ovss.methods.common import (
     Backbones,
@@ -14,14 +13,7 @@ from ovss.methods.common import (
     softmax_attention,
     tokens_before_last_block,
 )
-from ovss.methods.registry import Geometry, MethodSpec, register
-
-
-@dataclass(frozen=True)
-class SCLIPOptions:
-    """Options of ``sclip``."""
-
-    reduced: bool = False  # True: drop residual and FFN (how some later papers re-implement SCLIP)
+from ovss.methods.options import SCLIPOptions
 
 
 def run_sclip(backbones: Backbones, batch: WindowBatch, opts: SCLIPOptions) -> MethodOutput:
@@ -34,16 +26,3 @@ def run_sclip(backbones: Backbones, batch: WindowBatch, opts: SCLIPOptions) -> M
     a = attend(block, attn, v)  # (L, n, D)
     z = a if opts.reduced else residual_ffn(block, x, a)  # (L, n, D)
     return MethodOutput(patch_tokens(z, clip), grid)
-
-
-register(
-    MethodSpec(
-        name="sclip",
-        run=run_sclip,
-        options=SCLIPOptions(),
-        logit_scale=40.0,
-        pad_multiple=1,
-        geometry=Geometry(336, 224, 112),
-        description="SCLIP: q-q + k-k correlative attention, residual and FFN kept (release)",
-    )
-)

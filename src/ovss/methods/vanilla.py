@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ovss.methods.common import (
     Backbones,
@@ -13,14 +12,7 @@ from ovss.methods.common import (
     softmax_attention,
     tokens_before_last_block,
 )
-from ovss.methods.registry import Geometry, MethodSpec, register
-
-
-@dataclass(frozen=True)
-class VanillaOptions:
-    """Options of ``vanilla`` / ``vanilla-reduced``."""
-
-    reduced: bool = False  # True: q-k attention without residual and FFN (NACLIP's "reduced", Table 4)
+from ovss.methods.options import VanillaOptions
 
 
 def run_vanilla(backbones: Backbones, batch: WindowBatch, opts: VanillaOptions) -> MethodOutput:
@@ -33,27 +25,3 @@ def run_vanilla(backbones: Backbones, batch: WindowBatch, opts: VanillaOptions) 
     else:
         z = block(x)  # (L, n, D) residual and FFN kept
     return MethodOutput(patch_tokens(z, clip), grid)
-
-
-register(
-    MethodSpec(
-        name="vanilla",
-        run=run_vanilla,
-        options=VanillaOptions(),
-        logit_scale=40.0,
-        pad_multiple=1,
-        geometry=Geometry(336, 224, 112),
-        description="unmodified CLIP last block (q-k attention, residual, FFN)",
-    )
-)
-register(
-    MethodSpec(
-        name="vanilla-reduced",
-        run=run_vanilla,
-        options=VanillaOptions(reduced=True),
-        logit_scale=40.0,
-        pad_multiple=16,
-        geometry=Geometry(336, 224, 112),
-        description="q-k attention without residual and FFN (the ClearCLIP/GLA releases' 'vanilla')",
-    )
-)

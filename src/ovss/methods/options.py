@@ -1,0 +1,158 @@
+"""Options of the built-in methods (frozen dataclasses, torch-free) and their keyword namespace.
+
+Each field's annotation is the one declaration of what it accepts (``ovss.fields``): an instance is checked
+when built, ``ovss.load`` keywords and ``--opt KEY=VALUE`` are checked and parsed by it, and ``ovss methods``
+lists it. The method modules import their class from here, so the registry can be read without torch.
+
+Composed options (``X+gla``: :class:`~ovss.gla.config.GLAMethodOptions`) hold a dataclass per part: the
+field ``base`` keeps its option names (``beta``), every other part prefixes them with its field name
+(``gla_rho``), so one keyword sets exactly one option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ovss.errors import OvssError
+from ovss.fields import CheckedFields, check_value, field_types
+
+BASE_PART = "base"  # the part of composed options whose names are not prefixed
+
+
+@dataclass(frozen=True)
+class VanillaOptions(CheckedFields):
+    """Options of ``vanilla`` / ``vanilla-reduced``."""
+
+    reduced: bool = False  # True: q-k attention without residual and FFN (NACLIP's "reduced", Table 4)
+
+
+@dataclass(frozen=True)
+class MaskCLIPOptions(CheckedFields):
+    """Options of ``maskclip`` / ``maskclip-reimpl``."""
+
+    residual_ffn: bool = True  # keep residual and FFN (MaskCLIP paper); False = later re-implementations
+
+
+@dataclass(frozen=True)
+class SCLIPOptions(CheckedFields):
+    """Options of ``sclip``."""
+
+    reduced: bool = False  # True: drop residual and FFN (how some later papers re-implement SCLIP)
+
+
+@dataclass(frozen=True)
+class ClearCLIPOptions(CheckedFields):
+    """Options of ``clearclip``."""
+
+    last_n_layers: int = 1  # sum the q-q attention outputs of the last n blocks (release option; 1 = paper)
+
+
+@dataclass(frozen=True)
+class NACLIPOptions(CheckedFields):
+    """Options of ``naclip`` (release defaults)."""
+
+    sigma: float = 5.0  # std of the Gaussian neighbourhood prior, in patches
+    attn: Literal["naclip", "nonly", "kk", "vanilla"] = "naclip"  # kk + prior, prior only (Eq. 12), kk, qk
+    arch: Literal["reduced", "vanilla"] = "reduced"  # reduced: no residual, no FFN; vanilla: both kept
+
+
+@dataclass(frozen=True)
+class GCLIPOptions(CheckedFields):
+    """Options of ``gclip`` (spec §4.6, decision register rows 18-22). Blocks count from 0 by default."""
+
+    fuse_layers: int = 1  # l: fuse the maps of blocks g .. g + l with the last q-q map (Table 2: 1 is best)
+    amf: bool = True  # Attention Map Fusion (False: "ClearCLIP + CS")
+    cs: bool = True  # Channel Suppression (False: "ClearCLIP + AMF")
+    detector: Literal["geomean", "product_fp32", "product_fp16", "fixed"] = "geomean"  # global-token test G(i)
+    sigma: float = 100.0  # sigma of Eq. 2: a patch key is global when its geomean attention exceeds 1 / sigma
+    fixed_block: int = 6  # g for detector "fixed", and the fallback when no block qualifies
+    block_index_base: Literal[0, 1] = 0  # 1: fixed_block and an integer cs_start count from 1 (6 -> block 5)
+    cs_start: Literal["auto"] | int = "auto"  # first suppressed block: "auto" (largest entropy drop) or a block
+    entropy: Literal["softmax", "proportional"] = "softmax"  # norms -> distribution: softmax or N / sum N
+    cs_scope: Literal["values", "weights"] = "values"  # suppressed stream feeds only the values; or one edited pass
+    fuse_heads: Literal["mixed", "averaged", "per_head"] = "mixed"  # mixed: early maps head-averaged, q-q per head
+    fuse_cls: bool = False  # Table 4 ablation: fuse the [CLS] query's attention row, repeated for every query
+
+
+@dataclass(frozen=True)
+class ProxyCLIPOptions(CheckedFields):
+    """Options of ``proxyclip`` (release defaults, shared by all datasets)."""
+
+    beta: float = 1.2  # shift: A = gamma * (S - beta * mean(S)); robust in [1.0, 1.6]
+    gamma: float = 3.0  # sharpness of the proxy attention (> 0); robust in [2, 5]
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """Where one option keyword lives in a (possibly composed) options dataclass."""
+
+    keyword: str  # the ovss.load keyword / --opt name, e.g. "gla_rho"
+    part: str | None  # field of the composed options holding it ("base", "gla"), None for plain options
+    name: str  # field name inside its dataclass, e.g. "rho"
+    type: Any  # resolved annotation
+    default: Any  # value in the given options instance
+
+
+def option_fields(options: Any) -> dict[str, OptionField]:
+    """Every option keyword of an options instance, in declaration order (composed options: every part)."""
+    out: dict[str, OptionField] = {}
+    hints = field_types(type(options))
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            prefix = "" if f.name == BASE_PART else f"{f.name}_"
+            for inner in option_fields(value).values():
+                out[prefix + inner.name] = OptionField(prefix + inner.name, f.name, inner.name, inner.type, inner.default)
+        else:
+            out[f.name] = OptionField(f.name, None, f.name, hints[f.name], value)
+    return out
+
+
+def option_value(options: Any, keyword: str, default: Any = None) -> Any:
+    """The value of option ``keyword`` (``"gla_rho"`` looks in the GLA part of composed options)."""
+    found = option_fields(options).get(keyword)
+    return default if found is None else found.default
+
+
+def _unknown_message(method: str, options: Any, keyword: str) -> str:
+    fields = option_fields(options)
+    listing = ", ".join(fields) or "none"
+    hint = ""
+    prefixed = [k for k, f in fields.items() if f.part not in (None, BASE_PART) and f.name == keyword]
+    if prefixed:
+        hint = f"; options of an attached part carry its prefix: {prefixed[0]}"
+    elif keyword.startswith("gla_"):
+        hint = f"; GLA options need GLA attached: use {method}+gla or gla=True"
+    return f"method {method!r} has no option {keyword!r}{hint}; its options are: {listing}"
+
+
+def resolve_options(method: str, options: Any, overrides: Mapping[str, Any], also: Sequence[str] = ()) -> Any:
+    """``options`` with keyword overrides applied, each value checked against its declared type.
+
+    Args:
+        method: the method's name (for messages).
+        options: the method's default options (a frozen dataclass; composed for ``X+gla``).
+        overrides: keyword -> value; ``beta`` sets the base's beta, ``gla_beta`` GLA's.
+        also: the pipeline settings the caller accepts too (named in the message about an unknown keyword).
+
+    Raises:
+        OvssError: unknown keyword (the message lists the method's options), wrong type, value not allowed,
+            or out of range.
+    """
+    fields = option_fields(options)
+    for keyword in overrides:
+        if keyword not in fields:
+            other = f"; pipeline settings: {', '.join(also)}" if also else ""
+            raise OvssError(_unknown_message(method, options, keyword) + other)
+    changes: dict[str | None, dict[str, Any]] = {}
+    for keyword, value in overrides.items():
+        f = fields[keyword]
+        changes.setdefault(f.part, {})[f.name] = check_value(f"{method} option {keyword}", value, f.type)
+    try:
+        parts = {part: dataclasses.replace(getattr(options, part), **vals) for part, vals in changes.items() if part}
+        return dataclasses.replace(options, **changes.get(None, {}), **parts)
+    except (TypeError, ValueError) as err:
+        raise OvssError(f"invalid option for method {method!r}: {err}") from err
