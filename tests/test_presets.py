@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
-from ovss.config import PipelineConfig
-from ovss.errors import OvssError
-from ovss.eval.names import DATASETS
-from ovss.gla.config import GLA_RELEASE, GLAConfig
-from ovss.methods.registry import get_method
 from ovss.presets import (
     CASS_OPTIONS,
     LOGIT_SCALES,
@@ -19,6 +13,12 @@ from ovss.presets import (
     method_logit_scale,
     resolve,
 )
+
+from ovss.config import PipelineConfig
+from ovss.errors import OvssError
+from ovss.eval.names import DATASETS
+from ovss.gla.config import GLA_RELEASE, GLAConfig
+from ovss.methods.registry import get_method
 
 EXPECTED_PRESETS = {
     "clip-dinoiser",

@@ -18,8 +18,8 @@ from ovss.errors import OvssError
 from ovss.eval import distributed
 from ovss.eval.datasets import FolderDataset
 from ovss.eval.names import load_names
+from ovss.eval.presets import ResolvedSetting, resolve
 from ovss.eval.runner import build_segmenter, evaluate, load_checkpoint
-from ovss.presets import ResolvedSetting, resolve
 
 # With short side 64 the 513 x 513 samples are processed at 64 x 64; windows 32 / 24 start at 0, 24, 32 and
 # end at 32, 56, 64, so the seams are at 24, 32, 56, i.e. floor(b * 513 / 64 + 0.5) = 192, 257, 449.
@@ -246,8 +246,8 @@ def test_distributed_helpers_in_a_single_process(monkeypatch: pytest.MonkeyPatch
 
 def test_check_segmenter_reads_composed_gla_options(tiny_clip, tiny_dino, bpe_path) -> None:
     import ovss
+    from ovss.eval.presets import resolve
     from ovss.eval.runner import check_segmenter
-    from ovss.presets import resolve
 
     setting = resolve("gla-release", "voc21", "proxyclip+gla")
     assert setting.method_options == {"rho": 0.55, "clamp_mean": True}

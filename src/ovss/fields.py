@@ -9,7 +9,6 @@ are checked and parsed by the same declaration, and ``ovss methods`` prints it. 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
 import types
 import typing
@@ -26,10 +25,14 @@ class _Mismatch(Exception):
     """A value does not fit one alternative of an annotation."""
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}  # resolved annotations per dataclass type
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of every field of a dataclass type (``Literal``, unions, ...)."""
-    return typing.get_type_hints(cls)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def alternatives(hint: Any) -> tuple[Any, ...]:
@@ -52,6 +55,21 @@ def describe(hint: Any) -> str:
         else:
             words.append({bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(alt, "any"))
     return " or ".join(words)
+
+
+def type_name(hint: Any) -> str:
+    """An annotation as Python spells it, Literal choices inlined: ``'kk' | 'naclip'``, ``int | None``."""
+    names = []
+    for alt in alternatives(hint):
+        if alt is type(None):
+            names.append("None")
+        elif typing.get_origin(alt) is Literal:
+            names.extend(repr(choice) for choice in typing.get_args(alt))
+        elif typing.get_origin(alt) is tuple:
+            names.append(f"tuple[{type_name(typing.get_args(alt)[0])}, ...]")
+        else:
+            names.append(getattr(alt, "__name__", str(alt)))
+    return " | ".join(names)
 
 
 def _convert(value: Any, hint: Any) -> Any:

@@ -1,6 +1,6 @@
 """``ovss eval``, ``ovss data check|prepare`` and ``ovss report``: the benchmark harness on the command line.
 
-Thin over ``ovss.presets``, ``ovss.eval.runner``, ``ovss.eval.datasets`` and ``ovss.eval.report``.
+Thin over ``ovss.eval.presets``, ``ovss.eval.runner``, ``ovss.eval.datasets`` and ``ovss.eval.report``.
 Launch ``eval`` with ``torchrun --nproc-per-node N -m ovss eval ...`` to shard it over N processes.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from ovss.cli.options import PIPELINE_KEYS, add_model_flags, model_kwargs, parse_method_options
+from ovss.cli.options import PIPELINE_KEYS, add_model_flags, method_of, model_kwargs, parse_method_options
 from ovss.errors import OvssError
 
 _FOLDER = "folder"  # --dataset value for a user's own folder of images and labels
@@ -19,8 +19,8 @@ _FOLDER = "folder"  # --dataset value for a user's own folder of images and labe
 def add_parsers(sub: Any) -> None:
     """Register ``eval``, ``data`` (``check``, ``prepare``) and ``report``."""
     from ovss.eval.names import DATASETS, NAME_SETS
-    from ovss.eval.report import METRICS
-    from ovss.presets import PRESETS
+    from ovss.eval.presets import PRESETS
+    from ovss.eval.reference import METRICS
 
     p = sub.add_parser(
         "eval",
@@ -114,23 +114,23 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _setting(args: argparse.Namespace) -> Any:
-    from ovss.api import method_name
-    from ovss.presets import CUSTOM, SETTING_PIPELINE_KEYS, resolve
+    from ovss.eval.presets import CUSTOM, SETTING_PIPELINE_KEYS, resolve
 
     overrides: dict[str, Any] = {key: getattr(args, key) for key in SETTING_PIPELINE_KEYS if hasattr(args, key)}
     if args.name_set is not None:
         overrides["name_set"] = args.name_set
-    options = parse_method_options(args.opt)
+    method = method_of(args)
+    options = parse_method_options(args.opt, method)
     if options:
         overrides["method_options"] = options
     dataset = CUSTOM if args.dataset == _FOLDER else args.dataset
-    return resolve(args.preset, dataset, method_name(args.method, args.gla), **overrides)
+    return resolve(args.preset, dataset, method, **overrides)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ovss.eval.distributed import distributed_session, rank_device
+    from ovss.eval.presets import SETTING_PIPELINE_KEYS
     from ovss.eval.runner import evaluate
-    from ovss.presets import SETTING_PIPELINE_KEYS
 
     with distributed_session(args.device) as context:
         setting = _setting(args)

@@ -13,14 +13,33 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=list_models)
 
 
+def _option_lines(options: Any, part: str | None = None) -> list[str]:
+    """One line per option keyword (of one part of composed options), e.g. ``attn: 'naclip' | 'kk' = 'naclip'``."""
+    from ovss.fields import type_name
+    from ovss.methods.options import option_fields
+
+    found = [f for f in option_fields(options).values() if part is None or f.part == part]
+    return [f"    {f.keyword}: {type_name(f.type)} = {f.default!r}" for f in found]
+
+
 def list_methods(args: argparse.Namespace) -> int:
+    """Every method with its defaults and options (type, default, allowed values); GLA's options once, last."""
     from ovss.methods import METHODS, available_methods
 
+    gla_options = None  # the composed options of one X+gla method: its GLA part is listed once, at the end
     for name in available_methods():
         spec = METHODS[name]
         geo = spec.geometry
         crop = "whole" if geo.crop == 0 else f"{geo.crop}/{geo.stride}"
         print(f"{name:18s} tau={spec.logit_scale:<5g} resize={geo.short_side} window={crop:8s} {spec.description}")
+        if spec.base is None:
+            print("\n".join(_option_lines(spec.options)) or "    (no options)")
+        else:
+            print(f"    the options of {spec.base}, and the GLA options gla_* below")
+            gla_options = spec.options
+    if gla_options is not None:
+        print("\nGLA options of every X+gla method (keyword prefix gla_, e.g. --opt gla_rho=0.55):")
+        print("\n".join(_option_lines(gla_options, part="gla")))
     return 0
 
 

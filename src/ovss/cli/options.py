@@ -1,34 +1,55 @@
-"""Command-line flags for every pipeline knob (same names as the keywords of ``ovss.load``)."""
+"""Command-line flags shared by ``segment`` and ``eval``: the method, the weights, and every pipeline setting.
+
+The pipeline flags are derived from :class:`~ovss.config.PipelineConfig` (name, type, help), and ``--opt``
+values are parsed by the option's declared type (``ovss.fields``), so the CLI cannot drift from the API.
+Torch-free: building the parser imports no backbone code.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ast
-from typing import Any
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any, Literal
 
+from ovss.config import PIPELINE_KEYS, PipelineConfig
 from ovss.errors import OvssError
+from ovss.fields import alternatives, field_types, parse_text
+from ovss.methods.options import option_fields, unknown_option_message
+from ovss.methods.registry import get_method, with_gla
+
+__all__ = ["PIPELINE_KEYS", "add_model_flags", "load_kwargs", "method_of", "model_kwargs", "parse_method_options"]
 
 
-def _optional_int(text: str) -> int | None:
-    if text.lower() in ("none", "null", "0", "off"):
-        return None
-    try:
-        return int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels or 'none', got {text!r}") from err
+def _flag_type(flag: str, hint: Any) -> Callable[[str], Any]:
+    """argparse ``type=``: parse by the annotation; a bad value is argparse's one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_text(flag, text, hint)
+        except OvssError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
 
 
-def _optional_float(text: str) -> float | None:
-    if text.lower() in ("none", "null", "off"):
-        return None
-    try:
-        return float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from err
+def _metavar(hint: Any) -> str:
+    words = []
+    for alt in alternatives(hint):
+        if alt is type(None):
+            words.append("none")
+        elif typing.get_origin(alt) is Literal:
+            words.append(",".join(str(choice) for choice in typing.get_args(alt)))
+        elif typing.get_origin(alt) is tuple:
+            words.append("N,N,...")
+        else:
+            words.append({bool: "true|false", int: "N", float: "X"}.get(alt, "TEXT"))
+    return "{" + "|".join(words) + "}" if len(words) > 1 or "," in words[0] else words[0]
 
 
 def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip") -> None:
-    """Flags choosing the method and weights, and every pipeline knob (unset = the method's default)."""
+    """Flags choosing the method and weights, and every pipeline setting (unset = the method's default)."""
     g = p.add_argument_group("method and weights")
     g.add_argument(
         "--method",
@@ -54,85 +75,49 @@ def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option, e.g. --opt sigma=3 (naclip) or --opt reduced=True (sclip); repeatable",
+        help="method option, parsed by its declared type: --opt sigma=3 (naclip), --opt reduced=false (sclip), "
+        "--opt gla_rho=0.55 (X+gla); repeatable; `ovss methods` lists every option",
     )
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="backbone precision")
     g.add_argument("--offline", action="store_true", help="never download; fail if weights are not cached")
     k = p.add_argument_group("pipeline (defaults: the method's own setting)")
     k.argument_default = argparse.SUPPRESS  # an omitted flag is absent: the method default applies
-    k.add_argument(
-        "--short-side",
-        "--short_side",
-        dest="short_side",
-        type=_optional_int,
-        help="resize the short side to N pixels ('none' keeps the image size)",
-    )
-    k.add_argument("--crop", type=int, help="sliding-window side in pixels (0 = whole image in one pass)")
-    k.add_argument("--stride", type=int, help="sliding-window stride in pixels")
-    k.add_argument(
-        "--logit-scale",
-        "--logit_scale",
-        dest="logit_scale",
-        type=float,
-        help="temperature of the softmax over all names",
-    )
-    k.add_argument(
-        "--bg-threshold",
-        "--bg_threshold",
-        dest="bg_threshold",
-        type=float,
-        help="probability below which a pixel gets class 0 (default 0: off)",
-    )
-    k.add_argument(
-        "--area-threshold",
-        "--area_threshold",
-        dest="area_threshold",
-        type=_optional_float,
-        help="SCLIP area filter share (default none)",
-    )
-    k.add_argument(
-        "--pamr-steps",
-        "--pamr_steps",
-        dest="pamr_steps",
-        type=int,
-        help="PAMR refinement iterations (default 0: off)",
-    )
-    k.add_argument("--templates", choices=["imagenet80", "imagenet7", "maskclip5"], help="prompt templates")
-    k.add_argument(
-        "--window-batch",
-        "--window_batch",
-        dest="window_batch",
-        type=int,
-        help="windows per backbone forward (memory only)",
-    )
+    hints = field_types(PipelineConfig)
+    for f in fields(PipelineConfig):
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        default = "the method's" if f.default is MISSING else str(f.default).replace(" ", "")
+        k.add_argument(
+            *names,
+            dest=f.name,
+            type=_flag_type(names[0], hints[f.name]),
+            metavar=_metavar(hints[f.name]),
+            help=f"{f.metadata['help']} (default: {default})",
+        )
 
 
-PIPELINE_KEYS = (
-    "short_side",
-    "crop",
-    "stride",
-    "logit_scale",
-    "bg_threshold",
-    "area_threshold",
-    "pamr_steps",
-    "templates",
-    "window_batch",
-)
+def method_of(args: argparse.Namespace) -> str:
+    """The registry name of ``--method`` with ``--gla`` applied (``proxyclip --gla`` -> ``proxyclip+gla``)."""
+    return with_gla(args.method, args.gla).name
 
 
-def parse_method_options(pairs: list[str]) -> dict[str, Any]:
-    """``["sigma=3", "attn=kk"]`` -> ``{"sigma": 3, "attn": "kk"}`` (Python literals, else strings)."""
+def parse_method_options(pairs: list[str], method: str) -> dict[str, Any]:
+    """``["sigma=3", "attn=kk"]`` -> ``{"sigma": 3.0, "attn": "kk"}``, each value parsed by its declared type.
+
+    Raises:
+        OvssError: not KEY=VALUE, unknown option of ``method``, or a value its type does not allow.
+    """
+    spec = get_method(method)
+    known = option_fields(spec.options)
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
             raise OvssError(f"--opt expects KEY=VALUE, got {pair!r}")
-        try:
-            value: Any = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        options[key.strip().replace("-", "_")] = value
+        if key not in known:
+            raise OvssError(unknown_option_message(spec.name, spec.options, key) + "; pipeline settings are flags")
+        options[key] = parse_text(f"--opt {key}", raw, known[key].type)
     return options
 
 
@@ -153,6 +138,6 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``ovss.load`` from parsed flags (only the flags the user set)."""
     kwargs: dict[str, Any] = {key: getattr(args, key) for key in PIPELINE_KEYS if hasattr(args, key)}
-    kwargs.update(parse_method_options(args.opt))
+    kwargs.update(parse_method_options(args.opt, method_of(args)))
     kwargs.update(model_kwargs(args))
     return kwargs

@@ -2,10 +2,11 @@
 
 A *preset* fixes, per benchmark, the resize short side S, window c and stride s, the background threshold
 θ_bg and the name set (§5.2); the *method* brings its logit scale τ and extras (§5.1): SCLIP's per-dataset
-τ, SCLIP's VOC21 area filter in the SCLIP setting, CASS's per-dataset hyper-parameters, GLA's release
-options. :func:`resolve` combines both into one :class:`ResolvedSetting`; every value can be overridden.
+τ, SCLIP's VOC21 area filter in the SCLIP setting, GLA's release options. :func:`resolve` combines both
+into one :class:`ResolvedSetting`; every value can be overridden.
 
-Methods named ``X+gla`` are treated syntactically: they take the values of their base ``X``.
+A method with GLA attached (``MethodSpec.base``, e.g. ``proxyclip+gla``) takes the values of its base.
+CASS (spec §4.10, preset ``cass``) is not implemented; its preset data is kept in docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -14,38 +15,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ovss.config import PIPELINE_KEYS
 from ovss.errors import OvssError
 from ovss.eval.names import DATASETS, NAME_SETS
-from ovss.methods.registry import Geometry
+from ovss.methods.registry import Geometry, MethodSpec, get_method
 
 CUSTOM = "custom"  # dataset key of a user's own folder dataset (geometry of the preset's generic row)
 _GENERIC_ROW = "pc59"  # the preset row used for custom datasets: the 59-class PASCAL Context setting
 _BACKGROUND_DATASETS = ("voc21", "pc60", "coco_object")  # the only datasets with θ_bg (§5.2, §10 #27)
 _WHOLE = 0  # crop 0 = whole-image mode (§2.2)
 
-# §5.1: a registered method's τ is its MethodSpec.logit_scale; these are the presets' methods ovss does not
-# register. SCLIP's release uses other values on three datasets.
-LOGIT_SCALES: dict[str, float] = {"cass": 40.0}
+# §5.1: a method's τ is its MethodSpec.logit_scale; SCLIP's release uses other values on three datasets.
 SCLIP_LOGIT_SCALES: dict[str, float] = {"voc21": 65.0, "pc60": 50.0, "coco_object": 50.0}
 SCLIP_AREA_THRESHOLD = 0.1  # §2.8: area_thd of the SCLIP release, VOC21 only
-# The ovss.load pipeline keywords a setting fixes (the rest, e.g. templates, stay the caller's).
-SETTING_PIPELINE_KEYS = ("short_side", "crop", "stride", "logit_scale", "bg_threshold", "area_threshold", "pamr_steps")
-
-# §4.10: CASS's per-dataset (global-similarity weight g_w, text-shift weight m, Ward distance threshold h),
-# and whether the low-rank DINO graph's singular values are re-scaled (not for VOC20 and Cityscapes).
-CASS_OPTIONS: dict[str, dict[str, Any]] = {
-    dataset: {"global_weight": gw, "text_shift": m, "cluster_threshold": h, "rescale_singular_values": rescale}
-    for dataset, (gw, m, h, rescale) in {
-        "voc21": (0.1, 0.03, 0.10, True),
-        "voc20": (0.4, 0.02, 0.10, False),
-        "pc60": (0.25, 0.04, 0.09, True),
-        "pc59": (0.25, 0.04, 0.09, True),
-        "coco_object": (0.25, 0.01, 0.10, True),
-        "coco_stuff": (0.2, 0.02, 0.02, True),
-        "cityscapes": (0.1, 0.03, 0.14, False),
-        "ade20k": (0.3, 0.05, 0.06, True),
-    }.items()
-}
 
 # Which preset reproduces a method's own published setting (used when no preset is named).
 HOME_PRESETS: dict[str, str] = {
@@ -58,7 +40,6 @@ HOME_PRESETS: dict[str, str] = {
     "proxyclip": "proxyclip",
     "sclip": "sclip",
     "naclip": "naclip",
-    "cass": "cass",
     "proxyclip+gla": "gla",
 }
 
@@ -73,7 +54,7 @@ class Preset:
     name_set: str  # plain | bg-rename | full-rename (§6.3)
     pamr_steps: int = 0  # PAMR iterations on the logits (naclip-pamr: 10; 0 = off)
     sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip / sclip+gla (§2.8)
-    gla_options: dict[str, Any] = field(default_factory=dict)  # option overrides of X+gla methods
+    gla_options: dict[str, Any] = field(default_factory=dict)  # GLA option keywords (gla_rho, ...) of X+gla
     description: str = ""  # one line for listings
 
 
@@ -90,7 +71,6 @@ _CLEARCLIP_ROWS = _rows((448, 448, 224))
 _PROXYCLIP_ROWS = _rows((336, 336, 112), cityscapes=(448, 336, 112), ade20k=(448, 336, 112))
 _SCLIP_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112))
 _NACLIP_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0), voc20=(336, _WHOLE, 0))
-_CASS_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0))
 _CLEARCLIP_BG = _thresholds(0.5, 0.15, 0.4)
 _SCLIP_BG = _thresholds(0.1, 0.1, 0.1)
 
@@ -155,7 +135,7 @@ PRESETS: dict[str, Preset] = {
             _SCLIP_BG,
             "full-rename",
             sclip_area_filter=True,
-            gla_options={"rho": 0.55, "clamp_mean": True},
+            gla_options={"gla_rho": 0.55, "gla_clamp_mean": True},
             description="GLA-CLIP release: rho 0.55, row mean clamped at 0",
         ),
         _preset("naclip", _NACLIP_ROWS, _SCLIP_BG, "full-rename", description="NACLIP release configuration"),
@@ -167,7 +147,6 @@ PRESETS: dict[str, Preset] = {
             pamr_steps=10,
             description="NACLIP + PAMR (10 iterations, dilations 8, 16)",
         ),
-        _preset("cass", _CASS_ROWS, _SCLIP_BG, "full-rename", description="CASS release configuration"),
     )
 }
 
@@ -201,17 +180,14 @@ class ResolvedSetting:
         return record
 
 
+# The ovss.load pipeline settings a setting fixes (the rest, e.g. templates, stay the caller's).
+SETTING_PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(ResolvedSetting) if f.name in PIPELINE_KEYS)
 OVERRIDABLE = (*SETTING_PIPELINE_KEYS, "name_set", "method_options")
 
 
 def available_presets() -> list[str]:
     """Names of all presets, in the order of spec §5.2."""
     return list(PRESETS)
-
-
-def base_method(method: str) -> str:
-    """The base of a GLA method (``"sclip+gla"`` -> ``"sclip"``); other names are returned unchanged."""
-    return method[: -len("+gla")] if method.endswith("+gla") else method
 
 
 def get_preset(name: str) -> Preset:
@@ -225,37 +201,26 @@ def default_preset(method: str) -> str:
     """The preset that reproduces a method's own published setting (``X+gla``: that of ``X``).
 
     Raises:
-        OvssError: the method has no home preset; the message lists the presets to choose from.
+        OvssError: unknown method, or the method has no home preset (the message lists the presets).
     """
-    home = HOME_PRESETS.get(method) or HOME_PRESETS.get(base_method(method))
+    spec = get_method(method)
+    home = HOME_PRESETS.get(spec.name) or HOME_PRESETS.get(spec.base or spec.name)
     if home is None:
         raise OvssError(f"method {method!r} has no default preset; pass one of {', '.join(PRESETS)}")
     return home
 
 
 def method_logit_scale(method: str, dataset: str) -> float:
-    """τ of a method on a dataset (§5.1): the base method's value, SCLIP's per-dataset exceptions included.
-
-    Registered methods use their registry value; :data:`LOGIT_SCALES` covers the unregistered ones.
-    """
-    base = base_method(method)
-    if base == "sclip" and dataset in SCLIP_LOGIT_SCALES:
+    """τ of a method on a dataset (§5.1): the registry value, SCLIP's per-dataset exceptions included."""
+    spec = get_method(method)
+    if (spec.base or spec.name) == "sclip" and dataset in SCLIP_LOGIT_SCALES:
         return SCLIP_LOGIT_SCALES[dataset]
-    if base in LOGIT_SCALES:
-        return LOGIT_SCALES[base]
-    from ovss.methods.registry import get_method
-
-    return get_method(base).logit_scale
+    return spec.logit_scale
 
 
-def method_options(preset: Preset, dataset: str, method: str) -> dict[str, Any]:
-    """Method options a preset implies: CASS's per-dataset values and the preset's GLA options."""
-    options: dict[str, Any] = {}
-    if base_method(method) == "cass" and dataset in CASS_OPTIONS:
-        options.update(CASS_OPTIONS[dataset])
-    if method.endswith("+gla"):
-        options.update(preset.gla_options)
-    return options
+def method_options(preset: Preset, spec: MethodSpec) -> dict[str, Any]:
+    """Method options a preset implies: its GLA options for methods with GLA attached."""
+    return dict(preset.gla_options) if spec.base is not None else {}
 
 
 def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> ResolvedSetting:
@@ -265,7 +230,7 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         preset: a name from :func:`available_presets`; None: the method's home preset (``default_preset``).
         dataset: one of the eight benchmarks (``ovss.eval.names.DATASETS``) or ``"custom"`` for a user's
             folder (the preset's PASCAL Context 59 row, θ_bg 0).
-        method: method name; ``X+gla`` takes the logit scale and extras of ``X``.
+        method: method name; ``X+gla`` takes the logit scale and extras of ``X`` and the preset's GLA options.
         **overrides: replace any of short_side, crop, stride, logit_scale, bg_threshold, area_threshold,
             pamr_steps, name_set; ``method_options`` is merged onto the preset's method options.
 
@@ -273,8 +238,9 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         The resolved setting, with the names of the overridden fields in ``overrides``.
 
     Raises:
-        OvssError: unknown preset, dataset, name set or override name.
+        OvssError: unknown preset, method, dataset, name set or override name.
     """
+    spec = get_method(method)
     chosen = get_preset(preset if preset is not None else default_preset(method))
     if dataset != CUSTOM and dataset not in DATASETS:
         raise OvssError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} or {CUSTOM}")
@@ -283,7 +249,7 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         raise OvssError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
     row = dataset if dataset != CUSTOM else _GENERIC_ROW
     geometry = chosen.geometry[row]
-    area = SCLIP_AREA_THRESHOLD if chosen.sclip_area_filter and base_method(method) == "sclip" else None
+    area = SCLIP_AREA_THRESHOLD if chosen.sclip_area_filter and (spec.base or spec.name) == "sclip" else None
     values: dict[str, Any] = {
         "short_side": geometry.short_side,
         "crop": geometry.crop,
@@ -293,7 +259,7 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         "area_threshold": area if dataset == "voc21" else None,
         "pamr_steps": chosen.pamr_steps,
         "name_set": chosen.name_set,
-        "method_options": method_options(chosen, row, method),
+        "method_options": method_options(chosen, spec),
     }
     changed = sorted(key for key, value in overrides.items() if key != "method_options" and values[key] != value)
     extra_options = dict(overrides.pop("method_options", None) or {})

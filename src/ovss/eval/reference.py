@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+METRICS = ("mIoU", "mAcc", "aAcc", "BER")  # what a report table can show (here: torch-free for the CLI)
 # Column order of the papers' Table 1 (GLA-CLIP, NACLIP) and of ``ovss report``.
 COLUMNS: tuple[str, ...] = ("voc21", "pc60", "coco_object", "voc20", "pc59", "coco_stuff", "cityscapes", "ade20k")
 COLUMN_TITLES: dict[str, str] = {

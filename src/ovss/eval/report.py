@@ -27,12 +27,11 @@ from ovss.eval.ber import BoundaryErrorAccumulator, format_ber
 from ovss.eval.datasets import SegDataset
 from ovss.eval.distributed import DistContext
 from ovss.eval.metrics import ConfusionAccumulator
-from ovss.eval.reference import COLUMN_TITLES, COLUMNS, Reference, reference_for
+from ovss.eval.presets import ResolvedSetting
+from ovss.eval.reference import COLUMN_TITLES, COLUMNS, METRICS, Reference, reference_for
 from ovss.predictor import Segmenter
-from ovss.presets import ResolvedSetting
 
 MISSING = "–"  # an empty cell
-METRICS = ("mIoU", "mAcc", "aAcc", "BER")  # what a report table can show
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> hex digest
 
 

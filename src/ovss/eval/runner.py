@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from ovss.api import option_value
 from ovss.errors import OvssError
 from ovss.eval.ber import BoundaryErrorAccumulator, boundary_error_counts, boundary_lines
 from ovss.eval.datasets import FolderDataset, SegDataset
 from ovss.eval.distributed import DistContext, all_reduce_max, all_reduce_sum, current_context
 from ovss.eval.metrics import ConfusionAccumulator
 from ovss.eval.names import DATASETS, load_names
+from ovss.eval.presets import ResolvedSetting
 from ovss.eval.report import result_markdown, run_config, summarise
 from ovss.io_utils import atomic_write, save_text
+from ovss.methods.options import option_value
 from ovss.predictor import Prediction, Segmenter
-from ovss.presets import ResolvedSetting
 from ovss.viz import save_label_png
 
 CHECKPOINT_DIR = "checkpoint"  # sub-folder of out_dir holding one checkpoint file per rank
@@ -270,7 +270,7 @@ def evaluate(
         dataset: the images and labels (``open_dataset`` or ``FolderDataset``).
         segmenter: a :class:`Segmenter` built for ``setting``, or keywords for ``ovss.load`` (clip, tokenizer,
             device, dtype, templates, ...) from which one is built with the setting's values.
-        setting: the resolved preset values (``ovss.presets.resolve``).
+        setting: the resolved preset values (``ovss.eval.presets.resolve``).
         out_dir: run folder: config.json, result.json, result.md, checkpoint/, predictions/.
         resume: continue from the checkpoints in ``out_dir`` (same configuration and process count).
         save_predictions: write each prediction as ``predictions/<sample>.png`` (palette PNG of class ids).

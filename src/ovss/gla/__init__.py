@@ -32,7 +32,25 @@ _EXPORTS = {
     "smoothing_index": "ovss.gla.smoothing",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "GLA_RELEASE",
+    "GLAConfig",
+    "RowStats",
+    "SmoothingIndex",
+    "attend_chunked",
+    "attention_rows",
+    "choose_chunk_rows",
+    "cross_window_attention",
+    "dense_cross_window_attention",
+    "dynamic_shift",
+    "global_similarity_mean",
+    "proxy_anchors",
+    "resolve_smoothing",
+    "sharpen_weight",
+    "smooth_queries",
+    "smoothing_index",
+    "window_index",
+]
 
 if TYPE_CHECKING:
     from ovss.gla.config import GLA_RELEASE, GLAConfig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, patch_tokens, tokens_before_last_block
 from ovss.methods.options import MaskCLIPOptions
 

@@ -105,7 +105,8 @@ def option_fields(options: Any) -> dict[str, OptionField]:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             prefix = "" if f.name == BASE_PART else f"{f.name}_"
             for inner in option_fields(value).values():
-                out[prefix + inner.name] = OptionField(prefix + inner.name, f.name, inner.name, inner.type, inner.default)
+                keyword = prefix + inner.name
+                out[keyword] = OptionField(keyword, f.name, inner.name, inner.type, inner.default)
         else:
             out[f.name] = OptionField(f.name, None, f.name, hints[f.name], value)
     return out
@@ -117,7 +118,8 @@ def option_value(options: Any, keyword: str, default: Any = None) -> Any:
     return default if found is None else found.default
 
 
-def _unknown_message(method: str, options: Any, keyword: str) -> str:
+def unknown_option_message(method: str, options: Any, keyword: str) -> str:
+    """One line: the method has no such option, a hint (GLA prefix), and the options it has."""
     fields = option_fields(options)
     listing = ", ".join(fields) or "none"
     hint = ""
@@ -146,7 +148,7 @@ def resolve_options(method: str, options: Any, overrides: Mapping[str, Any], als
     for keyword in overrides:
         if keyword not in fields:
             other = f"; pipeline settings: {', '.join(also)}" if also else ""
-            raise OvssError(_unknown_message(method, options, keyword) + other)
+            raise OvssError(unknown_option_message(method, options, keyword) + other)
     changes: dict[str | None, dict[str, Any]] = {}
     for keyword, value in overrides.items():
         f = fields[keyword]

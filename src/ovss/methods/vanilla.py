@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ovss.methods.common import (
     Backbones,
     MethodOutput,
