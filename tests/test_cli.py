@@ -61,7 +61,7 @@ def test_segment_folder_writes_outputs_and_config(weights, bpe_path, images, tmp
 
 @pytest.mark.parametrize(
     "method, extra",
-    [("proxyclip", []), ("proxyclip", ["--gla", "--opt", "rho=0.55"]), ("gclip+gla", []), ("gclip", [])],
+    [("proxyclip", []), ("proxyclip", ["--gla", "--opt", "gla_rho=0.55"]), ("gclip+gla", []), ("gclip", [])],
 )
 def test_dino_and_global_methods_run_through_the_cli(weights, bpe_path, images, tmp_path, method, extra):
     out = tmp_path / "out"

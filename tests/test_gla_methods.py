@@ -93,10 +93,17 @@ def test_token_origins_follow_padding_and_border_shift():
 
 def test_load_routes_options_and_gla_flag(tiny_clip, tiny_dino, bpe_path):
     seg = ovss.load(
-        "proxyclip", gla=True, clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, rho=0.55, beta=1.3, clamp_mean=True
+        "proxyclip",
+        gla=True,
+        clip=tiny_clip,
+        vfm=tiny_dino,
+        tokenizer=bpe_path,
+        gla_rho=0.55,
+        beta=1.3,
+        gla_clamp_mean=True,
     )
     assert seg.method.name == "proxyclip+gla" and isinstance(seg.options, GLAMethodOptions)
-    assert seg.options.gla == GLAConfig(rho=0.55, beta=1.3, clamp_mean=True)
+    assert seg.options.gla == GLAConfig(rho=0.55, clamp_mean=True)  # beta is ProxyCLIP's, gla_beta GLA's
     assert seg.options.base.beta == 1.3
     assert seg.pipeline.logit_scale == 40.0 and (seg.pipeline.crop, seg.pipeline.stride) == (224, 112)
     with pytest.raises(ovss.OvssError, match="no option"):

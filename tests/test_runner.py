@@ -250,8 +250,8 @@ def test_check_segmenter_reads_composed_gla_options(tiny_clip, tiny_dino, bpe_pa
     from ovss.eval.runner import check_segmenter
 
     setting = resolve("gla-release", "voc21", "proxyclip+gla")
-    assert setting.method_options == {"rho": 0.55, "clamp_mean": True}
+    assert setting.method_options == {"gla_rho": 0.55, "gla_clamp_mean": True}
     kw = dict(clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, **setting.pipeline_kwargs())
     check_segmenter(ovss.load(setting.method, **kw, **setting.method_options), setting)
     with pytest.raises(OvssError, match="rho"):
-        check_segmenter(ovss.load(setting.method, **kw, rho=0.6, clamp_mean=True), setting)
+        check_segmenter(ovss.load(setting.method, **kw, gla_rho=0.6, gla_clamp_mean=True), setting)
