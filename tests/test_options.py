@@ -96,7 +96,7 @@ def test_beta_sets_proxyclip_beta_and_gla_beta_sets_gla_beta():
 
 
 def test_unprefixed_gla_names_and_gla_names_without_gla_get_a_hint():
-    with pytest.raises(OvssError, match="no option 'rho'; options of an attached part carry its prefix: gla_rho"):
+    with pytest.raises(OvssError, match="no option rho; options of an attached part carry its prefix: gla_rho"):
         _resolve("proxyclip+gla", rho=0.55)
     with pytest.raises(OvssError, match="use proxyclip\\+gla or gla=True"):
         ovss.load("proxyclip", clip=MISSING_CLIP, download=False, gla_rho=0.55)

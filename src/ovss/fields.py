@@ -154,10 +154,13 @@ def parse_text(name: str, text: str, hint: Any) -> Any:
 
 
 class CheckedFields:
-    """Mix-in for frozen dataclasses: every field is checked against its annotation when an instance is built."""
+    """Mix-in for frozen dataclasses: every field is checked against its annotation when an instance is built.
+
+    Messages name the owner after the class (``NACLIPOptions`` -> "naclip option attn='kq' is invalid ...").
+    """
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, prefix=type(self).__name__.removesuffix("Options").lower() + " option ")
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:

@@ -128,7 +128,7 @@ def unknown_option_message(method: str, options: Any, keyword: str) -> str:
         hint = f"; options of an attached part carry its prefix: {prefixed[0]}"
     elif keyword.startswith("gla_"):
         hint = f"; GLA options need GLA attached: use {method}+gla or gla=True"
-    return f"method {method!r} has no option {keyword!r}{hint}; its options are: {listing}"
+    return f"method {method!r} has no option {keyword}{hint}; its options are: {listing}"
 
 
 def resolve_options(method: str, options: Any, overrides: Mapping[str, Any], also: Sequence[str] = ()) -> Any:

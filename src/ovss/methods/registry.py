@@ -38,10 +38,13 @@ class LazyRun:
     target: str  # "package.module:function"
     args: tuple[Any, ...] = ()  # leading arguments bound to the function (e.g. the base name of X+gla)
 
-    def __call__(self, backbones: Backbones, batch: WindowBatch, options: Any) -> MethodOutput:
+    def resolve(self) -> Callable[..., MethodOutput]:
+        """The function itself (importing its module, and with it torch, on first use)."""
         module, _, name = self.target.partition(":")
-        fn = getattr(importlib.import_module(module), name)
-        return fn(*self.args, backbones, batch, options)
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, backbones: Backbones, batch: WindowBatch, options: Any) -> MethodOutput:
+        return self.resolve()(*self.args, backbones, batch, options)
 
 
 @dataclass(frozen=True)
