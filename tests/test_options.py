@@ -297,3 +297,10 @@ def test_cli_start_up_does_not_import_torch(argv: list[str], tmp_path: Path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["torch"] is False
     assert result["seconds"] < 1.0  # loose; the 0.3 s target is measured in the README
+
+
+def test_template_choices_are_the_template_sets():
+    from ovss.text.templates import TEMPLATE_SETS
+
+    hint = typing.get_type_hints(PipelineConfig)["templates"]
+    assert set(typing.get_args(hint)) == set(TEMPLATE_SETS)

@@ -45,7 +45,17 @@ def _metavar(hint: Any) -> str:
             words.append("N,N,...")
         else:
             words.append({bool: "true|false", int: "N", float: "X"}.get(alt, "TEXT"))
-    return "{" + "|".join(words) + "}" if len(words) > 1 or "," in words[0] else words[0]
+    literal = any(typing.get_origin(alt) is Literal for alt in alternatives(hint))
+    return "{" + "|".join(words) + "}" if len(words) > 1 or literal else words[0]
+
+
+def _default_text(value: Any) -> str:
+    """A default as it is typed on the command line (``none``, ``8,16``)."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
 
 
 def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip") -> None:
@@ -86,13 +96,13 @@ def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip
     hints = field_types(PipelineConfig)
     for f in fields(PipelineConfig):
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        default = "the method's" if f.default is MISSING else str(f.default).replace(" ", "")
+        default = "the method's" if f.default is MISSING else _default_text(f.default)
         k.add_argument(
             *names,
             dest=f.name,
             type=_flag_type(names[0], hints[f.name]),
             metavar=_metavar(hints[f.name]),
-            help=f"{f.metadata['help']} (default: {default})",
+            help=f"{f.metadata['help']}; default: {default}",
         )
 
 

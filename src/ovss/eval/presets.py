@@ -166,7 +166,7 @@ class ResolvedSetting:
     area_threshold: float | None  # SCLIP area filter share (None: off)
     pamr_steps: int  # PAMR iterations (0: off)
     name_set: str  # plain | bg-rename | full-rename (§6.3)
-    method_options: dict[str, Any]  # keyword options of the method (ovss.load **options)
+    method_options: dict[str, Any]  # method option keywords of ovss.load (GLA's with the prefix gla_)
     overrides: tuple[str, ...] = ()  # fields the caller changed from the preset's values, sorted
 
     def pipeline_kwargs(self) -> dict[str, Any]:
