@@ -22,6 +22,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovss.errors import OvssError
+from ovss.models.normalization import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    OPENAI_MEAN,
+    OPENAI_STD,
+)
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -35,12 +43,6 @@ __all__ = [
 ]
 
 KINDS = ("clip", "vfm", "tokenizer")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation (openai/CLIP clip.py)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)  # used by open_clip's ViT-L-14 laion2b_s32b_b82k
-INCEPTION_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO / DINOv2
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _TIMEOUT_S = 30.0  # seconds a connection may stall before the download is abandoned
 _CHUNK = 1 << 20  # bytes read per network call
 
@@ -59,29 +61,36 @@ class WeightsEntry:
     description: str  # one line for listings
     mean: tuple[float, float, float] | None = None  # RGB mean the model expects (0..1 scale); None for assets
     std: tuple[float, float, float] | None = None  # RGB std the model expects; None for assets
+    heads: tuple[int, int] | None = None  # attention heads (image tower, text tower; text 0 for a VFM)
 
 
-def _openai(name: str, url: str, description: str) -> WeightsEntry:
+# Attention heads (image, text) of the released architectures (open_clip's model configs).
+_B, _L = (12, 8), (16, 12)  # ViT-B/16, ViT-B/32: widths 768 / 512; ViT-L/14: widths 1024 / 768
+
+
+def _openai(name: str, url: str, heads: tuple[int, int], description: str) -> WeightsEntry:
     """An OpenAI CLIP release: the SHA-256 is the hex path component of its URL (as openai/CLIP checks)."""
     filename = url.rsplit("/", 1)[1]
     sha = url.rsplit("/", 2)[1]
     return WeightsEntry(
-        name, url, sha, filename, "openai-jit", "quick_gelu", "clip", description, OPENAI_MEAN, OPENAI_STD
+        name, url, sha, filename, "openai-jit", "quick_gelu", "clip", description, OPENAI_MEAN, OPENAI_STD, heads
     )
 
 
-def _open_clip(name: str, url: str, act: str, description: str, inception: bool = False) -> WeightsEntry:
+def _open_clip(
+    name: str, url: str, act: str, heads: tuple[int, int], description: str, inception: bool = False
+) -> WeightsEntry:
     """An open_clip / MetaCLIP tag ``ARCH/tag``; its cache name is the name with '/' replaced by '-'."""
     filename = name.replace("/", "-") + "." + url.rsplit(".", 1)[1]
     mean, std = (INCEPTION_MEAN, INCEPTION_STD) if inception else (OPENAI_MEAN, OPENAI_STD)
-    return WeightsEntry(name, url, None, filename, "open_clip", act, "clip", description, mean, std)
+    return WeightsEntry(name, url, None, filename, "open_clip", act, "clip", description, mean, std, heads)
 
 
-def _vfm(name: str, url: str, fmt: str, description: str) -> WeightsEntry:
+def _vfm(name: str, url: str, fmt: str, heads: int, description: str) -> WeightsEntry:
     """A self-supervised ViT (DINO / DINOv2) from dl.fbaipublicfiles.com; both use nn.GELU."""
     filename = url.rsplit("/", 1)[1]
     return WeightsEntry(
-        name, url, None, filename, fmt, "gelu", "vfm", description, IMAGENET_MEAN, IMAGENET_STD
+        name, url, None, filename, fmt, "gelu", "vfm", description, IMAGENET_MEAN, IMAGENET_STD, (heads, 0)
     )
 
 
@@ -93,39 +102,46 @@ _ENTRIES = (
     _openai(
         "ViT-B/16",
         f"{_OPENAI_URL}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        _B,
         "OpenAI CLIP ViT-B/16, 224 px (default)",
     ),
     _openai(
         "ViT-B/32",
         f"{_OPENAI_URL}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+        _B,
         "OpenAI CLIP ViT-B/32, 224 px",
     ),
     _openai(
         "ViT-L/14",
         f"{_OPENAI_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        _L,
         "OpenAI CLIP ViT-L/14, 224 px",
     ),
     _openai(
         "ViT-L/14@336px",
         f"{_OPENAI_URL}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+        _L,
         "OpenAI CLIP ViT-L/14, 336 px",
     ),
     _open_clip(
         "ViT-B-16/laion2b_s34b_b88k",
         f"{_HF}/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin",
         "gelu",
+        _B,
         "OpenCLIP ViT-B/16 trained on LAION-2B",
     ),
     _open_clip(
         "ViT-B-32/laion2b_s34b_b79k",
         f"{_HF}/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/open_clip_pytorch_model.bin",
         "gelu",
+        _B,
         "OpenCLIP ViT-B/32 trained on LAION-2B",
     ),
     _open_clip(
         "ViT-L-14/laion2b_s32b_b82k",
         f"{_HF}/laion/CLIP-ViT-L-14-laion2B-s32B-b82K/resolve/main/open_clip_pytorch_model.bin",
         "gelu",
+        _L,
         "OpenCLIP ViT-L/14 trained on LAION-2B (inputs normalised with mean = std = 0.5)",
         inception=True,
     ),
@@ -133,12 +149,14 @@ _ENTRIES = (
         "ViT-B-16-quickgelu/metaclip_400m",
         "https://dl.fbaipublicfiles.com/MMPT/metaclip/b16_400m.pt",
         "quick_gelu",
+        _B,
         "MetaCLIP ViT-B/16 trained on 400M curated pairs",
     ),
     _open_clip(
         "ViT-L-14-quickgelu/metaclip_400m",
         "https://dl.fbaipublicfiles.com/MMPT/metaclip/l14_400m.pt",
         "quick_gelu",
+        _L,
         "MetaCLIP ViT-L/14 trained on 400M curated pairs",
     ),
     WeightsEntry(
@@ -155,30 +173,30 @@ _ENTRIES = (
         "dino-vitb8",
         f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
         "dino",
+        12,
         "DINO ViT-B/8 (default VFM)",
     ),
-    _vfm(
-        "dino-vitb16", f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "dino", "DINO ViT-B/16"
-    ),
-    _vfm(
-        "dino-vits8", f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "dino", "DINO ViT-S/8"
-    ),
+    _vfm("dino-vitb16", f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "dino", 12, "DINO ViT-B/16"),
+    _vfm("dino-vits8", f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "dino", 6, "DINO ViT-S/8"),
     _vfm(
         "dino-vits16",
         f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
         "dino",
+        6,
         "DINO ViT-S/16",
     ),
     _vfm(
         "dinov2-vitb14-reg",
         f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
         "dinov2",
+        12,
         "DINOv2 ViT-B/14 with 4 registers",
     ),
     _vfm(
         "dinov2-vitl14-reg",
         f"{_DINOV2}/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
         "dinov2",
+        16,
         "DINOv2 ViT-L/14 with 4 registers",
     ),
 )

@@ -229,16 +229,24 @@ def resize_short_side(
 
 
 def clip_normalize(
-    image: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    image: np.ndarray,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
 ) -> torch.Tensor:
-    """Normalise an RGB image with CLIP's statistics: (pixel - mean) / std on the 0-255 scale.
+    """Normalise an RGB image with a CLIP model's statistics: (pixel - mean) / std on the 0-255 scale.
 
-    The arithmetic is done in float32 (on ``device``); the result is then cast to ``dtype``.
+    The arithmetic is done in float32 (on ``device``); the result is then cast to ``dtype``. The default
+    statistics are mmseg's rounded OpenAI values; a model's own come from
+    ``clip.input_norm.pixel_statistics()`` (:class:`ovss.models.normalization.InputNorm`).
 
     Args:
         image: (H, W, 3) uint8 RGB image.
         device: device of the returned tensor.
         dtype: dtype of the returned tensor.
+        mean: per-channel RGB mean on the 0-255 scale.
+        std: per-channel RGB standard deviation on the 0-255 scale (> 0).
 
     Returns:
         (3, H, W) tensor, channel order RGB, values roughly in [-1.8, 2.2].
@@ -253,9 +261,9 @@ def clip_normalize(
         )
     pixels = torch.tensor(image, device=device)  # (H, W, 3) uint8
     pixels = pixels.permute(2, 0, 1).to(torch.float32)  # (3, H, W)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    normalized = (pixels - mean) / std  # (3, H, W)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
+    normalized = (pixels - mean_t) / std_t  # (3, H, W)
     return normalized.to(dtype).contiguous()
 
 
