@@ -267,10 +267,15 @@ def clip_normalize(
     return normalized.to(dtype).contiguous()
 
 
-def imagenet_from_clip(x: torch.Tensor) -> torch.Tensor:
+def imagenet_from_clip(
+    x: torch.Tensor,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> torch.Tensor:
     """Re-normalise CLIP-normalised pixels with ImageNet statistics (the input DINO expects).
 
-    pixel01 = (x * CLIP_STD + CLIP_MEAN) / 255, then (pixel01 - IMAGENET_MEAN) / IMAGENET_STD, computed in
+    ``mean`` / ``std`` are the 0-255 statistics ``x`` was normalised with (default mmseg's OpenAI values).
+    pixel01 = (x * std + mean) / 255, then (pixel01 - IMAGENET_MEAN) / IMAGENET_STD, computed in
     float32 and returned in ``x.dtype``. A pure per-channel affine map: apply any zero padding after it.
 
     Args:
@@ -284,8 +289,8 @@ def imagenet_from_clip(x: torch.Tensor) -> torch.Tensor:
     """
     if x.ndim < 3 or x.shape[-3] != 3:
         raise ValueError(f"expected a (..., 3, H, W) tensor, got shape {tuple(x.shape)}")
-    clip_mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
-    clip_std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    clip_mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    clip_std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     unit_pixels = (x.to(torch.float32) * clip_std + clip_mean) / 255.0  # (..., 3, H, W) in [0, 1]
