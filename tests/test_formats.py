@@ -267,7 +267,7 @@ def test_width_not_multiple_of_64_is_rejected(sd: dict[str, Tensor], tmp_path: P
                 value = value.narrow(dim, 0, sizes.get(size, size))
         narrow[key] = value
     torch.save(narrow, tmp_path / "x.bin")
-    loaded, info = load_clip_state_dict(tmp_path / "x.bin")  # the tensors are fine; the heads are unknown
+    _, info = load_clip_state_dict(tmp_path / "x.bin")  # the tensors are fine; the heads are unknown
     assert info.vision_heads is None
     message = r"x.bin: the vision tower has width 96, not a multiple of 64, and nothing says how many attention"
     with pytest.raises(OvssError, match=message):

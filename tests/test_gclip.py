@@ -405,7 +405,7 @@ def test_fixed_blocks_scale_to_the_depth(depth, fixed, cs_start, small):
 
 def test_unscaled_fixed_blocks_are_checked_against_the_depth():
     assert resolve_blocks(GCLIPOptions(scale_blocks=False, fixed_block=2, cs_start=3), 6) == (2, 3)
-    with pytest.raises(OvssError, match="fixed_block 6 .* outside 0..4 of a 6-block CLIP"):
+    with pytest.raises(OvssError, match=r"fixed_block 6 .* outside 0..4 of a 6-block CLIP"):
         resolve_blocks(GCLIPOptions(scale_blocks=False), 6)
-    with pytest.raises(OvssError, match="fixed_block 11 .* of a 12-block CLIP"):
+    with pytest.raises(OvssError, match=r"fixed_block 11 .* of a 12-block CLIP"):
         resolve_blocks(GCLIPOptions(fixed_block=11), 6)  # scaled indices must be valid for 12 blocks
