@@ -39,6 +39,8 @@ __all__ = [
     "WeightsEntry",
     "available_models",
     "cache_dir",
+    "describe_file",
+    "needed_files",
     "resolve",
 ]
 
@@ -239,7 +241,14 @@ def cache_dir() -> Path:
     return Path("~/.cache/ovss").expanduser()
 
 
-def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, progress: bool = True) -> Path:
+def resolve(
+    name_or_path: str,
+    kind: str = "clip",
+    *,
+    download: bool = True,
+    progress: bool = True,
+    cache: str | os.PathLike[str] | None = None,
+) -> Path:
     """The local file for a registered name or a path, downloading a registered file if it is not cached.
 
     Args:
@@ -249,6 +258,7 @@ def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, pro
         download: allow a network download when the file is not cached. ``OVSS_OFFLINE=1`` or
             ``HF_HUB_OFFLINE=1`` in the environment forbid it too.
         progress: show a tqdm progress bar on stderr while downloading.
+        cache: the cache folder to use instead of :func:`cache_dir`.
 
     Returns:
         Path of the file: ``cache_dir() / entry.filename`` for a registered name.
@@ -276,7 +286,8 @@ def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, pro
             f"'{entry.name}' names {_LABELS[entry.kind]}, not {_LABELS[kind]}; "
             f"choose one of: {', '.join(available_models(kind))}"
         )
-    target = cache_dir() / entry.filename
+    folder = Path(cache).expanduser() if cache is not None else cache_dir()
+    target = folder / entry.filename
     if target.is_file():
         _check_cached(entry, target)
         return target
@@ -287,12 +298,41 @@ def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, pro
             return target
         except (OSError, http.client.HTTPException, ValueError) as e:  # HTTP errors, timeouts, DNS, bad URL
             reason = _describe(e)
+    missing = [e for e in needed_files(entry.name) if e is entry or not (folder / e.filename).is_file()]
+    files = "; ".join(describe_file(e) for e in missing)
+    them = "them" if len(missing) > 1 else "it"
     raise OvssError(
         f"{_LABELS[kind]} '{entry.name}' {_VERBS[kind]} not cached at {target} "
-        f"and could not be downloaded ({reason}). "
-        f"Supply a local file with {_SUPPLY[kind]}, copy {entry.filename} to {target.parent}, "
-        "or set OVSS_CACHE to a folder that holds it."
+        f"and could not be downloaded ({reason}). Needed: {files}. "
+        f"Fetch {them} elsewhere (`ovss download {entry.name}` fills a cache folder) and copy {them} to "
+        f"{target.parent}, supply a local file with {_SUPPLY[kind]}, or set OVSS_CACHE to a folder that "
+        f"holds {them}."
     )
+
+
+def needed_files(name: str) -> list[WeightsEntry]:
+    """The registered files a name needs to run offline: itself, and for CLIP weights the BPE vocabulary.
+
+    The vocabulary is left out when ``OVSS_BPE_PATH`` names a local one.
+
+    Raises:
+        OvssError: ``name`` is not registered.
+    """
+    entry = REGISTRY.get(name)
+    if entry is None:
+        names = available_models()
+        close = difflib.get_close_matches(name, names, n=len(names), cutoff=0.0)
+        raise OvssError(f"'{name}' is not a registered name; available (closest first): {', '.join(close)}")
+    files = [entry]
+    if entry.kind == "clip" and not os.environ.get("OVSS_BPE_PATH"):
+        files.append(REGISTRY["clip-bpe"])
+    return files
+
+
+def describe_file(entry: WeightsEntry) -> str:
+    """``file <- URL (SHA-256 ...)``: what to fetch by hand for a registered file."""
+    digest = entry.sha256 or "not registered; recorded at first use"
+    return f"{entry.filename} <- {entry.url} (SHA-256 {digest})"
 
 
 def _check_kind(kind: str) -> None:
@@ -325,6 +365,12 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def recorded_digest(target: Path) -> str:
+    """The SHA-256 recorded beside a cached file without a registered digest (computed if none is)."""
+    record = _record_path(target)
+    return record.read_text().split()[0] if record.is_file() else _sha256(target)
 
 
 def _record_path(target: Path) -> Path:
