@@ -250,6 +250,9 @@ def test_registry_contents() -> None:
     assert available_models() == list(hub.REGISTRY)
     entries = list(hub.REGISTRY.values())
     assert len({e.filename for e in entries}) == len(entries)  # one cache folder, no collisions
+    for entry in entries:  # the architecture facts the weights cannot tell are registered
+        assert (entry.heads is None) == (entry.kind == "tokenizer"), entry.name
+    assert hub.REGISTRY["ViT-L/14"].heads == (16, 12) and hub.REGISTRY["dino-vits8"].heads == (6, 0)
     for entry in entries:
         assert entry.kind in hub.KINDS and entry.url.startswith("https://")
         assert entry.sha256 is None or (len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0)
