@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ovss
 from ovss.api import load_clip
@@ -172,3 +173,21 @@ def test_vfm_input_undoes_the_clip_statistics(tiny_clip, tiny_dino) -> None:
     for pixels in seen:
         torch.testing.assert_close(pixels, direct[None], atol=1e-5, rtol=0)
     assert len(seen) == 2
+
+
+def test_vision_only_checkpoint_in_the_cli_fails_once_before_any_image(
+    bpe_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ovss.cli.main import main
+
+    sd = {k: v for k, v in tiny_clip_state_dict(seed=8).items() if k.startswith("visual.")}
+    weights = save_open_clip(sd, tmp_path / "vision-only.bin", "bin")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    args = ["segment", str(images), "--labels", "a, b", "--clip", str(weights), "--tokenizer", str(bpe_path)]
+    code = main([*args, "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "only vision weights (no text tower)" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
