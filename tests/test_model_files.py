@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 import ovss
@@ -19,8 +20,6 @@ from ovss.models.normalization import InputNorm
 from ovss.pipeline.image import clip_normalize
 from ovss.text.tokenizer import EOT_TOKEN, SOT_TOKEN, bytes_to_unicode
 from tiny import save_open_clip, tiny_clip_state_dict
-
-transformers = pytest.importorskip("transformers")  # the independent reference (test extra)
 
 VOCAB = 514  # 2 x 256 byte symbols + <|startoftext|> + <|endoftext|>: the smallest CLIP-style vocabulary
 
