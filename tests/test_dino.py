@@ -373,3 +373,52 @@ def test_errors_are_one_line_ovss_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OvssError, match="holds none of"):
         load_vfm(str(tmp_path / "empty"), download=False)
+
+
+def test_hugging_face_dinov2_heads_come_from_its_config(tmp_path):
+    """A 4-head Dinov2 (width 128: width // 64 says 2) saved by transformers runs as transformers runs it."""
+    import transformers  # the independent reference (test extra)
+
+    from ovss.api import load_vfm as api_load_vfm
+
+    config = transformers.Dinov2Config(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, patch_size=14, image_size=56
+    )
+    torch.manual_seed(0)
+    reference = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference.save_pretrained(tmp_path / "dinov2")
+    model, record = api_load_vfm(str(tmp_path / "dinov2"), download=False)
+    assert model.cfg.heads == 4 and record["vfm_heads"] == 4 and record["vfm_format"] == "hf-dinov2"
+    assert record["vfm_positions"].startswith("original-release interpolation")
+    pixels = _pixels(56, 56)  # the pretrained 4 x 4 grid: no position interpolation on either side
+    with torch.no_grad():
+        theirs = reference(pixel_values=pixels).last_hidden_state  # (B, 1 + 16, D) after the final norm
+    torch.testing.assert_close(model(pixels), theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_vfm_reader_is_the_shared_checkpoint_reader(tmp_path):
+    """DINO weights in a TorchScript archive (as CLIP ships) load through the one reader."""
+    import warnings
+
+    from ovss.models.checkpoint import read_checkpoint
+
+    sd = dino_state_dict(9)
+    root = torch.nn.Module()
+    for key, value in sd.items():
+        *path, leaf = key.split(".")
+        module = root
+        for name in path:
+            if not hasattr(module, name):
+                module.add_module(name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(root).save(str(tmp_path / "dino.pt"))
+    assert read_checkpoint(tmp_path / "dino.pt", "VFM", "fix")[1] == "jit"
+    model, record = load_vfm(str(tmp_path / "dino.pt"), download=False)
+    assert record["format"] == "dino"
+    _assert_same_weights(model, sd)

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ovss.api import load_clip
 from ovss.errors import OvssError
-from ovss.models.formats import CheckpointInfo, load_clip_state_dict, require_text_tower
+from ovss.models.formats import load_clip_state_dict, require_text_tower
 from tiny import (
     openai_to_hf,
     save_hf,
@@ -66,7 +67,12 @@ def test_round_trip_every_format(writer: str, sd: dict[str, Tensor], tmp_path: P
     path = write(sd, tmp_path)
     loaded, info = load_clip_state_dict(path)
     assert_same(loaded, sd)
-    assert info == CheckpointInfo(format=fmt, act=act, source=str(path), has_text=True)
+    assert (info.format, info.act, info.source, info.has_text) == (fmt, act, str(path), True)
+    hf = fmt == "hf"  # only Hugging Face folders carry a config.json that declares the heads
+    assert (info.vision_heads, info.text_heads) == ((2, 2) if hf else (None, None))
+    folder = path if path.is_dir() else path.parent
+    assert info.configs == ((str(folder / "config.json"),) if hf else ())
+    assert info.input_norm is None
 
 
 def test_tiny_state_dict_is_deterministic_and_realistic() -> None:
@@ -261,8 +267,16 @@ def test_width_not_multiple_of_64_is_rejected(sd: dict[str, Tensor], tmp_path: P
                 value = value.narrow(dim, 0, sizes.get(size, size))
         narrow[key] = value
     torch.save(narrow, tmp_path / "x.bin")
-    with pytest.raises(OvssError, match=r"the vision width 96 is not a multiple of 64"):
-        load_clip_state_dict(tmp_path / "x.bin")
+    _, info = load_clip_state_dict(tmp_path / "x.bin")  # the tensors are fine; the heads are unknown
+    assert info.vision_heads is None
+    message = r"x.bin: the vision tower has width 96, not a multiple of 64, and nothing says how many attention"
+    with pytest.raises(OvssError, match=message):
+        load_clip(tmp_path / "x.bin")
+    config = {"vision_cfg": {"width": 96, "head_width": 32}, "text_cfg": {"width": 128, "heads": 2}}
+    (tmp_path / "x.json").write_text(json.dumps(config))  # an OpenCLIP model config beside it says
+    model, record = load_clip(tmp_path / "x.bin")
+    assert model.visual.transformer.resblocks[0].attn.heads == 3
+    assert record["clip_configs"] == [str(tmp_path / "x.json")]
 
 
 def test_resnet_clip_is_rejected(tmp_path: Path) -> None:

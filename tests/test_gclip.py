@@ -20,7 +20,7 @@ from ovss.methods.channel_suppression import (
     suppressed_fc2_weights,
 )
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
-from ovss.methods.gclip import AttentionFusion, GCLIPOptions, has_global_tokens
+from ovss.methods.gclip import AttentionFusion, GCLIPOptions, has_global_tokens, resolve_blocks
 from ovss.models.clip import build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.windows import Padding, Window
@@ -385,3 +385,27 @@ def test_batched_windows_equal_one_by_one(planted, pixels):
 def test_bad_options_raise(vit, small, overrides):
     with pytest.raises(OvssError, match="gclip"):
         _run(vit, small[:1, :, :32, :32], **overrides)
+
+
+@pytest.mark.parametrize(("depth", "fixed", "cs_start"), [(3, 0, 2), (6, 3, 4), (24, 12, 14)])
+def test_fixed_blocks_scale_to_the_depth(depth, fixed, cs_start, small):
+    """ViT-B/16's blocks 6 (AMF) and 7 (CS) move to the same relative depth of shallower / deeper CLIPs."""
+    shallow = _vit(tiny_clip_state_dict(seed=2, layers=depth, width=64, text_layers=1))
+    window = small[:1, :, :64, :64]
+    out = _run(shallow, window, detector="fixed", cs_start=7)
+    assert out.window_info["fused_blocks"] == [[fixed, fixed + 1]]
+    assert out.info["gclip"]["fixed_block"] == fixed and out.info["gclip"]["cs_start"] == cs_start
+    assert resolve_blocks(GCLIPOptions(cs_start=7), depth) == (fixed, cs_start)
+    # the fallback of the default detector uses the scaled block too, and the output is finite
+    auto = _run(shallow, window)
+    if auto.window_info["detector_fallback"][0]:
+        assert auto.window_info["global_block"] == [fixed]
+    assert torch.isfinite(auto.tokens).all()
+
+
+def test_unscaled_fixed_blocks_are_checked_against_the_depth():
+    assert resolve_blocks(GCLIPOptions(scale_blocks=False, fixed_block=2, cs_start=3), 6) == (2, 3)
+    with pytest.raises(OvssError, match=r"fixed_block 6 .* outside 0..4 of a 6-block CLIP"):
+        resolve_blocks(GCLIPOptions(scale_blocks=False), 6)
+    with pytest.raises(OvssError, match=r"fixed_block 11 .* of a 12-block CLIP"):
+        resolve_blocks(GCLIPOptions(fixed_block=11), 6)  # scaled indices must be valid for 12 blocks

@@ -70,9 +70,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def register(
-    monkeypatch: pytest.MonkeyPatch, url: str, sha256: str | None, name: str = "tiny"
-) -> WeightsEntry:
+def register(monkeypatch: pytest.MonkeyPatch, url: str, sha256: str | None, name: str = "tiny") -> WeightsEntry:
     entry = replace(hub.REGISTRY["ViT-B/16"], name=name, url=url, sha256=sha256, filename="tiny.pt")
     monkeypatch.setitem(hub.REGISTRY, name, entry)
     return entry
@@ -93,9 +91,7 @@ def test_download_caches_verifies_and_reuses(
     assert server.hits == ["/tiny.pt"]  # later resolves do not touch the network
 
 
-def test_checksum_mismatch_leaves_nothing_behind(
-    server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_checksum_mismatch_leaves_nothing_behind(server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = "0" * 64
     register(monkeypatch, f"{server.url}/tiny.pt", wrong)
     with pytest.raises(OvssError) as error:
@@ -104,24 +100,18 @@ def test_checksum_mismatch_leaves_nothing_behind(
     assert list(cache.iterdir()) == []
 
 
-def test_unknown_digest_is_recorded_then_enforced(
-    server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unknown_digest_is_recorded_then_enforced(server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register(monkeypatch, f"{server.url}/tiny.pt", None)
     path = resolve("tiny", progress=False)
     record = cache / "tiny.pt.sha256"
     assert record.read_text().split() == [PAYLOAD_SHA, "tiny.pt"]
     assert resolve("tiny") == path and server.hits == ["/tiny.pt"]
     path.write_bytes(PAYLOAD[:-1] + b"x")  # the cached file changes behind our back
-    with pytest.raises(
-        OvssError, match=rf"cached file .*tiny\.pt for 'tiny' has SHA-256 \w+, expected {PAYLOAD_SHA}"
-    ):
+    with pytest.raises(OvssError, match=rf"cached file .*tiny\.pt for 'tiny' has SHA-256 \w+, expected {PAYLOAD_SHA}"):
         resolve("tiny")
 
 
-def test_cached_file_with_wrong_registered_digest_is_refused(
-    cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cached_file_with_wrong_registered_digest_is_refused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register(monkeypatch, "http://127.0.0.1:9/tiny.pt", PAYLOAD_SHA)
     cache.mkdir()
     (cache / "tiny.pt").write_bytes(b"something else")
@@ -147,23 +137,30 @@ def test_offline_mode_names_file_cache_and_flag(
 ) -> None:
     register(monkeypatch, f"{server.url}/tiny.pt", PAYLOAD_SHA)
     monkeypatch.setenv(variable, "1")
+    monkeypatch.delenv("OVSS_BPE_PATH", raising=False)
     with pytest.raises(OvssError) as error:
         resolve("tiny")
     message = str(error.value)
+    bpe = hub.REGISTRY["clip-bpe"]
     assert message == (
         f"CLIP weights 'tiny' are not cached at {cache / 'tiny.pt'} and could not be downloaded "
-        f"(offline mode: {variable}=1). Supply a local file with --clip PATH (or clip=PATH), copy tiny.pt to "
-        f"{cache}, or set OVSS_CACHE to a folder that holds it."
+        f"(offline mode: {variable}=1). Needed: tiny.pt <- {server.url}/tiny.pt (SHA-256 {PAYLOAD_SHA}); "
+        f"{bpe.filename} <- {bpe.url} (SHA-256 {bpe.sha256}). Fetch them elsewhere (`ovss download tiny` fills "
+        f"a cache folder) and copy them to {cache}, supply a local file with --clip PATH (or clip=PATH), or set "
+        "OVSS_CACHE to a folder that holds them."
     )
+    assert "\n" not in message
+    cache.mkdir()
+    (cache / bpe.filename).write_bytes(b"cached vocabulary")  # a cached vocabulary is not listed again
+    with pytest.raises(OvssError, match=r"Needed: tiny.pt <- \S+ \(SHA-256 [0-9a-f]{64}\)\. Fetch it elsewhere"):
+        resolve("tiny")
     assert server.hits == []
 
 
-def test_network_failures_become_clear_errors(
-    server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_network_failures_become_clear_errors(server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     register(monkeypatch, f"{server.url}/missing.pt", PAYLOAD_SHA)
     with pytest.raises(
-        OvssError, match=r"could not be downloaded \(HTTP 404 .*\)\. Supply a local file with --clip"
+        OvssError, match=r"could not be downloaded \(HTTP 404 .*\)\. Needed: .*supply a local file with --clip"
     ):
         resolve("tiny", progress=False)
     with pytest.raises(OvssError, match=r"could not be downloaded \(downloads disabled"):
@@ -173,13 +170,9 @@ def test_network_failures_become_clear_errors(
 
 def test_vfm_and_tokenizer_messages_name_their_flags(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OVSS_OFFLINE", "1")
-    with pytest.raises(
-        OvssError, match=r"^VFM weights 'dino-vitb8' are not cached .*--vfm PATH \(or vfm=PATH\)"
-    ):
+    with pytest.raises(OvssError, match=r"^VFM weights 'dino-vitb8' are not cached .*--vfm PATH \(or vfm=PATH\)"):
         resolve("dino-vitb8", kind="vfm")
-    with pytest.raises(
-        OvssError, match=r"^Tokenizer vocabulary 'clip-bpe' is not cached .*OVSS_BPE_PATH=PATH"
-    ):
+    with pytest.raises(OvssError, match=r"^Tokenizer vocabulary 'clip-bpe' is not cached .*OVSS_BPE_PATH=PATH"):
         resolve("clip-bpe", kind="tokenizer")
 
 
@@ -257,6 +250,9 @@ def test_registry_contents() -> None:
     assert available_models() == list(hub.REGISTRY)
     entries = list(hub.REGISTRY.values())
     assert len({e.filename for e in entries}) == len(entries)  # one cache folder, no collisions
+    for entry in entries:  # the architecture facts the weights cannot tell are registered
+        assert (entry.heads is None) == (entry.kind == "tokenizer"), entry.name
+    assert hub.REGISTRY["ViT-L/14"].heads == (16, 12) and hub.REGISTRY["dino-vits8"].heads == (6, 0)
     for entry in entries:
         assert entry.kind in hub.KINDS and entry.url.startswith("https://")
         assert entry.sha256 is None or (len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0)
@@ -276,3 +272,40 @@ def test_registry_contents() -> None:
 def test_registered_bpe_digest_matches_the_shared_asset(assets_dir: Path) -> None:
     data = (assets_dir / "clip-bpe-vocab" / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     assert hashlib.sha256(data).hexdigest() == hub.REGISTRY["clip-bpe"].sha256
+
+
+def test_download_command_fills_a_cache_with_weights_and_vocabulary(
+    server: Server, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ovss.cli.main import main
+
+    monkeypatch.delenv("OVSS_BPE_PATH", raising=False)
+    register(monkeypatch, f"{server.url}/tiny.pt", None)
+    vocab = b"not really a vocabulary"
+    (server.root / "vocab.gz").write_bytes(vocab)
+    bpe = replace(hub.REGISTRY["clip-bpe"], url=f"{server.url}/vocab.gz", sha256=hashlib.sha256(vocab).hexdigest())
+    monkeypatch.setitem(hub.REGISTRY, "clip-bpe", bpe)
+    target = tmp_path / "for-the-cluster"
+    assert main(["download", "tiny", "--cache", str(target), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(server.hits) == ["/tiny.pt", "/vocab.gz"]
+    assert (target / "tiny.pt").read_bytes() == PAYLOAD and (target / bpe.filename).read_bytes() == vocab
+    assert f"tiny: {target / 'tiny.pt'} (SHA-256 {PAYLOAD_SHA})" in out
+    assert not cache.exists()  # the usual cache was not touched
+    # offline, with the copied folder as cache, everything resolves without the network
+    monkeypatch.setenv("OVSS_CACHE", str(target))
+    monkeypatch.setenv("OVSS_OFFLINE", "1")
+    assert resolve("tiny") == target / "tiny.pt" and resolve("clip-bpe", kind="tokenizer") == target / bpe.filename
+    assert main(["download", "nope"]) == 2
+    assert "'nope' is not a registered name" in capsys.readouterr().err
+    assert len(server.hits) == 2
+
+
+def test_load_resolves_the_vocabulary_before_any_image(tiny_clip, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ovss
+
+    monkeypatch.delenv("OVSS_BPE_PATH", raising=False)
+    monkeypatch.setenv("OVSS_OFFLINE", "1")
+    bpe = hub.REGISTRY["clip-bpe"]
+    with pytest.raises(OvssError, match=rf"^Tokenizer vocabulary 'clip-bpe' is not cached .*{bpe.sha256}"):
+        ovss.load("clearclip", clip=tiny_clip)

@@ -193,17 +193,18 @@ def test_load_tokenizer_sources_and_cache(
     assert load_tokenizer() is from_gz
 
     monkeypatch.delenv("OVSS_BPE_PATH")
-    calls: list[tuple[str, str]] = []
+    calls: list[tuple[str, str, bool]] = []
 
-    def fake_resolve(name: str, kind: str = "clip") -> Path:
-        calls.append((name, kind))
+    def fake_resolve(name: str, kind: str = "clip", download: bool = True) -> Path:
+        calls.append((name, kind, download))
         return hf_dir
 
     fake_hub = types.ModuleType("ovss.hub")
     fake_hub.resolve = fake_resolve  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ovss.hub", fake_hub)
     assert load_tokenizer() is from_hf
-    assert calls == [("clip-bpe", "tokenizer")]
+    assert load_tokenizer(download=False) is from_hf
+    assert calls == [("clip-bpe", "tokenizer", True), ("clip-bpe", "tokenizer", False)]
 
 
 def test_load_tokenizer_errors(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from ovss.methods.registry import with_gla
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
-from ovss.text.tokenizer import Tokenizer
+from ovss.text.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {
     "fp32": torch.float32,
@@ -45,18 +45,24 @@ def load_clip(
 ) -> tuple[CLIP, dict[str, Any]]:
     """Load CLIP weights by registry name or local file/folder (OpenAI .pt, OpenCLIP, Hugging Face).
 
+    What the tensors cannot say comes from the registry entry of a named checkpoint, else from the configs
+    beside a local file (see :func:`ovss.models.formats.load_clip_state_dict`): the MLP activation, the
+    attention heads of each tower (default width // 64) and the RGB input statistics (default OpenAI's).
+
     Args:
         clip: a name from :func:`ovss.available_models`, a local weight file or HF folder, or a built model.
         act: MLP activation override ("quick_gelu" or "gelu"); default from the file or the registry entry.
         download: allow downloading registry weights that are not cached.
 
     Returns:
-        The model (CPU, fp32, eval) and a record of where it came from (name, path, format, activation).
+        The model (CPU, fp32, eval) and a record of where it came from (name, path, format, activation,
+        heads, input statistics and the config files read).
     """
     if isinstance(clip, CLIP):
-        return clip, {"clip": "<in-memory model>"}
+        return clip, {"clip": "<in-memory model>", "clip_input_norm": clip.input_norm.record()}
     from ovss import hub
     from ovss.models.formats import load_clip_state_dict
+    from ovss.models.normalization import InputNorm
 
     name = str(clip)
     path = hub.resolve(name, kind="clip", download=download)
@@ -65,8 +71,30 @@ def load_clip(
     chosen = act or info.act or (entry.act if entry is not None else None) or "quick_gelu"
     if chosen not in ("quick_gelu", "gelu"):
         raise OvssError(f"unknown activation {chosen!r}; use quick_gelu or gelu")
-    model = build_clip(state_dict, act=chosen)
-    record = {"clip": name, "clip_path": str(Path(path)), "clip_format": info.format, "clip_act": chosen}
+    vision_heads, text_heads = info.vision_heads, info.text_heads
+    norm = info.input_norm or InputNorm()
+    if entry is not None and entry.kind == "clip":
+        if entry.heads is not None:
+            vision_heads, text_heads = entry.heads
+        if entry.mean is not None and entry.std is not None:
+            norm = InputNorm(entry.mean, entry.std, f"registry entry '{entry.name}'")
+    model = build_clip(
+        state_dict,
+        act=chosen,
+        vision_heads=vision_heads,
+        text_heads=text_heads if info.has_text else None,
+        input_norm=norm,
+        source=str(path),
+    )
+    record = {
+        "clip": name,
+        "clip_path": str(Path(path)),
+        "clip_format": info.format,
+        "clip_act": chosen,
+        "clip_heads": [model.visual.cfg.heads, None if model.text is None else model.text.cfg.heads],
+        "clip_input_norm": norm.record(),
+        "clip_configs": list(info.configs),
+    }
     if entry is not None and entry.sha256:
         record["clip_sha256"] = entry.sha256
     return model, record
@@ -74,13 +102,16 @@ def load_clip(
 
 def load_vfm(vfm: str | os.PathLike[str] | VisionTransformer | None, download: bool) -> tuple[Any, dict[str, Any]]:
     """Load the vision foundation model of a DINO-guided method (default ``dino-vitb8``)."""
+    from ovss.models.dino import position_record
+
     if isinstance(vfm, VisionTransformer):
-        return vfm, {"vfm": "<in-memory model>"}
+        return vfm, {"vfm": "<in-memory model>", "vfm_positions": position_record(vfm)}
     from ovss import hub
     from ovss.models.dino import load_vfm as load_vfm_weights
 
     model, rec = load_vfm_weights(str(vfm or hub.DEFAULT_VFM), download=download)
-    return model, {"vfm": rec.get("name"), "vfm_path": rec.get("path"), "vfm_format": rec.get("format")}
+    record = {"vfm": rec.get("name"), "vfm_path": rec.get("path"), "vfm_format": rec.get("format")}
+    return model, {**record, "vfm_heads": model.cfg.heads, "vfm_positions": position_record(model)}
 
 
 def load(
@@ -110,7 +141,9 @@ def load(
         dtype: backbone precision: torch.float32 (default), or torch.bfloat16 / torch.float16 ("bf16", "fp16")
             to autocast the backbones' matrix products; weights stay fp32, and similarities, proxies,
             normalisation, softmax and merging always run in fp32.
-        tokenizer: BPE vocabulary file or HF tokenizer folder; default: downloaded once and cached.
+        tokenizer: BPE vocabulary file or HF tokenizer folder; default: a Hugging Face CLIP folder's own
+            ``vocab.json`` + ``merges.txt``, else ``OVSS_BPE_PATH``, else downloaded once and cached. It is
+            loaded here, so a missing vocabulary fails at load, not at the first prediction.
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
         **settings: pipeline settings and method options, checked against their declared types.
@@ -139,6 +172,8 @@ def load(
     config = pipeline_config(spec, {key: value for key, value in settings.items() if key in PIPELINE_KEYS})
     torch_dtype = resolve_dtype(dtype)
     model, record = load_clip(clip, act=act, download=download)
+    if model.text is not None and not isinstance(tokenizer, Tokenizer):  # at load: fail before any image is read
+        tokenizer = load_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
     vfm_model = None
     if spec.needs_vfm:

@@ -22,6 +22,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovss.errors import OvssError
+from ovss.models.normalization import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    OPENAI_MEAN,
+    OPENAI_STD,
+)
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -31,16 +39,12 @@ __all__ = [
     "WeightsEntry",
     "available_models",
     "cache_dir",
+    "describe_file",
+    "needed_files",
     "resolve",
 ]
 
 KINDS = ("clip", "vfm", "tokenizer")
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation (openai/CLIP clip.py)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)  # used by open_clip's ViT-L-14 laion2b_s32b_b82k
-INCEPTION_STD = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO / DINOv2
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _TIMEOUT_S = 30.0  # seconds a connection may stall before the download is abandoned
 _CHUNK = 1 << 20  # bytes read per network call
 
@@ -59,29 +63,36 @@ class WeightsEntry:
     description: str  # one line for listings
     mean: tuple[float, float, float] | None = None  # RGB mean the model expects (0..1 scale); None for assets
     std: tuple[float, float, float] | None = None  # RGB std the model expects; None for assets
+    heads: tuple[int, int] | None = None  # attention heads (image tower, text tower; text 0 for a VFM)
 
 
-def _openai(name: str, url: str, description: str) -> WeightsEntry:
+# Attention heads (image, text) of the released architectures (open_clip's model configs).
+_B, _L = (12, 8), (16, 12)  # ViT-B/16, ViT-B/32: widths 768 / 512; ViT-L/14: widths 1024 / 768
+
+
+def _openai(name: str, url: str, heads: tuple[int, int], description: str) -> WeightsEntry:
     """An OpenAI CLIP release: the SHA-256 is the hex path component of its URL (as openai/CLIP checks)."""
     filename = url.rsplit("/", 1)[1]
     sha = url.rsplit("/", 2)[1]
     return WeightsEntry(
-        name, url, sha, filename, "openai-jit", "quick_gelu", "clip", description, OPENAI_MEAN, OPENAI_STD
+        name, url, sha, filename, "openai-jit", "quick_gelu", "clip", description, OPENAI_MEAN, OPENAI_STD, heads
     )
 
 
-def _open_clip(name: str, url: str, act: str, description: str, inception: bool = False) -> WeightsEntry:
+def _open_clip(
+    name: str, url: str, act: str, heads: tuple[int, int], description: str, inception: bool = False
+) -> WeightsEntry:
     """An open_clip / MetaCLIP tag ``ARCH/tag``; its cache name is the name with '/' replaced by '-'."""
     filename = name.replace("/", "-") + "." + url.rsplit(".", 1)[1]
     mean, std = (INCEPTION_MEAN, INCEPTION_STD) if inception else (OPENAI_MEAN, OPENAI_STD)
-    return WeightsEntry(name, url, None, filename, "open_clip", act, "clip", description, mean, std)
+    return WeightsEntry(name, url, None, filename, "open_clip", act, "clip", description, mean, std, heads)
 
 
-def _vfm(name: str, url: str, fmt: str, description: str) -> WeightsEntry:
+def _vfm(name: str, url: str, fmt: str, heads: int, description: str) -> WeightsEntry:
     """A self-supervised ViT (DINO / DINOv2) from dl.fbaipublicfiles.com; both use nn.GELU."""
     filename = url.rsplit("/", 1)[1]
     return WeightsEntry(
-        name, url, None, filename, fmt, "gelu", "vfm", description, IMAGENET_MEAN, IMAGENET_STD
+        name, url, None, filename, fmt, "gelu", "vfm", description, IMAGENET_MEAN, IMAGENET_STD, (heads, 0)
     )
 
 
@@ -93,39 +104,46 @@ _ENTRIES = (
     _openai(
         "ViT-B/16",
         f"{_OPENAI_URL}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+        _B,
         "OpenAI CLIP ViT-B/16, 224 px (default)",
     ),
     _openai(
         "ViT-B/32",
         f"{_OPENAI_URL}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+        _B,
         "OpenAI CLIP ViT-B/32, 224 px",
     ),
     _openai(
         "ViT-L/14",
         f"{_OPENAI_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        _L,
         "OpenAI CLIP ViT-L/14, 224 px",
     ),
     _openai(
         "ViT-L/14@336px",
         f"{_OPENAI_URL}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+        _L,
         "OpenAI CLIP ViT-L/14, 336 px",
     ),
     _open_clip(
         "ViT-B-16/laion2b_s34b_b88k",
         f"{_HF}/laion/CLIP-ViT-B-16-laion2B-s34B-b88K/resolve/main/open_clip_pytorch_model.bin",
         "gelu",
+        _B,
         "OpenCLIP ViT-B/16 trained on LAION-2B",
     ),
     _open_clip(
         "ViT-B-32/laion2b_s34b_b79k",
         f"{_HF}/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/open_clip_pytorch_model.bin",
         "gelu",
+        _B,
         "OpenCLIP ViT-B/32 trained on LAION-2B",
     ),
     _open_clip(
         "ViT-L-14/laion2b_s32b_b82k",
         f"{_HF}/laion/CLIP-ViT-L-14-laion2B-s32B-b82K/resolve/main/open_clip_pytorch_model.bin",
         "gelu",
+        _L,
         "OpenCLIP ViT-L/14 trained on LAION-2B (inputs normalised with mean = std = 0.5)",
         inception=True,
     ),
@@ -133,12 +151,14 @@ _ENTRIES = (
         "ViT-B-16-quickgelu/metaclip_400m",
         "https://dl.fbaipublicfiles.com/MMPT/metaclip/b16_400m.pt",
         "quick_gelu",
+        _B,
         "MetaCLIP ViT-B/16 trained on 400M curated pairs",
     ),
     _open_clip(
         "ViT-L-14-quickgelu/metaclip_400m",
         "https://dl.fbaipublicfiles.com/MMPT/metaclip/l14_400m.pt",
         "quick_gelu",
+        _L,
         "MetaCLIP ViT-L/14 trained on 400M curated pairs",
     ),
     WeightsEntry(
@@ -155,30 +175,30 @@ _ENTRIES = (
         "dino-vitb8",
         f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
         "dino",
+        12,
         "DINO ViT-B/8 (default VFM)",
     ),
-    _vfm(
-        "dino-vitb16", f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "dino", "DINO ViT-B/16"
-    ),
-    _vfm(
-        "dino-vits8", f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "dino", "DINO ViT-S/8"
-    ),
+    _vfm("dino-vitb16", f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "dino", 12, "DINO ViT-B/16"),
+    _vfm("dino-vits8", f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "dino", 6, "DINO ViT-S/8"),
     _vfm(
         "dino-vits16",
         f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
         "dino",
+        6,
         "DINO ViT-S/16",
     ),
     _vfm(
         "dinov2-vitb14-reg",
         f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
         "dinov2",
+        12,
         "DINOv2 ViT-B/14 with 4 registers",
     ),
     _vfm(
         "dinov2-vitl14-reg",
         f"{_DINOV2}/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
         "dinov2",
+        16,
         "DINOv2 ViT-L/14 with 4 registers",
     ),
 )
@@ -221,7 +241,14 @@ def cache_dir() -> Path:
     return Path("~/.cache/ovss").expanduser()
 
 
-def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, progress: bool = True) -> Path:
+def resolve(
+    name_or_path: str,
+    kind: str = "clip",
+    *,
+    download: bool = True,
+    progress: bool = True,
+    cache: str | os.PathLike[str] | None = None,
+) -> Path:
     """The local file for a registered name or a path, downloading a registered file if it is not cached.
 
     Args:
@@ -231,6 +258,7 @@ def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, pro
         download: allow a network download when the file is not cached. ``OVSS_OFFLINE=1`` or
             ``HF_HUB_OFFLINE=1`` in the environment forbid it too.
         progress: show a tqdm progress bar on stderr while downloading.
+        cache: the cache folder to use instead of :func:`cache_dir`.
 
     Returns:
         Path of the file: ``cache_dir() / entry.filename`` for a registered name.
@@ -258,7 +286,8 @@ def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, pro
             f"'{entry.name}' names {_LABELS[entry.kind]}, not {_LABELS[kind]}; "
             f"choose one of: {', '.join(available_models(kind))}"
         )
-    target = cache_dir() / entry.filename
+    folder = Path(cache).expanduser() if cache is not None else cache_dir()
+    target = folder / entry.filename
     if target.is_file():
         _check_cached(entry, target)
         return target
@@ -269,12 +298,41 @@ def resolve(name_or_path: str, kind: str = "clip", *, download: bool = True, pro
             return target
         except (OSError, http.client.HTTPException, ValueError) as e:  # HTTP errors, timeouts, DNS, bad URL
             reason = _describe(e)
+    missing = [e for e in needed_files(entry.name) if e is entry or not (folder / e.filename).is_file()]
+    files = "; ".join(describe_file(e) for e in missing)
+    them = "them" if len(missing) > 1 else "it"
     raise OvssError(
         f"{_LABELS[kind]} '{entry.name}' {_VERBS[kind]} not cached at {target} "
-        f"and could not be downloaded ({reason}). "
-        f"Supply a local file with {_SUPPLY[kind]}, copy {entry.filename} to {target.parent}, "
-        "or set OVSS_CACHE to a folder that holds it."
+        f"and could not be downloaded ({reason}). Needed: {files}. "
+        f"Fetch {them} elsewhere (`ovss download {entry.name}` fills a cache folder) and copy {them} to "
+        f"{target.parent}, supply a local file with {_SUPPLY[kind]}, or set OVSS_CACHE to a folder that "
+        f"holds {them}."
     )
+
+
+def needed_files(name: str) -> list[WeightsEntry]:
+    """The registered files a name needs to run offline: itself, and for CLIP weights the BPE vocabulary.
+
+    The vocabulary is left out when ``OVSS_BPE_PATH`` names a local one.
+
+    Raises:
+        OvssError: ``name`` is not registered.
+    """
+    entry = REGISTRY.get(name)
+    if entry is None:
+        names = available_models()
+        close = difflib.get_close_matches(name, names, n=len(names), cutoff=0.0)
+        raise OvssError(f"'{name}' is not a registered name; available (closest first): {', '.join(close)}")
+    files = [entry]
+    if entry.kind == "clip" and not os.environ.get("OVSS_BPE_PATH"):
+        files.append(REGISTRY["clip-bpe"])
+    return files
+
+
+def describe_file(entry: WeightsEntry) -> str:
+    """``file <- URL (SHA-256 ...)``: what to fetch by hand for a registered file."""
+    digest = entry.sha256 or "not registered; recorded at first use"
+    return f"{entry.filename} <- {entry.url} (SHA-256 {digest})"
 
 
 def _check_kind(kind: str) -> None:
@@ -307,6 +365,12 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def recorded_digest(target: Path) -> str:
+    """The SHA-256 recorded beside a cached file without a registered digest (computed if none is)."""
+    record = _record_path(target)
+    return record.read_text().split()[0] if record.is_file() else _sha256(target)
 
 
 def _record_path(target: Path) -> Path:

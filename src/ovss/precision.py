@@ -14,8 +14,12 @@ REDUCED = (torch.bfloat16, torch.float16)
 def backbone_precision(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Autocast matrix products to ``dtype`` on ``device`` (no-op for fp32).
 
-    Weights, the residual stream and LayerNorms stay fp32; only autocast-eligible ops (linear, conv, matmul)
-    run in reduced precision, as in the releases' fp16 GPU runs.
+    Only autocast-eligible ops (linear, conv, matmul, attention) run in reduced precision, as in the
+    releases' fp16 GPU runs. Weights stay fp32, and so does the residual stream: the ViT casts its patch
+    embedding back to fp32 (:meth:`ovss.models.vit.VisionTransformer.embed`) and every reduced branch output
+    is added to that fp32 stream (type promotion gives fp32). LayerNorms compute in fp32 and return the
+    stream's fp32. Similarities, softmax and statistics are wrapped in :func:`full_precision`.
+    Checked end to end by ``tests/test_precision.py``.
     """
     if dtype not in REDUCED:
         yield

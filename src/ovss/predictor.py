@@ -134,7 +134,8 @@ class Segmenter:
         rgb = read_image(image)  # (H0, W0, 3) uint8
         cfg = self.pipeline
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
-        pixels = clip_normalize(processed, device=self.device)  # (3, H, W) fp32
+        mean, std, _ = self.clip.input_norm.pixel_statistics()  # 0-255 scale (OpenAI: mmseg's rounded values)
+        pixels = clip_normalize(processed, device=self.device, mean=mean, std=std)  # (3, H, W) fp32
         H, W = pixels.shape[-2:]
         windows = sliding_windows(H, W, cfg.crop, cfg.stride)
         h, w = windows[0].height, windows[0].width  # every window has the same size (spec §2.3)

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
     segmenter = ovss.load(args.method, **load_kwargs(args))
+    segmenter.encode_names([n for c in classes for n in c])  # once, before any image: a vision-only CLIP fails here
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [c[0] for c in classes]

@@ -321,7 +321,8 @@ def open_dataset(name: str, root: str | Path, split_file: str | Path | None = No
         fix = report.hint or "point root at the folder holding this layout"
         raise OvssError(f"{problem}; {fix}:\n{layout_tree(name)}")
     layout = LAYOUTS[name]
-    assert report.base is not None
+    if report.base is None:  # report.ok implies a layout was found
+        raise ValueError(f"{name}: scan reported success without a layout folder")
     return SegDataset(
         sample_names=ids,
         image_paths=[report.base / layout.image_dir / f"{i}{layout.image_suffix}" for i in ids],

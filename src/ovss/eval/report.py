@@ -106,8 +106,10 @@ def summarise(
     metrics = confusion.compute()
     iou, acc = metrics["IoU"], metrics["Acc"]
     miou, macc, aacc = metrics["mIoU"], metrics["mAcc"], metrics["aAcc"]
-    assert isinstance(iou, list) and isinstance(acc, list)
-    assert isinstance(miou, float) and isinstance(macc, float) and isinstance(aacc, float)
+    if not isinstance(iou, list) or not isinstance(acc, list):
+        raise TypeError(f"per-class IoU/Acc must be lists, got {type(iou).__name__}/{type(acc).__name__}")
+    if not isinstance(miou, float) or not isinstance(macc, float) or not isinstance(aacc, float):
+        raise TypeError("mIoU, mAcc and aAcc must be floats")
     ber = boundary.compute()
     return {
         "mIoU": _round(miou),

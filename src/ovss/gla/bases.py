@@ -64,7 +64,7 @@ def proxyclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> Cros
 
     if backbones.vfm is None:
         raise OvssError("proxyclip+gla needs a vision foundation model; load it with vfm='dino-vitb8'")
-    features, grid = vfm_features(backbones.vfm, batch.pixels)  # (L, N, D_v)
+    features, grid = vfm_features(backbones.vfm, batch.pixels, backbones.clip)  # (L, N, D_v)
     v, _ = clip_values_on_grid(backbones.clip, batch.pixels, grid)  # (L, H, N, d)
     block = backbones.clip.blocks[-1]
     return CrossWindowParts([features], v, grid, backbones.vfm.cfg.patch, False, block.attn.merge_heads, _identity)

@@ -30,6 +30,7 @@ from ovss.methods.options import GCLIPOptions
 logger = logging.getLogger(__name__)
 
 DETECTORS = ("geomean", "product_fp32", "product_fp16", "fixed")
+REFERENCE_DEPTH = 12  # fixed_block and an integer cs_start are block indices of a 12-block CLIP (ViT-B/16)
 FUSE_HEADS = ("mixed", "averaged", "per_head")
 LOG_FLOOR = 1e-30  # floor inside the logarithm of the geometric-mean detector
 
@@ -106,7 +107,8 @@ class AttentionFusion:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The summed early maps (L, 1 or H, n, n), g (L,) long and whether g fell back (L,) bool."""
-        assert self.fixed_sum is not None, "the fixed blocks were never visited"
+        if self.fixed_sum is None:
+            raise ValueError("gclip: the fixed blocks were never visited (no block ran before the last)")
         L = self.fixed_sum.shape[0]
         fixed_g = torch.full((L,), self.fixed, dtype=torch.long, device=self.fixed_sum.device)  # (L,)
         if self.g is None or self.found is None:  # detector "fixed"
@@ -116,8 +118,21 @@ class AttentionFusion:
         return early, torch.where(fallback, fixed_g, self.g), fallback
 
 
+def scale_block(block: int, depth: int, low: int, high: int) -> int:
+    """A block index of a 12-block CLIP moved to the same relative depth of a ``depth``-block CLIP.
+
+    ``round(block * depth / 12)`` kept within ``low .. high`` (where the fused blocks or the CS start fit);
+    ViT-B/16's blocks 6 and 7 become 3 and 4 of a 6-block model, 12 and 14 of a 24-block ViT-L.
+    """
+    return min(max(round(block * depth / REFERENCE_DEPTH), low), high)
+
+
 def resolve_blocks(opts: GCLIPOptions, depth: int) -> tuple[int, int | None]:
     """Check the options against a ``depth``-block CLIP and return the 0-based fixed g and fixed s_cs.
+
+    ``fixed_block`` and an integer ``cs_start`` are the paper's ViT-B/16 indices (12 blocks). For another
+    depth they are scaled with :func:`scale_block` (``scale_blocks=True``, default) after being checked
+    against 12 blocks, or used as given and checked against ``depth`` (``scale_blocks=False``).
 
     Returns:
         (fixed g, fixed CS start or None for "auto"). Bad values raise :class:`OvssError`.
@@ -139,18 +154,26 @@ def resolve_blocks(opts: GCLIPOptions, depth: int) -> tuple[int, int | None]:
     l = opts.fuse_layers
     if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l <= f - 1:
         raise OvssError(f"gclip fuse_layers must be an integer in 0..{f - 1} for {depth} blocks, got {l!r}")
+    scaled = opts.scale_blocks and depth != REFERENCE_DEPTH
+    checked = REFERENCE_DEPTH if scaled else depth  # the depth the given indices refer to
     fixed = opts.fixed_block - opts.block_index_base
-    if opts.amf and not 0 <= fixed <= f - 1 - l:
+    if opts.amf and not 0 <= fixed <= checked - 2 - (0 if scaled else l):
         raise OvssError(
             f"gclip fixed_block {opts.fixed_block} (base {opts.block_index_base}) puts the fused blocks "
-            f"outside 0..{f - 1} of a {depth}-block CLIP; set fixed_block so that fixed_block + l < {f}"
+            f"outside 0..{checked - 2} of a {checked}-block CLIP; set fixed_block so that fixed_block + l < "
+            f"{checked - 1}"
         )
+    if scaled:
+        fixed = scale_block(fixed, depth, 0, f - 1 - l)
     if opts.cs_start == "auto":
         return fixed, None
     start = opts.cs_start
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start - opts.block_index_base <= f:
-        raise OvssError(f"gclip cs_start must be 'auto' or a block in 0..{f} ({depth} blocks), got {start!r}")
-    return fixed, start - opts.block_index_base
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start - opts.block_index_base <= checked - 1:
+        raise OvssError(
+            f"gclip cs_start must be 'auto' or a block in 0..{checked - 1} ({checked} blocks), got {start!r}"
+        )
+    start -= opts.block_index_base
+    return fixed, scale_block(start, depth, 0, f) if scaled else start
 
 
 @dataclass
@@ -179,6 +202,8 @@ def gclip_streams(
     fixed, fixed_start = resolve_blocks(opts, len(blocks))
     info: dict[str, Any] = {}
     fc2: dict[int, torch.Tensor] = {}
+    if opts.amf:
+        info["fixed_block"] = fixed  # 0-based, after scaling to the depth
     if opts.cs:
         stats = fc2_statistics(clip, opts.entropy)
         start = detect_cs_start([s.entropy for s in stats]) if fixed_start is None else fixed_start

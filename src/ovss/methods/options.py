@@ -75,6 +75,7 @@ class GCLIPOptions(CheckedFields):
     cs_scope: Literal["values", "weights"] = "values"  # suppressed stream feeds only the values; or one edited pass
     fuse_heads: Literal["mixed", "averaged", "per_head"] = "mixed"  # mixed: early maps head-averaged, q-q per head
     fuse_cls: bool = False  # Table 4 ablation: fuse the [CLS] query's attention row, repeated for every query
+    scale_blocks: bool = True  # other depths: fixed_block / cs_start scaled from 12 blocks (False: as given)
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,22 @@ import torch.nn.functional as F
 from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, tokens_before_last_block
 from ovss.methods.options import ProxyCLIPOptions
+from ovss.models.normalization import InputNorm
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.precision import full_precision
 
 
-def vfm_features(vfm: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def vfm_features(
+    vfm: VisionTransformer, pixels: torch.Tensor, clip: VisionTransformer | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """The VFM's last-block tokens after its final norm, [CLS] and registers dropped (spec §4.7 steps 1-2).
 
     Args:
         vfm: DINO-family ViT (``ln_post`` is DINO's final ``norm``).
         pixels: (L, 3, h, w) CLIP-normalised, padded windows (``WindowBatch.pixels``); they are
             re-normalised with ImageNet statistics here, padding included (as the release does).
+        clip: the CLIP tower whose ``input_norm`` normalised ``pixels`` (None: OpenAI's statistics).
 
     Returns:
         F (L, hr * hc, D_v) un-normalised features in the VFM's dtype, row-major, and the VFM grid (hr, hc).
@@ -45,7 +49,8 @@ def vfm_features(vfm: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Te
             f"padded window {h}x{w} is not a multiple of the VFM patch {p}; use a VFM with patch 8 or 14, "
             f"or windows whose padded sides are multiples of {need}"
         )
-    x, grid = vfm.embed(imagenet_from_clip(pixels))  # (L, 1 + R + hr*hc, D_v)
+    mean, std, _ = (clip.input_norm if clip is not None else InputNorm()).pixel_statistics()  # 0-255 scale
+    x, grid = vfm.embed(imagenet_from_clip(pixels, mean, std))  # (L, 1 + R + hr*hc, D_v)
     x = vfm.ln_post(vfm.forward_blocks(x))  # (L, 1 + R + hr*hc, D_v)
     return x[:, vfm.num_prefix_tokens :], grid  # (L, hr*hc, D_v)
 
@@ -119,7 +124,7 @@ def run_proxyclip(backbones: Backbones, batch: WindowBatch, opts: ProxyCLIPOptio
     if not opts.gamma > 0:
         raise OvssError(f"proxyclip gamma must be > 0, got {opts.gamma}")
     clip = backbones.clip
-    features, grid = vfm_features(backbones.vfm, batch.pixels)  # (L, N, D_v), N = hr*hc
+    features, grid = vfm_features(backbones.vfm, batch.pixels, clip)  # (L, N, D_v), N = hr*hc
     v, _ = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d)
     block = clip.blocks[-1]
     # One window at a time: the (N, N) attention of a 336-px window on a /8 grid is 12 MB in fp32.

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ovss.models.vit import LayerNorm, Transformer, VisionTransformer, build_vit
+from ovss.errors import OvssError
+from ovss.models.normalization import InputNorm
+from ovss.models.vit import LayerNorm, Transformer, VisionTransformer, build_vit, resolve_heads
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,7 @@ class TextConfig:
     context_length: int  # tokens per text (77)
     width: int  # token width W (512 for ViT-B CLIP)
     layers: int  # number of blocks (12)
-    heads: int  # attention heads (width // 64)
+    heads: int  # attention heads (from the checkpoint's config or registry entry; else width // 64)
     output_dim: int  # joint embedding size E (512 for ViT-B/16)
     act: str = "quick_gelu"  # MLP activation
 
@@ -56,18 +58,42 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """A frozen CLIP model: ``visual`` (:class:`VisionTransformer`) and ``text`` (:class:`TextTransformer`)."""
+    """A frozen CLIP model: ``visual`` (:class:`VisionTransformer`) and ``text`` (:class:`TextTransformer`).
 
-    def __init__(self, visual: VisionTransformer, text: TextTransformer | None, fingerprint: str) -> None:
+    ``input_norm`` holds the RGB statistics the image tower was trained with (kept on ``visual``; the
+    pipeline normalises with them, see :meth:`InputNorm.pixel_statistics`).
+    """
+
+    def __init__(
+        self,
+        visual: VisionTransformer,
+        text: TextTransformer | None,
+        fingerprint: str,
+        input_norm: InputNorm | None = None,
+    ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
         self.fingerprint = fingerprint  # identifies the weights (text-embedding cache key, run records)
+        if input_norm is not None:
+            visual.input_norm = input_norm
+
+    @property
+    def input_norm(self) -> InputNorm:
+        """RGB statistics of the image tower's training images (0-1 scale); default OpenAI's."""
+        return self.visual.input_norm
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 77) token ids -> (B, E) un-normalised text features. Raises if the text tower is missing."""
+        """(B, 77) token ids -> (B, E) un-normalised text features.
+
+        Raises:
+            OvssError: the checkpoint has no text tower (vision-only weights).
+        """
         if self.text is None:
-            raise RuntimeError("this CLIP checkpoint has no text tower; pass text_embeddings= to predict()")
+            raise OvssError(
+                "this CLIP checkpoint holds only vision weights (no text tower), so class names cannot be "
+                "embedded; load a full CLIP checkpoint, or pass text_embeddings= to predict()"
+            )
         return self.text(tokens.to(self.text.positional_embedding.device))
 
 
@@ -82,21 +108,40 @@ def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_clip(state_dict: dict[str, torch.Tensor], act: str = "quick_gelu") -> CLIP:
+def build_clip(
+    state_dict: dict[str, torch.Tensor],
+    act: str = "quick_gelu",
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    input_norm: InputNorm | None = None,
+    source: str = "state dict",
+) -> CLIP:
     """Build CLIP from an OpenAI-layout state dict (``visual.*`` and the top-level text keys).
 
-    Every size is read off the weight shapes (openai/CLIP's ``build_model``). A dict with only
+    Every size but the number of heads is read off the weight shapes (openai/CLIP's ``build_model``);
+    heads come from the checkpoint's config or registry entry, else width // 64. A dict with only
     ``visual.*`` keys gives a CLIP without text tower (text embeddings must then be supplied).
 
     Args:
         state_dict: fp32 tensors in the OpenAI layout (see :mod:`ovss.models.formats`).
         act: MLP activation of both towers: "quick_gelu" (OpenAI, MetaCLIP) or "gelu" (most OpenCLIP).
+        vision_heads: attention heads of the image tower; None: width // 64.
+        text_heads: attention heads of the text tower; None: width // 64.
+        input_norm: RGB statistics of the training images; None: OpenAI's.
+        source: names the checkpoint in errors.
 
     Returns:
         The model in eval mode with gradients disabled, on CPU in fp32.
+
+    Raises:
+        OvssError: the heads are unknown (width not a multiple of 64 and none declared) or do not divide
+            the width.
     """
     visual_sd = {k[len("visual.") :]: v for k, v in state_dict.items() if k.startswith("visual.")}
-    visual = build_vit(visual_sd, act=act)
+    width = visual_sd["conv1.weight"].shape[0]
+    heads = resolve_heads(width, vision_heads, f"CLIP checkpoint {source}: the vision tower")
+    visual = build_vit(visual_sd, heads=heads, act=act)
     text: TextTransformer | None = None
     if "token_embedding.weight" in state_dict:
         text_sd = {
@@ -112,11 +157,11 @@ def build_clip(state_dict: dict[str, torch.Tensor], act: str = "quick_gelu") -> 
             context_length=text_sd["positional_embedding"].shape[0],
             width=width,
             layers=layers,
-            heads=max(width // 64, 1),
+            heads=resolve_heads(width, text_heads, f"CLIP checkpoint {source}: the text tower"),
             output_dim=text_sd["text_projection"].shape[1],
             act=act,
         )
         text = TextTransformer(cfg)
         text.load_state_dict(text_sd, strict=True)
         text.eval().requires_grad_(False)
-    return CLIP(visual, text, state_dict_fingerprint(state_dict)).eval()
+    return CLIP(visual, text, state_dict_fingerprint(state_dict), input_norm).eval()

@@ -26,21 +26,18 @@ anti-aliasing. Hugging Face weights are run like their original release.
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ovss.errors import OvssError
-from ovss.hub import resolve
-from ovss.models.vit import VisionTransformer, build_vit
+from ovss.hub import REGISTRY, resolve
+from ovss.models.checkpoint import folder_weights, join_qkv, read_checkpoint, read_json, unwrap_state_dict
+from ovss.models.configs import hf_heads
+from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
+from ovss.models.vit import VisionTransformer, build_vit, resolve_heads
 
 __all__ = ["VFM_FORMATS", "build_vfm", "convert_vfm_state_dict", "load_vfm", "load_vfm_state_dict"]
 
@@ -48,7 +45,6 @@ VFM_FORMATS = ("dino", "dinov2", "hf-vit", "hf-dinov2")
 _FIX = "supply a DINO / DINOv2 ViT checkpoint (.pth, .safetensors or a Hugging Face folder) with --vfm PATH"
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPERS = ("teacher", "state_dict", "model", "student")  # DINO eval code reads "teacher" first
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 _MODEL_PREFIXES = ("backbone.", "dinov2_with_registers.", "dinov2.", "vit.")  # DINO heads, HF task models
 _DROPPED = ("mask_token", "embeddings.mask_token", "head.", "pooler.", "classifier.")
 
@@ -95,15 +91,33 @@ def load_vfm(name_or_path: str, *, download: bool = True) -> tuple[VisionTransfo
 
     Returns:
         ``(model, record)``: the frozen model in eval mode, fp32 on CPU; ``record`` has ``name`` (as given),
-        ``path`` (the file or folder read) and ``format`` (one of :data:`VFM_FORMATS`).
+        ``path`` (the file or folder read) and ``format`` (one of :data:`VFM_FORMATS`). The attention heads
+        come from the registry entry, a Hugging Face ``config.json`` beside the weights, else width // 64.
 
     Raises:
         OvssError: unknown name, missing file, unreadable file, or keys / shapes of no supported layout.
     """
     path = resolve(name_or_path, kind="vfm", download=download)
     state_dict, fmt = load_vfm_state_dict(path)
-    model = build_vfm(state_dict, fmt, source=str(path))
+    entry = REGISTRY.get(name_or_path)
+    heads = entry.heads[0] if entry is not None and entry.kind == "vfm" and entry.heads else None
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if heads is None and fmt.startswith("hf-") and config.is_file():
+        heads = hf_heads(config)
+    model = build_vfm(state_dict, fmt, source=str(path), heads=heads)
     return model, {"name": name_or_path, "path": str(path), "format": fmt}
+
+
+def position_record(vit: VisionTransformer) -> str:
+    """How a VFM's position table is resized to other grids, for the resolved config (spec §2.4)."""
+    if vit.cfg.pos_offset == 0.0:
+        how = f"bicubic to the output size, antialias={vit.cfg.pos_antialias}"
+    else:
+        how = f"bicubic with scale factors (g + {vit.cfg.pos_offset}) / {vit.cfg.grid}"
+    return (
+        f"original-release interpolation ({how}); differs from Hugging Face's own forward (up to ~0.03) "
+        "at grids other than the pretrained one"
+    )
 
 
 def load_vfm_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
@@ -117,12 +131,12 @@ def load_vfm_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str]:
     if not source.exists():
         raise OvssError(f"VFM checkpoint {source} does not exist; check the path or {_FIX}")
     if source.is_dir():
-        weights = _folder_weights(source)
+        weights = folder_weights(source, _FOLDER_FILES, "VFM", _FIX)
         if (source / "config.json").is_file():
             _check_hf_config(source / "config.json")
     else:
         weights = source
-    return convert_vfm_state_dict(_read(weights), source=str(source))
+    return convert_vfm_state_dict(read_checkpoint(weights, "VFM", _FIX)[0], source=str(source))
 
 
 def convert_vfm_state_dict(raw: object, source: str = "state dict") -> tuple[dict[str, Tensor], str]:
@@ -152,7 +166,9 @@ def convert_vfm_state_dict(raw: object, source: str = "state dict") -> tuple[dic
     return {k: v.float().contiguous() for k, v in out.items()}, fmt
 
 
-def build_vfm(state_dict: dict[str, Tensor], fmt: str, source: str = "state dict") -> VisionTransformer:
+def build_vfm(
+    state_dict: dict[str, Tensor], fmt: str, source: str = "state dict", heads: int | None = None
+) -> VisionTransformer:
     """Build the frozen :class:`VisionTransformer` of a converted VFM state dict.
 
     Args:
@@ -160,17 +176,21 @@ def build_vfm(state_dict: dict[str, Tensor], fmt: str, source: str = "state dict
         fmt: its format; DINOv2 with registers interpolates positions with offset 0 and anti-aliasing,
             every other format with offset 0.1 and no anti-aliasing (the original releases).
         source: name of the checkpoint for error messages.
+        heads: attention heads declared by a config or registry entry; None: width // 64.
 
     Returns:
-        The model in eval mode with gradients disabled (GELU MLP, LayerNorm eps 1e-6).
+        The model in eval mode with gradients disabled (GELU MLP, LayerNorm eps 1e-6), with ImageNet
+        ``input_norm``.
     """
     if fmt not in VFM_FORMATS:
         raise OvssError(f"unknown VFM format {fmt!r}; use one of {', '.join(VFM_FORMATS)}")
     _validate(state_dict, source)
+    heads = resolve_heads(state_dict["conv1.weight"].shape[0], heads, f"VFM checkpoint {source}")
     with_registers = fmt in ("dinov2", "hf-dinov2") and "register_tokens" in state_dict
     try:
-        return build_vit(
+        model = build_vit(
             state_dict,
+            heads=heads,
             act="gelu",
             eps=1e-6,
             pos_offset=0.0 if with_registers else 0.1,
@@ -179,66 +199,20 @@ def build_vfm(state_dict: dict[str, Tensor], fmt: str, source: str = "state dict
     except (RuntimeError, ValueError, KeyError) as e:
         reason = " ".join(str(e).split())[:300]
         raise OvssError(f"VFM checkpoint {source} does not fit a ViT ({reason}); {_FIX}") from e
-
-
-def _folder_weights(folder: Path) -> Path:
-    """The weights file inside a Hugging Face model folder."""
-    for name in _FOLDER_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    if any(folder.glob("*.index.json")):
-        raise OvssError(f"VFM folder {folder} holds a sharded checkpoint, which ovss does not read; {_FIX}")
-    raise OvssError(f"VFM folder {folder} holds none of {', '.join(_FOLDER_FILES)}; point --vfm at the weights file")
+    model.input_norm = InputNorm(IMAGENET_MEAN, IMAGENET_STD, "ImageNet (DINO / DINOv2)")
+    return model
 
 
 def _check_hf_config(config: Path) -> None:
     """A Hugging Face ``config.json`` beside the weights must declare the exact GELU MLP."""
-    try:
-        act = json.loads(config.read_text()).get("hidden_act", "gelu")
-    except (OSError, ValueError, AttributeError) as e:
-        raise OvssError(f"{config} is not a valid JSON object ({e}); fix or delete the file") from e
+    act = read_json(config).get("hidden_act", "gelu")
     if act != "gelu":
         raise OvssError(f"{config}: hidden_act is {act!r}; ovss runs DINO-family ViTs with 'gelu' only; {_FIX}")
 
 
-def _read(path: Path) -> object:
-    """Load a safetensors or ``torch.save`` file (tensors only, never arbitrary pickled objects)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if len(head) == 9 and head[8:9] == b"{":
-            return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        OSError,
-        EOFError,
-        ValueError,
-        SafetensorError,
-        zipfile.BadZipFile,
-    ) as e:
-        if "unsupported global" in str(e).lower():
-            raise OvssError(
-                f"VFM checkpoint {path} stores Python objects besides tensors, which ovss does not unpickle; "
-                "re-save only the backbone's state dict with torch.save(state_dict, path)"
-            ) from e
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        if "weights only load failed" in reason.lower():
-            reason = "neither a torch.save nor a safetensors file"
-        raise OvssError(f"VFM checkpoint {path} could not be read ({reason}); {_FIX}") from e
-
-
 def _unwrap(obj: object, source: str) -> dict[str, Tensor]:
     """Descend wrapper dicts, strip ``module.`` / ``backbone.`` / HF model prefixes, drop unused entries."""
-    while isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise OvssError(f"VFM checkpoint {source} holds a {type(obj).__name__}, not a state dict; {_FIX}")
-    sd = {_strip(k, _WRAPPER_PREFIXES): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    sd, _ = unwrap_state_dict(obj, source, "VFM", _FIX, _WRAPPERS)
     if any(k.startswith("teacher.") for k in sd):  # DINOv2 training checkpoint: {"model": {teacher.*, student.*}}
         sd = {k[len("teacher.") :]: v for k, v in sd.items() if k.startswith("teacher.")}
     sd = {_strip(k, _MODEL_PREFIXES): v for k, v in sd.items()}
@@ -309,11 +283,11 @@ def _from_hf(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
         else:
             unknown.append(key)
     for (i, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
+        joined = join_qkv(parts, ("query", "key", "value"))  # (3D, D) or (3D,)
+        if joined is None:
             unknown.extend(f"encoder.layer.{i}.attention.attention.{p}.{kind}" for p in parts)
             continue
         name = "attn.in_proj_weight" if kind == "weight" else "attn.in_proj_bias"
-        joined = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)  # (3D, D) or (3D,)
         out[f"transformer.resblocks.{i}.{name}"] = joined
     _reject(unknown, source)
     return out
@@ -353,8 +327,6 @@ def _validate(sd: dict[str, Tensor], source: str) -> None:
     if len(conv) != 4 or conv[1] != 3 or conv[2] != conv[3]:
         raise OvssError(f"VFM checkpoint {source}: patch embedding has shape {conv}, expected (D, 3, p, p); {_FIX}")
     width = conv[0]
-    if width % 64:
-        raise OvssError(f"VFM checkpoint {source}: width {width} is not a multiple of 64 (heads = width // 64); {_FIX}")
     pos = tuple(sd["positional_embedding"].shape)
     n = pos[0] - 1
     if len(pos) != 2 or pos[1] != width or n < 1 or round(n**0.5) ** 2 != n:

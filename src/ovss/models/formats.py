@@ -11,23 +11,21 @@ is built from one layout only: ``visual.conv1.weight`` (D, 3, p, p), ``visual.cl
 
 from __future__ import annotations
 
-import json
 import re
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ovss.errors import OvssError
+from ovss.models.checkpoint import folder_weights, join_qkv, read_checkpoint, unwrap_state_dict
+from ovss.models.configs import declared_architecture
+from ovss.models.normalization import InputNorm
 
 __all__ = ["FORMATS", "CheckpointInfo", "load_clip_state_dict", "require_text_tower"]
 
 FORMATS = ("openai-jit", "openai", "open_clip", "hf")
-_ACTS = ("quick_gelu", "gelu")
 # Entries that are not weights: OpenAI's scalar buffers, HF position ids, masks, SigLIP's bias.
 _NON_WEIGHTS = {"input_resolution", "context_length", "vocab_size", "position_ids", "attn_mask", "logit_bias"}
 _OPENAI_BUFFERS = {"input_resolution", "context_length", "vocab_size"}
@@ -63,6 +61,10 @@ class CheckpointInfo:
     act: str | None  # MLP activation the file declares ("quick_gelu" / "gelu"); None when it does not say
     source: str  # the file or folder that was read
     has_text: bool = True  # False for a vision-only checkpoint (only "visual.*" keys)
+    vision_heads: int | None = None  # attention heads of the image tower a config declares; None: unsaid
+    text_heads: int | None = None  # attention heads of the text tower a config declares; None: unsaid
+    input_norm: InputNorm | None = None  # RGB statistics a config declares; None: unsaid
+    configs: tuple[str, ...] = ()  # the config files beside the weights that were read
 
 
 def load_clip_state_dict(path: str | Path) -> tuple[dict[str, Tensor], CheckpointInfo]:
@@ -75,6 +77,11 @@ def load_clip_state_dict(path: str | Path) -> tuple[dict[str, Tensor], Checkpoin
     dict is reported as ``"openai"`` when it carries OpenAI's ``input_resolution`` / ``context_length`` /
     ``vocab_size`` buffers, else as ``"open_clip"`` (the two layouts are otherwise identical).
 
+    Configs beside the weights are read for what the tensors cannot say: the Hugging Face ``config.json``
+    (``hidden_act``, ``num_attention_heads`` of each tower) and ``preprocessor_config.json``
+    (``image_mean`` / ``image_std``); an OpenCLIP ``open_clip_config.json`` or ``<weights stem>.json``
+    (``vision_cfg.heads`` / ``width // head_width``, ``text_cfg.heads``, ``preprocess_cfg.mean/std``).
+
     Args:
         path: checkpoint file, or a folder holding one.
 
@@ -86,36 +93,48 @@ def load_clip_state_dict(path: str | Path) -> tuple[dict[str, Tensor], Checkpoin
 
     Raises:
         OvssError: the path is missing or unreadable, holds a ResNet CLIP, lacks keys, has keys ovss
-            cannot use, or a tensor has the wrong shape. The message names the file and the problem.
+            cannot use, a tensor has the wrong shape, or a config beside it is malformed or disagrees
+            with the weights. The message names the file and the problem.
     """
     source = Path(path).expanduser()
     if not source.exists():
         raise OvssError(f"CLIP checkpoint {source} does not exist; check the path or {_FIX}")
-    weights = _folder_weights(source) if source.is_dir() else source
-    raw, container = _read(weights)
-    sd, wrapped = _unwrap(raw, weights)
+    weights = folder_weights(source, _FOLDER_FILES, "CLIP", _FIX) if source.is_dir() else source
+    raw, container = read_checkpoint(weights, "CLIP", _FIX)
+    sd, wrapped = unwrap_state_dict(raw, str(weights), "CLIP", _FIX)
     had_buffers = bool(_OPENAI_BUFFERS & sd.keys())
     sd = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in _NON_WEIGHTS}
 
-    act: str | None
+    folder = source if source.is_dir() else source.parent
     if any(k.startswith(("vision_model.", "text_model.")) for k in sd):
         fmt, sd = "hf", _from_hf(sd)
-        config = (source if source.is_dir() else source.parent) / "config.json"
-        act = _hf_act(config) if config.is_file() else None  # the weights alone do not say
     elif container == "jit":
-        fmt, act = "openai-jit", "quick_gelu"
+        fmt = "openai-jit"
     elif had_buffers and not wrapped and container == "pickle":
-        fmt, act = "openai", "quick_gelu"
+        fmt = "openai"
     else:
-        fmt, act = "open_clip", None
+        fmt = "open_clip"
         if any(k.startswith("text.") for k in sd):  # open_clip CustomTextCLIP keeps its text tower in .text
             sd = {k.removeprefix("text."): v for k, v in sd.items()}
+    declared = declared_architecture(folder, weights, fmt)
+    act = "quick_gelu" if fmt in ("openai-jit", "openai") else declared.get("act")
 
     sd = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     has_text = _validate(sd, str(source))
     if "logit_scale" in sd:
         sd["logit_scale"] = sd["logit_scale"].reshape(())
-    return sd, CheckpointInfo(format=fmt, act=act, source=str(source), has_text=has_text)
+    info = CheckpointInfo(
+        format=fmt,
+        act=act,
+        source=str(source),
+        has_text=has_text,
+        vision_heads=declared.get("vision_heads"),
+        text_heads=declared.get("text_heads") if has_text else None,
+        input_norm=declared.get("input_norm"),
+        configs=tuple(declared.get("configs", ())),
+    )
+    _check_declared_widths(sd, declared, info)
+    return sd, info
 
 
 def require_text_tower(info: CheckpointInfo) -> None:
@@ -125,85 +144,6 @@ def require_text_tower(info: CheckpointInfo) -> None:
             f"CLIP checkpoint {info.source} holds only vision weights (no text tower), so class names cannot "
             "be embedded; supply a full CLIP checkpoint with --clip PATH"
         )
-
-
-def _folder_weights(folder: Path) -> Path:
-    """The weights file inside a Hugging Face / open_clip model folder."""
-    for name in _FOLDER_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    if any(folder.glob("*.index.json")):
-        raise OvssError(f"CLIP folder {folder} holds a sharded checkpoint, which ovss does not read; {_FIX}")
-    raise OvssError(
-        f"CLIP folder {folder} holds none of {', '.join(_FOLDER_FILES)}; point --clip at the weights file "
-        "or at a Hugging Face model folder"
-    )
-
-
-def _read(path: Path) -> tuple[object, str]:
-    """Load a file's object; the second value is the container: ``jit``, ``safetensors`` or ``pickle``."""
-    try:
-        with warnings.catch_warnings():  # torch.jit.load is deprecated; odd pickles warn before failing
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            if _is_torchscript(path):
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "jit"
-            if _is_safetensors(path):
-                return load_file(str(path), device="cpu"), "safetensors"
-            return torch.load(path, map_location="cpu", weights_only=True), "pickle"
-    except Exception as e:  # torch.load on a broken file raises anything from EOFError to KeyError
-        message = str(e)
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-        if unsafe:
-            raise OvssError(
-                f"CLIP checkpoint {path} stores Python objects besides tensors ({unsafe[1]}), which ovss "
-                "does not unpickle; re-save only its state dict with torch.save(state_dict, path)"
-            ) from e
-        lines = [line.strip() for line in message.splitlines() if line.strip()]
-        reason = "not a valid pickle" if "Weights only load failed" in message else (lines or [""])[0]
-        raise OvssError(
-            f"CLIP checkpoint {path} could not be read ({type(e).__name__}: {reason[:200]}); the file may be "
-            f"truncated or not a checkpoint: download it again or {_FIX}"
-        ) from e
-
-
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold ``code/`` and ``constants.pkl``; ``torch.save`` zips hold neither."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-
-
-def _is_safetensors(path: Path) -> bool:
-    """safetensors files start with an 8-byte little-endian header length followed by a JSON object."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], bool]:
-    """Descend ``state_dict`` / ``model`` wrappers and strip ``module.`` prefixes; True if wrapped."""
-    wrapped = False
-    while isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj, wrapped = inner, True
-    if not isinstance(obj, dict) or not any(isinstance(v, Tensor) for v in obj.values()):
-        raise OvssError(
-            f"CLIP checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors; {_FIX}"
-        )
-    sd: dict[str, Tensor] = {}
-    for key, value in obj.items():
-        if isinstance(key, str) and isinstance(value, Tensor):
-            for prefix in ("module.", "_orig_mod."):
-                if key.startswith(prefix):
-                    key, wrapped = key[len(prefix) :], True
-            sd[key] = value
-    return sd, wrapped
 
 
 # Hugging Face names -> OpenAI names: whole keys, then prefixes (checked in order), then inside a block.
@@ -254,35 +194,34 @@ def _from_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             out[new] = value
     for (block, kind), parts in qkv.items():
-        if set(parts) == {"q", "k", "v"}:
+        joined = join_qkv(parts, ("q", "k", "v"))  # (3D, D) or (3D,)
+        if joined is not None:
             name = "attn.in_proj_weight" if kind == "weight" else "attn.in_proj_bias"
-            out[block + name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # (3D, D) or (3D,)
-        else:
+            out[block + name] = joined
+        else:  # left under its HF name: reported as an unexpected key
             out.update({f"{block}self_attn.{p}_proj.{kind}": t for p, t in parts.items()})
     return out
 
 
-def _hf_act(config_path: Path) -> str | None:
-    """``hidden_act`` of a Hugging Face CLIP ``config.json`` (transformers' default is quick_gelu).
-
-    None when the JSON is not a CLIP config (no tower configs and no ``clip*`` model_type).
-    """
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise OvssError(f"{config_path} is not valid JSON ({e}); fix or delete the file") from e
-    towers = {t: config[t] for t in ("vision_config", "text_config") if isinstance(config.get(t), dict)}
-    if not towers and str(config.get("model_type", "")).startswith("clip"):
-        towers = {"config": config}  # a standalone CLIPVisionConfig / CLIPTextConfig
-    acts = {tower: cfg.get("hidden_act", "quick_gelu") for tower, cfg in towers.items()}
-    act = next(iter(acts.values()), None)
-    for tower, value in acts.items():
-        if value not in _ACTS or value != act:
-            raise OvssError(
-                f"{config_path}: {tower}.hidden_act is {value!r}; ovss supports 'quick_gelu' or 'gelu', "
-                "the same in both towers"
+def _check_declared_widths(sd: dict[str, Tensor], declared: dict[str, Any], info: CheckpointInfo) -> None:
+    """A config's widths must be the weights' widths (else it describes another model)."""
+    widths = {"vision": sd["visual.conv1.weight"].shape[0]}
+    if info.has_text:
+        widths["text"] = sd["ln_final.weight"].shape[0]
+    for tower, width in widths.items():
+        said = declared.get(f"{tower}_width")
+        if said is not None and said != width:
+            raise _error(
+                info.source,
+                f"{', '.join(info.configs)} gives the {tower} width as {said} but the weights have {width}",
             )
-    return act
+    for tower, heads in (("vision", info.vision_heads), ("text", info.text_heads)):
+        if heads is not None and tower in widths and widths[tower] % heads:
+            raise _error(
+                info.source,
+                f"{', '.join(info.configs)} gives {heads} {tower} heads, which do not divide the width "
+                f"{widths[tower]}",
+            )
 
 
 def _error(source: str, problem: str) -> OvssError:
@@ -336,12 +275,10 @@ def _validate(sd: dict[str, Tensor], source: str) -> bool:
         **{f"visual.{ln}.{p}": (width,) for ln in ("ln_pre", "ln_post") for p in ("weight", "bias")},
         **_block_shapes(sd, "visual.transformer.resblocks.", vision_layers, width, source),
     }
-    widths = {"vision": width}
     if has_text:
         text_width = _shape(sd, "ln_final.weight", 1, source)[0]
         vocab = _shape(sd, "token_embedding.weight", 2, source)[0]
         context = _shape(sd, "positional_embedding", 2, source)[0]
-        widths["text"] = text_width
         shapes["token_embedding.weight"] = (vocab, text_width)
         shapes["positional_embedding"] = (context, text_width)
         shapes["ln_final.bias"] = (text_width,)
@@ -352,11 +289,6 @@ def _validate(sd: dict[str, Tensor], source: str) -> bool:
             raise _error(source, f"'{key}' has shape {tuple(sd[key].shape)}, expected {shape}")
     if "logit_scale" in sd and sd["logit_scale"].numel() != 1:
         raise _error(source, f"'logit_scale' has shape {tuple(sd['logit_scale'].shape)}, expected a scalar")
-    for tower, w in widths.items():
-        if w % 64:
-            raise _error(
-                source, f"the {tower} width {w} is not a multiple of 64 (CLIP uses width // 64 heads)"
-            )
     return has_text
 
 

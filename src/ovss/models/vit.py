@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ovss.errors import OvssError
+from ovss.models.normalization import InputNorm
+
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype (as openai/CLIP does)."""
+    """LayerNorm computed in fp32 whatever the input dtype, returned in the input's dtype (openai/CLIP).
+
+    Under autocast the residual stream is fp32 (see :meth:`VisionTransformer.embed`), so the norms run
+    and return fp32; the linear layers after them autocast to the reduced dtype.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
@@ -56,7 +63,8 @@ class Attention(nn.Module):
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
+        if heads < 1 or width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} attention heads")
         self.heads = heads
         self.head_dim = width // heads
         self.scale = self.head_dim**-0.5
@@ -124,6 +132,8 @@ class ResidualAttentionBlock(nn.Module):
         return self.ls_2(self.mlp(self.ln_2(x)))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Under autocast the branches return bf16/fp16; adding them to the fp32 stream x promotes to fp32,
+        # so the residual stream stays fp32 (only the branches' matrix products are reduced).
         x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask))  # (B, n, D)
         return x + self.ffn(x)  # (B, n, D)
 
@@ -152,7 +162,7 @@ class ViTConfig:
     patch: int  # patch side p in pixels (16 for ViT-B/16, 8 for DINO ViT-B/8)
     width: int  # token width D (768 for ViT-B)
     layers: int  # number of blocks (12 for ViT-B)
-    heads: int  # attention heads (width // 64 for every released CLIP/DINO model)
+    heads: int  # attention heads (from the checkpoint's config or registry entry; else width // 64)
     grid: int  # side of the pretrained position table (14 for CLIP ViT-B/16 at 224 px)
     output_dim: int | None  # joint embedding size E of the visual projection (None: no projection, DINO)
     act: str = "quick_gelu"  # MLP activation: "quick_gelu" (OpenAI CLIP) or "gelu" (DINO, most OpenCLIP)
@@ -171,6 +181,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.input_norm = InputNorm()  # RGB statistics of the images it expects (set by the loaders)
         D = cfg.width
         self.conv1 = nn.Conv2d(3, D, kernel_size=cfg.patch, stride=cfg.patch, bias=cfg.patch_bias)
         self.class_embedding = nn.Parameter(torch.zeros(D))
@@ -233,9 +244,8 @@ class VisionTransformer(nn.Module):
                 recompute_scale_factor=False,
                 antialias=self.cfg.pos_antialias,
             )  # (1, D, rows, cols)
-        assert patch_pos.shape[-2:] == (rows, cols), (
-            f"position grid {tuple(patch_pos.shape)} != {(rows, cols)}"
-        )
+        if patch_pos.shape[-2:] != (rows, cols):  # scale factors that round the wrong way
+            raise RuntimeError(f"position grid {tuple(patch_pos.shape[-2:])} != {(rows, cols)}")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(rows * cols, D).to(table.dtype)  # (rows*cols, D)
         return torch.cat([cls_pos, patch_pos], dim=0)  # (1 + rows*cols, D)
 
@@ -246,9 +256,11 @@ class VisionTransformer(nn.Module):
             pixels: (B, 3, h, w) normalised images; sides that are not multiples of the patch are floored.
 
         Returns:
-            tokens (B, 1 + registers + gr * gc, D) and the grid (gr, gc).
+            tokens (B, 1 + registers + gr * gc, D) in the weights' dtype (fp32 also under autocast: the
+            residual stream starts, and stays, in fp32) and the grid (gr, gc).
         """
-        x = self.conv1(pixels.to(self.conv1.weight.dtype))  # (B, D, gr, gc)
+        weight = self.conv1.weight
+        x = self.conv1(pixels.to(weight.dtype)).to(weight.dtype)  # (B, D, gr, gc) the weights' dtype (fp32)
         B, D, gr, gc = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, gr*gc, D)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, D)  # (B, 1, D)
@@ -288,9 +300,35 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
     return len(indices)
 
 
+def resolve_heads(width: int, heads: int | None, what: str) -> int:
+    """Attention heads of a tower: the declared number, else width // 64 (every 64-wide-head model).
+
+    Args:
+        width: the tower's token width D.
+        heads: heads declared by a config file or registry entry; None when nothing says.
+        what: names the tower and checkpoint in the error, e.g. ``"CLIP checkpoint x.bin: the vision tower"``.
+
+    Raises:
+        OvssError: nothing declares the heads and the width is not a multiple of 64, or the declared
+            heads do not divide the width.
+    """
+    if heads is None:
+        if width % 64:
+            raise OvssError(
+                f"{what} has width {width}, not a multiple of 64, and nothing says how many attention heads "
+                "it has; load it from a folder with its config.json (Hugging Face) or with its OpenCLIP "
+                "model config json beside the weights"
+            )
+        return width // 64
+    if heads < 1 or width % heads:
+        raise OvssError(f"{what} has width {width}, which {heads} attention heads do not divide; check its config")
+    return heads
+
+
 def build_vit(
     state_dict: dict[str, torch.Tensor],
     *,
+    heads: int | None = None,
     act: str = "quick_gelu",
     eps: float = 1e-5,
     pos_offset: float = 0.1,
@@ -299,7 +337,8 @@ def build_vit(
     """Build a :class:`VisionTransformer` from a state dict in the OpenAI visual layout (no ``visual.`` prefix).
 
     Patch size, width, depth, grid, registers, projection and LayerScale are read off the weight shapes;
-    heads = width // 64 (true of every released CLIP and DINO ViT). The weights are loaded strictly.
+    ``heads`` is what the checkpoint's config says (None: width // 64, see :func:`resolve_heads`). The
+    weights are loaded strictly.
     """
     conv = state_dict["conv1.weight"]  # (D, 3, p, p)
     width, patch = conv.shape[0], conv.shape[-1]
@@ -312,7 +351,7 @@ def build_vit(
         patch=patch,
         width=width,
         layers=_count_blocks(state_dict, "transformer.resblocks."),
-        heads=max(width // 64, 1),
+        heads=resolve_heads(width, heads, "the ViT"),
         grid=grid,
         output_dim=None if proj is None else int(proj.shape[1]),
         act=act,

@@ -229,16 +229,24 @@ def resize_short_side(
 
 
 def clip_normalize(
-    image: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    image: np.ndarray,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
 ) -> torch.Tensor:
-    """Normalise an RGB image with CLIP's statistics: (pixel - mean) / std on the 0-255 scale.
+    """Normalise an RGB image with a CLIP model's statistics: (pixel - mean) / std on the 0-255 scale.
 
-    The arithmetic is done in float32 (on ``device``); the result is then cast to ``dtype``.
+    The arithmetic is done in float32 (on ``device``); the result is then cast to ``dtype``. The default
+    statistics are mmseg's rounded OpenAI values; a model's own come from
+    ``clip.input_norm.pixel_statistics()`` (:class:`ovss.models.normalization.InputNorm`).
 
     Args:
         image: (H, W, 3) uint8 RGB image.
         device: device of the returned tensor.
         dtype: dtype of the returned tensor.
+        mean: per-channel RGB mean on the 0-255 scale.
+        std: per-channel RGB standard deviation on the 0-255 scale (> 0).
 
     Returns:
         (3, H, W) tensor, channel order RGB, values roughly in [-1.8, 2.2].
@@ -253,16 +261,21 @@ def clip_normalize(
         )
     pixels = torch.tensor(image, device=device)  # (H, W, 3) uint8
     pixels = pixels.permute(2, 0, 1).to(torch.float32)  # (3, H, W)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    normalized = (pixels - mean) / std  # (3, H, W)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
+    normalized = (pixels - mean_t) / std_t  # (3, H, W)
     return normalized.to(dtype).contiguous()
 
 
-def imagenet_from_clip(x: torch.Tensor) -> torch.Tensor:
+def imagenet_from_clip(
+    x: torch.Tensor,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> torch.Tensor:
     """Re-normalise CLIP-normalised pixels with ImageNet statistics (the input DINO expects).
 
-    pixel01 = (x * CLIP_STD + CLIP_MEAN) / 255, then (pixel01 - IMAGENET_MEAN) / IMAGENET_STD, computed in
+    ``mean`` / ``std`` are the 0-255 statistics ``x`` was normalised with (default mmseg's OpenAI values).
+    pixel01 = (x * std + mean) / 255, then (pixel01 - IMAGENET_MEAN) / IMAGENET_STD, computed in
     float32 and returned in ``x.dtype``. A pure per-channel affine map: apply any zero padding after it.
 
     Args:
@@ -276,8 +289,8 @@ def imagenet_from_clip(x: torch.Tensor) -> torch.Tensor:
     """
     if x.ndim < 3 or x.shape[-3] != 3:
         raise ValueError(f"expected a (..., 3, H, W) tensor, got shape {tuple(x.shape)}")
-    clip_mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
-    clip_std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    clip_mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    clip_std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     unit_pixels = (x.to(torch.float32) * clip_std + clip_mean) / 255.0  # (..., 3, H, W) in [0, 1]

@@ -287,20 +287,33 @@ def _load_tokenizer_cached(path: Path) -> Tokenizer:
     )
 
 
-def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
+def load_tokenizer(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = True,
+    model: str | os.PathLike[str] | None = None,
+) -> Tokenizer:
     """Load (once per path) the CLIP tokenizer.
 
     Args:
         path: OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, or a folder with Hugging Face ``vocab.json`` +
-            ``merges.txt`` (or with one ``*.txt.gz``). ``None``: the path in the environment variable
-            ``OVSS_BPE_PATH`` if set, else ``ovss.hub.resolve("clip-bpe", kind="tokenizer")``.
+            ``merges.txt`` (or with one ``*.txt.gz``). ``None``: the CLIP model folder's own ``vocab.json`` +
+            ``merges.txt`` (a Hugging Face CLIP folder given as ``model``), else the path in the environment
+            variable ``OVSS_BPE_PATH`` if set, else ``ovss.hub.resolve("clip-bpe", kind="tokenizer")``.
+        download: allow downloading the default vocabulary when it is not cached.
+        model: the CLIP checkpoint (name, file or folder) the tokenizer is for.
 
     Returns:
         The tokenizer; the same object for repeated calls with the same resolved path.
 
     Raises:
-        OvssError: the path does not exist or does not hold a CLIP vocabulary.
+        OvssError: the path does not exist or does not hold a CLIP vocabulary; the default vocabulary is
+            not cached and cannot be downloaded.
     """
+    if path is None and model is not None:
+        folder = Path(model).expanduser()
+        if folder.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            path = folder
     if path is None:
         env_path = os.environ.get(BPE_ENV_VAR)
         if env_path:
@@ -308,5 +321,5 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
         else:
             from ovss.hub import resolve  # lazy: the hub (and any download) only when no path is given
 
-            path = resolve("clip-bpe", kind="tokenizer")
+            path = resolve("clip-bpe", kind="tokenizer", download=download)
     return _load_tokenizer_cached(Path(path).expanduser().resolve())

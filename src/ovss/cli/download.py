@@ -1,0 +1,41 @@
+"""``ovss download NAME...``: fill the cache with registered weights (and the BPE vocabulary) for offline use."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "download",
+        help="download named weights (and the CLIP vocabulary) into the cache, for machines without internet",
+        description=(
+            "Download registered files into the cache folder ($OVSS_CACHE, else $XDG_CACHE_HOME/ovss, else "
+            "~/.cache/ovss), checking their SHA-256. CLIP names bring the BPE vocabulary with them. Copy the "
+            "folder to an offline machine and point OVSS_CACHE at it."
+        ),
+    )
+    p.add_argument(
+        "names", nargs="+", metavar="NAME", help="registered names, e.g. ViT-B/16 dino-vitb8 (see: ovss models)"
+    )
+    p.add_argument("--cache", metavar="DIR", help="cache folder to fill (default: the usual cache folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=download)
+
+
+def download(args: argparse.Namespace) -> int:
+    """Resolve every file the names need (all names are checked before anything is downloaded)."""
+    from ovss import hub
+
+    files: dict[str, hub.WeightsEntry] = {}
+    for name in args.names:
+        files.update({e.name: e for e in hub.needed_files(name)})  # unknown names fail here, first
+    for entry in files.values():
+        path = hub.resolve(entry.name, kind=entry.kind, progress=not args.quiet, cache=args.cache)
+        digest = entry.sha256 or hub.recorded_digest(path)
+        print(f"{entry.name}: {path} (SHA-256 {digest})")
+    folder = Path(args.cache).expanduser() if args.cache else hub.cache_dir()
+    print(f"cache: {folder} (offline, point OVSS_CACHE at a copy of it)")
+    return 0
