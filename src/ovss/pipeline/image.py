@@ -18,14 +18,14 @@ import torch
 from PIL import Image, ImageOps
 
 from ovss.errors import OvssError
+from ovss.hub import IMAGENET_MEAN, IMAGENET_STD, OPENAI_MEAN, OPENAI_STD
 
 # Mean and standard deviation of CLIP's training images, per RGB channel, on the 0-255 pixel scale
 # (255 x (0.48145466, 0.4578275, 0.40821073) and 255 x (0.26862954, 0.26130258, 0.27577711)).
 CLIP_MEAN: tuple[float, float, float] = (122.771, 116.746, 104.094)
 CLIP_STD: tuple[float, float, float] = (68.501, 66.632, 70.323)
-# ImageNet statistics used by DINO, per RGB channel, on the 0-1 pixel scale.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# OpenAI's unrounded 0-1 CLIP statistics (OPENAI_MEAN / OPENAI_STD) and the ImageNet statistics used by
+# DINO (IMAGENET_MEAN / IMAGENET_STD) live in ovss.hub beside the weights they belong to.
 # Long-side cap of the test-time resize (mmseg ``Resize(scale=(2048, S))``).
 DEFAULT_MAX_LONG_SIDE = 2048
 # Largest image accepted, in pixels (~179 MP): twice Pillow's default MAX_IMAGE_PIXELS, the size at which
@@ -259,14 +259,23 @@ def clip_normalize(
     return normalized.to(dtype).contiguous()
 
 
-def imagenet_from_clip(x: torch.Tensor) -> torch.Tensor:
-    """Re-normalise CLIP-normalised pixels with ImageNet statistics (the input DINO expects).
+def imagenet_from_clip(
+    x: torch.Tensor,
+    clip_mean: tuple[float, float, float] = OPENAI_MEAN,
+    clip_std: tuple[float, float, float] = OPENAI_STD,
+) -> torch.Tensor:
+    """Re-normalise CLIP-normalised pixels with ImageNet statistics (the input DINO expects, spec §4.7 step 1).
 
-    pixel01 = (x * CLIP_STD + CLIP_MEAN) / 255, then (pixel01 - IMAGENET_MEAN) / IMAGENET_STD, computed in
-    float32 and returned in ``x.dtype``. A pure per-channel affine map: apply any zero padding after it.
+    Exactly the ProxyCLIP / GLA-CLIP releases' arithmetic, in float32: un-normalise with the CLIP statistics on
+    the 0-1 scale, y = x * clip_std + clip_mean (multiply, then add; two roundings, no fused multiply-add),
+    then (y - IMAGENET_MEAN) / IMAGENET_STD. This is not pixel / 255: ``clip_normalize`` used mmseg's rounded
+    0-255 statistics, so the two differ by up to ~1.6e-5, which GLA's hard cut-offs would turn into logit
+    differences near 1e-2. A pure per-channel affine map: apply any zero padding after it.
 
     Args:
         x: (..., 3, H, W) CLIP-normalised RGB pixels (output of ``clip_normalize``).
+        clip_mean: the CLIP model's RGB mean on the 0-1 scale (default OpenAI's, unrounded).
+        clip_std: the CLIP model's RGB standard deviation on the 0-1 scale (default OpenAI's, unrounded).
 
     Returns:
         (..., 3, H, W) tensor of the same dtype and device, ImageNet-normalised, roughly in [-2.2, 2.7].
@@ -276,9 +285,10 @@ def imagenet_from_clip(x: torch.Tensor) -> torch.Tensor:
     """
     if x.ndim < 3 or x.shape[-3] != 3:
         raise ValueError(f"expected a (..., 3, H, W) tensor, got shape {tuple(x.shape)}")
-    clip_mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
-    clip_std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    mean = torch.tensor(clip_mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    std = torch.tensor(clip_std, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
-    unit_pixels = (x.to(torch.float32) * clip_std + clip_mean) / 255.0  # (..., 3, H, W) in [0, 1]
+    unit_pixels = x.to(torch.float32) * std  # (..., 3, H, W) rounded to fp32 before the add, as the releases
+    unit_pixels = unit_pixels + mean  # (..., 3, H, W) in [0, 1]
     return ((unit_pixels - in_mean) / in_std).to(x.dtype)  # (..., 3, H, W)
