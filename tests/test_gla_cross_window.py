@@ -322,14 +322,12 @@ def test_reduced_precision_inputs_use_fp32_statistics() -> None:
 
 def test_choose_chunk_rows() -> None:
     m, n = 28224, 784  # Cityscapes `gla`: 36 windows of 28 x 28 DINO tokens
-    r = choose_chunk_rows(m, n, 1024.0)
-    # 2 whole windows at the measured 18 bytes per entry (the spec's 9-byte estimate would give 3,920)
-    assert r == 1568 and r % n == 0 and BYTES_PER_ENTRY == 18
-    assert BYTES_PER_ENTRY * r * m <= 2**30 < BYTES_PER_ENTRY * (r + n) * m
+    assert choose_chunk_rows(m, n, 1024.0) == n == 784  # one window per chunk (spec §9.2 default)
+    assert BYTES_PER_ENTRY * n * m <= 2**30
     budget = (500 * m * BYTES_PER_ENTRY + 10) / 2**20  # 500 rows fit, less than one window
     assert choose_chunk_rows(m, n, budget) == 392  # the largest divisor of 784 <= 500
     assert choose_chunk_rows(m, n, 1e-3) == 1
-    assert choose_chunk_rows(4704, 784, 1e6) == 4704  # whole image at once
+    assert choose_chunk_rows(4704, 784, 1e6) == 784  # a huge budget does not make chunks larger
 
 
 def test_global_mean_needs_the_first_pass() -> None:
@@ -359,3 +357,19 @@ def test_config_validation_and_release_preset() -> None:
     for kwargs in bad:
         with pytest.raises(OvssError):
             GLAConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_sparse_and_dense_proxy_means_agree() -> None:
+    """Few selected keys take the sparse CSR product, many the dense one: the same means either way."""
+    from ovss.gla.cross_window import SPARSE_BELOW, _mean_of_selected
+
+    g = torch.Generator().manual_seed(4)
+    k = F.normalize(torch.randn(64, D, generator=g), dim=-1)  # (M, D)
+    for density in (0.02, 0.5):
+        selected = torch.rand(10, 64, generator=g) < density  # (R, M)
+        selected[:, 0] = True  # every row non-empty
+        counts = selected.sum(dim=1)  # (R,)
+        sparse = bool(int(counts.sum()) * SPARSE_BELOW <= selected.numel())
+        assert sparse == (density < 0.1)
+        expected = (selected.double() @ k.double()) / counts[:, None]  # (R, D)
+        torch.testing.assert_close(_mean_of_selected(selected, k, counts).double(), expected)

@@ -19,6 +19,7 @@ All similarities, proxies, statistics and softmaxes are computed in fp32 whateve
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ PriorFn = Callable[[Tensor], Tensor]  # rows (R,) long -> additive attention log
 # fp32 copy for the mean (4), masking bool (1), softmax output (4), allocator slack. The spec's estimate is 9
 # (§9.2); 18 is what the GLA step alone measured on CPU (17 bytes per entry).
 BYTES_PER_ENTRY = 18
+SPARSE_BELOW = 8  # proxy sets are averaged with a sparse product when <= 1/8 of the (R, M) mask is selected
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,25 @@ def _high_confidence(q: Tensor, k: Tensor, rho: float, self_index: Tensor, key_m
     return selected
 
 
+def _mean_of_selected(selected: Tensor, k: Tensor, counts: Tensor) -> Tensor:
+    """(R, D) mean of the selected unit keys of every row: (selected @ k) / counts.
+
+    Proxy sets are small (a few keys above rho among M), so a sparse CSR product replaces the dense
+    (R, M) @ (M, D) one when at most 1 / SPARSE_BELOW of the entries are selected: same sums up to
+    floating-point summation order, about 3x faster on CPU at M = 4,704, and no fp32 copy of the mask.
+    """
+    if int(counts.sum()) * SPARSE_BELOW > selected.numel():
+        return (selected.float() @ k) / counts[:, None]  # (R, D)
+    crow = torch.zeros(selected.shape[0] + 1, dtype=torch.long, device=k.device)  # (R + 1,) row starts
+    torch.cumsum(counts, 0, out=crow[1:])
+    cols = selected.nonzero()[:, 1]  # (nnz,) row-major, as CSR needs
+    ones = torch.ones(cols.shape[0], dtype=k.dtype, device=k.device)  # (nnz,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        mask = torch.sparse_csr_tensor(crow, cols, ones, selected.shape, check_invariants=False)  # (R, M)
+    return (mask @ k) / counts[:, None]  # (R, D)
+
+
 def _proxy_anchors(
     q0: Tensor, k: Tensor, rho: float, steps: int, self_index: Tensor, key_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -112,7 +133,7 @@ def _proxy_anchors(
     for _ in range(steps):
         selected = _high_confidence(q, k, rho, self_index, key_mask)  # (R, M) bool
         counts = selected.sum(dim=1)  # (R,)
-        q = (selected.float() @ k) / counts[:, None]  # (R, D)
+        q = _mean_of_selected(selected, k, counts)  # (R, D)
     return q, counts
 
 
@@ -272,11 +293,13 @@ def global_similarity_mean(
 
 
 def choose_chunk_rows(num_tokens: int, window_tokens: int, budget_mb: float) -> int:
-    """Rows per chunk R from a memory budget for the O(R * M) buffers (§9.2).
+    """Rows per chunk R from a memory budget for the O(R * M) buffers (§9.2 default).
 
-    Peak of the row-chunk buffers is about R * M * BYTES_PER_ENTRY bytes (measured). If one window (R = N)
-    fits, R is the largest number of whole windows that fits (at most M); otherwise the largest divisor of N
-    that fits, at least 1. The O(M * D) inputs (keys, anchors, values) do not depend on R and are not counted.
+    Peak of the row-chunk buffers is about R * M * BYTES_PER_ENTRY bytes (measured). R is one window (R = N)
+    when that fits the budget, otherwise the largest divisor of N that fits, at least 1. Larger chunks are
+    not faster: the element-wise passes over an (R, M) buffer run better from cache when it is small, and
+    the products are large enough either way. The O(M * D) inputs (keys, anchors, values) do not depend on R
+    and are not counted.
 
     Args:
         num_tokens: M = L * N.
@@ -284,11 +307,9 @@ def choose_chunk_rows(num_tokens: int, window_tokens: int, budget_mb: float) -> 
         budget_mb: budget in MiB (2**20 bytes).
 
     Returns:
-        R in 1..M (Cityscapes `gla`, M = 28,224, N = 784, 1024 MiB: 1,568 = 2 windows).
+        R in 1..N (Cityscapes `gla`, M = 28,224, N = 784, 1024 MiB: 784, a 398 MB buffer).
     """
     fit = int(budget_mb * 2**20) // (num_tokens * BYTES_PER_ENTRY)  # rows that fit
-    if fit >= window_tokens:
-        return min(fit // window_tokens * window_tokens, num_tokens)
     divisors = [r for r in range(1, window_tokens + 1) if window_tokens % r == 0 and r <= fit]
     return max(divisors, default=1)
 
