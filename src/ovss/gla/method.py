@@ -31,14 +31,18 @@ class GLAMethodOptions:
     gla: GLAConfig  # rho, T, lambda1, lambda2, ablation switches, chunking
 
 
-def initial_queries(parts: CrossWindowParts, batch: WindowBatch, cfg: GLAConfig) -> tuple[list[torch.Tensor], str]:
+def initial_queries(
+    keys: list[torch.Tensor], parts: CrossWindowParts, batch: WindowBatch, cfg: GLAConfig
+) -> tuple[list[torch.Tensor], str]:
     """Q^(0) of every key set (§4.8.3): the keys themselves, or smoothed raw features; and the smoothing used.
+
+    Args:
+        keys: S key sets (M, D_s), window-major (``parts.key_sets`` flattened).
 
     Returns:
         S tensors (M, D_s) (fp32 when smoothed) and the resolved smoothing mode.
     """
     smoothing = resolve_smoothing(cfg.smoothing, parts.clip_internal)
-    keys = [raw.reshape(-1, raw.shape[-1]) for raw in parts.key_sets]  # S x (M, D_s)
     if smoothing == "off":
         return keys, smoothing
     pad = batch.padding
@@ -55,8 +59,8 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
     """
     L, N, C = parts.values.shape
     M = L * N
-    queries, smoothing = initial_queries(parts, batch, cfg)
     keys = [raw.reshape(M, -1) for raw in parts.key_sets]  # S x (M, D_s)
+    queries, smoothing = initial_queries(keys, parts, batch, cfg)
     y = cross_window_attention(
         keys,
         queries,
