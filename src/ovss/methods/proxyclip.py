@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss.errors import OvssError
+from ovss.hub import OPENAI_MEAN, OPENAI_STD
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, tokens_before_last_block
 from ovss.methods.registry import Geometry, MethodSpec, register
 from ovss.models.vit import VisionTransformer
@@ -32,13 +33,21 @@ class ProxyCLIPOptions:
     gamma: float = 3.0  # sharpness of the proxy attention (> 0); robust in [2, 5]
 
 
-def vfm_features(vfm: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def vfm_features(
+    vfm: VisionTransformer,
+    pixels: torch.Tensor,
+    clip_mean: tuple[float, float, float] = OPENAI_MEAN,
+    clip_std: tuple[float, float, float] = OPENAI_STD,
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """The VFM's last-block tokens after its final norm, [CLS] and registers dropped (spec §4.7 steps 1-2).
 
     Args:
         vfm: DINO-family ViT (``ln_post`` is DINO's final ``norm``).
         pixels: (L, 3, h, w) CLIP-normalised, padded windows (``WindowBatch.pixels``); they are
-            re-normalised with ImageNet statistics here, padding included (as the release does).
+            re-normalised with ImageNet statistics here, padding included, with the releases' exact
+            arithmetic (`ovss.pipeline.image.imagenet_from_clip`).
+        clip_mean: the CLIP model's RGB mean on the 0-1 scale, used to un-normalise (default OpenAI's).
+        clip_std: the CLIP model's RGB standard deviation on the 0-1 scale (default OpenAI's).
 
     Returns:
         F (L, hr * hc, D_v) un-normalised features in the VFM's dtype, row-major, and the VFM grid (hr, hc).
@@ -54,7 +63,7 @@ def vfm_features(vfm: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Te
             f"padded window {h}x{w} is not a multiple of the VFM patch {p}; use a VFM with patch 8 or 14, "
             f"or windows whose padded sides are multiples of {need}"
         )
-    x, grid = vfm.embed(imagenet_from_clip(pixels))  # (L, 1 + R + hr*hc, D_v)
+    x, grid = vfm.embed(imagenet_from_clip(pixels, clip_mean, clip_std))  # (L, 1 + R + hr*hc, D_v)
     x = vfm.ln_post(vfm.forward_blocks(x))  # (L, 1 + R + hr*hc, D_v)
     return x[:, vfm.num_prefix_tokens :], grid  # (L, hr*hc, D_v)
 
