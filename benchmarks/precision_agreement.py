@@ -32,8 +32,13 @@ def main() -> None:
     parser.add_argument("--opt", action="append", default=[])
     args = parser.parse_args()
     classes = read_labels_file(args.labels_file, allow_duplicates=True)
-    kw = dict(clip=args.clip, vfm=args.vfm, tokenizer=args.tokenizer, device=args.device,
-              **parse_method_options(args.opt))
+    kw = dict(
+        clip=args.clip,
+        vfm=args.vfm,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        **parse_method_options(args.opt, args.method),
+    )
     full = ovss.load(args.method, **kw)
     reduced = ovss.load(args.method, dtype=args.dtype, **kw)
     agree = total = 0
@@ -44,8 +49,17 @@ def main() -> None:
         same = int((a == b).sum())
         per_image[Path(path).name] = round(100.0 * same / a.numel(), 3)
         agree, total = agree + same, total + a.numel()
-    print(json.dumps({"method": args.method, "dtype": args.dtype, "agreement_pct": round(100.0 * agree / total, 3),
-                      "per_image_pct": per_image}, indent=1))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "dtype": args.dtype,
+                "agreement_pct": round(100.0 * agree / total, 3),
+                "per_image_pct": per_image,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""GLA cross-window attention (spec §4.8, §9.2): chunked == dense, brute force, hand-computed values."""
+"""The GLA operator (spec §4.8, §4.9, §9.2): chunked == float64 dense for every base, brute force, by hand."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -15,16 +15,15 @@ from ovss.errors import OvssError
 from ovss.gla import (
     GLA_RELEASE,
     GLAConfig,
-    attend_chunked,
     attention_rows,
     choose_chunk_rows,
     cross_window_attention,
+    dense_attention_map,
     dense_cross_window_attention,
     dynamic_shift,
     global_similarity_mean,
     proxy_anchors,
     sharpen_weight,
-    window_index,
 )
 from ovss.gla.cross_window import BYTES_PER_ENTRY
 
@@ -38,33 +37,64 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-L, N, D, H, HD = 3, 12, 12, 2, 4  # windows, tokens per window, key width, heads, head size
+L, N, D, C = 3, 12, 12, 8  # windows, tokens per window, key width, value width (heads x head size)
 M = L * N
 
 
-def _problem(seed: int = 2, bias: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Clustered keys sharing a common direction of random strength, noisy queries, random values.
+def _keys(g: torch.Generator, m: int, bias: float) -> Tensor:
+    """Clustered keys sharing a common direction of random strength: (m, D)."""
+    centres = torch.randn(4, D, generator=g)  # (4, D)
+    labels = torch.randint(0, 4, (m,), generator=g)  # (m,)
+    common = torch.randn(D, generator=g)  # (D,)
+    strength = torch.rand(m, 1, generator=g) * 2 * bias  # (m, 1)
+    return centres[labels] + strength * common + 0.8 * torch.randn(m, D, generator=g)  # (m, D)
+
+
+def _problem(seed: int = 2, bias: float = 2.0, windows: int = L) -> tuple[Tensor, Tensor, Tensor]:
+    """Clustered keys, noisy queries (e.g. smoothed features, not the keys), random values (M, C).
 
     With rho = 0.8 this input has rows whose proxy set becomes empty and rows whose dynamic logits are all
     negative (checked by `test_problem_has_empty_proxy_sets_and_all_negative_rows`).
     """
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(4, D, generator=g)  # (4, D)
-    labels = torch.randint(0, 4, (M,), generator=g)  # (M,)
-    common = torch.randn(D, generator=g)  # (D,)
-    strength = torch.rand(M, 1, generator=g) * 2 * bias  # (M, 1)
-    keys = centres[labels] + strength * common + 0.8 * torch.randn(M, D, generator=g)  # (M, D)
-    queries = keys + torch.randn(M, D, generator=g)  # (M, D) e.g. smoothed features, not the keys
-    values = torch.randn(H, M, HD, generator=g)  # (H, M, d)
+    m = windows * N
+    keys = _keys(g, m, bias)  # (M, D)
+    queries = keys + torch.randn(m, D, generator=g)  # (M, D)
+    values = torch.randn(m, C, generator=g)  # (M, C)
     return keys, queries, values
 
 
-def _prior(seed: int = 5) -> Callable[[Tensor], Tensor]:
-    """An image-space Gaussian prior over random token centres (like NACLIP + GLA), as prior(rows)."""
+def _prior_matrix(windows: int, seed: int = 5) -> Tensor:
+    """An image-space Gaussian over random token centres (like NACLIP + GLA): (M, M)."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(M, 2, generator=g) * 64  # (M, 2) pixels
-    omega = torch.exp(-(torch.cdist(centres, centres) ** 2) / (2 * 20.0**2))  # (M, M)
-    return lambda rows: omega[rows]  # (R, M)
+    centres = torch.rand(windows * N, 2, generator=g) * 64  # (M, 2) pixels
+    return torch.exp(-(torch.cdist(centres, centres) ** 2) / (2 * 20.0**2))  # (M, M)
+
+
+def _local_maps(windows: int, count: int, seed: int = 6) -> Tensor:
+    """`count` row-stochastic within-window maps summed, like GCLIP's AMF maps: (L, N, N), rows sum to count."""
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.softmax(3 * torch.randn(count, windows, N, N, generator=g), dim=-1)  # (count, L, N, N)
+    return maps.sum(dim=0)  # (L, N, N)
+
+
+BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip")
+
+
+def _base_inputs(base: str, windows: int) -> dict:
+    """The operator's inputs shaped like each base's (spec §4.9): key sets, queries, prior, own-window maps."""
+    keys, queries, values = _problem(windows=windows)
+    kw: dict = {"keys": [keys], "queries": [queries], "values": values}
+    if base == "proxyclip":  # DINO keys, no smoothing: Q0 = K
+        kw["queries"] = [keys]
+    elif base == "sclip":  # two key sets (q and k), each with its own anchors
+        keys2, queries2, _ = _problem(seed=9, windows=windows)
+        kw["keys"], kw["queries"] = [keys, keys2], [queries, queries2]
+    elif base == "naclip":
+        kw["prior"] = _prior_matrix(windows)
+    elif base == "gclip":
+        kw["local_maps"], kw["local_count"] = _local_maps(windows, 2), 2
+    return kw
 
 
 def _brute_force_proxies(q0: Tensor, keys: Tensor, rho: float, steps: int) -> tuple[Tensor, list[int], int]:
@@ -104,32 +134,53 @@ CONFIGS = [
 ] + [replace(GLA_RELEASE, rho=0.8), GLAConfig(rho=0.8, steps=3, temperature=0.5, lam1=0.5, lam2=10.0)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.norm}-kve{int(c.kve)}-proxy{int(c.proxy)}")
-@pytest.mark.parametrize("with_prior", [False, True])
-def test_chunked_matches_dense(cfg: GLAConfig, with_prior: bool) -> None:
-    keys, queries, values = _problem()
-    prior = _prior() if with_prior else None
-    dense, _ = dense_cross_window_attention(keys, values, queries, L, cfg, prior=prior)
-    assert torch.isfinite(dense).all()
-    for chunk in (1, 7, 12, 100):  # single rows, non-divisor, one window, all at once
-        out = cross_window_attention(keys, values, queries, L, replace(cfg, chunk_rows=chunk), prior=prior)
-        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+def _cfg_id(c: GLAConfig) -> str:
+    return f"{c.norm}-kve{int(c.kve)}-proxy{int(c.proxy)}-clamp{int(c.clamp_mean)}-T{c.steps}"
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:8], ids=lambda c: f"{c.norm}-kve{int(c.kve)}-proxy{int(c.proxy)}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("base", BASES)
+def test_operator_matches_float64_dense_reference(base: str, cfg: GLAConfig) -> None:
+    for windows in (1, 2, 3):  # windows of different counts
+        kw = _base_inputs(base, windows)
+        prior = kw.pop("prior", None)
+        dense = dense_cross_window_attention(**kw, num_windows=windows, cfg=cfg, prior=prior)  # (M, C) float64
+        assert dense.dtype == torch.float64 and torch.isfinite(dense).all()
+        prior_fn = None if prior is None else (lambda rows, p=prior: p[rows])  # (R, M)
+        for chunk in (1, 7, N, 100):  # single rows, non-divisor, one window, all at once
+            out = cross_window_attention(
+                **kw, num_windows=windows, cfg=replace(cfg, chunk_rows=chunk), prior=prior_fn
+            )  # (M, C)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out.double(), dense, rtol=1e-5, atol=2e-5)
+
+
+def test_base_inputs_exercise_every_feature() -> None:
+    """The inputs above do differ per base: each feature changes the dense result."""
+    cfg = GLAConfig(rho=0.8)
+    outs = {}
+    for base in BASES:
+        kw = _base_inputs(base, L)
+        outs[base] = dense_cross_window_attention(**kw, num_windows=L, cfg=cfg)
+    plain = outs["clearclip"]
+    for base in ("proxyclip", "sclip", "naclip", "gclip"):
+        assert (outs[base] - plain).abs().max() > 1e-2, base
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:8], ids=_cfg_id)
 def test_row_stats_match_dense(cfg: GLAConfig) -> None:
     keys, queries, _ = _problem()
-    _, dense = dense_cross_window_attention(keys, torch.zeros(1, M, 1), queries, L, cfg)
+    _, dense = dense_attention_map(keys, queries, L, cfg)
     rows = torch.tensor([0, 35, 13, 7, 20])
     gm = global_similarity_mean(keys, queries, L, cfg, chunk_rows=5) if cfg.norm == "global_mean" else None
     alpha, st = attention_rows(keys, queries[rows], rows, L, cfg, global_mean=gm)
     assert torch.equal(st.counts, dense.counts[rows])
-    torch.testing.assert_close(st.mean, dense.mean[rows])
-    torch.testing.assert_close(st.weight, dense.weight[rows])
+    torch.testing.assert_close(st.mean.double(), dense.mean[rows])
+    torch.testing.assert_close(st.weight.double(), dense.weight[rows])
     assert st.shift == pytest.approx(dense.shift)
     torch.testing.assert_close(alpha.sum(1), torch.ones(5))
     if not cfg.kve:  # other windows' keys get exactly zero weight
-        own = window_index(M, L)[rows][:, None] == window_index(M, L)[None, :]  # (R, M)
+        own = (rows // N)[:, None] == (torch.arange(M) // N)[None, :]  # (R, M)
         assert (alpha[~own] == 0).all()
 
 
@@ -138,13 +189,11 @@ def test_proxy_anchors_match_brute_force_sets(masked: bool) -> None:
     keys, queries, _ = _problem()
     rows = torch.tensor([4, 0, 33, 17, 35, 21])
     if masked:  # own window only: brute force on each window's keys alone
-        own = window_index(M, L)[rows][:, None] == window_index(M, L)[None, :]  # (R, M)
+        own = (rows // N)[:, None] == (torch.arange(M) // N)[None, :]  # (R, M)
         q, counts = proxy_anchors(queries[rows], keys, 0.8, 2, rows, key_mask=own)
         for r, i in enumerate(rows.tolist()):
             b = i // N
-            ref, ref_counts, _ = _brute_force_proxies(
-                queries[b * N : (b + 1) * N], keys[b * N : (b + 1) * N], 0.8, 2
-            )
+            ref, ref_counts, _ = _brute_force_proxies(queries[b * N : (b + 1) * N], keys[b * N : (b + 1) * N], 0.8, 2)
             assert int(counts[r]) == ref_counts[i - b * N]
             torch.testing.assert_close(q[r].double(), ref[i - b * N], rtol=1e-5, atol=1e-6)
     else:
@@ -167,7 +216,7 @@ def _two_window_example() -> tuple[Tensor, Tensor]:
     """Unit keys at 0 and 20 degrees (window 0), 10 and 100 degrees (window 1); values = token ids."""
     angles = torch.tensor([0.0, 20.0, 10.0, 100.0]).deg2rad()  # (4,)
     keys = torch.stack([angles.cos(), angles.sin()], dim=1)  # (M=4, D=2)
-    values = torch.arange(4.0).reshape(1, 4, 1)  # (H=1, M, d=1)
+    values = torch.arange(4.0).reshape(4, 1)  # (M, C=1)
     return keys, values
 
 
@@ -185,7 +234,7 @@ def test_hand_computed_two_window_example() -> None:
     torch.testing.assert_close(st.mean, torch.tensor([(2 * cos10 + 1) / 4] * 3 + [0.25]))
     # Row 0: u * mu = 1.3296 * 0.7424 = 0.9871 > cos10 = 0.9848, so only the key at 10 deg (s = 1)
     # survives the mask; row 3: 31 * (s - 0.332) > 0 only for itself.
-    out = cross_window_attention(keys, values, None, 2, GLAConfig(chunk_rows=3))
+    out = cross_window_attention([keys], [keys], values, 2, GLAConfig(chunk_rows=3))
     torch.testing.assert_close(out.flatten(), torch.tensor([2.0, 2.0, 2.0, 3.0]))
 
     # Without KVE: window 0 = {0, 20 deg}: |P| = 2, mu = cos10, u = 1 + 0.3 ln 2; window 1 = {10, 100 deg}:
@@ -203,37 +252,7 @@ def test_dynamic_shift_and_sharpen_weight() -> None:
     assert dynamic_shift(1, 0.3) == pytest.approx(1 + 0.3 * math.log(2))
     assert dynamic_shift(1, 0.3) == pytest.approx(1.2079, abs=1e-4)  # ~ ProxyCLIP's beta = 1.2
     assert dynamic_shift(36, 0.3) == pytest.approx(1 + 0.3 * math.log(37))
-    torch.testing.assert_close(
-        sharpen_weight(torch.tensor([1, 2, 30]), 30.0), torch.tensor([31.0, 16.0, 2.0])
-    )
-
-
-@pytest.mark.parametrize("norm", ["dynamic", "fixed", "global_mean", "none"])
-@pytest.mark.parametrize("with_prior", [False, True])
-def test_without_kve_equals_each_window_alone(norm: str, with_prior: bool) -> None:
-    keys, queries, values = _problem()
-    prior = _prior() if with_prior else None
-    cfg = GLAConfig(rho=0.8, norm=norm, kve=False, chunk_rows=5)
-    out = cross_window_attention(keys, values, queries, L, cfg, prior=prior)
-    for b in range(L):
-        sl = slice(b * N, (b + 1) * N)
-        sub_prior = None if prior is None else (lambda r, sl=sl: prior(r + sl.start)[:, sl])
-        alone = cross_window_attention(
-            keys[sl], values[:, sl], queries[sl], 1, replace(cfg, kve=True), prior=sub_prior
-        )
-        torch.testing.assert_close(out[:, sl], alone, rtol=1e-5, atol=1e-5)
-    # Tokens in any order with an explicit window_of give the permuted result.
-    perm = torch.randperm(M, generator=torch.Generator().manual_seed(0))
-    shuffled = cross_window_attention(
-        keys[perm],
-        values[:, perm],
-        queries[perm],
-        L,
-        cfg,
-        window_of=window_index(M, L)[perm],
-        prior=None if prior is None else (lambda r: prior(perm[r])[:, perm]),
-    )
-    torch.testing.assert_close(shuffled, out[:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sharpen_weight(torch.tensor([1, 2, 30]), 30.0), torch.tensor([31.0, 16.0, 2.0]))
 
 
 def _proxyclip_window(keys: Tensor, values: Tensor, per_row_mean: bool) -> Tensor:
@@ -243,79 +262,72 @@ def _proxyclip_window(keys: Tensor, values: Tensor, per_row_mean: bool) -> Tenso
     a = 3.0 * (s - 1.2 * (s.mean(1, keepdim=True) if per_row_mean else s.mean()))  # (N, N)
     keep = (a >= 0) | (a == a.max(1, keepdim=True).values)  # (N, N)
     alpha = torch.softmax(a.masked_fill(~keep, -math.inf), dim=1)  # (N, N)
-    return torch.einsum("ij,hjd->hid", alpha, values)  # (H, N, d)
+    return alpha @ values  # (N, C)
 
 
 @pytest.mark.parametrize("norm", ["global_mean", "fixed"])
 def test_proxyclip_window_attention_is_the_no_kve_no_proxy_case(norm: str) -> None:
     keys, _, values = _problem(seed=3, bias=0.5)
     cfg = GLAConfig(kve=False, proxy=False, norm=norm, beta=1.2, gamma=3.0, chunk_rows=7)
-    out = cross_window_attention(keys[:N], values[:, :N], None, 1, cfg)  # L = 1
-    torch.testing.assert_close(out, _proxyclip_window(keys[:N], values[:, :N], norm == "fixed"))
-    out = cross_window_attention(keys, values, None, L, cfg)  # L = 3, each window with its own mean
+    out = cross_window_attention([keys[:N]], [keys[:N]], values[:N], 1, cfg)  # L = 1
+    torch.testing.assert_close(out, _proxyclip_window(keys[:N], values[:N], norm == "fixed"))
+    out = cross_window_attention([keys], [keys], values, L, cfg)  # L = 3, each window with its own mean
     for b in range(L):
         sl = slice(b * N, (b + 1) * N)
-        torch.testing.assert_close(out[:, sl], _proxyclip_window(keys[sl], values[:, sl], norm == "fixed"))
+        torch.testing.assert_close(out[sl], _proxyclip_window(keys[sl], values[sl], norm == "fixed"))
 
 
 def test_norm_none_is_plain_softmax_of_cosine_similarity() -> None:
     keys, _, values = _problem()
     k = F.normalize(keys, dim=-1)
-    ref = torch.einsum("ij,hjd->hid", torch.softmax(k @ k.T / 0.1, dim=1), values)
+    ref = torch.softmax(k @ k.T / 0.1, dim=1) @ values  # (M, C)
     cfg = GLAConfig(proxy=False, norm="none", temperature=0.1, chunk_rows=8)
-    torch.testing.assert_close(cross_window_attention(keys, values, None, L, cfg), ref)
+    torch.testing.assert_close(cross_window_attention([keys], [keys], values, L, cfg), ref)
+
+
+def test_sum_of_key_sets_and_own_window_fusion_by_hand() -> None:
+    """SCLIP's two maps add (rows sum to 2); GCLIP's local maps fuse as (local + alpha) / (count + 1)."""
+    keys, queries, values = _problem()
+    keys2, queries2, _ = _problem(seed=9)
+    cfg = GLAConfig(rho=0.8, chunk_rows=5)
+    one = cross_window_attention([keys], [queries], values, L, cfg)  # (M, C)
+    two = cross_window_attention([keys2], [queries2], values, L, cfg)  # (M, C)
+    both = cross_window_attention([keys, keys2], [queries, queries2], values, L, cfg)  # (M, C)
+    torch.testing.assert_close(both, one + two)
+    local = _local_maps(L, 2)  # (L, N, N)
+    fused = cross_window_attention([keys], [queries], values, L, cfg, local_maps=local, local_count=2)
+    own = torch.cat([local[b] @ values[b * N : (b + 1) * N] for b in range(L)])  # (M, C)
+    torch.testing.assert_close(fused, (one + own) / 3)
+    with pytest.raises(ValueError, match="local_maps"):
+        cross_window_attention([keys], [queries], values, L, cfg, local_maps=local[:, :5], local_count=2)
 
 
 def test_reduced_precision_inputs_use_fp32_statistics() -> None:
     keys, queries, values = _problem()
     k16, q16, v16 = keys.bfloat16(), queries.bfloat16(), values.bfloat16()
     cfg = GLAConfig(rho=0.8, chunk_rows=10)
-    out = cross_window_attention(k16, v16, q16, L, cfg)
+    out = cross_window_attention([k16], [q16], v16, L, cfg)
     assert out.dtype == torch.bfloat16
     # Same as the fp32 computation on the bf16-rounded inputs, only the final cast to bf16 differs.
-    ref = cross_window_attention(k16.float(), v16.float(), q16.float(), L, cfg)
+    ref = cross_window_attention([k16.float()], [q16.float()], v16.float(), L, cfg)
     torch.testing.assert_close(out, ref.bfloat16(), rtol=0.0, atol=0.0)
     alpha, st = attention_rows(k16, q16[:10], torch.arange(10), L, cfg)
     alpha32, st32 = attention_rows(k16.float(), q16[:10].float(), torch.arange(10), L, cfg)
     assert alpha.dtype == st.mean.dtype == st.weight.dtype == torch.float32
     assert torch.equal(st.counts, st32.counts) and torch.equal(alpha, alpha32)
     # ... and close to the run on the original fp32 inputs.
-    full = cross_window_attention(keys, values, queries, L, cfg)
+    full = cross_window_attention([keys], [queries], values, L, cfg)
     assert (out.float() - full).abs().mean() < 0.05
-
-
-def test_attend_chunked_combines_several_maps_like_sclip() -> None:
-    keys, queries, values = _problem()
-    cfg = GLAConfig(rho=0.8)
-
-    def probs(rows: Tensor) -> Tensor:
-        a_q, _ = attention_rows(queries, queries[rows], rows, L, cfg)
-        a_k, _ = attention_rows(keys, keys[rows], rows, L, cfg)
-        return a_q + a_k  # (R, M), rows sum to 2
-
-    out = attend_chunked(values, probs, 7)
-    ref = (
-        dense_cross_window_attention(queries, values, None, L, cfg)[0]
-        + dense_cross_window_attention(keys, values, None, L, cfg)[0]
-    )
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    rows = torch.arange(M)
-    torch.testing.assert_close(probs(rows).sum(1), torch.full((M,), 2.0))
-    per_head = torch.rand(H, M, M, generator=torch.Generator().manual_seed(1))  # (H, M, M)
-    out = attend_chunked(values, lambda r: per_head[:, r], 5)
-    torch.testing.assert_close(out, torch.einsum("hij,hjd->hid", per_head, values))
 
 
 def test_choose_chunk_rows() -> None:
     m, n = 28224, 784  # Cityscapes `gla`: 36 windows of 28 x 28 DINO tokens
-    r = choose_chunk_rows(m, n, 1024.0)
-    # 2 whole windows at the measured 18 bytes per entry (the spec's 9-byte estimate would give 3,920)
-    assert r == 1568 and r % n == 0 and BYTES_PER_ENTRY == 18
-    assert BYTES_PER_ENTRY * r * m <= 2**30 < BYTES_PER_ENTRY * (r + n) * m
+    assert choose_chunk_rows(m, n, 1024.0) == n == 784  # one window per chunk (spec §9.2 default)
+    assert BYTES_PER_ENTRY * n * m <= 2**30
     budget = (500 * m * BYTES_PER_ENTRY + 10) / 2**20  # 500 rows fit, less than one window
     assert choose_chunk_rows(m, n, budget) == 392  # the largest divisor of 784 <= 500
     assert choose_chunk_rows(m, n, 1e-3) == 1
-    assert choose_chunk_rows(4704, 784, 1e6) == 4704  # whole image at once
+    assert choose_chunk_rows(4704, 784, 1e6) == 784  # a huge budget does not make chunks larger
 
 
 def test_global_mean_needs_the_first_pass() -> None:
@@ -345,3 +357,19 @@ def test_config_validation_and_release_preset() -> None:
     for kwargs in bad:
         with pytest.raises(OvssError):
             GLAConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_sparse_and_dense_proxy_means_agree() -> None:
+    """Few selected keys take the sparse CSR product, many the dense one: the same means either way."""
+    from ovss.gla.cross_window import SPARSE_BELOW, _mean_of_selected
+
+    g = torch.Generator().manual_seed(4)
+    k = F.normalize(torch.randn(64, D, generator=g), dim=-1)  # (M, D)
+    for density in (0.02, 0.5):
+        selected = torch.rand(10, 64, generator=g) < density  # (R, M)
+        selected[:, 0] = True  # every row non-empty
+        counts = selected.sum(dim=1)  # (R,)
+        sparse = bool(int(counts.sum()) * SPARSE_BELOW <= selected.numel())
+        assert sparse == (density < 0.1)
+        expected = (selected.double() @ k.double()) / counts[:, None]  # (R, D)
+        torch.testing.assert_close(_mean_of_selected(selected, k, counts).double(), expected)

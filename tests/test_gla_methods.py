@@ -1,4 +1,4 @@
-"""GLA attached to the bases: reductions to the base method, chunking, composition, API routing."""
+"""GLA attached to the bases: the user path equals adapter + float64 dense reference, reductions, routing."""
 
 from __future__ import annotations
 
@@ -9,12 +9,18 @@ import pytest
 import torch
 
 import ovss
+from ovss.gla.bases import ADAPTERS, gaussian_prior_rows, token_origins
 from ovss.gla.config import GLAConfig
-from ovss.gla.method import GLAMethodOptions, gaussian_prior_rows, token_origins
+from ovss.gla.method import GLAMethodOptions
+from ovss.gla.reference import dense_cross_window_attention
+from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods import get_method
-from ovss.methods.common import Backbones, WindowBatch
+from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.methods.naclip import gaussian_prior
+from ovss.models.clip import build_clip
 from ovss.pipeline.windows import pad_windows, sliding_windows, symmetric_padding
+from ovss.predictor import Segmenter
+from tiny import tiny_clip_state_dict
 
 
 def _batch(H: int, W: int, crop: int, stride: int, pad_multiple: int, seed: int = 0) -> WindowBatch:
@@ -121,11 +127,9 @@ def test_end_to_end_joint_windows(tiny_clip, tiny_dino, bpe_path):
     assert a.config["options"]["gla"]["rho"] == 0.6
 
 
-def test_gclip_gla_fuses_own_window_maps(tiny_state_dict, bpe_path):
+def test_gclip_gla_fuses_own_window_maps(bpe_path):
     from ovss.gla.bases import gclip_parts
     from ovss.gla.method import cross_window_tokens
-    from ovss.models.clip import build_clip
-    from tiny import tiny_clip_state_dict
 
     clip = build_clip(tiny_clip_state_dict(seed=3, layers=12))
     backbones = Backbones(clip.visual)
@@ -134,15 +138,90 @@ def test_gclip_gla_fuses_own_window_maps(tiny_state_dict, bpe_path):
     out = spec.run(backbones, batch, spec.options)
     parts = gclip_parts(backbones, batch, spec.options.base)
     L, N = len(batch.windows), 36
+    assert parts.local_maps is not None
     assert parts.local_maps.shape == (L, N, N) and parts.local_count == 2
     torch.testing.assert_close(parts.local_maps.sum(-1), torch.full((L, N), 2.0), atol=1e-5, rtol=0)
     # Without AMF maps the fusion is the plain cross-window map; with them, (AMF + alpha) / (l + 2).
     alpha_only = cross_window_tokens(
         dataclasses.replace(parts, local_maps=None, local_count=0), batch, spec.options.gla
     )[0]
-    v = parts.values  # (L, H, N, d)
-    own = torch.einsum("lij,lhjd->lhid", parts.local_maps, v)  # (L, H, N, d) AMF part, own window only
+    own = parts.local_maps @ parts.values  # (L, N, C) AMF part, own window only
     bias = clip.visual.blocks[-1].attn.out_proj.bias
-    expected = (parts.merge_heads(own) - bias + alpha_only - bias) / 3 + bias
+    expected = (parts.out_proj(own) - bias + alpha_only - bias) / 3 + bias
     torch.testing.assert_close(out.tokens, expected, atol=1e-5, rtol=1e-4)
     assert "gclip" in out.info and len(out.window_info["global_block"]) == L
+
+
+def _prior_by_hand(batch: WindowBatch, grid: tuple[int, int], patch: int, sigma: float) -> torch.Tensor:
+    """NACLIP + GLA's prior (spec §4.9) from the window boxes: exp(-|c_i - c_j|^2 / (2 (sigma p)^2)), (M, M)."""
+    centres = []
+    for w in batch.windows:
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                y = w.y1 - batch.padding.top + (r + 0.5) * patch
+                centres.append((y, w.x1 - batch.padding.left + (c + 0.5) * patch))
+    pts = torch.tensor(centres, dtype=torch.float64)  # (M, 2)
+    d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)  # (M, M)
+    return torch.exp(-d2 / (2 * (sigma * patch) ** 2))  # (M, M)
+
+
+def _adapter_and_dense_reference(base: str):
+    """A method run: the base's adapter, Eq. 17 smoothing and the float64 dense reference, written out here."""
+
+    def run(backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
+        parts = ADAPTERS[base](backbones, batch, opts.base)
+        L, N, C = parts.values.shape
+        keys = [k.reshape(L * N, -1) for k in parts.key_sets]  # S x (M, D)
+        mode = resolve_smoothing(opts.gla.smoothing, parts.clip_internal)
+        queries = keys
+        if mode != "off":
+            pad = batch.padding
+            boxes = [(w.y1 - pad.top, w.x1 - pad.left, w.y2, w.x2) for w in batch.windows]
+            index = smoothing_index(boxes, parts.grid, parts.patch)
+            queries = [smooth_queries(k, index, mode) for k in keys]
+        prior = None
+        if base == "naclip":
+            prior = _prior_by_hand(batch, parts.grid, parts.patch, opts.base.sigma)  # (M, M)
+            assert parts.prior is not None
+            torch.testing.assert_close(parts.prior(torch.arange(L * N)).double(), prior, atol=1e-6, rtol=0)
+        else:
+            assert parts.prior is None
+        y = dense_cross_window_attention(
+            keys,
+            queries,
+            parts.values.reshape(L * N, C),
+            L,
+            opts.gla,
+            prior=prior,
+            local_maps=parts.local_maps,
+            local_count=parts.local_count,
+        )  # (M, C) float64
+        return MethodOutput(parts.finish(parts.out_proj(y.float().view(L, N, C))), parts.grid)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("base", "size"),
+    [
+        ("proxyclip", (112, 176)),
+        ("proxyclip", (150, 150)),
+        ("clearclip", (112, 208)),
+        ("sclip", (120, 180)),
+        ("naclip", (112, 176)),
+        ("gclip", (112, 176)),
+    ],
+)
+def test_user_path_equals_adapter_plus_dense_reference(tiny_clip, tiny_dino, bpe_path, base, size):
+    clip = build_clip(tiny_clip_state_dict(seed=3, layers=12)) if base == "gclip" else tiny_clip
+    kw = dict(clip=clip, tokenizer=bpe_path, short_side=None, crop=112, stride=48)
+    seg = ovss.load(f"{base}+gla", vfm=tiny_dino if base == "proxyclip" else None, **kw)
+    image = np.random.default_rng(3).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    labels = ["a", "b", ["c", "d"]]
+    got = seg.predict(image, labels)
+    assert got.config["method_info"]["gla"]["windows"] > 1
+    spec = dataclasses.replace(seg.method, run=_adapter_and_dense_reference(base))
+    by_hand = Segmenter(seg.clip, spec, seg.options, seg.pipeline, vfm=seg.vfm, tokenizer=bpe_path)
+    want = by_hand.predict(image, labels)
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    assert np.array_equal(got.labels, want.labels)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ovss
-import ovss.gla.method as gla_method
+import ovss.gla.cross_window as cross_window
 
 LABELS = ["sky", "road", ["person", "pedestrian"], "tree"]
 GEOMETRY = {"short_side": 96, "crop": 64, "stride": 32}
@@ -29,7 +29,7 @@ def test_bf16_runs_products_reduced_and_statistics_fp32(
 ) -> None:
     seen: dict[str, set[Any]] = {"block": set(), "ln": set(), "fc": set(), "gla_in": set(), "gla_out": set()}
     seen["gla_autocast"] = set()
-    real_rows = gla_method.attention_rows
+    real_rows = cross_window._attention_rows
 
     def spy_rows(keys: torch.Tensor, queries: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen["gla_in"] |= {keys.dtype, queries.dtype}
@@ -38,7 +38,7 @@ def test_bf16_runs_products_reduced_and_statistics_fp32(
         seen["gla_out"].add(probs.dtype)
         return probs, stats
 
-    monkeypatch.setattr(gla_method, "attention_rows", spy_rows)
+    monkeypatch.setattr(cross_window, "_attention_rows", spy_rows)  # what the one GLA operator calls
     visual = tiny_clip.visual
     hooks = [b.register_forward_hook(lambda m, a, out: seen["block"].add(out.dtype)) for b in visual.blocks]
     hooks.append(visual.blocks[0].ln_1.register_forward_hook(lambda m, a, out: seen["ln"].add(out.dtype)))

@@ -28,8 +28,10 @@ from ovss.pipeline.windows import Padding, Window
 from ovss.predictor import Segmenter
 from test_dino import dino_state_dict
 
-CLIP_MEAN = (122.771, 116.746, 104.094)  # spec §2.1, 0-255 scale
+CLIP_MEAN = (122.771, 116.746, 104.094)  # spec §2.1, 0-255 scale (mmseg, rounded): the CLIP input
 CLIP_STD = (68.501, 66.632, 70.323)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # spec §4.7 step 1, 0-1 scale, unrounded: the releases' un-norm
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IN_MEAN = (0.485, 0.456, 0.406)  # spec §4.7 step 1, 0-1 scale
 IN_STD = (0.229, 0.224, 0.225)
 
@@ -60,9 +62,36 @@ def _run(clip, vfm, pixels: Tensor, **options) -> Tensor:
 
 
 def imagenet_by_hand(window: Tensor) -> Tensor:
-    """(3, h, w) CLIP-normalised -> 0..255 pixels -> ImageNet-normalised (spec §2.1, §4.7 step 1)."""
-    raw = window * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)  # 0..255
-    return (raw / 255 - torch.tensor(IN_MEAN).view(3, 1, 1)) / torch.tensor(IN_STD).view(3, 1, 1)
+    """(3, h, w) CLIP-normalised -> ImageNet-normalised as the ProxyCLIP / GLA releases do (spec §4.7 step 1).
+
+    The releases' ``UnNormalize`` (per channel ``t.mul_(s).add_(m)`` with OpenAI's unrounded 0-1 statistics)
+    followed by torchvision's ``Normalize`` (``sub_(mean).div_(std)``), all in fp32.
+    """
+    y = window.float().clone()  # (3, h, w)
+    for t, m, s in zip(y, OPENAI_MEAN, OPENAI_STD, strict=True):
+        t.mul_(s).add_(m)  # (h, w) in place, multiply then add
+    mean = torch.tensor(IN_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IN_STD, dtype=torch.float32).view(3, 1, 1)
+    return y.sub_(mean).div_(std)  # (3, h, w)
+
+
+def test_vfm_input_is_the_releases_arithmetic_bit_for_bit(assets_dir) -> None:
+    from ovss.pipeline.image import clip_normalize, imagenet_from_clip, read_image
+
+    image = read_image(assets_dir / "voc2012-val-samples" / "images" / "114_image.png")[:40, :56]  # (40, 56, 3) uint8
+    windows = torch.stack([clip_normalize(image), _pixels(1, 40, 56, seed=4)[0]])  # (2, 3, 40, 56)
+    ours = imagenet_from_clip(windows)
+    for b in range(2):
+        assert torch.equal(ours[b], imagenet_by_hand(windows[b]))
+    # It is not pixel / 255: the CLIP input was made with mmseg's rounded 0-255 statistics.
+    raw = windows[0] * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)  # 0..255
+    via_pixels = (raw / 255 - torch.tensor(IN_MEAN).view(3, 1, 1)) / torch.tensor(IN_STD).view(3, 1, 1)
+    gap = (ours[0] - via_pixels).abs().max().item()
+    assert 1e-6 < gap < 1e-4
+    # Another CLIP's statistics (OpenCLIP laion2b: 0.5 / 0.5) are taken as given.
+    half = imagenet_from_clip(windows, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    expected = (windows * 0.5 + 0.5 - torch.tensor(IN_MEAN).view(3, 1, 1)) / torch.tensor(IN_STD).view(3, 1, 1)
+    assert torch.equal(half, expected)
 
 
 def reference_window(clip, vfm, window: Tensor, beta: float, gamma: float) -> tuple[Tensor, Tensor]:

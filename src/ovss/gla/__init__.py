@@ -16,7 +16,6 @@ _EXPORTS = {
     "GLA_RELEASE": "ovss.gla.config",
     "GLAConfig": "ovss.gla.config",
     "RowStats": "ovss.gla.cross_window",
-    "attend_chunked": "ovss.gla.cross_window",
     "attention_rows": "ovss.gla.cross_window",
     "choose_chunk_rows": "ovss.gla.cross_window",
     "cross_window_attention": "ovss.gla.cross_window",
@@ -24,7 +23,8 @@ _EXPORTS = {
     "global_similarity_mean": "ovss.gla.cross_window",
     "proxy_anchors": "ovss.gla.cross_window",
     "sharpen_weight": "ovss.gla.cross_window",
-    "window_index": "ovss.gla.cross_window",
+    "resolve_chunk_rows": "ovss.gla.cross_window",
+    "dense_attention_map": "ovss.gla.reference",
     "dense_cross_window_attention": "ovss.gla.reference",
     "SmoothingIndex": "ovss.gla.smoothing",
     "resolve_smoothing": "ovss.gla.smoothing",
@@ -37,36 +37,35 @@ __all__ = [
     "GLAConfig",
     "RowStats",
     "SmoothingIndex",
-    "attend_chunked",
     "attention_rows",
     "choose_chunk_rows",
     "cross_window_attention",
+    "dense_attention_map",
     "dense_cross_window_attention",
     "dynamic_shift",
     "global_similarity_mean",
     "proxy_anchors",
+    "resolve_chunk_rows",
     "resolve_smoothing",
     "sharpen_weight",
     "smooth_queries",
     "smoothing_index",
-    "window_index",
 ]
 
 if TYPE_CHECKING:
     from ovss.gla.config import GLA_RELEASE, GLAConfig
     from ovss.gla.cross_window import (
         RowStats,
-        attend_chunked,
         attention_rows,
         choose_chunk_rows,
         cross_window_attention,
         dynamic_shift,
         global_similarity_mean,
         proxy_anchors,
+        resolve_chunk_rows,
         sharpen_weight,
-        window_index,
     )
-    from ovss.gla.reference import dense_cross_window_attention
+    from ovss.gla.reference import dense_attention_map, dense_cross_window_attention
     from ovss.gla.smoothing import SmoothingIndex, resolve_smoothing, smooth_queries, smoothing_index
 
 

@@ -1,8 +1,10 @@
 """What each base method contributes to GLA (spec §4.9): key features, values, residual/FFN, extra terms.
 
 An adapter turns all windows of one image into :class:`CrossWindowParts`; :mod:`ovss.gla.method` then
-replaces the base's per-window attention by the cross-window attention of §4.8 built from those parts.
-The adapters reuse the bases' own functions, so no method code is copied.
+replaces the base's per-window attention by the one cross-window operator of :mod:`ovss.gla.cross_window`
+built from those parts. Each base's difference stays in its own short function here: ProxyCLIP and ClearCLIP
+give one key set, SCLIP two, NACLIP adds an image-space prior, GCLIP its own-window AMF maps. The adapters
+reuse the bases' own functions, so no method code is copied.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ovss.errors import OvssError
+from ovss.gla.cross_window import PriorFn
 from ovss.methods.common import Backbones, WindowBatch, residual_ffn, tokens_before_last_block
 from ovss.models.vit import VisionTransformer
 
@@ -23,18 +26,20 @@ class CrossWindowParts:
     """Per-window ingredients of GLA for one image (L windows, N tokens each on the base's grid)."""
 
     key_sets: list[torch.Tensor]  # each (L, N, D) raw key features; one attention map per set (SCLIP: q and k)
-    values: torch.Tensor  # (L, H, N, d) values per head
+    values: torch.Tensor  # (L, N, C) values, heads concatenated (C = H * d)
     grid: tuple[int, int]  # (gr, gc) token grid of every window
     patch: int  # processing pixels per token on that grid (CLIP 16, DINO-B/8 8): token positions
     clip_internal: bool  # keys are CLIP-internal features (smoothing `auto` -> Eq. 17) rather than DINO tokens
-    merge_heads: Callable[[torch.Tensor], torch.Tensor]  # (L, H, N, d) -> (L, N, D): concat heads + OutProj
+    out_proj: Callable[[torch.Tensor], torch.Tensor]  # (L, N, C) heads concatenated -> (L, N, D): OutProj
     finish: Callable[[torch.Tensor], torch.Tensor]  # (L, N, D) OutProj output -> tokens for the dense head
-    prior_sigma_px: float | None = None  # NACLIP + GLA: sigma of the image-space Gaussian prior, in pixels
-    prior_weight: float = 1.0  # kappa, the weight of that prior
+    prior: PriorFn | None = None  # rows (R,) -> (R, M) additive logits (NACLIP + GLA: image-space Gaussian)
     local_maps: torch.Tensor | None = None  # (L, N, N) GCLIP + GLA: summed within-window AMF maps (rows sum l+1)
     local_count: int = 0  # number of maps summed in local_maps (l + 1); the fusion divides by local_count + 1
     info: dict[str, Any] = field(default_factory=dict)  # the base's per-image diagnostics
     window_info: dict[str, list[Any]] = field(default_factory=dict)  # the base's per-window diagnostics
+
+
+NACLIP_PRIOR_WEIGHT = 1.0  # kappa, the weight of NACLIP + GLA's image-space prior (spec §4.9)
 
 
 def _identity(a: torch.Tensor) -> torch.Tensor:
@@ -67,7 +72,8 @@ def proxyclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> Cros
     features, grid = vfm_features(backbones.vfm, batch.pixels, backbones.clip)  # (L, N, D_v)
     v, _ = clip_values_on_grid(backbones.clip, batch.pixels, grid)  # (L, H, N, d)
     block = backbones.clip.blocks[-1]
-    return CrossWindowParts([features], v, grid, backbones.vfm.cfg.patch, False, block.attn.merge_heads, _identity)
+    values = heads_concat(v, 0)  # (L, N, C)
+    return CrossWindowParts([features], values, grid, backbones.vfm.cfg.patch, False, block.attn.out_proj, _identity)
 
 
 def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
@@ -79,7 +85,7 @@ def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> Cros
     p = clip.num_prefix_tokens
     block = clip.blocks[-1]
     return CrossWindowParts(
-        [heads_concat(q, p)], v[:, :, p:], grid, clip.cfg.patch, True, block.attn.merge_heads, _identity
+        [heads_concat(q, p)], heads_concat(v, p), grid, clip.cfg.patch, True, block.attn.out_proj, _identity
     )
 
 
@@ -95,7 +101,43 @@ def sclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
         return a if opts.reduced else residual_ffn(block, x_patches, a)  # (L, N, D)
 
     keys = [heads_concat(q, p), heads_concat(k, p)]
-    return CrossWindowParts(keys, v[:, :, p:], grid, clip.cfg.patch, True, block.attn.merge_heads, finish)
+    return CrossWindowParts(keys, heads_concat(v, p), grid, clip.cfg.patch, True, block.attn.out_proj, finish)
+
+
+def token_origins(batch: WindowBatch, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Top-left processing pixel (y, x) of every token, window-major: (M, 2) float32.
+
+    Padding shifts a window's grid up/left by the padding, so token (0, 0) of window b sits at
+    (y1 - top, x1 - left).
+    """
+    pad = batch.padding
+    rows, cols = grid
+    r = torch.arange(rows, dtype=torch.float32) * patch  # (rows,)
+    c = torch.arange(cols, dtype=torch.float32) * patch  # (cols,)
+    yy, xx = torch.meshgrid(r, c, indexing="ij")  # (rows, cols)
+    per_window = [
+        torch.stack([(yy + w.y1 - pad.top).flatten(), (xx + w.x1 - pad.left).flatten()], dim=1) for w in batch.windows
+    ]
+    return torch.cat(per_window)  # (M, 2)
+
+
+def gaussian_prior_rows(origins: torch.Tensor, sigma_px: float, weight: float) -> PriorFn:
+    """NACLIP + GLA's image-space prior: rows -> kappa * exp(-|c_i - c_j|^2 / (2 sigma^2)), (R, M).
+
+    Args:
+        origins: (M, 2) token positions in processing pixels (`token_origins`; top-left and centre differ
+            by the same half patch for every token, so the distances are the same).
+        sigma_px: sigma in pixels (NACLIP: sigma * patch).
+        weight: kappa.
+    """
+
+    def prior(rows: torch.Tensor) -> torch.Tensor:
+        o = origins.to(rows.device)  # (M, 2)
+        dy = o[rows, 0:1] - o[None, :, 0]  # (R, M)
+        dx = o[rows, 1:2] - o[None, :, 1]  # (R, M)
+        return weight * torch.exp(-(dy * dy + dx * dx) / (2.0 * sigma_px**2))  # (R, M)
+
+    return prior
 
 
 def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
@@ -111,16 +153,10 @@ def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     def finish(a: torch.Tensor) -> torch.Tensor:
         return a if opts.arch == "reduced" else residual_ffn(block, x_patches, a)  # (L, N, D)
 
-    sigma_px = float(opts.sigma) * clip.cfg.patch
+    sigma_px = float(opts.sigma) * clip.cfg.patch  # sigma * p pixels
+    prior = gaussian_prior_rows(token_origins(batch, grid, clip.cfg.patch), sigma_px, NACLIP_PRIOR_WEIGHT)
     return CrossWindowParts(
-        [heads_concat(k, p)],
-        v[:, :, p:],
-        grid,
-        clip.cfg.patch,
-        True,
-        block.attn.merge_heads,
-        finish,
-        prior_sigma_px=sigma_px,
+        [heads_concat(k, p)], heads_concat(v, p), grid, clip.cfg.patch, True, block.attn.out_proj, finish, prior
     )
 
 
@@ -143,11 +179,11 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
     count = 0 if st.early is None else opts.fuse_layers + 1
     return CrossWindowParts(
         [heads_concat(q, p)],
-        v[:, :, p:],
+        heads_concat(v, p),
         st.grid,
         clip.cfg.patch,
         True,
-        last.attn.merge_heads,
+        last.attn.out_proj,
         _identity,
         local_maps=local,
         local_count=count,

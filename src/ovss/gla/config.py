@@ -30,7 +30,7 @@ class GLAConfig:
     gamma: float = 3.0  # scale of the fixed / global_mean normalisation
     clamp_mean: bool = False  # clamp the per-query mean mu_i at 0 (release behaviour; paper Eq. 13 has none)
     smoothing: Smoothing = "auto"  # auto | off | eq17 | release_proxyclip: initial-query smoothing (§4.8.3)
-    chunk_rows: int | None = None  # query rows per chunk; None: chosen from memory_budget_mb (§9.2)
+    chunk_rows: int | None = None  # query rows per chunk; None: one window, less if over memory_budget_mb (§9.2)
     memory_budget_mb: float = 1024.0  # MiB for the O(R*M) row-chunk buffers when chunk_rows is None
     temperature: float = 1.0  # softmax temperature t: alpha = softmax(Attn / t)
 

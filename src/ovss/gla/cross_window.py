@@ -1,30 +1,26 @@
-"""GLA cross-window attention as pure tensor functions (spec §4.8.1-4.8.7, §9.2).
+"""The GLA cross-window attention operator (spec §4.8.1-4.8.7, §4.9, §9.2): one path for every base.
 
 The tokens of all L windows of one image form one list of M = L * N tokens, window-major. For every
-query row the operator builds a proxy anchor from the keys of all windows, compares it with all M keys,
-normalises the similarities per query (dynamic normalisation), masks and takes a softmax. Every step is
-row-wise given the full keys, so rows are processed in chunks of R and memory stays O(R * M + M * D); no
-M x M matrix is held (`ovss.gla.reference` has the readable dense version the tests compare with).
+query row and every key set the operator builds a proxy anchor from the keys of all windows, compares it
+with all M keys, normalises the similarities per query (dynamic normalisation), adds an optional prior,
+masks and takes a softmax; the maps of the key sets are summed, optionally fused with own-window maps,
+and applied to the values. Every step is row-wise given the full keys, so rows are processed in chunks of
+R and memory stays O(R * M + M * D); no M x M matrix is held (`ovss.gla.reference` has the readable dense
+float64 version the tests compare with).
+
+What a base contributes (`ovss.gla.bases`): ProxyCLIP / ClearCLIP one key set; SCLIP two (q and k, maps
+summed, rows sum to 2); NACLIP an additive image-space prior; GCLIP within-window maps fused as
+(sum of local maps + alpha) / (l + 2).
 
 All similarities, proxies, statistics and softmaxes are computed in fp32 whatever the input dtype
 (spec §2.9); the output takes the values' dtype.
-
-Composition for the other bases (§4.9): `attention_rows` gives the weights alpha (R, M) of one chunk of
-query rows, and `attend_chunked` multiplies any per-chunk combination of weights with the values, e.g.
-SCLIP + GLA (alpha^(q) + alpha^(k), rows sum to 2)::
-
-    def probs(rows):
-        alpha_q, _ = attention_rows(q_feats, q_smooth[rows], rows, L, cfg)
-        alpha_k, _ = attention_rows(k_feats, k_smooth[rows], rows, L, cfg)
-        return alpha_q + alpha_k  # (R, M)
-
-    out = attend_chunked(values, probs, chunk_rows)  # (H, M, d)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +31,12 @@ from ovss.errors import OvssError
 from ovss.gla.config import GLAConfig
 
 PriorFn = Callable[[Tensor], Tensor]  # rows (R,) long -> additive attention logits (R, M)
-ProbsFn = Callable[[Tensor], Tensor]  # rows (R,) long -> attention weights (R, M) or per head (H, R, M)
 
 # Bytes per entry of an R x M chunk at the step's peak: similarity/Attn fp32 (4), proxy mask bool (1) and its
 # fp32 copy for the mean (4), masking bool (1), softmax output (4), allocator slack. The spec's estimate is 9
-# (§9.2); 18 is what the GLA step measured on CPU (benchmarks/gla_bench.py memory: 17 bytes per entry).
+# (§9.2); 18 is what the GLA step alone measured on CPU (17 bytes per entry).
 BYTES_PER_ENTRY = 18
+SPARSE_BELOW = 8  # proxy sets are averaged with a sparse product when <= 1/8 of the (R, M) mask is selected
 
 
 @dataclass(frozen=True)
@@ -89,25 +85,56 @@ def sharpen_weight(counts: Tensor, lam2: float) -> Tensor:
     return 1.0 + lam2 / counts.float()  # (R,)
 
 
-def window_index(num_tokens: int, num_windows: int, device: torch.device | None = None) -> Tensor:
-    """Window of every token of a window-major list of L equal windows: (M,) long, token // N."""
-    if num_windows < 1 or num_tokens % num_windows != 0:
-        raise ValueError(f"M={num_tokens} tokens do not split into L={num_windows} equal windows; pass window_of")
-    return torch.arange(num_tokens, device=device) // (num_tokens // num_windows)  # (M,)
-
-
 def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1)  # (..., D) fp32, unit rows
 
 
-def _high_confidence(q: Tensor, keys: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None) -> Tensor:
+def _own_window(rows: Tensor, num_tokens: int, window_tokens: int) -> Tensor:
+    """(R, M) bool: the keys of each row's own window (L equal window-major blocks of N tokens)."""
+    win = torch.arange(num_tokens, device=rows.device) // window_tokens  # (M,)
+    return (rows // window_tokens)[:, None] == win[None, :]  # (R, M)
+
+
+def _high_confidence(q: Tensor, k: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None) -> Tensor:
     """P = {j : <q_hat, K_j> > rho} (within key_mask), an empty row falls back to its own key."""
-    selected = _unit(q) @ keys.T > rho  # (R, M) bool
+    selected = _unit(q) @ k.T > rho  # (R, M) bool
     if key_mask is not None:
         selected &= key_mask  # (R, M)
     empty = (~selected.any(dim=1)).nonzero().squeeze(1)  # (E,) rows with no key above rho
     selected[empty, self_index[empty]] = True
     return selected
+
+
+def _mean_of_selected(selected: Tensor, k: Tensor, counts: Tensor) -> Tensor:
+    """(R, D) mean of the selected unit keys of every row: (selected @ k) / counts.
+
+    Proxy sets are small (a few keys above rho among M), so a sparse CSR product replaces the dense
+    (R, M) @ (M, D) one when at most 1 / SPARSE_BELOW of the entries are selected: same sums up to
+    floating-point summation order, about 3x faster on CPU at M = 4,704, and no fp32 copy of the mask.
+    """
+    if int(counts.sum()) * SPARSE_BELOW > selected.numel():
+        return (selected.float() @ k) / counts[:, None]  # (R, D)
+    crow = torch.zeros(selected.shape[0] + 1, dtype=torch.long, device=k.device)  # (R + 1,) row starts
+    torch.cumsum(counts, 0, out=crow[1:])
+    cols = selected.nonzero()[:, 1]  # (nnz,) row-major, as CSR needs
+    ones = torch.ones(cols.shape[0], dtype=k.dtype, device=k.device)  # (nnz,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        mask = torch.sparse_csr_tensor(crow, cols, ones, selected.shape, check_invariants=False)  # (R, M)
+    return (mask @ k) / counts[:, None]  # (R, D)
+
+
+def _proxy_anchors(
+    q0: Tensor, k: Tensor, rho: float, steps: int, self_index: Tensor, key_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """`proxy_anchors` on unit keys k (M, D) fp32."""
+    q = q0.float()  # (R, D)
+    counts = torch.ones(q.shape[0], dtype=torch.long, device=q.device)  # (R,)
+    for _ in range(steps):
+        selected = _high_confidence(q, k, rho, self_index, key_mask)  # (R, M) bool
+        counts = selected.sum(dim=1)  # (R,)
+        q = _mean_of_selected(selected, k, counts)  # (R, D)
+    return q, counts
 
 
 def proxy_anchors(
@@ -133,21 +160,14 @@ def proxy_anchors(
     """
     if steps < 1:
         raise OvssError(f"proxy anchors need steps >= 1, got {steps}")
-    k = _unit(keys)  # (M, D)
-    q = q0.float()  # (R, D)
-    counts = torch.ones(q.shape[0], dtype=torch.long, device=q.device)  # (R,)
-    for _ in range(steps):
-        selected = _high_confidence(q, k, rho, self_index, key_mask)  # (R, M) bool
-        counts = selected.sum(dim=1)  # (R,)
-        q = (selected.float() @ k) / counts[:, None]  # (R, D)
-    return q, counts
+    return _proxy_anchors(q0, _unit(keys), rho, steps, self_index, key_mask)
 
 
 def _anchors_and_counts(
     queries: Tensor, k: Tensor, rows: Tensor, cfg: GLAConfig, own: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     if cfg.proxy:
-        return proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, key_mask=own)  # (R, D), (R,)
+        return _proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, own)  # (R, D), (R,)
     # No-proxy ablation: S = q_hat K^T itself; |P_i| for w_i is the size of the first set
     # {j : s_ij > rho} (with the same {i} fallback), i.e. what T = 1 would average.
     selected = _high_confidence(queries, k, cfg.rho, rows, own)  # (R, M) bool
@@ -160,43 +180,17 @@ def _row_mean(s: Tensor, own: Tensor | None) -> Tensor:
     return s.masked_fill(~own, 0.0).sum(dim=1) / own.sum(dim=1)  # (R,) mean over the own window
 
 
-def attention_rows(
-    keys: Tensor,
+def _attention_rows(
+    k: Tensor,
     queries: Tensor,
     rows: Tensor,
     num_windows: int,
     cfg: GLAConfig,
-    *,
-    window_of: Tensor | None = None,
-    prior: PriorFn | None = None,
-    global_mean: Tensor | None = None,
+    prior: PriorFn | None,
+    global_mean: Tensor | None,
 ) -> tuple[Tensor, RowStats]:
-    """GLA attention weights of a chunk of query rows against all M keys (§4.8.2-4.8.5).
-
-    Attn = w_i (s - u mu_i) (dynamic) | gamma (s - beta mu_i) (fixed) | gamma (s - beta m) (global_mean)
-    | s (none); then Z = Attn + prior(rows); entries below theta_i = min(max_j Z_ij, 0) are masked (not
-    for none); alpha = softmax(Z / t). Without KVE a row only sees its own window's keys (proxies, mean,
-    mask and softmax restricted to them, u with L = 1) and alpha is 0 elsewhere.
-
-    Args:
-        keys: (M, D) key features of all windows, window-major, any float dtype; L2-normalised here.
-        queries: (R, D) initial anchors of these rows (raw or smoothed features, usually keys[rows]).
-        rows: (R,) long indices of the query tokens in 0..M-1.
-        num_windows: L, the number of windows of the image.
-        cfg: GLA hyper-parameters.
-        window_of: (M,) long window of every token (only used without KVE); default equal windows.
-        prior: optional additive logits, prior(rows) -> (R, M), added to Attn before the masking.
-        global_mean: (M,) from `global_similarity_mean`; required iff ``cfg.norm == "global_mean"``.
-
-    Returns:
-        alpha: (R, M) fp32 in [0, 1], rows sum to 1; 0 at masked keys.
-        stats: the rows' `RowStats`.
-    """
-    k = _unit(keys)  # (M, D)
-    own = None
-    if not cfg.kve:
-        win = window_of if window_of is not None else window_index(k.shape[0], num_windows, k.device)  # (M,)
-        own = win[rows][:, None] == win[None, :]  # (R, M) keys of the row's own window
+    """`attention_rows` on unit keys k (M, D) fp32."""
+    own = None if cfg.kve else _own_window(rows, k.shape[0], k.shape[0] // num_windows)  # (R, M)
     q, counts = _anchors_and_counts(queries, k, rows, cfg, own)  # (R, D), (R,)
     s = _unit(q) @ k.T  # (R, M) S^proxy rows, fp32 in [-1, 1]
     mean = _row_mean(s, own)  # (R,) mu_i
@@ -221,18 +215,62 @@ def attention_rows(
     if cfg.norm != "none":
         theta = a.amax(dim=1, keepdim=True).clamp(max=0.0)  # (R, 1) theta_i = min(max_j Z_ij, 0)
         a.masked_fill_(a < theta, -math.inf)  # (R, M)
-    alpha = torch.softmax(a.div_(cfg.temperature), dim=1)  # (R, M)
+    if cfg.temperature != 1.0:
+        a.div_(cfg.temperature)  # (R, M)
+    alpha = torch.softmax(a, dim=1)  # (R, M)
     return alpha, RowStats(counts=counts, mean=mean, weight=weight, shift=shift)
 
 
-def global_similarity_mean(
+def attention_rows(
     keys: Tensor,
     queries: Tensor,
+    rows: Tensor,
     num_windows: int,
     cfg: GLAConfig,
     *,
-    window_of: Tensor | None = None,
-    chunk_rows: int | None = None,
+    prior: PriorFn | None = None,
+    global_mean: Tensor | None = None,
+) -> tuple[Tensor, RowStats]:
+    """GLA attention weights of a chunk of query rows against all M keys of one key set (§4.8.2-4.8.5).
+
+    Attn = w_i (s - u mu_i) (dynamic) | gamma (s - beta mu_i) (fixed) | gamma (s - beta m) (global_mean)
+    | s (none); then Z = Attn + prior(rows); entries below theta_i = min(max_j Z_ij, 0) are masked (not
+    for none); alpha = softmax(Z / t). Without KVE a row only sees its own window's keys (proxies, mean,
+    mask and softmax restricted to them, u with L = 1) and alpha is 0 elsewhere.
+
+    Args:
+        keys: (M, D) key features of all L windows, window-major, any float dtype; L2-normalised here.
+        queries: (R, D) initial anchors of these rows (raw or smoothed features, usually keys[rows]).
+        rows: (R,) long indices of the query tokens in 0..M-1.
+        num_windows: L, the number of (equal, window-major) windows of the image.
+        cfg: GLA hyper-parameters.
+        prior: optional additive logits, prior(rows) -> (R, M), added to Attn before the masking.
+        global_mean: (M,) from `global_similarity_mean`; required iff ``cfg.norm == "global_mean"``.
+
+    Returns:
+        alpha: (R, M) fp32 in [0, 1], rows sum to 1; 0 at masked keys.
+        stats: the rows' `RowStats`.
+    """
+    return _attention_rows(_unit(keys), queries, rows, num_windows, cfg, prior, global_mean)
+
+
+def _global_similarity_mean(k: Tensor, queries: Tensor, num_windows: int, cfg: GLAConfig, chunk_rows: int) -> Tensor:
+    """`global_similarity_mean` on unit keys k (M, D) fp32."""
+    m = k.shape[0]
+    n = m // num_windows
+    row_means = torch.empty(m, device=k.device)  # (M,)
+    for start in range(0, m, chunk_rows):
+        rows = torch.arange(start, min(start + chunk_rows, m), device=k.device)  # (R,)
+        own = None if cfg.kve else _own_window(rows, m, n)  # (R, M)
+        q, _ = _anchors_and_counts(queries[rows], k, rows, cfg, own)  # (R, D)
+        row_means[rows] = _row_mean(_unit(q) @ k.T, own)  # (R,) mean of each row's block
+    if cfg.kve:
+        return row_means.mean().expand(m).clone()  # (M,) every row has M entries
+    return row_means.view(num_windows, n).mean(dim=1).repeat_interleave(n)  # (M,) each window's N x N mean
+
+
+def global_similarity_mean(
+    keys: Tensor, queries: Tensor, num_windows: int, cfg: GLAConfig, *, chunk_rows: int | None = None
 ) -> Tensor:
     """Block mean m of S^proxy for ``norm = global_mean`` (a first pass over the row chunks).
 
@@ -244,35 +282,24 @@ def global_similarity_mean(
         queries: (M, D) initial anchors of all tokens.
         num_windows: L.
         cfg: GLA hyper-parameters (``kve``, ``proxy``, ``rho``, ``steps`` are used).
-        window_of: (M,) long window of every token; default equal windows.
         chunk_rows: rows per chunk; default from ``cfg``.
 
     Returns:
         (M,) fp32, m of the block each token's row belongs to.
     """
-    k = _unit(keys)  # (M, D)
-    m = k.shape[0]
-    win = window_of if window_of is not None else window_index(m, num_windows, k.device)  # (M,)
-    step = chunk_rows or cfg.chunk_rows or choose_chunk_rows(m, -(-m // num_windows), cfg.memory_budget_mb)
-    row_means = torch.empty(m, device=k.device)  # (M,)
-    for start in range(0, m, step):
-        rows = torch.arange(start, min(start + step, m), device=k.device)  # (R,)
-        own = None if cfg.kve else win[rows][:, None] == win[None, :]  # (R, M)
-        q, _ = _anchors_and_counts(queries[rows], k, rows, cfg, own)  # (R, D)
-        row_means[rows] = _row_mean(_unit(q) @ k.T, own)  # (R,) mean of each row's block
-    if cfg.kve:
-        return row_means.mean().expand(m).clone()  # (M,) every row has M entries
-    sums = torch.zeros(int(win.max()) + 1, device=k.device).index_add_(0, win, row_means)  # (L,)
-    return (sums / torch.bincount(win).float())[win]  # (M,) every row of a window has N_b entries
+    m = keys.shape[0]
+    chunk = chunk_rows or resolve_chunk_rows(cfg, m, m // num_windows)
+    return _global_similarity_mean(_unit(keys), queries, num_windows, cfg, chunk)
 
 
 def choose_chunk_rows(num_tokens: int, window_tokens: int, budget_mb: float) -> int:
-    """Rows per chunk R from a memory budget for the O(R * M) buffers (§9.2).
+    """Rows per chunk R from a memory budget for the O(R * M) buffers (§9.2 default).
 
-    Peak of the row-chunk buffers is about R * M * BYTES_PER_ENTRY bytes (measured). If one window (R = N)
-    fits, R is the largest number of whole windows that fits (at most M); otherwise the largest divisor of N
-    that fits, at least 1. The
-    O(M * D) inputs (keys, anchors, values) do not depend on R and are not counted.
+    Peak of the row-chunk buffers is about R * M * BYTES_PER_ENTRY bytes (measured). R is one window (R = N)
+    when that fits the budget, otherwise the largest divisor of N that fits, at least 1. Larger chunks are
+    not faster: the element-wise passes over an (R, M) buffer run better from cache when it is small, and
+    the products are large enough either way. The O(M * D) inputs (keys, anchors, values) do not depend on R
+    and are not counted.
 
     Args:
         num_tokens: M = L * N.
@@ -280,83 +307,88 @@ def choose_chunk_rows(num_tokens: int, window_tokens: int, budget_mb: float) -> 
         budget_mb: budget in MiB (2**20 bytes).
 
     Returns:
-        R in 1..M (Cityscapes `gla`, M = 28,224, N = 784, 1024 MiB: 1,568 = 2 windows).
+        R in 1..N (Cityscapes `gla`, M = 28,224, N = 784, 1024 MiB: 784, a 398 MB buffer).
     """
     fit = int(budget_mb * 2**20) // (num_tokens * BYTES_PER_ENTRY)  # rows that fit
-    if fit >= window_tokens:
-        return min(fit // window_tokens * window_tokens, num_tokens)
     divisors = [r for r in range(1, window_tokens + 1) if window_tokens % r == 0 and r <= fit]
     return max(divisors, default=1)
 
 
-def attend_chunked(values: Tensor, probs_for_rows: ProbsFn, chunk_rows: int) -> Tensor:
-    """out[:, rows] = alpha(rows) @ V_h for every head, chunk by chunk (alpha never exceeds R x M).
+def resolve_chunk_rows(cfg: GLAConfig, num_tokens: int, window_tokens: int) -> int:
+    """R: ``cfg.chunk_rows`` if set, else `choose_chunk_rows` from ``cfg.memory_budget_mb``."""
+    return cfg.chunk_rows or choose_chunk_rows(num_tokens, window_tokens, cfg.memory_budget_mb)
 
-    Args:
-        values: (H, M, d) values of all windows, window-major, any float dtype.
-        probs_for_rows: rows (R,) long -> (R, M) weights shared by all heads, or (H, R, M) per head.
-        chunk_rows: R >= 1.
 
-    Returns:
-        (H, M, d) in the values' dtype (products accumulated in fp32).
-    """
-    h, m, d = values.shape
-    v = values.float()  # (H, M, d)
-    v_flat = v.permute(1, 0, 2).reshape(m, h * d)  # (M, H*d) one GEMM for head-shared weights
-    out = values.new_empty(h, m, d)  # (H, M, d)
-    for start in range(0, m, chunk_rows):
-        stop = min(start + chunk_rows, m)
-        alpha = probs_for_rows(torch.arange(start, stop, device=values.device)).float()  # (R, M) | (H, R, M)
-        if alpha.dim() == 2:
-            o = (alpha @ v_flat).view(stop - start, h, d).permute(1, 0, 2)  # (H, R, d)
-        else:
-            o = torch.bmm(alpha, v)  # (H, R, d)
-        out[:, start:stop] = o.to(values.dtype)
-    return out
+def _scatter_own_window(alpha: Tensor, local_maps: Tensor, rows: Tensor) -> None:
+    """alpha[r, own-window columns] += local_maps[window of r, token of r], in place: (R, M)."""
+    n = local_maps.shape[-1]
+    win = rows // n  # (R,)
+    cols = win[:, None] * n + torch.arange(n, device=rows.device)[None, :]  # (R, N)
+    alpha.scatter_add_(1, cols, local_maps[win, rows % n].float())  # (R, M)
 
 
 def cross_window_attention(
-    keys: Tensor,
+    keys: Sequence[Tensor],
+    queries: Sequence[Tensor],
     values: Tensor,
-    queries: Tensor | None,
     num_windows: int,
     cfg: GLAConfig,
     *,
-    window_of: Tensor | None = None,
     prior: PriorFn | None = None,
+    local_maps: Tensor | None = None,
+    local_count: int = 0,
 ) -> Tensor:
-    """GLA cross-window attention output of all M tokens, exact and row-chunked (§4.8, §9.2).
+    """GLA cross-window attention of all M tokens of one image, exact and row-chunked (§4.8, §4.9, §9.2).
+
+    For each key set s, alpha^(s) (M, M) is the §4.8 map of `attention_rows` (with the prior added to every
+    set); alpha = sum_s alpha^(s) (SCLIP: rows sum to 2). With own-window maps (GCLIP + GLA),
+    alpha = (alpha + local_maps placed in the own-window columns) / (local_count + 1). The output is
+    alpha @ values, computed R rows at a time; alpha is never materialised beyond R x M.
 
     Args:
-        keys: (M, D) key features of all L windows, window-major (DINO tokens for ProxyCLIP, CLIP q or k
-            for the CLIP-internal bases), any float dtype; L2-normalised here.
-        values: (H, M, d) values per head, window-major.
-        queries: (M, D) initial anchors (e.g. smoothed raw features, `ovss.gla.smoothing`); None: the keys.
-        num_windows: L.
+        keys: S >= 1 key sets, each (M, D_s) raw key features of all L windows, window-major (DINO tokens for
+            ProxyCLIP, CLIP q and/or k with heads concatenated for the CLIP-internal bases), any float dtype;
+            L2-normalised here.
+        queries: S initial anchors, each (M, D_s) (the keys themselves or smoothed raw features,
+            `ovss.gla.smoothing`).
+        values: (M, C) values of all windows, window-major, heads concatenated (one map serves all heads).
+        num_windows: L; the M tokens are L equal windows of N = M / L.
         cfg: GLA hyper-parameters; ``cfg.chunk_rows`` or ``cfg.memory_budget_mb`` set R.
-        window_of: (M,) long window of every token; default L equal windows of N = M / L tokens.
         prior: optional additive logits prior(rows) -> (R, M) (NACLIP + GLA's image-space Gaussian).
+        local_maps: optional (L, N, N) within-window maps, summed over ``local_count`` maps (rows sum to
+            ``local_count``), fused with the cross-window map (GCLIP + GLA).
+        local_count: number of maps summed in ``local_maps``.
 
     Returns:
-        (H, M, d) attention output per head in the values' dtype (before OutProj).
+        (M, C) attention output in the values' dtype (before OutProj); products accumulated in fp32.
+
+    Raises:
+        ValueError: shapes that do not fit together (a programming error of the caller).
     """
-    m = keys.shape[0]
-    q0 = keys if queries is None else queries  # (M, D)
-    if values.dim() != 3 or values.shape[1] != m or q0.shape != keys.shape:
-        raise ValueError(
-            f"expected keys (M, D), queries (M, D), values (H, M, d); got {tuple(keys.shape)}, "
-            f"{tuple(q0.shape)}, {tuple(values.shape)}"
-        )
-    k = _unit(keys)  # (M, D) normalised once for all chunks
-    chunk = cfg.chunk_rows or choose_chunk_rows(m, -(-m // num_windows), cfg.memory_budget_mb)
-    global_mean = None
-    if cfg.norm == "global_mean":
-        global_mean = global_similarity_mean(k, q0, num_windows, cfg, window_of=window_of, chunk_rows=chunk)
-
-    def probs(rows: Tensor) -> Tensor:
-        alpha, _ = attention_rows(
-            k, q0[rows], rows, num_windows, cfg, window_of=window_of, prior=prior, global_mean=global_mean
-        )
-        return alpha  # (R, M)
-
-    return attend_chunked(values, probs, chunk)
+    m, c = values.shape
+    if not keys or len(keys) != len(queries) or num_windows < 1 or m % num_windows:
+        raise ValueError(f"need S >= 1 key sets and as many queries, M = {m} in L = {num_windows} equal windows")
+    for k_raw, q_raw in zip(keys, queries, strict=True):
+        if k_raw.shape[0] != m or q_raw.shape != k_raw.shape:
+            raise ValueError(f"keys {tuple(k_raw.shape)} and queries {tuple(q_raw.shape)} must be (M={m}, D)")
+    n = m // num_windows
+    if local_maps is not None and tuple(local_maps.shape) != (num_windows, n, n):
+        raise ValueError(f"local_maps must be (L, N, N) = ({num_windows}, {n}, {n}), got {tuple(local_maps.shape)}")
+    chunk = resolve_chunk_rows(cfg, m, n)
+    sets = []
+    for k_raw, q_raw in zip(keys, queries, strict=True):
+        k = _unit(k_raw)  # (M, D) normalised once for all chunks
+        mean = _global_similarity_mean(k, q_raw, num_windows, cfg, chunk) if cfg.norm == "global_mean" else None
+        sets.append((k, q_raw, mean))
+    v = values.float()  # (M, C)
+    out = values.new_empty(m, c)  # (M, C)
+    for start in range(0, m, chunk):
+        rows = torch.arange(start, min(start + chunk, m), device=values.device)  # (R,)
+        alpha, _ = _attention_rows(sets[0][0], sets[0][1][rows], rows, num_windows, cfg, prior, sets[0][2])  # (R, M)
+        for k, q, mean in sets[1:]:
+            alpha += _attention_rows(k, q[rows], rows, num_windows, cfg, prior, mean)[0]  # (R, M)
+        if local_maps is not None:
+            _scatter_own_window(alpha, local_maps, rows)  # (R, M) rows sum to S + local_count
+            alpha.div_(local_count + 1)  # (R, M)
+        out[start : start + len(rows)] = (alpha @ v).to(values.dtype)  # (R, C)
+    return out

@@ -49,8 +49,8 @@ def vfm_features(
             f"padded window {h}x{w} is not a multiple of the VFM patch {p}; use a VFM with patch 8 or 14, "
             f"or windows whose padded sides are multiples of {need}"
         )
-    mean, std, _ = (clip.input_norm if clip is not None else InputNorm()).pixel_statistics()  # 0-255 scale
-    x, grid = vfm.embed(imagenet_from_clip(pixels, mean, std))  # (L, 1 + R + hr*hc, D_v)
+    norm = clip.input_norm if clip is not None else InputNorm()  # unrounded 0-1 statistics (spec §4.7 step 1)
+    x, grid = vfm.embed(imagenet_from_clip(pixels, norm.mean, norm.std))  # (L, 1 + R + hr*hc, D_v)
     x = vfm.ln_post(vfm.forward_blocks(x))  # (L, 1 + R + hr*hc, D_v)
     return x[:, vfm.num_prefix_tokens :], grid  # (L, hr*hc, D_v)
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ovss.errors import OvssError
+from ovss.models.normalization import OPENAI_MEAN, OPENAI_STD  # unrounded 0-1: imagenet_from_clip's default
 
 # Mean and standard deviation of CLIP's training images, per RGB channel, on the 0-255 pixel scale
 # (255 x (0.48145466, 0.4578275, 0.40821073) and 255 x (0.26862954, 0.26130258, 0.27577711)).
@@ -269,17 +270,21 @@ def clip_normalize(
 
 def imagenet_from_clip(
     x: torch.Tensor,
-    mean: tuple[float, float, float] = CLIP_MEAN,
-    std: tuple[float, float, float] = CLIP_STD,
+    clip_mean: tuple[float, float, float] = OPENAI_MEAN,
+    clip_std: tuple[float, float, float] = OPENAI_STD,
 ) -> torch.Tensor:
-    """Re-normalise CLIP-normalised pixels with ImageNet statistics (the input DINO expects).
+    """Re-normalise CLIP-normalised pixels with ImageNet statistics (the input DINO expects, spec §4.7 step 1).
 
-    ``mean`` / ``std`` are the 0-255 statistics ``x`` was normalised with (default mmseg's OpenAI values).
-    pixel01 = (x * std + mean) / 255, then (pixel01 - IMAGENET_MEAN) / IMAGENET_STD, computed in
-    float32 and returned in ``x.dtype``. A pure per-channel affine map: apply any zero padding after it.
+    Exactly the ProxyCLIP / GLA-CLIP releases' arithmetic, in float32: un-normalise with the CLIP statistics on
+    the 0-1 scale, y = x * clip_std + clip_mean (multiply, then add; two roundings, no fused multiply-add),
+    then (y - IMAGENET_MEAN) / IMAGENET_STD. This is not pixel / 255: ``clip_normalize`` used mmseg's rounded
+    0-255 statistics, so the two differ by up to ~1.6e-5, which GLA's hard cut-offs would turn into logit
+    differences near 1e-2. A pure per-channel affine map: apply any zero padding after it.
 
     Args:
         x: (..., 3, H, W) CLIP-normalised RGB pixels (output of ``clip_normalize``).
+        clip_mean: the CLIP model's RGB mean on the 0-1 scale (default OpenAI's, unrounded).
+        clip_std: the CLIP model's RGB standard deviation on the 0-1 scale (default OpenAI's, unrounded).
 
     Returns:
         (..., 3, H, W) tensor of the same dtype and device, ImageNet-normalised, roughly in [-2.2, 2.7].
@@ -289,9 +294,10 @@ def imagenet_from_clip(
     """
     if x.ndim < 3 or x.shape[-3] != 3:
         raise ValueError(f"expected a (..., 3, H, W) tensor, got shape {tuple(x.shape)}")
-    clip_mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
-    clip_std = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    mean = torch.tensor(clip_mean, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    std = torch.tensor(clip_std, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
     in_std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)  # (3, 1, 1)
-    unit_pixels = (x.to(torch.float32) * clip_std + clip_mean) / 255.0  # (..., 3, H, W) in [0, 1]
+    unit_pixels = x.to(torch.float32) * std  # (..., 3, H, W) rounded to fp32 before the add, as the releases
+    unit_pixels = unit_pixels + mean  # (..., 3, H, W) in [0, 1]
     return ((unit_pixels - in_mean) / in_std).to(x.dtype)  # (..., 3, H, W)
