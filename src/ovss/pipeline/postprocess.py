@@ -166,6 +166,18 @@ def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0) -> t
     return labels
 
 
+def default_band_rows(channels: int, width: int) -> int:
+    """Rows per band so that a (channels, rows, width) band holds about ``BAND_ELEMENTS`` values (>= 1)."""
+    return max(1, BAND_ELEMENTS // max(1, channels * width))
+
+
+def row_bands(height: int, band_rows: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` bands of ``band_rows`` rows (the last may be shorter) covering 0..height."""
+    if band_rows < 1:
+        raise ValueError(f"band_rows must be >= 1, got {band_rows}")
+    return [(start, min(start + band_rows, height)) for start in range(0, height, band_rows)]
+
+
 def _class_probs_of_band(
     logits: torch.Tensor, mapping: list[int], num_classes: int, logit_scale: float
 ) -> torch.Tensor:
@@ -213,13 +225,9 @@ def segment_rows(
     height, width = size
     num_names = len(name_to_class)
     mapping = _class_of_each_name(name_to_class, num_names, num_classes)
-    if band_rows is None:
-        band_rows = max(1, BAND_ELEMENTS // max(1, num_names * width))
-    if band_rows < 1:
-        raise ValueError(f"band_rows must be >= 1, got {band_rows}")
     if probs_out is not None and tuple(probs_out.shape) != (num_classes, height, width):
         raise ValueError(f"probs_out must be {(num_classes, height, width)}, got {tuple(probs_out.shape)}")
-    bands = [(start, min(start + band_rows, height)) for start in range(0, height, band_rows)]
+    bands = row_bands(height, band_rows if band_rows is not None else default_band_rows(num_names, width))
 
     drop: torch.Tensor | None = None
     if area_threshold is not None:
