@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ovss.pipeline.windows import Padding, Window
 
@@ -59,8 +60,9 @@ def resize_rows(
     """Rows ``start .. stop - 1`` of the bilinear resize of a map to ``size``, from the rows they read.
 
     Exactly the rows of the whole resize (same arithmetic per element): the rows are interpolated first,
-    at the input width, then the columns. Agrees with ``F.interpolate(..., mode="bilinear",
-    align_corners=False)`` to float round-off (PyTorch fuses some multiply-adds).
+    at the input width (:func:`bilinear_taps`), then every row is resized along its columns with
+    PyTorch's 1-D linear kernel (same half-pixel convention). Agrees with ``F.interpolate(...,
+    mode="bilinear", align_corners=False)`` to float round-off (the two passes round separately).
 
     Args:
         rows: (C, k, w) rows ``first .. first + k - 1`` of a (C, in_height, w) float map; they must
@@ -75,19 +77,15 @@ def resize_rows(
         (C, stop - start, W_out) output rows, dtype and device of ``rows``.
     """
     out_height, out_width = size
-    in_width = rows.shape[-1]
-    dev, dtype = rows.device, rows.dtype
-    i0, i1, a0, a1 = (t.to(dev) for t in bilinear_taps(in_height, out_height, start, stop, dtype))
+    i0, i1, a0, a1 = (t.to(rows.device) for t in bilinear_taps(in_height, out_height, start, stop, rows.dtype))
     if int(i0.min()) < first or int(i1.max()) >= first + rows.shape[1]:
         held = f"{first}..{first + rows.shape[1] - 1}"
         raise ValueError(f"rows {held} do not hold the source rows of output rows {start}..{stop - 1}")
     top = rows.index_select(1, i0 - first).mul_(a0[:, None])  # (C, n, w)
     band = top.add_(rows.index_select(1, i1 - first).mul_(a1[:, None]))  # (C, n, w)
-    if in_width == out_width:
+    if rows.shape[-1] == out_width:
         return band
-    j0, j1, b0, b1 = (t.to(dev) for t in bilinear_taps(in_width, out_width, 0, out_width, dtype))
-    out = band.index_select(2, j0).mul_(b0)  # (C, n, W_out)
-    return out.add_(band.index_select(2, j1).mul_(b1))  # (C, n, W_out)
+    return F.interpolate(band, size=out_width, mode="linear", align_corners=False)  # (C, n, W_out)
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
