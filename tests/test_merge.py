@@ -174,7 +174,7 @@ def test_resize_bands_equal_whole_resize_and_match_torch(in_size, out_size, dtyp
     torch.testing.assert_close(whole, _bilinear(x, out_size), **ROUND_OFF)
     pieces = []
     for start, stop in _bands(out_size[0], [1, 5, 2, 7]):
-        first, last = source_span(in_size[0], out_size[0], start, stop)
+        first, last = source_span(in_size[0], out_size[0], start, stop, dtype)
         # only the source rows of the band are passed: a wrong index would read outside them and fail
         pieces.append(resize_rows(x[:, first:last].clone(), first, in_size[0], out_size, start, stop))
     assert torch.equal(torch.cat(pieces, dim=1), whole)

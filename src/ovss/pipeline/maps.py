@@ -58,7 +58,7 @@ class FullResolutionMaps:
         self.rule = rule
         self.device = torch.device(device)
         self.num_names = len(rule.name_to_class)
-        self.band_rows = band_rows or default_band_rows(self.num_names, self.size[1])
+        self.band_rows = band_rows if band_rows is not None else default_band_rows(self.num_names, self.size[1])
         self._logits = logits
         self._probs: torch.Tensor | None = None
 

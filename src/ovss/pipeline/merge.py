@@ -46,11 +46,14 @@ def bilinear_taps(
     return i0, i1, 1 - w1, w1
 
 
-def source_span(in_size: int, out_size: int, start: int, stop: int) -> tuple[int, int]:
-    """The input rows ``[first, last)`` that output rows ``[start, stop)`` of a bilinear resize read."""
+def source_span(
+    in_size: int, out_size: int, start: int, stop: int, dtype: torch.dtype = torch.float32
+) -> tuple[int, int]:
+    """The input rows ``[first, last)`` that output rows ``[start, stop)`` of a bilinear resize of a
+    ``dtype`` map read (the taps are computed in the data's dtype, so pass it for non-fp32 maps)."""
     if start >= stop:
         return 0, 0
-    i0, i1, _, _ = bilinear_taps(in_size, out_size, start, stop, torch.float32)
+    i0, i1, _, _ = bilinear_taps(in_size, out_size, start, stop, dtype)
     return int(i0.min()), int(i1.max()) + 1
 
 
@@ -231,7 +234,7 @@ class StitchedLogits:
             if lo >= hi:
                 continue
             a, b = lo - win.y1 + pad.top, hi - win.y1 + pad.top  # the same rows in the padded window
-            first, last = source_span(logits.shape[1], rows, a, b)
+            first, last = source_span(logits.shape[1], rows, a, b, self.dtype)
             up = resize_rows(logits[:, first:last], first, logits.shape[1], (rows, cols), a, b)  # (Q, n, cols)
             canvas[:, lo - start : hi - start, win.x1 : win.x2] += up[:, :, pad.left : pad.left + win.width]
         canvas /= self.count[start:stop].to(self.dtype)[None]  # (Q, n, W)
@@ -248,7 +251,7 @@ class StitchedLogits:
         if self.output_size == self.image_size:
             return self.merged_rows(start, stop)
         height = self.image_size[0]
-        first, last = source_span(height, self.output_size[0], start, stop)
+        first, last = source_span(height, self.output_size[0], start, stop, self.dtype)
         merged = self.merged_rows(first, last)  # (Q, k, W)
         return resize_rows(merged, first, height, self.output_size, start, stop)  # (Q, n, W0)
 
