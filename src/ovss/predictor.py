@@ -220,7 +220,8 @@ class Segmenter:
                 used instead of encoding the names (e.g. your own prompt ensemble); rows are L2-normalised.
 
         Returns:
-            A :class:`Prediction` at the input resolution.
+            A :class:`Prediction` at the input resolution. Its labels are computed band by band; its
+            ``logits`` / ``probs`` (Q or C x H0 x W0 fp32) are built on first access.
         """
         if labels is None:
             raise OvssError("predict() needs labels, e.g. ['sky', 'road', ['person', 'pedestrian']]")
@@ -252,8 +253,9 @@ class Segmenter:
         if cfg.pamr_steps == 0:
             return maps
         guide = F.interpolate(st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
-        refined = pamr(guide, maps.logits(), steps=cfg.pamr_steps, dilations=cfg.pamr_dilations)  # (Q, H0, W0)
-        return FullResolutionMaps.from_logits(refined, rule)
+        logits = maps.logits()  # (Q, H0, W0), built band by band; refined in place
+        pamr(guide, logits, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations, inplace=True)
+        return FullResolutionMaps.from_logits(logits, rule)
 
     def _text_embeddings(self, names: list[str], given: torch.Tensor | np.ndarray | None) -> torch.Tensor:
         if given is None:
