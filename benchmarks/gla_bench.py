@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import vocab_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/tiny.py: CLIP weights and their file formats
@@ -152,14 +153,6 @@ def measure(job: dict) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"measurement {job['method']} ({job['dtype']}) failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def vocab_path() -> str | None:
-    """The CLIP BPE vocabulary for ``ovss.load``: OVSS_BPE_PATH, the shared assets beside the checkout, or None."""
-    if os.environ.get("OVSS_BPE_PATH"):
-        return os.environ["OVSS_BPE_PATH"]
-    shared = HERE.parent.parent / "shared" / "assets" / "clip-bpe-vocab" / "bpe_simple_vocab_16e6.txt.gz"
-    return str(shared) if shared.is_file() else None  # None: the cached or downloaded vocabulary
 
 
 # ----------------------------------------------------------------------------------------------- modes

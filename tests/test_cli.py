@@ -124,3 +124,14 @@ def test_methods_and_models_listings(capsys):
         assert name in listing
     assert main(["models"]) == 0
     assert "ViT-B/16" in capsys.readouterr().out
+
+
+def test_save_logits_in_fp16_is_the_fp32_file_rounded(weights, bpe_path, images, tmp_path):
+    image = str(images / "1_image.png")
+    flags = ["--labels", "sky, person|pedestrian", "--crop", "96", "--stride", "64", "--save-logits"]
+    assert _segment(weights, bpe_path, tmp_path / "a", image, *flags) == 0
+    assert _segment(weights, bpe_path, tmp_path / "b", image, *flags, "--logits-dtype", "fp16") == 0
+    full = np.load(tmp_path / "a" / "1_image_logits.npy")
+    half = np.load(tmp_path / "b" / "1_image_logits.npy")
+    assert full.dtype == np.float32 and half.dtype == np.float16 and half.shape == full.shape == (3, 513, 513)
+    assert np.array_equal(half, full.astype(np.float16))

@@ -6,7 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovss.pipeline.merge import merge_window_logits, resize_logits
+from ovss.pipeline.merge import (
+    StitchedLogits,
+    bilinear_taps,
+    merge_window_logits,
+    resize_logits,
+    resize_rows,
+    source_span,
+)
 from ovss.pipeline.windows import Padding, Window, sliding_windows, symmetric_padding
 
 NO_PAD = Padding(0, 0, 0, 0)
@@ -16,11 +23,16 @@ def _bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+# PyTorch's CPU kernel fuses some multiply-adds, so ovss's band-wise bilinear agrees with it to float
+# round-off (a few ulp), not bit for bit; band vs whole computations of ovss itself are bit-exact.
+ROUND_OFF = {"rtol": 1e-6, "atol": 1e-6}
+
+
 def test_single_whole_image_window_is_plain_bilinear_upsample() -> None:
     torch.manual_seed(0)
     logits = torch.randn(1, 5, 3, 4)  # (L, Q, gr, gc)
     merged = merge_window_logits(logits, [Window(0, 0, 48, 64)], NO_PAD, (48, 64), (48, 64))
-    torch.testing.assert_close(merged, _bilinear(logits[0], (48, 64)), rtol=0, atol=0)
+    torch.testing.assert_close(merged, _bilinear(logits[0], (48, 64)), **ROUND_OFF)
     # A sequence of per-window tensors is the same thing.
     merged_seq = merge_window_logits([logits[0]], [Window(0, 0, 48, 64)], [NO_PAD], [(48, 64)], (48, 64))
     torch.testing.assert_close(merged_seq, merged, rtol=0, atol=0)
@@ -55,7 +67,7 @@ def test_padding_crop_after_upsampling_matches_manual_path() -> None:
     logits = torch.randn(1, 3, 4, 4)  # (L, Q, gr, gc)
     merged = merge_window_logits(logits, [Window(0, 0, 50, 52)], pad, (56, 56), (50, 52))
     expected = _bilinear(logits[0], (56, 56))[:, 3:53, 2:54]
-    torch.testing.assert_close(merged, expected, rtol=0, atol=0)
+    torch.testing.assert_close(merged, expected, **ROUND_OFF)
     # Up-sampling to the window size instead (GLA release convention) gives something else here.
     assert not torch.allclose(merged, _bilinear(logits[0], (50, 52)), atol=1e-3)
 
@@ -94,10 +106,10 @@ def test_windows_of_different_sizes_with_per_window_padding() -> None:
     count[0:6, 0:5] += 1
     canvas[:, 0:6, 3:8] += second
     count[0:6, 3:8] += 1
-    torch.testing.assert_close(merged, canvas / count, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged, canvas / count, **ROUND_OFF)
     # Spot check by hand: cols 3..4 average the two windows, col 7 is the second window alone.
-    torch.testing.assert_close(merged[:, 3, 4], (first[:, 3, 4] + second[:, 3, 1]) / 2)
-    torch.testing.assert_close(merged[:, 2, 7], second[:, 2, 4])
+    torch.testing.assert_close(merged[:, 3, 4], (first[:, 3, 4] + second[:, 3, 1]) / 2, **ROUND_OFF)
+    torch.testing.assert_close(merged[:, 2, 7], second[:, 2, 4], **ROUND_OFF)
 
 
 def test_uncovered_pixel_and_inconsistent_sizes_raise() -> None:
@@ -122,7 +134,83 @@ def test_resize_logits_is_bilinear_half_pixel_and_noop_at_same_size() -> None:
     logits = torch.randn(4, 7, 9)
     assert resize_logits(logits, (7, 9)) is logits
     resized = resize_logits(logits, (14, 18))
-    torch.testing.assert_close(resized, _bilinear(logits, (14, 18)), rtol=0, atol=0)
+    torch.testing.assert_close(resized, _bilinear(logits, (14, 18)), **ROUND_OFF)
     # Hand check of the half-pixel convention on a 1x2 ramp resized to 1x4: [0, .25, .75, 1].
     ramp = torch.tensor([[[0.0, 1.0]]])
     torch.testing.assert_close(resize_logits(ramp, (1, 4)), torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
+
+
+def _bands(height: int, sizes: list[int]) -> list[tuple[int, int]]:
+    """Split rows 0..height-1 into consecutive bands of the given sizes (cycled)."""
+    bands, start, k = [], 0, 0
+    while start < height:
+        stop = min(height, start + sizes[k % len(sizes)])
+        bands.append((start, stop))
+        start, k = stop, k + 1
+    return bands
+
+
+def test_bilinear_taps_by_hand() -> None:
+    # 2 -> 4 (scale 0.5): sources -0.25 (clamped to 0), 0.25, 0.75, 1.25 (upper index clamped to 1).
+    i0, i1, w0, w1 = bilinear_taps(2, 4, 0, 4, torch.float32)
+    assert i0.tolist() == [0, 0, 0, 1] and i1.tolist() == [1, 1, 1, 1]
+    torch.testing.assert_close(w1, torch.tensor([0.0, 0.25, 0.75, 0.25]))
+    torch.testing.assert_close(w0 + w1, torch.ones(4))
+    # 5 -> 2 (scale 2.5): sources 0.75 and 3.25.
+    i0, _, _, w1 = bilinear_taps(5, 2, 0, 2, torch.float64)
+    assert i0.tolist() == [0, 3] and w1.tolist() == [0.75, 0.25]
+    assert source_span(5, 2, 1, 2) == (3, 5) and source_span(448, 2000, 0, 5) == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "in_size, out_size, dtype",
+    [((7, 9), (13, 31), torch.float32), ((33, 17), (101, 55), torch.float32), ((448, 300), (223, 999), torch.float32),
+     ((5, 6), (5, 11), torch.float32), ((9, 4), (61, 3), torch.float64)],
+)
+def test_resize_bands_equal_whole_resize_and_match_torch(in_size, out_size, dtype) -> None:
+    gen = torch.Generator().manual_seed(sum(in_size) + sum(out_size))
+    x = torch.randn(3, *in_size, generator=gen, dtype=dtype)  # (C, h, w)
+    whole = resize_logits(x, out_size)  # (C, H, W)
+    torch.testing.assert_close(whole, _bilinear(x, out_size), **ROUND_OFF)
+    pieces = []
+    for start, stop in _bands(out_size[0], [1, 5, 2, 7]):
+        first, last = source_span(in_size[0], out_size[0], start, stop, dtype)
+        # only the source rows of the band are passed: a wrong index would read outside them and fail
+        pieces.append(resize_rows(x[:, first:last].clone(), first, in_size[0], out_size, start, stop))
+    assert torch.equal(torch.cat(pieces, dim=1), whole)
+    with pytest.raises(ValueError, match="source rows"):
+        first, last = source_span(in_size[0], out_size[0], 0, out_size[0])
+        resize_rows(x[:, first + 1 : last], first + 1, in_size[0], out_size, 0, out_size[0])
+
+
+def _reference_stitch(logits, windows, paddings, sizes, image_size, output_size):
+    """The untiled computation written with F.interpolate: whole windows, whole canvas, whole resize."""
+    canvas = torch.zeros(logits[0].shape[0], *image_size, dtype=torch.float64)
+    count = torch.zeros(image_size, dtype=torch.float64)
+    for lg, win, pad, size in zip(logits, windows, paddings, sizes, strict=True):
+        up = _bilinear(lg.double(), size)[:, pad.top : pad.top + win.height, pad.left : pad.left + win.width]
+        canvas[:, win.y1 : win.y2, win.x1 : win.x2] += up
+        count[win.y1 : win.y2, win.x1 : win.x2] += 1
+    return _bilinear(canvas / count, output_size).float()
+
+
+@pytest.mark.parametrize("output_size", [(131, 197), (47, 61), (71, 93)])
+def test_stitched_row_bands_equal_whole_map_and_reference(output_size) -> None:
+    # Processing image 71x93 (odd), windows 32x32 with stride 24 padded to 48 (grid 3x3), plus output
+    # sizes above, below and equal to the processing size.
+    torch.manual_seed(4)
+    height, width = 71, 93
+    windows = sliding_windows(height, width, 32, 24)
+    pad = symmetric_padding(32, 32, 48)
+    logits = torch.randn(len(windows), 6, 3, 3)  # (L, Q, gr, gc)
+    stitched = StitchedLogits(logits, windows, pad, (48, 48), (height, width), output_size)
+    whole = stitched.full()  # (Q, H0, W0)
+    assert whole.shape == (6, *output_size)
+    bands = [stitched.rows(a, b) for a, b in _bands(output_size[0], [3, 1, 8])]
+    assert torch.equal(torch.cat(bands, dim=1), whole)
+    n = len(windows)
+    reference = _reference_stitch(list(logits), windows, [pad] * n, [(48, 48)] * n, (height, width), output_size)
+    torch.testing.assert_close(whole, reference, rtol=1e-5, atol=1e-5)
+    # merged rows of the processing image are those of merge_window_logits
+    merged = merge_window_logits(logits, windows, pad, (48, 48), (height, width))
+    assert torch.equal(stitched.merged_rows(10, 37), merged[:, 10:37])

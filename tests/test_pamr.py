@@ -147,3 +147,15 @@ def test_steps_zero_is_identity_and_input_untouched() -> None:
 def test_size_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="differs"):
         pamr(torch.zeros(3, 10, 12), torch.zeros(2, 5, 6))
+
+
+def test_inplace_refinement_equals_the_copy_and_reuses_the_buffer() -> None:
+    gen = torch.Generator().manual_seed(7)
+    image = torch.randn(3, 23, 29, generator=gen)
+    logits = torch.randn(5, 23, 29, generator=gen)
+    expected = pamr(image, logits, steps=3, chunk=2)
+    buffer = logits.clone()
+    out = pamr(image, buffer, steps=3, chunk=2, inplace=True)
+    assert out is buffer and torch.equal(out, expected) and not torch.equal(expected, logits)
+    with pytest.raises(ValueError, match="fp32 or fp64"):
+        pamr(image, logits.half(), steps=1, inplace=True)

@@ -9,10 +9,13 @@ import torch
 
 from ovss.pipeline.postprocess import (
     area_filter,
+    class_areas,
     class_probabilities,
     labels_from_probs,
     logits_to_labels,
     name_probabilities,
+    segment_rows,
+    small_classes,
 )
 
 
@@ -131,3 +134,58 @@ def test_logits_to_labels_matches_step_by_step_composition() -> None:
     probs_id, labels_id = logits_to_labels(logits, list(range(8)), 8, 40.0)
     torch.testing.assert_close(probs_id, name_probabilities(logits, 40.0), rtol=0, atol=0)
     torch.testing.assert_close(labels_id, torch.argmax(logits, dim=0), rtol=0, atol=0)
+
+
+def _biased_logits() -> torch.Tensor:
+    """(9, 37, 53) random logits where class 4's only name rarely wins (so the area filter drops it)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.rand(9, 37, 53, generator=gen) * 0.4  # (Q, H0, W0), odd sizes
+    logits[8] -= 0.1
+    return logits
+
+
+NAME_TO_CLASS = [0, 1, 1, 2, 3, 3, 3, 2, 4]
+
+
+@pytest.mark.parametrize("area_threshold, bg_threshold", [(None, 0.0), (0.1, 0.0), (0.1, 0.35), (None, 0.35)])
+def test_row_bands_give_the_whole_map_result(area_threshold, bg_threshold) -> None:
+    logits = _biased_logits()
+    whole_probs, whole_labels = logits_to_labels(
+        logits, NAME_TO_CLASS, 5, 40.0, bg_threshold, area_threshold, band_rows=37
+    )
+    if area_threshold is not None:
+        assert bool(whole_probs[4].eq(0).all())  # the filter is active on this input ...
+        assert bool(
+            small_classes(
+                class_areas(class_probabilities(name_probabilities(logits, 40.0), NAME_TO_CLASS, 5)), area_threshold
+            )[4]
+        )  # ... on class 4
+    if bg_threshold > 0:
+        assert bool((whole_labels == 0).any()) and bool((whole_labels != 0).any())
+    for band_rows in (1, 4, 10, 36):
+        probs, labels = logits_to_labels(
+            logits, NAME_TO_CLASS, 5, 40.0, bg_threshold, area_threshold, band_rows=band_rows
+        )
+        assert torch.equal(labels, whole_labels), band_rows
+        torch.testing.assert_close(probs, whole_probs, rtol=1e-6, atol=1e-7)  # exp: vector vs scalar ulp
+
+
+def test_segment_rows_reads_bands_only_and_two_passes_with_the_area_filter() -> None:
+    logits = _biased_logits()
+    requested: list[tuple[int, int]] = []
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        requested.append((start, stop))
+        return logits[:, start:stop].clone()
+
+    labels = segment_rows(rows, (37, 53), NAME_TO_CLASS, 5, 40.0, area_threshold=0.1, band_rows=8)
+    bands = [(0, 8), (8, 16), (16, 24), (24, 32), (32, 37)]
+    assert requested == bands + bands  # one pass for the class areas, one for the labels
+    assert torch.equal(labels, logits_to_labels(logits, NAME_TO_CLASS, 5, 40.0, area_threshold=0.1)[1])
+    requested.clear()
+    segment_rows(rows, (37, 53), NAME_TO_CLASS, 5, 40.0, band_rows=8)
+    assert requested == bands
+    # the default band holds about BAND_ELEMENTS logits, at least one row
+    requested.clear()
+    segment_rows(rows, (37, 53), NAME_TO_CLASS, 5, 40.0)
+    assert requested == [(0, 37)]

@@ -142,3 +142,48 @@ def test_window_info_covers_every_window_across_sub_batches(bpe_path, image):
     assert len(all_["window_info"]["global_block"]) == 8 and len(all_["window_info"]["fused_blocks"]) == 8
     assert one["window_info"] == all_["window_info"]  # 8 sub-batches of one window add up to one batch
     assert "cs_start" in all_["method_info"]["gclip"]
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("clearclip", dict(bg_threshold=0.34)),
+        ("sclip", dict(area_threshold=0.3)),
+        ("naclip", dict(pamr_steps=2)),
+    ],
+)
+def test_row_bands_equal_one_band_end_to_end(tiny_clip, bpe_path, image, monkeypatch, method, kw):
+    import ovss.pipeline.postprocess as postprocess
+
+    labels = ["sky", ["road", "street"], "person", "tree"]
+    seg = _load(tiny_clip, bpe_path, method, short_side=97, crop=64, stride=40, **kw)
+    monkeypatch.setattr(postprocess, "BAND_ELEMENTS", 1 << 40)  # one band: the whole image
+    whole = seg.predict(image, labels)
+    assert whole.maps.band_rows >= 200
+    monkeypatch.setattr(postprocess, "BAND_ELEMENTS", 5 * 300 * 3)  # 3-row bands
+    banded = seg.predict(labels=labels)
+    assert banded.maps.band_rows == 3
+    assert torch.equal(banded.labels, whole.labels)
+    assert torch.equal(banded.logits, whole.logits)
+    torch.testing.assert_close(banded.probs, whole.probs, rtol=1e-6, atol=1e-7)
+    if "area_threshold" in kw:  # the filter did something: some class lost everywhere
+        assert bool((whole.probs.amax(dim=(1, 2)) == 0).any())
+    if "bg_threshold" in kw:
+        assert bool((whole.labels == 0).any()) and bool((whole.labels != 0).any())
+
+
+def test_logits_and_probs_are_built_only_when_asked(tiny_clip, bpe_path, image):
+    from ovss.pipeline.postprocess import logits_to_labels
+
+    seg = _load(tiny_clip, bpe_path, short_side=96, crop=64, stride=32)
+    r = seg.predict(image, LABELS)
+    assert r.maps._logits is None and r.maps._probs is None  # labels alone never built (Q, H0, W0)
+    half = r.maps.logits(torch.float16)  # built band by band in fp16, not kept
+    assert half.dtype == torch.float16 and r.maps._logits is None
+    logits = r.logits
+    assert logits is r.logits and logits.shape == (4, 200, 300)  # built once, then kept
+    assert torch.equal(half, logits.half())
+    probs, labels = logits_to_labels(logits, [0, 1, 2, 2], 3, 50.0)  # the untiled computation
+    assert torch.equal(r.labels, labels)
+    torch.testing.assert_close(r.probs, probs, rtol=1e-6, atol=1e-7)
+    assert "maps" not in repr(r)

@@ -43,6 +43,14 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also write the full-resolution name logits as .npy",
     )
+    p.add_argument(
+        "--logits-dtype",
+        "--logits_dtype",
+        dest="logits_dtype",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="dtype of the --save-logits file (fp16: half the size and memory; default fp32)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_model_flags(p)
@@ -85,7 +93,10 @@ def write_outputs(out: Path, stem: str, result: Any, rgb: np.ndarray, names: lis
 
     labels = result.labels.numpy()  # (H0, W0) int64
     blended = overlay(rgb, labels, names, alpha=args.alpha)  # (H0, W0 + legend, 3) uint8
-    logits = result.logits.numpy().astype(np.float32) if args.save_logits else None  # (Q, H0, W0)
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.logits_dtype]
+    logits = result.maps.logits(dtype).cpu().numpy() if args.save_logits else None  # (Q, H0, W0)
     written: list[Path] = []
     try:
         written.append(save_label_png(labels, out / f"{stem}.png"))

@@ -95,6 +95,7 @@ def pamr(
     dilations: tuple[int, ...] = (8, 16),
     *,
     chunk: int = 16,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Refine logits by ``steps`` rounds of image-adaptive averaging over the dilated neighbourhood.
 
@@ -105,13 +106,16 @@ def pamr(
 
     Args:
         image: (3, H, W) CLIP-normalised RGB image at the logits' resolution.
-        logits: (Q, H, W) logits (before the softmax); not modified.
+        logits: (Q, H, W) logits (before the softmax); not modified unless ``inplace``.
         steps: number of refinement rounds K >= 0 (0 returns a copy of the logits).
         dilations: neighbourhood dilations in pixels (spec: 8 and 16).
         chunk: names refined together (bounds memory to a few (chunk, H, W) buffers).
+        inplace: refine ``logits`` itself (fp32/fp64 only) instead of a copy, so the only (Q, H, W)
+            buffer is the caller's.
 
     Returns:
-        (Q, H, W) refined logits, dtype ``promote_types(logits dtype, float32)``, on the logits' device.
+        (Q, H, W) refined logits, dtype ``promote_types(logits dtype, float32)``, on the logits' device
+        (``logits`` itself when ``inplace``).
 
     Raises:
         ValueError: if image and logits differ in spatial size or have the wrong rank.
@@ -128,7 +132,9 @@ def pamr(
     if steps < 0 or chunk < 1:
         raise ValueError(f"steps must be >= 0 and chunk >= 1, got steps={steps}, chunk={chunk}")
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    out = logits.to(dtype, copy=True)  # (Q, H, W)
+    if inplace and logits.dtype != dtype:
+        raise ValueError(f"in-place PAMR needs fp32 or fp64 logits, got {logits.dtype}")
+    out = logits if inplace else logits.to(dtype, copy=True)  # (Q, H, W)
     if steps == 0:
         return out
     offsets = neighbour_offsets(dilations)

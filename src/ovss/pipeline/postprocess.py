@@ -1,14 +1,20 @@
 """From full-resolution logits to class probabilities and labels (spec §2.6, SCLIP area filter §2.8).
 
-Memory: at 2048x1024 with Q = 171 names one (Q, H, W) fp32 tensor is ~1.4 GB, so every function here
-allocates at most one such tensor (its output) and works in place on buffers it owns.
+Memory: at 2000x2000 with Q = 171 names one (Q, H0, W0) fp32 tensor is 2.7 GB. Every step is per pixel
+except the area filter, so :func:`segment_rows` runs the steps on bands of rows (a few MB each) pulled
+from a row source, and never holds a whole (Q, H0, W0) map; the area filter's per-class areas are counted
+in a first pass over the bands. :func:`logits_to_labels` is the same code on an in-memory logit map.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+BAND_ELEMENTS = 1 << 22  # default band size: rows per band = max(1, BAND_ELEMENTS // (Q * W0)), 16 MB fp32
+
+LogitRows = Callable[[int, int], torch.Tensor]  # (start, stop) -> (Q, stop - start, W0) logits of those rows
 
 
 def name_probabilities(logits: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -81,13 +87,45 @@ def class_probabilities(
     return out
 
 
+def class_areas(class_probs: torch.Tensor) -> torch.Tensor:
+    """Pixels won by each class, ``A_c = |{x : argmax_c P_c(x) = c}|`` (first index on ties).
+
+    Args:
+        class_probs: (C, H, W) class probabilities, or any band of rows of them.
+
+    Returns:
+        (C,) int64 pixel counts (add the counts of the bands of an image to get the image's).
+    """
+    winners = torch.argmax(class_probs, dim=0)  # (H, W) int64
+    return torch.bincount(winners.reshape(-1), minlength=class_probs.shape[0]).cpu()  # (C,)
+
+
+def small_classes(areas: torch.Tensor, threshold: float) -> torch.Tensor:
+    """SCLIP's area rule: foreground classes ``c >= 1`` with ``A_c <= threshold * sum_{c>=1} A_c``.
+
+    A class is kept iff ``A_c > threshold * A`` as in SCLIP's release; class 0 (background) is never
+    dropped; if no pixel is foreground (A = 0) every foreground class is dropped. Compared in float64.
+
+    Args:
+        areas: (C,) pixels won by each class over the whole image (:func:`class_areas`).
+        threshold: area fraction in [0, 1] (SCLIP VOC21: 0.1).
+
+    Returns:
+        (C,) bool, True for the classes whose probability is set to 0 everywhere.
+    """
+    areas = areas.to(torch.float64)  # (C,)
+    total = float(areas[1:].sum())
+    drop = areas <= threshold * total  # (C,) bool
+    drop[0] = False
+    return drop
+
+
 def area_filter(class_probs: torch.Tensor, threshold: float, *, inplace: bool = False) -> torch.Tensor:
-    """SCLIP's small-area filter: drop foreground classes that win too few pixels (spec §2.8).
+    """SCLIP's small-area filter on a whole map: drop foreground classes that win too few pixels (spec §2.8).
 
     With ``y = argmax_c P_c`` (first index on ties), ``A_c = |{x : y(x) = c}|`` and ``A = sum_{c>=1} A_c``,
-    every class ``c >= 1`` with ``A_c <= threshold * A`` gets probability 0 everywhere, i.e. a class is
-    kept iff ``A_c > threshold * A`` as in SCLIP's release. Class 0 (background) is never changed. If
-    no pixel is foreground (A = 0) every foreground class is dropped. The comparison is done in float64.
+    every class ``c >= 1`` with ``A_c <= threshold * A`` gets probability 0 everywhere
+    (:func:`class_areas`, :func:`small_classes`).
 
     Args:
         class_probs: (C, H, W) class probabilities (>= 0).
@@ -99,12 +137,7 @@ def area_filter(class_probs: torch.Tensor, threshold: float, *, inplace: bool = 
     """
     if class_probs.dim() != 3:
         raise ValueError(f"class_probs must be (C, H, W), got {tuple(class_probs.shape)}")
-    num_classes = class_probs.shape[0]
-    winners = torch.argmax(class_probs, dim=0)  # (H, W) int64
-    areas = torch.bincount(winners.reshape(-1), minlength=num_classes).to(torch.float64)  # (C,)
-    total = float(areas[1:].sum())
-    drop = areas <= threshold * total  # (C,) bool
-    drop[0] = False
+    drop = small_classes(class_areas(class_probs), threshold)  # (C,) bool
     out = class_probs if inplace else class_probs.clone()  # (C, H, W)
     out[drop.to(out.device)] = 0.0
     return out
@@ -133,6 +166,92 @@ def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0) -> t
     return labels
 
 
+def default_band_rows(channels: int, width: int) -> int:
+    """Rows per band so that a (channels, rows, width) band holds about ``BAND_ELEMENTS`` values (>= 1)."""
+    return max(1, BAND_ELEMENTS // max(1, channels * width))
+
+
+def row_bands(height: int, band_rows: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` bands of ``band_rows`` rows (the last may be shorter) covering 0..height."""
+    if band_rows < 1:
+        raise ValueError(f"band_rows must be >= 1, got {band_rows}")
+    return [(start, min(start + band_rows, height)) for start in range(0, height, band_rows)]
+
+
+def _class_probs_of_band(
+    logits: torch.Tensor, mapping: list[int], num_classes: int, logit_scale: float
+) -> torch.Tensor:
+    """Steps 2-3 of spec §2.6 on a band: (Q, n, W) logits -> (C, n, W) float32 class probabilities."""
+    name_probs = name_probabilities(logits, logit_scale)  # (Q, n, W)
+    if mapping == list(range(num_classes)):
+        return name_probs  # (C, n, W): one name per class, in class order
+    return class_probabilities(name_probs, mapping, num_classes)  # (C, n, W)
+
+
+def segment_rows(
+    logit_rows: LogitRows,
+    size: tuple[int, int],
+    name_to_class: Sequence[int] | torch.Tensor,
+    num_classes: int,
+    logit_scale: float,
+    bg_threshold: float = 0.0,
+    area_threshold: float | None = None,
+    *,
+    band_rows: int | None = None,
+    probs_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Spec §2.6 steps 2-5 band by band: joint softmax, synonym max, area filter, argmax + background.
+
+    Every step but the area filter is per pixel, so the labels of a band depend only on its logits; the
+    area filter needs the whole image's class areas, counted in a first pass over the bands (so with the
+    filter on, ``logit_rows`` is called twice per band). The result equals the whole-map computation.
+    PAMR (step 1), if wanted, is applied by the caller to the logits ``logit_rows`` returns.
+
+    Args:
+        logit_rows: ``(start, stop) -> (Q, stop - start, W0)`` logits of those rows (any float dtype).
+        size: (H0, W0) of the logit map.
+        name_to_class: (Q,) class index in [0, C) of every name.
+        num_classes: number of classes C.
+        logit_scale: temperature tau > 0.
+        bg_threshold: theta_bg in [0, 1] (0 = no background thresholding).
+        area_threshold: SCLIP area-filter fraction (e.g. 0.1), or None to skip the filter.
+        band_rows: rows per band (default: ``max(1, BAND_ELEMENTS // (Q * W0))``); any value gives the
+            same result.
+        probs_out: optional (C, H0, W0) tensor that receives the class probabilities (after the filter).
+
+    Returns:
+        (H0, W0) int64 labels in [0, C).
+    """
+    height, width = size
+    num_names = len(name_to_class)
+    mapping = _class_of_each_name(name_to_class, num_names, num_classes)
+    if probs_out is not None and tuple(probs_out.shape) != (num_classes, height, width):
+        raise ValueError(f"probs_out must be {(num_classes, height, width)}, got {tuple(probs_out.shape)}")
+    bands = row_bands(height, band_rows if band_rows is not None else default_band_rows(num_names, width))
+
+    drop: torch.Tensor | None = None
+    if area_threshold is not None:
+        areas = torch.zeros(num_classes, dtype=torch.int64)  # (C,)
+        for start, stop in bands:
+            areas += class_areas(_class_probs_of_band(logit_rows(start, stop), mapping, num_classes, logit_scale))
+        drop = small_classes(areas, area_threshold)  # (C,) bool
+
+    labels: torch.Tensor | None = None
+    for start, stop in bands:
+        probs = _class_probs_of_band(logit_rows(start, stop), mapping, num_classes, logit_scale)  # (C, n, W0)
+        if drop is not None:
+            probs[drop.to(probs.device)] = 0.0
+        band_labels = labels_from_probs(probs, bg_threshold)  # (n, W0)
+        if labels is None:
+            labels = torch.empty(height, width, dtype=torch.int64, device=band_labels.device)  # (H0, W0)
+        labels[start:stop] = band_labels
+        if probs_out is not None:
+            probs_out[:, start:stop] = probs
+    if labels is None:
+        raise ValueError(f"cannot segment an empty {height}x{width} map")
+    return labels
+
+
 def logits_to_labels(
     logits: torch.Tensor,
     name_to_class: Sequence[int] | torch.Tensor,
@@ -140,8 +259,10 @@ def logits_to_labels(
     logit_scale: float,
     bg_threshold: float = 0.0,
     area_threshold: float | None = None,
+    *,
+    band_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec §2.6 steps 2-5: joint softmax, synonym max, optional area filter, argmax + background.
+    """Spec §2.6 steps 2-5 on an in-memory logit map (:func:`segment_rows` over its rows).
 
     PAMR (step 1), if wanted, is applied to ``logits`` by the caller before this function.
 
@@ -152,19 +273,25 @@ def logits_to_labels(
         logit_scale: temperature tau > 0.
         bg_threshold: theta_bg in [0, 1] (0 = no background thresholding).
         area_threshold: SCLIP area-filter fraction (e.g. 0.1), or None to skip the filter.
+        band_rows: rows per band (see :func:`segment_rows`; the result does not depend on it).
 
     Returns:
         probs: (C, H0, W0) float32 class probabilities (after the area filter, if any).
         labels: (H0, W0) int64 labels in [0, C).
     """
-    name_probs = name_probabilities(logits, logit_scale)  # (Q, H0, W0)
-    mapping = _class_of_each_name(name_to_class, name_probs.shape[0], num_classes)
-    if mapping == list(range(num_classes)):
-        probs = name_probs  # (C, H0, W0): one name per class, in class order
-    else:
-        probs = class_probabilities(name_probs, mapping, num_classes)  # (C, H0, W0)
-        del name_probs
-    if area_threshold is not None:
-        probs = area_filter(probs, area_threshold, inplace=True)  # (C, H0, W0)
-    labels = labels_from_probs(probs, bg_threshold)  # (H0, W0)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (Q, H, W), got {tuple(logits.shape)}")
+    size = (int(logits.shape[1]), int(logits.shape[2]))
+    probs = torch.empty(num_classes, *size, dtype=torch.float32, device=logits.device)  # (C, H0, W0)
+    labels = segment_rows(
+        lambda start, stop: logits[:, start:stop],
+        size,
+        name_to_class,
+        num_classes,
+        logit_scale,
+        bg_threshold,
+        area_threshold,
+        band_rows=band_rows,
+        probs_out=probs,
+    )
     return probs, labels
