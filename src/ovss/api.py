@@ -44,6 +44,28 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """The torch device named by ``device``; OvssError when it is malformed or not usable here (e.g. no CUDA)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise OvssError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OvssError(
+                f"device {str(device)!r} needs CUDA, which this PyTorch {torch.__version__} does not see "
+                "(no GPU, driver or CUDA build); use device 'cpu' (--device cpu)"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise OvssError(
+                f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible; "
+                "use cuda:0 .. cuda:N-1"
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise OvssError(f"device {str(device)!r} (Apple MPS) is not available here; use device 'cpu' (--device cpu)")
+    return resolved
+
+
 def method_name(method: str, gla: bool = False) -> str:
     """The registry name of ``method`` with GLA attached when ``gla`` (``proxyclip`` -> ``proxyclip+gla``)."""
     return f"{method}+gla" if gla and not method.endswith("+gla") else method
@@ -196,6 +218,7 @@ def load(
     Returns:
         A :class:`Segmenter`.
     """
+    check_device(device)
     spec = get_method(method_name(method, gla))
     opts = resolve_options(spec, options)
     geo = spec.geometry

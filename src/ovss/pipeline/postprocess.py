@@ -110,26 +110,28 @@ def area_filter(class_probs: torch.Tensor, threshold: float, *, inplace: bool = 
     return out
 
 
-def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0) -> torch.Tensor:
-    """Per-pixel labels: argmax over classes, background (0) where the best probability is too low.
+def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0, bg_label: int = 0) -> torch.Tensor:
+    """Per-pixel labels: argmax over classes, ``bg_label`` (default class 0) where the best probability is too low.
 
     Ties go to the lowest class index: ``torch.argmax`` returns the first maximal index (documented by
     PyTorch and checked on CPU in ``tests/test_postprocess.py``).
 
     Args:
         class_probs: (C, H, W) class probabilities in [0, 1].
-        bg_threshold: theta_bg in [0, 1]; pixels with ``max_c P_c < bg_threshold`` get label 0
+        bg_threshold: theta_bg in [0, 1]; pixels with ``max_c P_c < bg_threshold`` get ``bg_label``
             (0 disables it; a pixel exactly at the threshold keeps its argmax).
+        bg_label: the label of those pixels: 0 (the papers' rule: class 0 is background), another class
+            index, or a value outside [0, C) such as ``ovss.predictor.UNLABELLED`` (-1).
 
     Returns:
-        (H, W) int64 labels in [0, C).
+        (H, W) int64 labels in [0, C), or ``bg_label``.
     """
     if class_probs.dim() != 3:
         raise ValueError(f"class_probs must be (C, H, W), got {tuple(class_probs.shape)}")
     labels = torch.argmax(class_probs, dim=0)  # (H, W) int64
     if bg_threshold > 0.0:
         best = class_probs.amax(dim=0)  # (H, W)
-        labels[best < bg_threshold] = 0
+        labels[best < bg_threshold] = bg_label
     return labels
 
 
@@ -140,6 +142,7 @@ def logits_to_labels(
     logit_scale: float,
     bg_threshold: float = 0.0,
     area_threshold: float | None = None,
+    bg_label: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec §2.6 steps 2-5: joint softmax, synonym max, optional area filter, argmax + background.
 
@@ -152,10 +155,11 @@ def logits_to_labels(
         logit_scale: temperature tau > 0.
         bg_threshold: theta_bg in [0, 1] (0 = no background thresholding).
         area_threshold: SCLIP area-filter fraction (e.g. 0.1), or None to skip the filter.
+        bg_label: label of the pixels below ``bg_threshold`` (see :func:`labels_from_probs`).
 
     Returns:
         probs: (C, H0, W0) float32 class probabilities (after the area filter, if any).
-        labels: (H0, W0) int64 labels in [0, C).
+        labels: (H0, W0) int64 labels in [0, C), or ``bg_label``.
     """
     name_probs = name_probabilities(logits, logit_scale)  # (Q, H0, W0)
     mapping = _class_of_each_name(name_to_class, name_probs.shape[0], num_classes)
@@ -166,5 +170,5 @@ def logits_to_labels(
         del name_probs
     if area_threshold is not None:
         probs = area_filter(probs, area_threshold, inplace=True)  # (C, H0, W0)
-    labels = labels_from_probs(probs, bg_threshold)  # (H0, W0)
+    labels = labels_from_probs(probs, bg_threshold, bg_label)  # (H0, W0)
     return probs, labels
