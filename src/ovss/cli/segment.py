@@ -120,9 +120,7 @@ def plan_outputs(out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]
         raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
     planned = [out / "config.json"]
     for stem, _ in jobs:
-        planned += output_paths(
-            out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json
-        )
+        planned += output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
     resolved = [path.resolve() for path in planned]
     if len(set(resolved)) != len(resolved):
         clash = next(path for path in planned if resolved.count(path.resolve()) > 1)
