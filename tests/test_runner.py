@@ -213,6 +213,8 @@ def test_a_finished_run_is_replaced_only_with_overwrite(
     assert {name: (out / name).read_bytes() for name in before} == before
     result = evaluate(dataset, load_kwargs, other, out, limit=1, overwrite=True, progress=False)
     assert result["method"] == "naclip" and json.loads((out / "result.json").read_text())["images"] == 1
+    with pytest.raises(OvssError, match="is a file"):
+        evaluate(dataset, load_kwargs, other, out / "result.json", limit=1, overwrite=True, progress=False)
 
 
 def test_segmenter_must_match_the_setting(dataset: Any, setting: Any, load_kwargs: Any, tmp_path: Path) -> None:

@@ -154,6 +154,8 @@ def load_checkpoint(path: Path, identity: str, num_classes: int, band: int) -> R
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool, context: DistContext) -> None:
     """Refuse, on every rank alike, to replace the run in ``out_dir`` (config, result or checkpoints) unless
     ``overwrite``; ``resume`` continues it when checkpoints are there (checked when loaded) or no result is."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OvssError(f"--out '{out_dir}' is a file; give a run folder (it is created if missing)")
     checkpoints = list((out_dir / CHECKPOINT_DIR).glob("rank*-of-*.pt"))
     result, config = out_dir / "result.json", out_dir / "config.json"
     held = result.exists() or config.exists() or bool(checkpoints)
