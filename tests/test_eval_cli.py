@@ -187,11 +187,61 @@ def test_report_renders_table_one_from_run_folders(
     assert rule == "|" + "---|" * 10
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[0] == "clearclip / clearclip"
-    assert cells[1] == f"{runs['voc21']['mIoU']:.2f} (51.8)" and cells[4] == f"{runs['voc20']['mIoU']:.2f} (80.9)"
+    # two images of VOC's 1449: marked, and never printed beside the paper's full-split number
+    assert cells[1] == f"{runs['voc21']['mIoU']:.2f}*" and cells[4] == f"{runs['voc20']['mIoU']:.2f}*"
     assert cells[2] == "– (32.6)" and cells[9] == "– (38.1)"
+    assert "runs/voc21: 2 of 1449 images" in captured.out and "partial split" in captured.out
     assert "GLA-CLIP Table 1" in captured.out
     assert "unfinished holds no finished run" in captured.err
     assert main(["report", str(tmp_path / "runs" / "unfinished")]) == 2
+
+
+def _fake_run(folder: Path, dataset: str, images: int, miou: float, method: str = "clearclip") -> Path:
+    folder.mkdir(parents=True)
+    result = {"method": method, "preset": method, "dataset": dataset, "images": images, "complete": True,
+              "mIoU": miou, "mAcc": 1.0, "aAcc": 2.0, "BER": 3.0}  # fmt: skip
+    (folder / "result.json").write_text(json.dumps(result))
+    (folder / "config.json").write_text(json.dumps({"setting": {"overrides": []}}))
+    return folder
+
+
+def test_report_prints_full_splits_beside_the_papers_and_lists_folder_runs(
+    cli_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = _fake_run(tmp_path / "full", "voc21", 1449, 50.0)
+    partial = _fake_run(tmp_path / "partial", "pc60", 100, 30.0)
+    assert main(["report", str(full), str(partial), str(cli_run)]) == 0
+    out = capsys.readouterr().out
+    cells = [cell.strip() for cell in out.splitlines()[2].strip("|").split("|")]
+    assert cells[1] == "50.00 (51.8)" and cells[2] == "30.00*" and cells[9] == "– (38.1)"
+    own = out[out.index("Own datasets") :].splitlines()
+    folder_row = [cell.strip() for cell in own[4].strip("|").split("|")]
+    result = json.loads((cli_run / "result.json").read_text())
+    assert folder_row[0] == str(cli_run) and folder_row[2] == "14"
+    assert folder_row[1] == "clearclip / clearclip (bg_threshold=0.1, crop=32, short_side=64, stride=24)"
+    assert folder_row[3] == f"{result['mIoU']:.2f}"
+    assert main(["report", str(cli_run)]) == 0  # folder runs alone make a report too
+    assert "Own datasets" in capsys.readouterr().out
+
+
+def test_eval_refuses_to_replace_another_run_without_overwrite(
+    cli_run: Path, folder_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(cli_run, out)
+    before = (out / "result.json").read_bytes()
+    other = list(folder_args)
+    other[other.index("--bg-threshold") + 1] = "0.2"  # another configuration
+    assert main([*other, "--limit", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (clearclip on custom, preset clearclip)" in err and "--overwrite" in err
+    assert (out / "result.json").read_bytes() == before
+    assert main([*other, "--limit", "1", "--out", str(out), "--resume"]) == 2  # resume checks the configuration
+    assert "another configuration" in capsys.readouterr().err and (out / "result.json").read_bytes() == before
+    assert main([*folder_args, "--out", str(out), "--resume"]) == 0  # same configuration: allowed
+    assert json.loads((out / "result.json").read_text())["counts"] == json.loads(before)["counts"]
+    assert main([*other, "--limit", "1", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "result.json").read_text())["images"] == 1
 
 
 def test_module_entry_point_lists_the_new_commands() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ovss.errors import OvssError
-from ovss.labels import flatten_labels, normalize_labels, parse_labels, read_labels_file
+from ovss.labels import background_class, flatten_labels, normalize_labels, parse_labels, read_labels_file
 
 # ----------------------------------------------------------------------------------------------------
 # parse_labels (--labels)
@@ -83,7 +83,11 @@ def test_read_labels_file_separators_comments_and_blank_lines(tmp_path: Path) ->
         "\tcafé\n",
         encoding="utf-8",
     )
-    assert read_labels_file(path) == [
+    with pytest.warns(UserWarning, match="one class with 3 synonyms") as caught:
+        classes = read_labels_file(path)
+    assert len(caught) == 2  # lines 3 and 4 (three comma names each); '|' and ';' lines are deliberate
+    assert "line 3" in str(caught[0].message) and "line 4" in str(caught[1].message)
+    assert classes == [
         ["sky", "wall", "tree"],
         ["person", "person in shirt", "person in jeans"],
         ["car", "automobile"],
@@ -91,7 +95,27 @@ def test_read_labels_file_separators_comments_and_blank_lines(tmp_path: Path) ->
         ["bicycle", "bike", "cycle"],
         ["café"],
     ]
-    assert read_labels_file(str(path)) == read_labels_file(path)
+    with pytest.warns(UserWarning):
+        assert read_labels_file(str(path)) == classes
+
+
+def test_two_comma_names_or_pipes_do_not_warn(tmp_path: Path) -> None:
+    import warnings
+
+    path = tmp_path / "classes.txt"
+    path.write_text("person, pedestrian\nsky | heaven | firmament\nroad\n", encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_labels_file(path) == [["person", "pedestrian"], ["sky", "heaven", "firmament"], ["road"]]
+
+
+def test_background_class_by_name_or_literal_background() -> None:
+    classes = [["cat"], ["Background", "bg"], ["tree", "plant"]]
+    assert background_class(classes) == 1  # a class named background, any case
+    assert background_class(classes, "plant") == 2 and background_class(classes, " cat ") == 0
+    assert background_class([["cat"], ["dog"]]) is None
+    with pytest.raises(OvssError, match="'sky' is not one of the labels"):
+        background_class(classes, "sky")
 
 
 def test_read_labels_file_with_byte_order_mark_and_crlf(tmp_path: Path) -> None:

@@ -201,6 +201,22 @@ def test_resume_refuses_another_configuration_or_process_count(
         evaluate(dataset, load_kwargs, setting, tmp_path, resume=True, progress=False)
 
 
+def test_a_finished_run_is_replaced_only_with_overwrite(
+    full_run: tuple[Path, dict[str, Any]], dataset: Any, load_kwargs: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    before = {name: (out / name).read_bytes() for name in ("config.json", "result.json", "result.md")}
+    other = resolve("naclip", "custom", "naclip", short_side=64, crop=32, stride=24)
+    with pytest.raises(OvssError, match=r"already holds a run \(clearclip on custom, preset clearclip\)"):
+        evaluate(dataset, load_kwargs, other, out, limit=1, progress=False)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    result = evaluate(dataset, load_kwargs, other, out, limit=1, overwrite=True, progress=False)
+    assert result["method"] == "naclip" and json.loads((out / "result.json").read_text())["images"] == 1
+    with pytest.raises(OvssError, match="is a file"):
+        evaluate(dataset, load_kwargs, other, out / "result.json", limit=1, overwrite=True, progress=False)
+
+
 def test_segmenter_must_match_the_setting(dataset: Any, setting: Any, load_kwargs: Any, tmp_path: Path) -> None:
     segmenter = ovss.load("clearclip", short_side=64, crop=32, stride=16, bg_threshold=0.1, **load_kwargs)
     with pytest.raises(OvssError, match=r"stride=16 \(setting: 24\)"):

@@ -171,9 +171,21 @@ def test_errors(tokenizer: Tokenizer) -> None:
         text_embeddings(tower, tokenizer, ["cat"], [])
     with pytest.raises(OvssError, match="exactly one"):
         text_embeddings(tower, tokenizer, ["cat"], ["a photo of a cat."])
-    with pytest.raises(OvssError, match="context length"):
-        text_embeddings(tower, tokenizer, ["cat " * 80], IMAGENET_TEMPLATES)
     assert tower.calls == 0
+
+
+def test_a_name_longer_than_the_context_is_truncated_as_open_clip_with_one_warning(tokenizer: Tokenizer) -> None:
+    long_name = "cat " * 80
+    tower = FakeTextTower()
+    with pytest.warns(UserWarning, match="longer than CLIP's 77-token context") as caught:
+        both = text_embeddings(tower, tokenizer, ["dog", long_name], IMAGENET_TEMPLATES)
+    assert len(caught) == 1 and "'cat cat" in str(caught[0].message)
+    K = len(IMAGENET_TEMPLATES)
+    expected = tokenizer([t.replace("{}", long_name.strip()) for t in IMAGENET_TEMPLATES], truncate=True)
+    assert tower.rows[K:] == expected.tolist()  # first 76 tokens (SOT included) + EOT, as open_clip
+    assert all(row[-1] == tokenizer.eot_token_id for row in tower.rows[K:])
+    alone = text_embeddings(FakeTextTower(), tokenizer, ["dog"], IMAGENET_TEMPLATES)
+    torch.testing.assert_close(both[0], alone[0])
 
 
 def test_cache_encodes_only_new_names(tokenizer: Tokenizer) -> None:

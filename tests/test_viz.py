@@ -12,7 +12,7 @@ from PIL import Image
 from ovss.errors import OvssError
 from ovss.io_utils import atomic_write, save_npy, save_png, save_text
 from ovss.pipeline.image import read_image
-from ovss.viz import overlay, palette, save_label_png, save_overlay
+from ovss.viz import class_palette, overlay, palette, save_label_png, save_overlay
 
 VOC_LABELS = "voc2012-val-samples/labels"
 
@@ -92,7 +92,7 @@ def test_label_png_custom_palette(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
-        (np.array([[0, 256]]), "0..256"),
+        (np.array([[0, 65536]]), "0..65536"),
         (np.array([[-1, 3]]), "-1..3"),
         (np.zeros((2, 2), np.float32), "integer"),
         (np.zeros((2, 2, 1), np.uint8), "integer"),
@@ -104,6 +104,31 @@ def test_label_png_rejects_bad_ids_and_writes_nothing(
     with pytest.raises(OvssError, match=message):
         save_label_png(labels, tmp_path / "bad.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_label_png_beyond_255_ids_is_16_bit(tmp_path: Path) -> None:
+    labels = (np.arange(12 * 40).reshape(12, 40) * 97 % 60000).astype(np.int64)  # ids up to ~60000
+    path = save_label_png(labels, tmp_path / "wide.png")
+    stored = np.asarray(Image.open(path))
+    assert stored.dtype == np.uint16
+    np.testing.assert_array_equal(stored, labels)
+    small = save_label_png(np.array([[0, 3]]), tmp_path / "small16.png", bit_depth=16)
+    assert np.asarray(Image.open(small)).dtype == np.uint16
+    with pytest.raises(OvssError, match=r"8-bit label PNG stores ids 0\.\.255"):
+        save_label_png(np.array([[0, 256]]), tmp_path / "forced8.png", bit_depth=8)
+    assert not (tmp_path / "forced8.png").exists()
+
+
+def test_class_palette_gives_every_class_a_bright_distinct_colour() -> None:
+    colours = class_palette(300).astype(np.int64)  # (300, 3)
+    assert colours.shape == (300, 3) and class_palette(0).shape == (0, 3)
+    assert colours.max(axis=1).min() >= 191  # nothing dark: class 0 is no shadow
+    assert (colours.max(axis=1) - colours.min(axis=1)).min() >= 60  # nothing grey
+    assert len({tuple(c) for c in colours[:64]}) == 64
+    np.testing.assert_array_equal(class_palette(10), class_palette(300)[:10])  # a prefix is stable
+    first_ten = colours[:10]
+    gaps = np.abs(first_ten[:, None] - first_ten[None]).sum(-1) + 1000 * np.eye(10, dtype=np.int64)  # (10, 10)
+    assert gaps.min() >= 40  # the first classes are easy to tell apart
 
 
 # ----------------------------------------------------------------------------------------------------

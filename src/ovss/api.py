@@ -37,6 +37,28 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """The torch device named by ``device``; OvssError when it is malformed or not usable here (e.g. no CUDA)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise OvssError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OvssError(
+                f"device {str(device)!r} needs CUDA, which this PyTorch {torch.__version__} does not see "
+                "(no GPU, driver or CUDA build); use device 'cpu' (--device cpu)"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise OvssError(
+                f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible; "
+                "use cuda:0 .. cuda:N-1"
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise OvssError(f"device {str(device)!r} (Apple MPS) is not available here; use device 'cpu' (--device cpu)")
+    return resolved
+
+
 def load_clip(
     clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
     *,
@@ -160,6 +182,7 @@ def load(
         OvssError: unknown method, setting or option, a value of the wrong type or out of range, or weights
             that cannot be loaded. Settings and options are checked before any weights are read.
     """
+    check_device(device)
     spec = with_gla(method, isinstance(gla, Mapping) or bool(gla))
     options = {key: value for key, value in settings.items() if key not in PIPELINE_KEYS}
     if isinstance(gla, Mapping):

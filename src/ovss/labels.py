@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from ovss.errors import OvssError
 
 # Separators of synonyms on one line of a labels file: "," (the SCLIP/NACLIP release files), "|" or ";".
 _FILE_SYNONYM_SEPARATORS = re.compile(r"[,|;]")
+# A labels-file line of at least this many comma-separated names (and no "|" or ";") is probably a list of
+# different classes written on one line ("sky, road, car"), not synonyms: read_labels_file warns.
+COMMA_LIST_WARNING_PARTS = 3
+UNLABELLED = -1  # label of a pixel left to no class (below the background threshold without a background class)
+BACKGROUND_NAME = "background"  # a class with this name (any synonym, any case) receives uncertain pixels
 
 
 def normalize_labels(
@@ -127,6 +133,9 @@ def read_labels_file(path: str | os.PathLike[str], allow_duplicates: bool = Fals
 
     Synonyms on a line are separated by ``,`` (as in the SCLIP/NACLIP release name files), ``|`` or ``;``.
     Everything after ``#`` is a comment; lines that are blank after removing comments are skipped.
+    A line of three or more comma-separated names without ``|`` or ``;`` (``sky, road, car``) is read as
+    one class with synonyms, as in the release files, but raises a ``UserWarning`` (a user likely meant
+    several classes); write synonyms with ``|`` to silence it.
 
     Args:
         path: the text file.
@@ -158,6 +167,14 @@ def read_labels_file(path: str | os.PathLike[str], allow_duplicates: bool = Fals
                 f"line {line_number} of labels file '{file_path}' has an empty name ({raw_line.strip()!r}); "
                 "remove the stray separator"
             )
+        if len(names) >= COMMA_LIST_WARNING_PARTS and not re.search(r"[|;]", line):
+            warnings.warn(
+                f"line {line_number} of labels file '{file_path}' ({line!r}) is one class with {len(names)} "
+                "synonyms; if these are different classes put one per line (write synonyms as 'a | b' to "
+                "silence this warning)",
+                UserWarning,
+                stacklevel=2,
+            )
         classes.append(names)
     if not classes:
         raise OvssError(f"labels file '{file_path}' contains no class names; write one class per line")
@@ -182,3 +199,27 @@ def flatten_labels(classes: Sequence[Sequence[str]]) -> tuple[list[str], list[in
             names.append(name)
             class_of_name.append(class_index)
     return names, class_of_name
+
+
+def background_class(classes: Sequence[Sequence[str]], name: str | None = None) -> int | None:
+    """The class that receives pixels below the background threshold, or None (they stay unlabelled).
+
+    Args:
+        classes: canonical class list.
+        name: a name (any synonym) of the chosen class; None: the class with a name ``background``
+            (compared without case), if any.
+
+    Returns:
+        The class index, or None when ``name`` is None and no class is named ``background``.
+
+    Raises:
+        OvssError: ``name`` is not a name of any class.
+    """
+    wanted = BACKGROUND_NAME if name is None else name.strip()
+    for class_index, synonyms in enumerate(classes):
+        if any(synonym.casefold() == wanted.casefold() for synonym in synonyms):
+            return class_index
+    if name is None:
+        return None
+    listing = ", ".join(synonyms[0] for synonyms in classes)
+    raise OvssError(f"background class {name!r} is not one of the labels ({listing}); add it or fix the name")

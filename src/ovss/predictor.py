@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from ovss.config import PipelineConfig
 from ovss.errors import OvssError
-from ovss.labels import flatten_labels, normalize_labels
+from ovss.labels import UNLABELLED, flatten_labels, normalize_labels
 from ovss.methods.common import Backbones, WindowBatch
 from ovss.methods.registry import MethodSpec
 from ovss.models.clip import CLIP
@@ -32,6 +33,7 @@ from ovss.text.tokenizer import Tokenizer, load_tokenizer
 
 ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
 LabelsLike = Sequence[str | Sequence[str]]
+Progress = Callable[[int, int], None]  # progress(windows_done, windows_total), called from set_image
 
 
 @dataclass
@@ -43,10 +45,11 @@ class Prediction:
     half-size copy of the logits without the fp32 one.
     """
 
-    labels: torch.Tensor  # (H0, W0) int64 class index per pixel, in 0..C-1
+    labels: torch.Tensor  # (H0, W0) int64 class index per pixel, in 0..C-1, or UNLABELLED (-1), see predict
     classes: list[list[str]]  # the names of each class, as used
     config: dict[str, Any]  # the fully resolved configuration that produced this result
     maps: FullResolutionMaps = field(repr=False, compare=False)  # full-resolution maps, built on demand
+    image: np.ndarray | None = None  # (H0, W0, 3) uint8 RGB input image (for overlays), shared, not copied
 
     @property
     def logits(self) -> torch.Tensor:
@@ -57,6 +60,51 @@ class Prediction:
     def probs(self) -> torch.Tensor:
         """(C, H0, W0) fp32 class probabilities (max over each class's names), in [0, 1]."""
         return self.maps.probs()
+
+    def overlay(self, alpha: float = 0.5) -> np.ndarray:
+        """The image with class colours blended in and a legend: (H0', W0 + legend, 3) uint8 RGB.
+
+        Every class has a bright colour (``ovss.viz.class_palette``); unlabelled pixels keep the image's colour.
+        """
+        from ovss.outputs import prediction_overlay
+
+        return prediction_overlay(self, alpha)
+
+    def save(
+        self,
+        folder: str | os.PathLike[str],
+        stem: str = "prediction",
+        *,
+        logits: bool = False,
+        masks: bool = False,
+        json: bool = False,
+        alpha: float = 0.5,
+        overwrite: bool = False,
+        logits_dtype: str = "fp32",
+    ) -> list[Path]:
+        """Write the prediction's files into ``folder`` (see :func:`ovss.outputs.save_prediction`).
+
+        ``<stem>.png`` (label map: class ids, 255 = unlabelled; 16-bit with 65535 beyond 255 classes),
+        ``<stem>_overlay.png``, and on request ``<stem>_logits.npy``, ``<stem>_masks/<id>_<name>.png``
+        (one binary mask per class) and ``<stem>.json`` (class areas); ``logits_dtype`` fp32 or fp16.
+        Existing files are replaced only with ``overwrite``; a failure leaves none of this call's files behind.
+
+        Returns:
+            The written paths.
+        """
+        from ovss.outputs import save_prediction
+
+        return save_prediction(
+            self,
+            folder,
+            stem,
+            logits=logits,
+            masks=masks,
+            json=json,
+            alpha=alpha,
+            overwrite=overwrite,
+            logits_dtype=logits_dtype,
+        )
 
 
 @dataclass
@@ -109,6 +157,22 @@ class Segmenter:
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
 
+    def __repr__(self) -> str:
+        cfg = self.pipeline
+        weights = self._record.get("clip", "<in-memory model>")
+        vfm = f", vfm={self._record.get('vfm', '<in-memory model>')!r}" if self.vfm is not None else ""
+        options = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.options).items())
+        state = self._state
+        image = "none" if state is None else f"{state.rgb.shape[0]}x{state.rgb.shape[1]}, {len(state.windows)} windows"
+        return (
+            f"Segmenter(method={self.method.name!r}, clip={weights!r}{vfm}, device={self.device}, "
+            f"dtype={str(self.dtype).replace('torch.', '')},\n"
+            f"          options=({options}),\n"
+            f"          short_side={cfg.short_side}, crop={cfg.crop}, stride={cfg.stride}, "
+            f"logit_scale={cfg.logit_scale}, bg_threshold={cfg.bg_threshold}, templates={cfg.templates!r},\n"
+            f"          image: {image})"
+        )
+
     # ------------------------------------------------------------------ configuration
     @property
     def config(self) -> dict[str, Any]:
@@ -139,11 +203,13 @@ class Segmenter:
         return self._cache.get(key, self.clip.encode_text, self.tokenizer, list(names), templates)
 
     # ------------------------------------------------------------------ image
-    def set_image(self, image: ImageLike) -> None:
+    def set_image(self, image: ImageLike, *, progress: Progress | None = None) -> None:
         """Read, resize and window an image and compute its dense features with the method.
 
         Args:
             image: a path, an (H, W, 3) uint8 RGB array (greyscale/RGBA/16-bit accepted), or a PIL image.
+            progress: called as ``progress(done, total)`` with the number of windows encoded so far, once
+                with ``done = 0`` before the first window and after every batch of windows.
         """
         rgb = read_image(image)  # (H0, W0, 3) uint8
         cfg = self.pipeline
@@ -163,7 +229,7 @@ class Segmenter:
             )
         crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
         crops = pad_windows(crops, padding)  # (L, 3, h', w')
-        features, grid, info, window_info = self._dense_features(crops, windows, padding, (H, W))
+        features, grid, info, window_info = self._dense_features(crops, windows, padding, (H, W), progress)
         self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info, window_info)
 
     def _current(self, hint: str = "") -> ImageState:
@@ -183,7 +249,12 @@ class Segmenter:
 
     @torch.inference_mode()
     def _dense_features(
-        self, crops: torch.Tensor, windows: list[Window], padding: Padding, size: tuple[int, int]
+        self,
+        crops: torch.Tensor,
+        windows: list[Window],
+        padding: Padding,
+        size: tuple[int, int],
+        progress: Progress | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]]]:
         backbones = Backbones(self.clip.visual, self.vfm)
         step = len(windows) if self.method.joint_windows else self.pipeline.window_batch
@@ -191,6 +262,8 @@ class Segmenter:
         grid: tuple[int, int] = (0, 0)
         info: dict[str, Any] = {}
         window_info: dict[str, list[Any]] = {}
+        if progress is not None:
+            progress(0, len(windows))
         for start in range(0, len(windows), step):
             batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size)
             with backbone_precision(self.device, self.dtype):
@@ -200,6 +273,8 @@ class Segmenter:
             grid, info = out.grid, {**info, **out.info}  # per-image facts: every sub-batch says the same
             for key, values in out.window_info.items():
                 window_info[key] = window_info.get(key, []) + list(values)
+            if progress is not None:
+                progress(min(start + step, len(windows)), len(windows))
         return torch.cat(chunks), grid, info, window_info  # (L, N, E)
 
     # ------------------------------------------------------------------ prediction
@@ -210,6 +285,8 @@ class Segmenter:
         labels: LabelsLike | None = None,
         *,
         text_embeddings: torch.Tensor | np.ndarray | None = None,
+        background: int | None = 0,
+        progress: Progress | None = None,
     ) -> Prediction:
         """Label every pixel with one of the given classes.
 
@@ -219,6 +296,10 @@ class Segmenter:
                 ``['sky', 'road', ['person', 'pedestrian']]``.
             text_embeddings: optional (Q, E) embeddings of the Q names in label order (synonyms flattened),
                 used instead of encoding the names (e.g. your own prompt ensemble); rows are L2-normalised.
+            background: the class that receives pixels whose best probability is below ``bg_threshold``:
+                0 (default, the papers' rule: class 0 is background), another class index, or None to
+                leave them unlabelled (``labels`` holds ``ovss.labels.UNLABELLED`` = -1 there).
+            progress: see :meth:`set_image` (used when ``image`` is given).
 
         Returns:
             A :class:`Prediction` at the input resolution. Its labels are computed band by band; its
@@ -228,15 +309,24 @@ class Segmenter:
             raise OvssError("predict() needs labels, e.g. ['sky', 'road', ['person', 'pedestrian']]")
         classes = normalize_labels(labels)
         names, name_to_class = flatten_labels(classes)
+        if background is not None and not 0 <= background < len(classes):
+            raise OvssError(f"background must be a class index in 0..{len(classes) - 1} or None, got {background}")
         if image is not None:
-            self.set_image(image)
+            self.set_image(image, progress=progress)
         st = self._current(" or pass an image to predict()")
         text = self._text_embeddings(names, text_embeddings)  # (Q, E)
         cfg = self.pipeline
-        rule = LabelRule(tuple(name_to_class), len(classes), cfg.logit_scale, cfg.bg_threshold, cfg.area_threshold)
+        rule = LabelRule(
+            tuple(name_to_class),
+            len(classes),
+            cfg.logit_scale,
+            cfg.bg_threshold,
+            cfg.area_threshold,
+            UNLABELLED if background is None else background,
+        )
         maps = self._full_resolution_maps(st, text, rule)
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
-        return Prediction(maps.labels(), classes, record, maps)
+        return Prediction(maps.labels(), classes, record, maps, st.rgb)
 
     def _full_resolution_maps(self, st: ImageState, text: torch.Tensor, rule: LabelRule) -> FullResolutionMaps:
         """Spec §2.5-2.7 without materialising (Q, H0, W0): per-window logits, stitched band by band on demand.

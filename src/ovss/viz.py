@@ -1,7 +1,13 @@
-"""Visualising label maps: the PASCAL VOC colour map, palette PNGs of class ids, and legend overlays."""
+"""Visualising label maps: colour maps, label PNGs of class ids (8-bit palette or 16-bit), legend overlays.
+
+Two colour maps: ``palette`` is the PASCAL VOC map (id 0 black), kept for benchmark label maps where class 0
+is background; ``class_palette`` gives every class a bright colour, for user label sets where class 0 is
+an ordinary class (``ovss segment``, ``Prediction.save``).
+"""
 
 from __future__ import annotations
 
+import colorsys
 import math
 import os
 from collections.abc import Sequence
@@ -54,6 +60,35 @@ def _voc_color_map(n: int) -> npt.NDArray[np.uint8]:
     return colors.astype(np.uint8)
 
 
+# Golden-ratio hue steps keep successive classes far apart on the colour wheel; the (saturation, value)
+# pairs cycle so that classes with close hues still differ, and a value >= 0.75 keeps every colour bright.
+_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+_SATURATION_VALUE = ((0.85, 0.95), (0.55, 0.85), (0.95, 0.75))
+
+
+def class_palette(n: int) -> npt.NDArray[np.uint8]:
+    """Bright, distinct RGB colours for user classes 0..n-1 (no class is black or grey).
+
+    Class i gets hue ``(0.05 + 0.618... * i) mod 1`` with (saturation, value) cycling through
+    (0.85, 0.95), (0.55, 0.85), (0.95, 0.75): the brightest channel is >= 191 and the colour is never grey.
+
+    Args:
+        n: number of colours, >= 0.
+
+    Returns:
+        (n, 3) uint8 array of RGB colours.
+    """
+    if n < 0:
+        raise ValueError(f"palette size must be >= 0, got {n}")
+    colors = np.zeros((n, 3), dtype=np.uint8)  # (n, 3)
+    for i in range(n):
+        hue = (0.05 + _GOLDEN_RATIO_CONJUGATE * i) % 1.0
+        saturation, value = _SATURATION_VALUE[i % len(_SATURATION_VALUE)]
+        rgb = colorsys.hsv_to_rgb(hue, saturation, value)
+        colors[i] = [round(255 * channel) for channel in rgb]
+    return colors
+
+
 def _check_palette(colors: np.ndarray, needed: int) -> npt.NDArray[np.uint8]:
     """Validate a user palette: (K, 3) uint8 with at least ``needed`` rows."""
     if colors.ndim != 2 or colors.shape[1] != 3 or colors.dtype != np.uint8:
@@ -67,34 +102,45 @@ def _check_palette(colors: np.ndarray, needed: int) -> npt.NDArray[np.uint8]:
 
 
 def save_label_png(
-    labels: np.ndarray, path: str | os.PathLike[str], palette: np.ndarray | None = None
+    labels: np.ndarray, path: str | os.PathLike[str], palette: np.ndarray | None = None, bit_depth: int | None = None
 ) -> Path:
-    """Save a map of class ids as a palette ('P' mode) PNG: pixel values are the ids themselves.
+    """Save a map of class ids as a PNG whose pixel values are the ids themselves.
 
-    Read back the ids with ``np.asarray(PIL.Image.open(path))`` (never via the RGB colours). The file is
-    written atomically.
+    8-bit: a palette ('P' mode) PNG, ids 0..255 (255 is the usual "ignore" / "unlabelled" id), shown in
+    colour by image viewers. 16-bit: a greyscale PNG, ids 0..65535, for label sets of more than 255
+    classes (viewers show it dark; the ids are exact). Read back the ids with
+    ``np.asarray(PIL.Image.open(path))`` (never via the RGB colours). The file is written atomically.
 
     Args:
-        labels: (H, W) integer (or bool) class ids in 0..255 (255 is the usual "ignore" id).
+        labels: (H, W) integer (or bool) class ids in 0..255 (8-bit) or 0..65535 (16-bit).
         path: destination, must end in ``.png``.
-        palette: (K, 3) uint8 RGB colours of ids 0..K-1 (K <= 256; missing entries are black);
+        palette: (K, 3) uint8 RGB colours of ids 0..K-1 of an 8-bit map (K <= 256; missing entries are black);
             default: the VOC colour map.
+        bit_depth: 8 or 16; None: 8 when every id fits in 0..255, else 16.
 
     Returns:
         The destination path.
 
     Raises:
-        OvssError: not a 2-D integer array, ids outside 0..255, or an invalid palette.
+        OvssError: not a 2-D integer array, ids outside the bit depth's range, or an invalid palette.
     """
     if labels.ndim != 2 or labels.dtype.kind not in "iub":
         raise OvssError(
             f"label map must be an (H, W) integer array, got dtype {labels.dtype} and shape {labels.shape}"
         )
-    if labels.size > 0 and (labels.min() < 0 or labels.max() > 255):
+    low, high = (int(labels.min()), int(labels.max())) if labels.size > 0 else (0, 0)
+    if bit_depth is None:
+        bit_depth = 8 if high <= 255 else 16
+    if bit_depth not in (8, 16):
+        raise OvssError(f"a label PNG has 8 or 16 bits per pixel, got bit_depth={bit_depth}")
+    top = 2**bit_depth - 1
+    if low < 0 or high > top:
         raise OvssError(
-            f"a palette PNG stores ids 0..255, but the label map holds ids {labels.min()}..{labels.max()}; "
+            f"a {bit_depth}-bit label PNG stores ids 0..{top}, but the label map holds ids {low}..{high}; "
             "save it with save_npy instead"
         )
+    if bit_depth == 16:
+        return save_png(path, Image.fromarray(np.ascontiguousarray(labels.astype(np.uint16))))  # mode 'I;16'
     colors = _voc_color_map(256) if palette is None else _check_palette(palette, 0)
     if colors.shape[0] > 256:
         colors = colors[:256]

@@ -36,6 +36,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--name-set", "--name_set", dest="name_set", choices=NAME_SETS, help="override the name set")
     p.add_argument("--out", required=True, help="run folder (created if missing)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument(
         "--save-predictions",
         "--save_predictions",
@@ -145,6 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
             setting,
             args.out,
             resume=args.resume,
+            overwrite=args.overwrite,
             save_predictions=args.save_predictions,
             progress=args.progress,
             limit=args.limit,

@@ -1,12 +1,22 @@
-"""``ovss segment``: label every pixel of an image, a folder of images, or a bundled example photo."""
+"""``ovss segment``: label every pixel of an image, a folder of images, or a bundled example photo.
+
+Order of work, so that a mistake costs one line and no file: parse the labels, collect the inputs, plan
+every output path (refusing to replace an input image, or an earlier run's file without ``--overwrite``),
+build the segmenter and encode the labels once; only then read and segment the images one by one. An
+image that fails is reported and skipped; the output folder and ``config.json`` appear only once an image
+was segmented.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -14,7 +24,9 @@ from ovss.cli.options import add_model_flags, load_kwargs
 from ovss.errors import OvssError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-EXAMPLES = ("astronaut", "chelsea", "coffee", "motorcycle_left", "rocket", "cat")
+# --example NAME -> scikit-image loader; only photos shipped inside scikit-image (no download).
+EXAMPLES = {"astronaut": "astronaut", "cat": "cat", "chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket"}
+MANY_WINDOWS = 100  # above this many windows per image, warn (naming the flags that reduce the count)
 
 
 def add_parser(sub: Any) -> None:
@@ -22,20 +34,23 @@ def add_parser(sub: Any) -> None:
         "segment",
         help="segment images with free-form labels",
         description="Segment an image, a folder of images, or a scikit-image example photo. Writes per image "
-        "<stem>.png (palette PNG of class ids), <stem>_overlay.png (colours + legend) and, with --save-logits, "
-        "<stem>_logits.npy (Q x H x W cosine logits); plus config.json with the resolved configuration.",
+        "<stem>.png (label map: class ids, 255 = unlabelled; 16-bit beyond 255 classes), <stem>_overlay.png "
+        "(colours + legend) and on request <stem>_logits.npy, <stem>_masks/ and <stem>.json; plus config.json "
+        "with the resolved configuration. Never replaces an input image; replaces earlier outputs only with "
+        "--overwrite.",
     )
     p.add_argument("inputs", nargs="*", help="image files and/or folders of images")
-    p.add_argument("--example", choices=EXAMPLES, help="segment a photo bundled with scikit-image instead")
+    p.add_argument("--example", help=f"segment a photo bundled with scikit-image: {', '.join(EXAMPLES)}")
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='classes separated by commas, synonyms by "|": "sky, road, person|pedestrian"')
     labels.add_argument(
         "--labels-file",
         "--labels_file",
         dest="labels_file",
-        help="one class per line, synonyms separated by commas",
+        help="one class per line; synonyms separated by '|' (or ',' as in the release name files)",
     )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --out")
     p.add_argument(
         "--save-logits",
         "--save_logits",
@@ -51,8 +66,21 @@ def add_parser(sub: Any) -> None:
         default="fp32",
         help="dtype of the --save-logits file (fp16: half the size and memory; default fp32)",
     )
+    p.add_argument(
+        "--save-masks", dest="save_masks", action="store_true", help="also write one binary PNG mask per class"
+    )
+    p.add_argument(
+        "--save-json", dest="save_json", action="store_true", help="also write <stem>.json with each class's area"
+    )
+    p.add_argument(
+        "--background",
+        metavar="NAME",
+        help="the class that gets pixels below --bg-threshold (default: a class named 'background' if any, "
+        "else they stay unlabelled: 255 in the label map, untinted in the overlay)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
     add_model_flags(p)
     p.set_defaults(func=run)
 
@@ -76,46 +104,107 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 def example_image(name: str) -> np.ndarray:
     """A photo bundled with scikit-image, (H, W, 3) uint8 RGB."""
+    if name not in EXAMPLES:
+        raise OvssError(f"unknown example {name!r}; choose one of {', '.join(EXAMPLES)}")
     try:
         from skimage import data
     except ImportError as err:
         raise OvssError("--example needs scikit-image: pip install 'ovss[examples]'") from err
-    image = np.asarray(getattr(data, name)())
+    try:
+        image = np.asarray(getattr(data, EXAMPLES[name])())
+    except Exception as err:  # a missing loader or data file in this scikit-image version
+        raise OvssError(f"scikit-image cannot load example {name!r} ({err}); try another --example") from err
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     return image[..., :3]
 
 
-def write_outputs(out: Path, stem: str, result: Any, rgb: np.ndarray, names: list[str], args: Any) -> None:
-    """Write one image's files; every array is computed first, and a failed write removes the image's files."""
-    from ovss.io_utils import save_npy, save_png
-    from ovss.viz import overlay, save_label_png
+def plan_outputs(out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]], args: Any) -> list[Path]:
+    """Every file the run may write; refuses (OvssError) to replace an input, or an earlier output without
+    ``--overwrite``, and two inputs writing the same file."""
+    from ovss.outputs import output_paths
 
-    labels = result.labels.numpy()  # (H0, W0) int64
-    blended = overlay(rgb, labels, names, alpha=args.alpha)  # (H0, W0 + legend, 3) uint8
-    import torch
+    if out.exists() and not out.is_dir():
+        raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
+    planned = [out / "config.json"]
+    for stem, _ in jobs:
+        planned += output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
+    resolved = [path.resolve() for path in planned]
+    if len(set(resolved)) != len(resolved):
+        clash = next(path for path in planned if resolved.count(path.resolve()) > 1)
+        raise OvssError(f"two inputs would both write '{clash}'; rename one of them or segment them separately")
+    inputs = {source.resolve(): source for _, source in jobs if isinstance(source, Path)}
+    for path, full in zip(planned, resolved, strict=True):
+        if full in inputs:
+            raise OvssError(
+                f"writing '{path}' would replace the input image '{inputs[full]}'; choose another --out folder"
+            )
+    existing = [path for path in planned if path.exists()]
+    if existing and not args.overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OvssError(
+            f"'{existing[0]}'{more} exists from an earlier run; pass --overwrite to replace it or choose another --out"
+        )
+    return planned
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.logits_dtype]
-    logits = result.maps.logits(dtype).cpu().numpy() if args.save_logits else None  # (Q, H0, W0)
-    written: list[Path] = []
-    try:
-        written.append(save_label_png(labels, out / f"{stem}.png"))
-        written.append(save_png(out / f"{stem}_overlay.png", blended))
-        if logits is not None:
-            written.append(save_npy(out / f"{stem}_logits.npy", logits))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+
+class WindowProgress:
+    """``progress(done, total)`` for ``Segmenter.predict``: a window bar, and a warning for many windows."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if total > MANY_WINDOWS:
+                warnings.warn(
+                    f"{self.name}: {total} windows to encode (slow); a smaller --short-side (e.g. 448) or a "
+                    "larger --crop/--stride gives fewer",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            from tqdm import tqdm
+
+            disable = not self.enabled or total < 2
+            self.bar = tqdm(total=total, desc=self.name, unit="win", leave=False, disable=disable, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show warnings as ``ovss: warning: ...`` lines on stderr (each distinct warning once)."""
+
+    def show(message: Warning | str, category: Any, filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:  # fmt: skip
+        print(f"ovss: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def run(args: argparse.Namespace) -> int:
+    with one_line_warnings():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import ovss
-    from ovss.labels import parse_labels, read_labels_file
+    from ovss.labels import background_class, parse_labels, read_labels_file
 
     if not args.inputs and not args.example:
         raise OvssError("nothing to segment: give image files/folders or --example NAME")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise OvssError(f"--alpha must be in [0, 1], got {args.alpha}")
     classes = parse_labels(args.labels) if args.labels is not None else read_labels_file(args.labels_file)
+    background = background_class(classes, args.background)
     jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
     if args.example:
         jobs.append((args.example, example_image(args.example)))
@@ -123,29 +212,47 @@ def run(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
-    segmenter = ovss.load(args.method, **load_kwargs(args))
-    segmenter.encode_names([n for c in classes for n in c])  # once, before any image: a vision-only CLIP fails here
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [c[0] for c in classes]
-    failures = 0
+    plan_outputs(out, jobs, classes, args)
+    segmenter = ovss.load(args.method, **load_kwargs(args))
+    names = [name for synonyms in classes for name in synonyms]
+    segmenter.encode_names(names)  # once, before any image: vocabulary and label errors end the run here
+    show_progress = args.progress and not args.quiet and sys.stderr.isatty()
     from tqdm import tqdm
 
-    bar = tqdm(jobs, desc="segment", unit="img", disable=not args.progress or len(jobs) < 2, file=sys.stderr)
+    bar = tqdm(jobs, desc="segment", unit="img", disable=not show_progress or len(jobs) < 2, file=sys.stderr)
+    done: list[str] = []
     for stem, source in bar:
+        label = str(source) if isinstance(source, Path) else stem
+        progress = WindowProgress(stem, show_progress)
         try:
-            result = segmenter.predict(source, classes)
+            result = segmenter.predict(source, classes, background=background, progress=progress)
         except OvssError as err:
-            failures += 1
-            tqdm.write(f"ovss: error: {err}", file=sys.stderr)
+            message = str(err) if Path(label).name in str(err) else f"{label}: {err}"
+            tqdm.write(f"ovss: error: {message}", file=sys.stderr)
             continue
+        finally:
+            progress.close()
         try:
-            write_outputs(out, stem, result, segmenter.current_image(), names, args)
-        except OSError as err:
-            failures += 1
+            result.save(
+                out,
+                stem,
+                logits=args.save_logits,
+                masks=args.save_masks,
+                json=args.save_json,
+                alpha=args.alpha,
+                overwrite=args.overwrite,
+                logits_dtype=args.logits_dtype,
+            )
+        except (OSError, OvssError) as err:
             tqdm.write(f"ovss: error: cannot write outputs for {stem!r} to {out}: {err}", file=sys.stderr)
-    record = {**segmenter.config, "classes": classes, "inputs": stems}
-    (out / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    done = len(jobs) - failures
-    print(f"segmented {done} of {len(jobs)} image(s) into {out}", file=sys.stderr)
-    return 0 if failures == 0 else 1
+            continue
+        done.append(stem)
+    if done:
+        from ovss.io_utils import save_text
+
+        record = {**segmenter.config, "classes": classes, "background": background, "inputs": done}
+        save_text(out / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+    if not args.quiet:
+        print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}", file=sys.stderr)
+    return 0 if len(done) == len(jobs) else 1

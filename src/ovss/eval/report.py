@@ -7,7 +7,10 @@ result.json's metrics; ``result_markdown`` renders one run.
 The table has one row per (method, preset) — plus the overridden setting fields, if any — and the
 columns V21 PC60 C-Obj V20 PC59 C-Stf City ADE Avg. A cell shows ovss's number and, for mIoU, the
 paper's number for that method and preset in parentheses (``ovss.eval.reference``); "–" marks a dataset
-that was not evaluated. Avg is the mean over the eight datasets and needs all eight.
+that was not evaluated. A run on fewer images than the benchmark's official split (a split file,
+``--limit``, an unfinished run) is marked ``*`` and shown without the paper's number, which is a
+full-split number. Avg is the mean over the eight datasets and needs all eight on their full splits.
+Runs on a user's own folder (``--dataset folder``) are listed in a second table of their own.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ovss.errors import OvssError
 from ovss.eval.ber import BoundaryErrorAccumulator, format_ber
 from ovss.eval.datasets import SegDataset
 from ovss.eval.distributed import DistContext
+from ovss.eval.layouts import LAYOUTS
 from ovss.eval.metrics import ConfusionAccumulator
 from ovss.eval.presets import ResolvedSetting
 from ovss.eval.reference import COLUMN_TITLES, COLUMNS, METRICS, Reference, reference_for
@@ -197,6 +201,18 @@ def _row_label(method: str, preset: str, overrides: tuple[str, ...]) -> str:
     return f"{label} ({', '.join(overrides)})" if overrides else label
 
 
+def full_split_images(run: RunSummary) -> int:
+    """Images of the run's benchmark split: the official count for the eight benchmarks, else the run's own."""
+    layout = LAYOUTS.get(run.dataset)
+    return layout.expected if layout is not None else int(run.result.get("images", 0))
+
+
+def is_partial(run: RunSummary) -> bool:
+    """Whether the run counted fewer images than its benchmark's full split (or did not finish)."""
+    images = int(run.result.get("images", 0))
+    return not run.result.get("complete", True) or images < full_split_images(run)
+
+
 def _row_cells(runs: dict[str, RunSummary], metric: str, reference: Reference | None) -> tuple[list[str], list[str]]:
     """The cells of one table row and the footnote marks it needs."""
     cells, notes = [], []
@@ -208,16 +224,30 @@ def _row_cells(runs: dict[str, RunSummary], metric: str, reference: Reference | 
             cells.append(MISSING if paper is None else f"{MISSING} ({paper})")
             continue
         value = run.result.get(metric)
+        if is_partial(run):
+            cells.append(_cell(value) + "*")  # never beside the paper's full-split number
+            notes.append(f"{run.path}: {run.result['images']} of {full_split_images(run)} images")
+            continue
         if isinstance(value, (int, float)):
             values.append(float(value))
-        text = _cell(value) + ("" if run.result.get("complete", True) else "*")
-        if not run.result.get("complete", True):
-            notes.append(f"{run.path}: {run.result['images']} images only")
-        cells.append(text if paper is None else f"{text} ({paper})")
+        cells.append(_cell(value) if paper is None else f"{_cell(value)} ({paper})")
     average = f"{sum(values) / len(values):.2f}" if len(values) == len(COLUMNS) else MISSING
     paper_average = reference.average if reference is not None and metric == "mIoU" else None
     cells.append(average if paper_average is None else f"{average} ({paper_average})")
     return cells, notes
+
+
+def _folder_table(runs: list[RunSummary]) -> list[str]:
+    """Runs on users' own folders: one row each, every metric (no paper numbers exist for them)."""
+    lines = ["", "Own datasets (`--dataset folder`):", ""]
+    lines += ["| run | method / preset | images | mIoU | mAcc | aAcc | BER |", "|" + "---|" * 7]
+    for run in runs:
+        r = run.result
+        images = f"{r.get('images')}" + ("" if r.get("complete", True) else " (unfinished)")
+        cells = [str(run.path), _row_label(run.method, run.preset, run.overrides), images]
+        cells += [_cell(r.get(key)) for key in ("mIoU", "mAcc", "aAcc", "BER")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIoU") -> tuple[str, list[str]]:
@@ -228,8 +258,9 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
         metric: mIoU (default; paper numbers alongside), mAcc, aAcc or BER.
 
     Returns:
-        ``(markdown, skipped)``: the table (rows in first-seen order) and one line per folder that was
-        left out (unfinished, not a benchmark, or a duplicate of a later folder).
+        ``(markdown, skipped)``: the table (rows in first-seen order; then a table of the runs on own
+        folders, if any) and one line per folder that was left out (no finished run, or a duplicate of
+        a later folder).
 
     Raises:
         OvssError: unknown metric or no usable run.
@@ -238,6 +269,7 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
         raise OvssError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     rows: dict[tuple[str, str, tuple[str, ...]], dict[str, RunSummary]] = {}
     skipped: list[str] = []
+    folders: list[RunSummary] = []
     for path in run_dirs:
         try:
             run = read_run(path)
@@ -245,14 +277,16 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
             skipped.append(str(error))
             continue
         if run.dataset not in COLUMNS:
-            skipped.append(f"{run.path}: dataset {run.dataset!r} is not one of the eight benchmarks")
+            folders.append(run)
             continue
         row = rows.setdefault((run.method, run.preset, run.overrides), {})
         if run.dataset in row:
             skipped.append(f"{row[run.dataset].path}: replaced by {run.path} (same method, preset and dataset)")
         row[run.dataset] = run
+    if not rows and not folders:
+        raise OvssError("no finished run among the given folders: " + "; ".join(skipped))
     if not rows:
-        raise OvssError("no finished benchmark run among the given folders: " + "; ".join(skipped))
+        return "\n".join(_folder_table(folders)[1:]) + "\n", skipped
     header = ["method / preset", *(COLUMN_TITLES[d] for d in COLUMNS), "Avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     footnotes: list[str] = []
@@ -265,9 +299,12 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
         if reference is not None and metric == "mIoU":
             sources.append(f"{method} / {preset}: {reference.source}")
     legend = f"Cells: ovss {metric}" + (" (paper's number in parentheses)" if metric == "mIoU" else "")
-    lines += ["", legend + f"; {MISSING} = not evaluated; Avg needs all eight datasets."]
+    lines += ["", legend + f"; {MISSING} = not evaluated; Avg needs all eight datasets on their full splits."]
     if sources:
         lines.append("Paper numbers: " + "; ".join(sources) + ".")
     if footnotes:
-        lines.append("\\* partial run: " + "; ".join(footnotes) + ".")
+        partial = "\\* partial split, not comparable with the papers' full-split numbers: "
+        lines.append(partial + "; ".join(footnotes) + ".")
+    if folders:
+        lines += _folder_table(folders)
     return "\n".join(lines) + "\n", skipped

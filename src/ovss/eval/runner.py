@@ -151,6 +151,29 @@ def load_checkpoint(path: Path, identity: str, num_classes: int, band: int) -> R
     return state
 
 
+def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool, context: DistContext) -> None:
+    """Refuse, on every rank alike, to replace the run in ``out_dir`` (config, result or checkpoints) unless
+    ``overwrite``; ``resume`` continues it when checkpoints are there (checked when loaded) or no result is."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OvssError(f"--out '{out_dir}' is a file; give a run folder (it is created if missing)")
+    checkpoints = list((out_dir / CHECKPOINT_DIR).glob("rank*-of-*.pt"))
+    result, config = out_dir / "result.json", out_dir / "config.json"
+    held = result.exists() or config.exists() or bool(checkpoints)
+    continued = resume and (bool(checkpoints) or not result.exists())
+    existing = held and not continued and not overwrite
+    refuse = all_reduce_max(torch.tensor([int(existing)], dtype=torch.int64), context)  # (1,) any rank
+    if int(refuse[0]):
+        try:
+            record = json.loads(config.read_text())
+            what = f"{record['method']} on {record['dataset']}, preset {record['preset']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = "another run"
+        raise OvssError(
+            f"{out_dir} already holds a run ({what}); pass --resume to continue the same configuration, "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
 def _start_state(
     out_dir: Path, context: DistContext, resume: bool, identity: str, num_classes: int, band: int
 ) -> RunState:
@@ -252,6 +275,7 @@ def evaluate(
     out_dir: str | os.PathLike[str],
     *,
     resume: bool = False,
+    overwrite: bool = False,
     save_predictions: bool = False,
     progress: bool = True,
     limit: int | None = None,
@@ -273,6 +297,8 @@ def evaluate(
         setting: the resolved preset values (``ovss.eval.presets.resolve``).
         out_dir: run folder: config.json, result.json, result.md, checkpoint/, predictions/.
         resume: continue from the checkpoints in ``out_dir`` (same configuration and process count).
+        overwrite: replace the run already in ``out_dir``; without it (and without ``resume``) a folder
+            holding a run (config.json, result.json or checkpoints) raises before any work.
         save_predictions: write each prediction as ``predictions/<sample>.png`` (palette PNG of class ids).
         progress: show a progress bar with ETA on rank 0 (stderr).
         limit: evaluate only the first ``limit`` images (a later ``resume`` without it finishes the rest).
@@ -286,7 +312,8 @@ def evaluate(
         (percent or "n/a"), per_class, exact counts, images, timing (seconds).
 
     Raises:
-        OvssError: bad arguments, a checkpoint of another configuration, unreadable samples.
+        OvssError: bad arguments, a run in ``out_dir`` (without resume or overwrite), a checkpoint of another
+            configuration, unreadable samples.
     """
     started = time.perf_counter()
     context = current_context()
@@ -295,6 +322,7 @@ def evaluate(
         raise OvssError(f"limit must be >= 1 image, got {limit}")
     if checkpoint_every < 1:
         raise OvssError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    _check_out_dir(out, resume, overwrite, context)
     names = [list(n) for n in classes] if classes is not None else dataset_classes(dataset, setting.name_set)
     if len(names) != dataset.num_classes:
         raise OvssError(f"{len(names)} class-name entries for {dataset.num_classes} classes; give one per class")

@@ -22,8 +22,9 @@ class LabelRule:
     name_to_class: tuple[int, ...]  # class index in [0, C) of every name, Q entries
     num_classes: int  # number of classes C
     logit_scale: float  # temperature tau of the softmax over all names
-    bg_threshold: float = 0.0  # pixels whose best class probability is below this get class 0 (0: off)
+    bg_threshold: float = 0.0  # pixels whose best class probability is below this get bg_label (0: off)
     area_threshold: float | None = None  # SCLIP area filter fraction (None: off)
+    bg_label: int = 0  # label of pixels below bg_threshold: 0 (the papers' rule), a class, or UNLABELLED (-1)
 
 
 class FullResolutionMaps:
@@ -86,6 +87,7 @@ class FullResolutionMaps:
             rule.area_threshold,
             band_rows=self.band_rows,
             probs_out=probs_out,
+            bg_label=rule.bg_label,
         )
 
     @torch.inference_mode()

@@ -143,26 +143,28 @@ def area_filter(class_probs: torch.Tensor, threshold: float, *, inplace: bool = 
     return out
 
 
-def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0) -> torch.Tensor:
-    """Per-pixel labels: argmax over classes, background (0) where the best probability is too low.
+def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0, bg_label: int = 0) -> torch.Tensor:
+    """Per-pixel labels: argmax over classes, ``bg_label`` (default class 0) where the best probability is too low.
 
     Ties go to the lowest class index: ``torch.argmax`` returns the first maximal index (documented by
     PyTorch and checked on CPU in ``tests/test_postprocess.py``).
 
     Args:
         class_probs: (C, H, W) class probabilities in [0, 1].
-        bg_threshold: theta_bg in [0, 1]; pixels with ``max_c P_c < bg_threshold`` get label 0
+        bg_threshold: theta_bg in [0, 1]; pixels with ``max_c P_c < bg_threshold`` get ``bg_label``
             (0 disables it; a pixel exactly at the threshold keeps its argmax).
+        bg_label: the label of those pixels: 0 (the papers' rule: class 0 is background), another class
+            index, or a value outside [0, C) such as ``ovss.predictor.UNLABELLED`` (-1).
 
     Returns:
-        (H, W) int64 labels in [0, C).
+        (H, W) int64 labels in [0, C), or ``bg_label``.
     """
     if class_probs.dim() != 3:
         raise ValueError(f"class_probs must be (C, H, W), got {tuple(class_probs.shape)}")
     labels = torch.argmax(class_probs, dim=0)  # (H, W) int64
     if bg_threshold > 0.0:
         best = class_probs.amax(dim=0)  # (H, W)
-        labels[best < bg_threshold] = 0
+        labels[best < bg_threshold] = bg_label
     return labels
 
 
@@ -199,6 +201,7 @@ def segment_rows(
     *,
     band_rows: int | None = None,
     probs_out: torch.Tensor | None = None,
+    bg_label: int = 0,
 ) -> torch.Tensor:
     """Spec §2.6 steps 2-5 band by band: joint softmax, synonym max, area filter, argmax + background.
 
@@ -218,9 +221,10 @@ def segment_rows(
         band_rows: rows per band (default: ``max(1, BAND_ELEMENTS // (Q * W0))``); any value gives the
             same result.
         probs_out: optional (C, H0, W0) tensor that receives the class probabilities (after the filter).
+        bg_label: label of the pixels below ``bg_threshold`` (see :func:`labels_from_probs`).
 
     Returns:
-        (H0, W0) int64 labels in [0, C).
+        (H0, W0) int64 labels in [0, C), or ``bg_label``.
     """
     height, width = size
     num_names = len(name_to_class)
@@ -241,7 +245,7 @@ def segment_rows(
         probs = _class_probs_of_band(logit_rows(start, stop), mapping, num_classes, logit_scale)  # (C, n, W0)
         if drop is not None:
             probs[drop.to(probs.device)] = 0.0
-        band_labels = labels_from_probs(probs, bg_threshold)  # (n, W0)
+        band_labels = labels_from_probs(probs, bg_threshold, bg_label)  # (n, W0)
         if labels is None:
             labels = torch.empty(height, width, dtype=torch.int64, device=band_labels.device)  # (H0, W0)
         labels[start:stop] = band_labels
@@ -259,6 +263,7 @@ def logits_to_labels(
     logit_scale: float,
     bg_threshold: float = 0.0,
     area_threshold: float | None = None,
+    bg_label: int = 0,
     *,
     band_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,11 +278,12 @@ def logits_to_labels(
         logit_scale: temperature tau > 0.
         bg_threshold: theta_bg in [0, 1] (0 = no background thresholding).
         area_threshold: SCLIP area-filter fraction (e.g. 0.1), or None to skip the filter.
+        bg_label: label of the pixels below ``bg_threshold`` (see :func:`labels_from_probs`).
         band_rows: rows per band (see :func:`segment_rows`; the result does not depend on it).
 
     Returns:
         probs: (C, H0, W0) float32 class probabilities (after the area filter, if any).
-        labels: (H0, W0) int64 labels in [0, C).
+        labels: (H0, W0) int64 labels in [0, C), or ``bg_label``.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be (Q, H, W), got {tuple(logits.shape)}")
@@ -293,5 +299,6 @@ def logits_to_labels(
         area_threshold,
         band_rows=band_rows,
         probs_out=probs,
+        bg_label=bg_label,
     )
     return probs, labels

@@ -6,6 +6,7 @@ L2-normalise each template embedding, average over templates, L2-normalise again
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -68,8 +69,9 @@ def text_embeddings(
         Float32 CPU tensor (Q, E) of unit-norm rows t_n = normalise(mean_k normalise(t_{n,k})).
 
     Raises:
-        OvssError: no names, an empty name, no templates, a bad template, or a prompt longer than
-            CLIP's 77-token context.
+        OvssError: no names, an empty name, no templates or a bad template. A prompt longer than CLIP's
+            77-token context is truncated as open_clip does (first 76 tokens + ``<|endoftext|>``), with one
+            ``UserWarning`` per name.
     """
     if not names:
         raise OvssError("no class names given; pass at least one name")
@@ -78,12 +80,28 @@ def text_embeddings(
     prompts = fill_templates(names, templates)  # Q * K prompts, name-major
     num_names, num_templates = len(names), len(templates)
     chunks = []
+    truncated: set[str] = set()  # names with a prompt longer than the context, truncated as open_clip does
     for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start : start + batch_size]).to(device)  # (b, 77)
+        batch = prompts[start : start + batch_size]
+        try:
+            tokens = tokenizer(batch)  # (b, 77)
+        except OvssError:
+            tokens = tokenizer(batch, truncate=True)  # (b, 77) first 76 tokens + <|endoftext|>
+            for offset, prompt in enumerate(batch):
+                if len(tokenizer.encode(prompt)) + 2 > tokens.shape[1]:
+                    truncated.add(names[(start + offset) // num_templates])
+        tokens = tokens.to(device)  # (b, 77)
         features = encode_text(tokens)  # (b, E)
         if features.ndim != 2 or features.shape[0] != tokens.shape[0]:
             raise ValueError(f"encode_text must return (B, E) for B={tokens.shape[0]}, got {features.shape}")
         chunks.append(features.float().cpu())
+    for name in sorted(truncated, key=list(names).index):
+        warnings.warn(
+            f"label {name[:60]!r}{'...' if len(name) > 60 else ''} is longer than CLIP's 77-token context "
+            "in its prompts; only its first tokens are used (shorten it to silence this warning)",
+            UserWarning,
+            stacklevel=2,
+        )
     features = torch.cat(chunks)  # (Q * K, E)
     features = features.view(num_names, num_templates, -1)  # (Q, K, E)
     features = F.normalize(features, dim=-1)  # (Q, K, E) unit-norm per template

@@ -1,0 +1,186 @@
+"""The files of one prediction (``Prediction.save``, ``ovss segment``): label map, overlay, logits, masks, areas.
+
+Per image ``<stem>``, in the output folder:
+
+- ``<stem>.png``: the label map, pixel value = class id. 8-bit palette PNG for up to 255 classes, with
+  255 = unlabelled; 16-bit greyscale PNG beyond, with 65535 = unlabelled. Class colours come from
+  ``ovss.viz.class_palette`` (every class visible), unlabelled pixels are black.
+- ``<stem>_overlay.png``: the image with class colours and a legend; unlabelled pixels are not tinted.
+- ``<stem>_logits.npy`` (optional): (Q, H0, W0) float32 (or float16) cosine logits per name.
+- ``<stem>_masks/<id>_<name>.png`` (optional): one 8-bit mask per class, 255 inside, 0 outside.
+- ``<stem>.json`` (optional): image size and each class's pixel count and share of the image.
+
+Every array is computed before the first file is written; a failed write removes the files this call
+wrote, and each file appears whole or not at all (``ovss.io_utils``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ovss.errors import OvssError
+from ovss.io_utils import save_npy, save_png, save_text
+from ovss.labels import UNLABELLED
+from ovss.viz import class_palette, overlay, save_label_png
+
+if TYPE_CHECKING:
+    from ovss.predictor import Prediction
+
+MAX_8BIT_CLASSES = 255  # ids 0..254 are classes, 255 is unlabelled
+MAX_16BIT_CLASSES = 65535  # ids 0..65534 are classes, 65535 is unlabelled
+_UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def label_map_format(num_classes: int) -> tuple[int, int]:
+    """``(bit_depth, unlabelled_value)`` of the label PNG for ``num_classes`` classes: (8, 255) or (16, 65535)."""
+    if num_classes <= MAX_8BIT_CLASSES:
+        return 8, 2**8 - 1
+    if num_classes <= MAX_16BIT_CLASSES:
+        return 16, 2**16 - 1
+    raise OvssError(f"{num_classes} classes do not fit a 16-bit label PNG (at most {MAX_16BIT_CLASSES})")
+
+
+def mask_file_name(class_index: int, name: str, num_classes: int) -> str:
+    """``07_traffic_light.png``: the zero-padded class id and the name reduced to letters, digits, _ and -."""
+    safe = _UNSAFE_FILE_CHARACTERS.sub("_", name).strip("_")[:40] or "class"
+    return f"{class_index:0{len(str(num_classes - 1))}d}_{safe}.png"
+
+
+def output_paths(
+    folder: str | os.PathLike[str],
+    stem: str,
+    classes: list[list[str]],
+    *,
+    logits: bool = False,
+    masks: bool = False,
+    json: bool = False,
+) -> list[Path]:
+    """Every file :func:`save_prediction` writes for these arguments, label map first (for up-front checks)."""
+    out = Path(folder)
+    paths = [out / f"{stem}.png", out / f"{stem}_overlay.png"]
+    if logits:
+        paths.append(out / f"{stem}_logits.npy")
+    if masks:
+        paths += [out / f"{stem}_masks" / mask_file_name(c, names[0], len(classes)) for c, names in enumerate(classes)]
+    if json:
+        paths.append(out / f"{stem}.json")
+    return paths
+
+
+def _label_map(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, int, int]:
+    """Class ids with UNLABELLED replaced by the file's unlabelled value, and the (bit depth, that value)."""
+    bit_depth, unlabelled = label_map_format(num_classes)
+    ids = np.where(labels == UNLABELLED, unlabelled, labels)  # (H0, W0) int64
+    return ids, bit_depth, unlabelled
+
+
+def prediction_overlay(prediction: Prediction, alpha: float = 0.5) -> np.ndarray:
+    """``Prediction.overlay``: (H0', W0 + legend, 3) uint8 RGB with every class in a bright colour."""
+    if prediction.image is None:
+        raise OvssError("this prediction holds no image; create it with Segmenter.predict to draw an overlay")
+    names = [synonyms[0] for synonyms in prediction.classes]
+    labels = prediction.labels.cpu().numpy()  # (H0, W0) int64, UNLABELLED left untinted
+    return overlay(prediction.image, labels, names, alpha=alpha, palette=class_palette(len(names)))
+
+
+def class_areas(labels: np.ndarray, classes: list[list[str]]) -> dict[str, Any]:
+    """Image size, per-class pixel counts and shares, and the unlabelled pixels of a label map."""
+    height, width = labels.shape
+    total = max(height * width, 1)
+    counts = np.bincount(labels[labels >= 0].reshape(-1), minlength=len(classes))  # (C,)
+    unlabelled = int((labels == UNLABELLED).sum())
+    return {
+        "height": height,
+        "width": width,
+        "classes": [
+            {"id": c, "name": names[0], "synonyms": names, "pixels": int(counts[c]), "area": int(counts[c]) / total}
+            for c, names in enumerate(classes)
+        ],
+        "unlabelled": {"pixels": unlabelled, "area": unlabelled / total},
+    }
+
+
+def save_prediction(
+    prediction: Prediction,
+    folder: str | os.PathLike[str],
+    stem: str = "prediction",
+    *,
+    logits: bool = False,
+    masks: bool = False,
+    json: bool = False,
+    alpha: float = 0.5,
+    overwrite: bool = False,
+    logits_dtype: str = "fp32",
+) -> list[Path]:
+    """Write a prediction's files (see the module docstring); the one writer of ``ovss segment``.
+
+    Args:
+        prediction: the result of ``Segmenter.predict``.
+        folder: output folder, created if missing.
+        stem: file-name stem, e.g. the input image's.
+        logits: also write ``<stem>_logits.npy``.
+        masks: also write one binary mask per class into ``<stem>_masks/``.
+        json: also write ``<stem>.json`` with the class areas.
+        alpha: overlay opacity of the class colours, in [0, 1].
+        overwrite: replace existing files; otherwise an existing file raises before anything is written.
+        logits_dtype: "fp32" or "fp16" (half the file, built without the fp32 map: ``maps.logits(float16)``).
+
+    Returns:
+        The written paths, in :func:`output_paths` order.
+
+    Raises:
+        OvssError: an output exists (without ``overwrite``), ``folder`` is a file, or a bad ``alpha``.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise OvssError(f"output folder '{out}' is a file; give a folder (it is created if missing)")
+    classes = prediction.classes
+    paths = output_paths(out, stem, classes, logits=logits, masks=masks, json=json)
+    existing = [path for path in paths if path.exists()]
+    if existing and not overwrite:
+        raise OvssError(f"'{existing[0]}' already exists; pass overwrite=True (--overwrite) or choose another folder")
+    labels = prediction.labels.cpu().numpy()  # (H0, W0) int64
+    ids, bit_depth, _ = _label_map(labels, len(classes))  # (H0, W0)
+    palette = np.zeros((256, 3), dtype=np.uint8)  # (256, 3) unlabelled (255) black
+    palette[: min(len(classes), MAX_8BIT_CLASSES)] = class_palette(min(len(classes), MAX_8BIT_CLASSES))
+    contents: list[Any] = [ids, prediction_overlay(prediction, alpha)]
+    if logits:
+        import torch
+
+        if logits_dtype not in ("fp32", "fp16"):
+            raise OvssError(f"logits_dtype must be 'fp32' or 'fp16', got {logits_dtype!r}")
+        dtype = torch.float16 if logits_dtype == "fp16" else torch.float32
+        contents.append(prediction.maps.logits(dtype).cpu().numpy())  # (Q, H0, W0)
+    if masks:
+        contents += [np.where(labels == c, 255, 0).astype(np.uint8) for c in range(len(classes))]  # C x (H0, W0)
+    if json:
+        record = {"image": stem, **class_areas(labels, classes), "method": prediction.config.get("method")}
+        contents.append(_json_text(record))
+    written: list[Path] = []
+    try:
+        for index, (path, content) in enumerate(zip(paths, contents, strict=True)):
+            if index == 0:
+                written.append(save_label_png(content, path, palette=palette, bit_depth=bit_depth))
+            elif path.suffix == ".npy":
+                written.append(save_npy(path, content))
+            elif path.suffix == ".json":
+                written.append(save_text(path, content))
+            else:
+                written.append(save_png(path, content))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if masks and (out / f"{stem}_masks").is_dir() and not any((out / f"{stem}_masks").iterdir()):
+            (out / f"{stem}_masks").rmdir()
+        raise
+    return written
+
+
+def _json_text(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2) + "\n"
