@@ -92,10 +92,9 @@ def test_two_torchrun_processes_give_the_single_process_counts(
     cli_run: Path, folder_args: list[str], tmp_path: Path
 ) -> None:
     out = tmp_path / "dist"
-    torchrun = shutil.which("torchrun")
-    assert torchrun is not None, "torchrun must be on PATH"
-    command = [
-        torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+    command = [  # torchrun's own module, so no `torchrun` script needs to be on PATH
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
         "-m", "ovss", *folder_args, "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

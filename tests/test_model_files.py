@@ -102,7 +102,10 @@ def test_openai_statistics_stay_mmseg_rounded(tiny_clip) -> None:
     image = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     mean, std, rule = tiny_clip.input_norm.pixel_statistics()
     assert (mean, std, rule) == ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323), "mmseg-openai-0-255")
-    assert torch.equal(clip_normalize(image, mean=mean, std=std), clip_normalize(image))
+    by_hand = (torch.tensor(image).permute(2, 0, 1).float() - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[
+        :, None, None
+    ]  # (3, H, W)
+    torch.testing.assert_close(clip_normalize(image, mean=mean, std=std), by_hand, atol=1e-6, rtol=0)
     hf_openai = InputNorm((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), "x")
     assert hf_openai.pixel_statistics()[2] == "mmseg-openai-0-255"
 
@@ -171,9 +174,9 @@ def test_vfm_input_undoes_the_clip_statistics(tiny_clip, tiny_dino) -> None:
         hook.remove()
     # The releases un-normalise with the unrounded 0-1 statistics while OpenAI inputs were normalised with
     # mmseg's rounded ones, so pixel / 255 is recovered only to ~1.6e-5 (spec §4.7 step 1); 0.5 is exact.
+    assert len(seen) == 2
     for pixels, tol in zip(seen, (3e-5, 1e-6), strict=True):
         torch.testing.assert_close(pixels, direct[None], atol=tol, rtol=0)
-    assert len(seen) == 2
 
 
 def test_vision_only_checkpoint_in_the_cli_fails_once_before_any_image(

@@ -13,7 +13,7 @@ from PIL import Image
 import ovss
 from ovss.errors import OvssError
 from ovss.labels import UNLABELLED
-from ovss.outputs import label_map_format, mask_file_name, output_paths
+from ovss.outputs import label_map_format, mask_file_name
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.predictor import Prediction
 from ovss.viz import class_palette
@@ -63,7 +63,8 @@ def test_save_writes_one_coherent_set_of_files(tiny_clip, bpe_path, image, tmp_p
     seg = _load(tiny_clip, bpe_path, short_side=48, crop=32, stride=16, bg_threshold=0.5)
     result = seg.predict(image, LABELS, background=None)
     paths = result.save(tmp_path / "out", "photo", logits=True, masks=True, json=True, alpha=1.0)
-    assert paths == output_paths(tmp_path / "out", "photo", result.classes, logits=True, masks=True, json=True)
+    assert all(path.is_file() for path in paths)
+    assert len(paths) == 3 + len(result.classes) + 1  # label png, overlay, logits, one mask per class, json
     labels = result.labels.numpy()
     label_map = Image.open(paths[0])
     ids = np.asarray(label_map).astype(np.int64)

@@ -34,6 +34,8 @@ def _create_temp_file(folder: Path, name: str, suffix: str) -> Path:
             descriptor = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
             continue
+        except OSError as error:  # read-only folder, no permission, full disk: one line, not a traceback
+            raise OvssError(f"cannot write into '{folder}': {error.strerror}; choose a writable location") from error
         os.close(descriptor)
         return candidate
     raise OvssError(

@@ -198,6 +198,7 @@ class Segmenter:
 
     def encode_names(self, names: Sequence[str]) -> torch.Tensor:
         """Text embeddings of names with the configured templates (spec §3): (Q, E) fp32, unit rows."""
+        self.clip.require_text()  # a vision-only checkpoint fails here, before a tokenizer is looked for
         templates = TEMPLATE_SETS[self.pipeline.templates]
         key = f"{self.clip.fingerprint}:{self.pipeline.templates}"
         return self._cache.get(key, self.clip.encode_text, self.tokenizer, list(names), templates)

@@ -16,12 +16,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ovss.cli.options import add_model_flags, load_kwargs
 from ovss.errors import OvssError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 # --example NAME -> scikit-image loader; only photos shipped inside scikit-image (no download).
@@ -91,7 +92,10 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as err:
+                raise OvssError(f"cannot list folder {path}: {err.strerror}") from err
             if not found:
                 raise OvssError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)
@@ -104,6 +108,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 def example_image(name: str) -> np.ndarray:
     """A photo bundled with scikit-image, (H, W, 3) uint8 RGB."""
+    import numpy as np
+
     if name not in EXAMPLES:
         raise OvssError(f"unknown example {name!r}; choose one of {', '.join(EXAMPLES)}")
     try:

@@ -54,7 +54,8 @@ REFERENCES: dict[tuple[str, str], Reference] = {
     ("sclip", "sclip"): _row(_GLA, (59.1, 30.4, 30.5, 80.4, 34.2, 22.4, 32.2, 16.1), 38.2),
     ("sclip+gla", "sclip"): _row(_GLA, (59.8, 32.0, 32.8, 80.5, 35.1, 24.2, 35.1, 18.0), 39.8),
     ("naclip", "naclip"): _row(_GLA, (58.9, 32.2, 33.2, 79.7, 35.2, 23.3, 35.5, 17.4), 39.4),
-    ("cass", "cass"): _row(_GLA, (65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4), 44.4),
+    # CASS (GLA Table 1, CASS setting): 65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4 (avg 44.4) returns with
+    # the method; ovss registers no `cass` yet, so no row names it.
     ("proxyclip+gla", "gla"): _GLA_OWN,
     ("proxyclip+gla", "gla-release"): _GLA_OWN,  # the release (rho 0.55) is what produced Table 1
     # NACLIP Tables 1 and 4 (§8.3), NACLIP's setting.

@@ -191,7 +191,18 @@ def read_run(path: str | os.PathLike[str]) -> RunSummary:
         raise OvssError(f"{folder} holds no finished run ({Path(str(error.filename)).name} missing)") from error
     except (OSError, json.JSONDecodeError) as error:
         raise OvssError(f"cannot read the run in {folder}: {error}") from error
+    missing = (
+        [key for key in ("method", "preset", "dataset", "images") if key not in result]
+        if isinstance(result, dict)
+        else ["method"]
+    )
+    if missing or not isinstance(config, dict):
+        what = f"result.json lacks {', '.join(missing)}" if missing else "config.json is not an object"
+        raise OvssError(
+            f"{folder} is not an ovss eval run ({what}); give `ovss report` the --out folders of `ovss eval`"
+        )
     setting = config.get("setting", {})
+    setting = setting if isinstance(setting, dict) else {}
     overrides = tuple(f"{key}={setting[key]}" for key in setting.get("overrides", []) if key in setting)
     return RunSummary(folder, result["method"], result["preset"], result["dataset"], overrides, result)
 

@@ -320,6 +320,8 @@ def evaluate(
     out = Path(out_dir)
     if limit is not None and limit < 1:
         raise OvssError(f"limit must be >= 1 image, got {limit}")
+    if ber_band < 1:
+        raise OvssError(f"ber_band (--ber-band) is a band width in pixels, >= 1; got {ber_band}")
     if checkpoint_every < 1:
         raise OvssError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     _check_out_dir(out, resume, overwrite, context)

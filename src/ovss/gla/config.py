@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from ovss.errors import OvssError
 from ovss.fields import check_fields
 
 Norm = Literal["none", "fixed", "dynamic", "global_mean"]
 Smoothing = Literal["auto", "off", "eq17", "release_proxyclip"]
-NORMS: tuple[str, ...] = get_args(Norm)
-SMOOTHINGS: tuple[str, ...] = get_args(Smoothing)
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ def _attention_rows(
         weight = sharpen_weight(counts, cfg.lam2)  # (R,)
     elif cfg.norm == "global_mean":
         if global_mean is None:
-            raise OvssError("gla.norm = global_mean needs global_mean= from global_similarity_mean()")
+            raise OvssError("gla_norm = global_mean needs global_mean= from global_similarity_mean()")
         mean = global_mean[rows].float()  # (R,) m, one value per window block
     elif cfg.norm == "none":
         shift, weight = 0.0, torch.ones_like(mean)  # (R,)
@@ -350,7 +350,7 @@ def cross_window_attention(
             ProxyCLIP, CLIP q and/or k with heads concatenated for the CLIP-internal bases), any float dtype;
             L2-normalised here.
         queries: S initial anchors, each (M, D_s) (the keys themselves or smoothed raw features,
-            `ovss.gla.smoothing`).
+            `ovss.gla_smoothing`).
         values: (M, C) values of all windows, window-major, heads concatenated (one map serves all heads).
         num_windows: L; the M tokens are L equal windows of N = M / L.
         cfg: GLA hyper-parameters; ``cfg.chunk_rows`` or ``cfg.memory_budget_mb`` set R.

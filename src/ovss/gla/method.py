@@ -6,13 +6,11 @@ the L windows; the last block's attention of every window sees the keys and valu
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ovss.gla.bases import ADAPTERS, CrossWindowParts
 from ovss.gla.config import GLAConfig, GLAMethodOptions
-from ovss.gla.cross_window import cross_window_attention, resolve_chunk_rows
+from ovss.gla.cross_window import cross_window_attention, dynamic_shift, resolve_chunk_rows
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.precision import full_precision
@@ -68,5 +66,6 @@ def run_gla(base: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethod
     parts = ADAPTERS[base](backbones, batch, opts.base)  # backbone passes (autocast if reduced precision)
     with full_precision():  # similarities, proxies, normalisation and softmax in fp32 (spec §2.9)
         tokens, info = cross_window_tokens(parts, batch, opts.gla)
-    info["gla"]["u"] = 1.0 + opts.gla.lam1 * math.log(1 + (len(batch.windows) if opts.gla.kve else 1))
+    if opts.gla.norm == "dynamic":
+        info["gla"]["u"] = dynamic_shift(len(batch.windows) if opts.gla.kve else 1, opts.gla.lam1)
     return MethodOutput(tokens, parts.grid, info, parts.window_info)

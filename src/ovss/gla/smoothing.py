@@ -40,7 +40,7 @@ class SmoothingIndex:
 
 
 def resolve_smoothing(mode: str, clip_internal_keys: bool) -> str:
-    """Resolve ``gla.smoothing``: ``auto`` is ``eq17`` for CLIP-internal keys and ``off`` for DINO keys.
+    """Resolve ``gla_smoothing``: ``auto`` is ``eq17`` for CLIP-internal keys and ``off`` for DINO keys.
 
     Returns:
         One of ``off``, ``eq17``, ``release_proxyclip``.
@@ -48,7 +48,7 @@ def resolve_smoothing(mode: str, clip_internal_keys: bool) -> str:
     if mode == "auto":
         return "eq17" if clip_internal_keys else "off"
     if mode not in ("off", *SMOOTHING_MODES):
-        raise OvssError(f"gla.smoothing must be auto, off, eq17 or release_proxyclip, got {mode!r}")
+        raise OvssError(f"gla_smoothing must be auto, off, eq17 or release_proxyclip, got {mode!r}")
     return mode
 
 

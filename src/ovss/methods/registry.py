@@ -124,12 +124,6 @@ def with_gla(name: str, gla: bool = True) -> MethodSpec:
     return METHODS[spec.name + GLA_SUFFIX]
 
 
-def base_name(name: str) -> str:
-    """The base of a registered method (``"sclip+gla"`` -> ``"sclip"``); a base method is its own base."""
-    spec = get_method(name)
-    return spec.base or spec.name
-
-
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     _ensure_builtin_methods()

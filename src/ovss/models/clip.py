@@ -83,18 +83,23 @@ class CLIP(nn.Module):
         """RGB statistics of the image tower's training images (0-1 scale); default OpenAI's."""
         return self.visual.input_norm
 
+    def require_text(self) -> TextTransformer:
+        """The text tower; OvssError for a vision-only checkpoint (checked before any tokenizer is needed)."""
+        if self.text is None:
+            raise OvssError(
+                "this CLIP checkpoint holds only vision weights (no text tower), so class names cannot be "
+                "embedded; load a full CLIP checkpoint, or pass text_embeddings= to predict()"
+            )
+        return self.text
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 77) token ids -> (B, E) un-normalised text features.
 
         Raises:
             OvssError: the checkpoint has no text tower (vision-only weights).
         """
-        if self.text is None:
-            raise OvssError(
-                "this CLIP checkpoint holds only vision weights (no text tower), so class names cannot be "
-                "embedded; load a full CLIP checkpoint, or pass text_embeddings= to predict()"
-            )
-        return self.text(tokens.to(self.text.positional_embedding.device))
+        text = self.require_text()
+        return text(tokens.to(text.positional_embedding.device))
 
 
 def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:

@@ -18,15 +18,15 @@ import torch
 from PIL import Image, ImageOps
 
 from ovss.errors import OvssError
-from ovss.models.normalization import OPENAI_MEAN, OPENAI_STD  # unrounded 0-1: imagenet_from_clip's default
+from ovss.models.normalization import (  # every RGB statistic is defined once, there
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_MEAN,
+    OPENAI_STD,
+)
+from ovss.models.normalization import MMSEG_OPENAI_MEAN as CLIP_MEAN  # OpenAI's, mmseg-rounded, 0-255 scale
+from ovss.models.normalization import MMSEG_OPENAI_STD as CLIP_STD
 
-# Mean and standard deviation of CLIP's training images, per RGB channel, on the 0-255 pixel scale
-# (255 x (0.48145466, 0.4578275, 0.40821073) and 255 x (0.26862954, 0.26130258, 0.27577711)).
-CLIP_MEAN: tuple[float, float, float] = (122.771, 116.746, 104.094)
-CLIP_STD: tuple[float, float, float] = (68.501, 66.632, 70.323)
-# ImageNet statistics used by DINO, per RGB channel, on the 0-1 pixel scale.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Long-side cap of the test-time resize (mmseg ``Resize(scale=(2048, S))``).
 DEFAULT_MAX_LONG_SIDE = 2048
 # Largest image accepted, in pixels (~179 MP): twice Pillow's default MAX_IMAGE_PIXELS, the size at which
