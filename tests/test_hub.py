@@ -310,3 +310,26 @@ def test_load_resolves_the_vocabulary_before_any_image(tiny_clip, cache: Path, m
     bpe = hub.REGISTRY["clip-bpe"]
     with pytest.raises(OvssError, match=rf"^Tokenizer vocabulary 'clip-bpe' is not cached .*{bpe.sha256}"):
         ovss.load("clearclip", clip=tiny_clip)
+
+
+def test_load_offline_names_every_missing_file_at_once(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """proxyclip+gla offline with an empty cache: CLIP weights, vocabulary and DINO in one line, before loading."""
+    import ovss
+
+    monkeypatch.delenv("OVSS_BPE_PATH", raising=False)
+    monkeypatch.setenv("OVSS_OFFLINE", "1")
+    with pytest.raises(OvssError) as error:
+        ovss.load("proxyclip+gla")
+    message = str(error.value)
+    for name in ("ViT-B/16", "clip-bpe", "dino-vitb8"):
+        entry = hub.REGISTRY[name]
+        assert f"{entry.filename} <- {entry.url}" in message
+        assert entry.sha256 is None or entry.sha256 in message
+    assert message.startswith("3 file(s) needed") and "\n" not in message
+    assert "ovss download ViT-B/16 clip-bpe dino-vitb8 --cache DIR" in message
+    cache.mkdir()
+    (cache / hub.REGISTRY["clip-bpe"].filename).write_bytes(b"cached")  # a cached file is not listed
+    with pytest.raises(OvssError, match=r"^2 file\(s\) needed"):
+        ovss.load("proxyclip+gla")
+    with pytest.raises(OvssError, match=r"^1 file\(s\) needed .*dino"):  # a given CLIP still needs DINO
+        ovss.load("proxyclip", clip=str(cache / hub.REGISTRY["clip-bpe"].filename), tokenizer="x")

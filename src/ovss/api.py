@@ -194,6 +194,12 @@ def load(
     opts = resolve_options(spec.name, spec.options, options, also=PIPELINE_KEYS)
     config = pipeline_config(spec, {key: value for key, value in settings.items() if key in PIPELINE_KEYS})
     torch_dtype = resolve_dtype(dtype)
+    from ovss import hub
+
+    wanted = [] if isinstance(clip, CLIP) else [(str(clip), "clip")]
+    if spec.needs_vfm and not isinstance(vfm, VisionTransformer):
+        wanted.append((str(vfm or hub.DEFAULT_VFM), "vfm"))
+    hub.check_offline(wanted, download=download, vocabulary=tokenizer is None)  # every missing file, at once
     model, record = load_clip(clip, act=act, download=download)
     if model.text is not None and not isinstance(tokenizer, Tokenizer):  # at load: fail before any image is read
         tokenizer = load_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)

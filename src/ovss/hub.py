@@ -329,6 +329,43 @@ def needed_files(name: str) -> list[WeightsEntry]:
     return files
 
 
+def check_offline(wanted: list[tuple[str, str]], *, download: bool = True, vocabulary: bool = True) -> None:
+    """Before anything loads: when no download may happen, name every registered file still missing, at once.
+
+    Args:
+        wanted: ``(name_or_path, kind)`` of what a run will load; paths and unknown names are skipped (their
+            own errors come from :func:`resolve`).
+        download: as in :func:`resolve`; with a download allowed (and not ``OVSS_OFFLINE``) nothing is checked.
+        vocabulary: whether CLIP weights also need the registered BPE vocabulary (no tokenizer was given).
+
+    Raises:
+        OvssError: one line listing every missing file with its URL and SHA-256, and how to supply them.
+    """
+    reason = _offline_reason(download)
+    if reason is None:
+        return
+    folder = cache_dir()
+    missing: list[WeightsEntry] = []
+    for name, kind in wanted:
+        entry = REGISTRY.get(name)
+        if Path(name).expanduser().exists() or entry is None or entry.kind != kind:
+            continue
+        for needed in needed_files(name):
+            if needed.kind == "tokenizer" and not vocabulary:
+                continue
+            if not (folder / needed.filename).is_file() and needed not in missing:
+                missing.append(needed)
+    if missing:
+        names = " ".join(f"'{e.name}'" if " " in e.name else e.name for e in missing)
+        them = "them" if len(missing) > 1 else "it"
+        raise OvssError(
+            f"{len(missing)} file(s) needed for this run are not cached in {folder} and cannot be downloaded "
+            f"({reason}): {'; '.join(describe_file(e) for e in missing)}. Fetch {them} on a machine with network "
+            f"access (`ovss download {names} --cache DIR`) and copy {them} to {folder}, or set OVSS_CACHE to a "
+            f"folder that holds {them}."
+        )
+
+
 def describe_file(entry: WeightsEntry) -> str:
     """``file <- URL (SHA-256 ...)``: what to fetch by hand for a registered file."""
     digest = entry.sha256 or "not registered; recorded at first use"
