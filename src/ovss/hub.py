@@ -361,8 +361,9 @@ def check_offline(wanted: list[tuple[str, str]], *, download: bool = True, vocab
         raise OvssError(
             f"{len(missing)} file(s) needed for this run are not cached in {folder} and cannot be downloaded "
             f"({reason}): {'; '.join(describe_file(e) for e in missing)}. Fetch {them} on a machine with network "
-            f"access (`ovss download {names} --cache DIR`) and copy {them} to {folder}, or set OVSS_CACHE to a "
-            f"folder that holds {them}."
+            f"access (`ovss download {names} --cache DIR`) and copy {them} to {folder}, supply local files with "
+            f"{', '.join(dict.fromkeys(_SUPPLY[e.kind] for e in missing))}, or set OVSS_CACHE to a folder that "
+            f"holds {them}."
         )
 
 
