@@ -51,7 +51,7 @@ class ResizeLongestSide:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
         h, w = get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
-        return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+        return np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
 
     def apply_coords(self, coords: np.ndarray | Tensor, original_size: tuple[int, int]) -> np.ndarray | Tensor:
         """(..., 2) (x, y) pixel coordinates of an ``original_size`` (H, W) image -> the resized frame (float)."""
