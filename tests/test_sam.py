@@ -60,14 +60,16 @@ def _tiny_hf_sam() -> torch.nn.Module:
     model = transformers.SamModel(config).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.dim() >= 2 and "proj" in name or "conv" in name or "lin" in name or "layers." in name:
-                p.copy_(noise * p[0].numel() ** -0.5 if p.dim() >= 2 else 0.1 * noise)  # ~unit-variance outputs
-            else:  # embeddings, position tables, relative positions
-                p.copy_(0.5 * noise)
+        for p in model.parameters():  # embeddings, position tables, relative positions
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.ConvTranspose2d):  # ~unit-variance outputs
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * m.weight[0].numel() ** -0.5)
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            elif isinstance(m, torch.nn.LayerNorm):  # near identity, as after training
+                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
     return model
 
 
