@@ -96,7 +96,7 @@ def load_sam(name_or_path: str = "sam-vitb", *, download: bool = True) -> SamMod
         heads = decoder_config["num_attention_heads"]
     try:
         return build_sam(sd, heads)
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError) as e:
         reason = f"lacks {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:300]
         raise OvssError(f"SAM checkpoint {path} does not form a SAM ({reason}); {_FIX}") from e
 
