@@ -12,6 +12,7 @@ from ovss.methods.options import (
     MaskCLIPOptions,
     NACLIPOptions,
     ProxyCLIPOptions,
+    SCCLIPOptions,
     SCLIPOptions,
     VanillaOptions,
 )
@@ -104,6 +105,15 @@ for _spec in (
         geometry=Geometry(336, 336, 112),
         needs_vfm=True,
         description="ProxyCLIP: CLIP values attended with normalised DINO self-similarity, on the DINO grid",
+    ),
+    MethodSpec(
+        name="scclip",
+        run=LazyRun("ovss.methods.scclip:run_scclip"),
+        options=SCCLIPOptions(),
+        logit_scale=40.0,
+        pad_multiple=1,
+        geometry=_S336,
+        description="SC-CLIP: anomaly repair, mid-layer similarity aggregation, fused second pass (release)",
     ),
 ):
     register(_spec)
