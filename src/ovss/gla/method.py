@@ -44,7 +44,7 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
     """
     L, N, _ = parts.values.shape
     M = L * N
-    outputs = []
+    outputs: list[torch.Tensor] = []
     calls = [(parts.key_sets, parts.values), *(([k], v) for k, v in parts.extra_sets)]  # main call first
     for key_sets, values in calls:
         keys = [raw.reshape(M, -1) for raw in key_sets]  # S x (M, D_s)

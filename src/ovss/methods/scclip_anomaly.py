@@ -28,7 +28,6 @@ def _neighbours(x: Tensor, k: int, squared: bool) -> tuple[Tensor, Tensor]:
     d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (L, n, n) exact Euclidean
     if squared:
         d = d * d  # (L, n, n)
-    n = x.shape[1]
     d.diagonal(dim1=1, dim2=2).fill_(torch.inf)  # a token is not its own neighbour
     dist, idx = torch.sort(d, dim=-1, stable=True)  # (L, n, n) ties: lower index first
     return dist[..., :k], idx[..., :k]  # (L, n, k)
