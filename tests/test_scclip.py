@@ -283,3 +283,25 @@ def test_scclip_preset_release_configs():
         assert resolve("scclip", "coco_stuff", method).short_side == 336  # unlike sclip-release
     assert resolve("scclip", "voc21", "sclip").logit_scale == 65.0  # SCLIP keeps its own scales
     assert resolve("scclip", "voc21", "proxyclip+gla").area_threshold is None
+
+
+def test_bf16_backbone_agrees_with_fp32_and_feeds_the_detector_fp32(tiny_clip, bpe_path, monkeypatch):
+    import ovss
+    import ovss.methods.scclip as scclip
+
+    seen: list[torch.dtype] = []
+    real = scclip.detect_anomalies
+
+    def spy(p: torch.Tensor, *args):
+        seen.append(p.dtype)
+        return real(p, *args)
+
+    monkeypatch.setattr(scclip, "detect_anomalies", spy)
+    coarse = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = np.kron(coarse, np.ones((16, 16, 1), np.uint8))  # (80, 112, 3) blocks of colour
+    kw = dict(clip=tiny_clip, tokenizer=bpe_path, short_side=None, crop=64, stride=32)
+    low = ovss.load("scclip", dtype="bf16", **kw).predict(image, ["sky", "road", "tree"])
+    full = ovss.load("scclip", **kw).predict(image, ["sky", "road", "tree"])
+    assert seen and set(seen) == {torch.float32}  # the residual stream reaching the detector is fp32
+    assert (low.labels == full.labels).float().mean() > 0.9
+    assert 0 < (low.logits - full.logits).abs().max() < 0.1
