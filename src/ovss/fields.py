@@ -124,7 +124,8 @@ def _parse(text: str, hint: Any) -> Any:
             if text.strip() == str(choice):
                 return choice
     elif typing.get_origin(hint) is tuple:
-        return tuple(_parse(item, typing.get_args(hint)[0]) for item in text.split(",") if item.strip())
+        items = text.strip().strip("()[]").split(",")  # "3,4" or "(3, 4)", as `ovss methods` prints a default
+        return tuple(_parse(item, typing.get_args(hint)[0]) for item in items if item.strip())
     elif hint is bool:
         if low in _TRUE or low in _FALSE:
             return low in _TRUE

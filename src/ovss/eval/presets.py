@@ -27,6 +27,9 @@ _WHOLE = 0  # crop 0 = whole-image mode (§2.2)
 
 # §5.1: a method's τ is its MethodSpec.logit_scale; SCLIP's release uses other values on three datasets.
 SCLIP_LOGIT_SCALES: dict[str, float] = {"voc21": 65.0, "pc60": 50.0, "coco_object": 50.0}
+SCCLIP_LOGIT_SCALES: dict[str, float] = {"voc21": 50.0, "coco_object": 55.0}  # SC-CLIP release configs
+DATASET_LOGIT_SCALES: dict[str, dict[str, float]] = {"sclip": SCLIP_LOGIT_SCALES, "scclip": SCCLIP_LOGIT_SCALES}
+AREA_FILTER_METHODS = ("sclip", "scclip")  # methods (and their +gla) with the VOC21 area filter (§2.8, §4.11.3)
 SCLIP_AREA_THRESHOLD = 0.1  # §2.8: area_thd of the SCLIP release, VOC21 only
 
 # Which preset reproduces a method's own published setting (used when no preset is named).
@@ -41,6 +44,8 @@ HOME_PRESETS: dict[str, str] = {
     "sclip": "sclip",
     "naclip": "naclip",
     "proxyclip+gla": "gla",
+    "scclip": "scclip",
+    "proxyclip+gla+mlf": "gla",  # GLA Table 7 runs in GLA's own setting (§4.11.4)
 }
 
 
@@ -53,7 +58,7 @@ class Preset:
     bg_thresholds: dict[str, float]  # θ_bg for voc21, pc60, coco_object (0 for every other dataset)
     name_set: str  # plain | bg-rename | full-rename (§6.3)
     pamr_steps: int = 0  # PAMR iterations on the logits (naclip-pamr: 10; 0 = off)
-    sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip / sclip+gla (§2.8)
+    sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip, scclip and their +gla (§2.8)
     gla_options: dict[str, Any] = field(default_factory=dict)  # GLA option keywords (gla_rho, ...) of X+gla
     description: str = ""  # one line for listings
 
@@ -138,6 +143,14 @@ PRESETS: dict[str, Preset] = {
             gla_options={"gla_rho": 0.55, "gla_clamp_mean": True},
             description="GLA-CLIP release: rho 0.55, row mean clamped at 0",
         ),
+        _preset(
+            "scclip",
+            _SCLIP_ROWS,
+            _thresholds(0.15, 0.15, 0.35),
+            "full-rename",
+            sclip_area_filter=True,
+            description="SC-CLIP release configs (§4.11.3)",
+        ),
         _preset("naclip", _NACLIP_ROWS, _SCLIP_BG, "full-rename", description="NACLIP release configuration"),
         _preset(
             "naclip-pamr",
@@ -211,11 +224,9 @@ def default_preset(method: str) -> str:
 
 
 def method_logit_scale(method: str, dataset: str) -> float:
-    """τ of a method on a dataset (§5.1): the registry value, SCLIP's per-dataset exceptions included."""
+    """τ of a method on a dataset (§5.1): the registry value, SCLIP's and SC-CLIP's per-dataset exceptions included."""
     spec = get_method(method)
-    if (spec.base or spec.name) == "sclip" and dataset in SCLIP_LOGIT_SCALES:
-        return SCLIP_LOGIT_SCALES[dataset]
-    return spec.logit_scale
+    return DATASET_LOGIT_SCALES.get(spec.base or spec.name, {}).get(dataset, spec.logit_scale)
 
 
 def method_options(preset: Preset, spec: MethodSpec) -> dict[str, Any]:
@@ -249,7 +260,8 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         raise OvssError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
     row = dataset if dataset != CUSTOM else _GENERIC_ROW
     geometry = chosen.geometry[row]
-    area = SCLIP_AREA_THRESHOLD if chosen.sclip_area_filter and (spec.base or spec.name) == "sclip" else None
+    filtered = chosen.sclip_area_filter and (spec.base or spec.name) in AREA_FILTER_METHODS
+    area = SCLIP_AREA_THRESHOLD if filtered else None
     values: dict[str, Any] = {
         "short_side": geometry.short_side,
         "crop": geometry.crop,

@@ -58,6 +58,10 @@ REFERENCES: dict[tuple[str, str], Reference] = {
     # the method; ovss registers no `cass` yet, so no row names it.
     ("proxyclip+gla", "gla"): _GLA_OWN,
     ("proxyclip+gla", "gla-release"): _GLA_OWN,  # the release (rho 0.55) is what produced Table 1
+    # GLA-CLIP Table 7 (§8.1): "Ours + Fusion"; "Ours" is the Table 1 last row above.
+    ("proxyclip+gla+mlf", "gla"): _row("GLA-CLIP Table 7", (67.9, 37.0, 38.1, 84.1, 40.9, 27.5, 43.2, 20.3), 44.9),
+    # SC-CLIP Fig. 1 (§8.5, radar chart reproduced in the release README); the spec computes the average.
+    ("scclip", "scclip"): _row("SC-CLIP Fig. 1", (64.6, 36.8, 37.7, 84.3, 40.1, 26.6, 41.0, 20.1), 43.9),
     # NACLIP Tables 1 and 4 (§8.3), NACLIP's setting.
     ("naclip", "naclip-pamr"): _row("NACLIP Table 1", (64.1, 35.0, 36.2, 83.0, 38.4, 25.7, 38.3, 19.1), 42.5),
     ("vanilla", "naclip"): _row("NACLIP Table 1", (18.6, 7.8, 6.5, 49.1, 11.2, 5.7, 6.7, 3.2), 13.6),

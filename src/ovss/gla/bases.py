@@ -18,7 +18,9 @@ import torch
 from ovss.errors import OvssError
 from ovss.gla.cross_window import PriorFn
 from ovss.methods.common import Backbones, WindowBatch, residual_ffn, tokens_before_last_block
+from ovss.methods.scclip import aggregate, clip_block_outputs, kk_attention, scale_blocks, scclip_streams
 from ovss.models.vit import VisionTransformer
+from ovss.precision import full_precision
 
 
 @dataclass
@@ -30,13 +32,16 @@ class CrossWindowParts:
     grid: tuple[int, int]  # (gr, gc) token grid of every window
     patch: int  # processing pixels per token on that grid (CLIP 16, DINO-B/8 8): token positions
     clip_internal: bool  # keys are CLIP-internal features (smoothing `auto` -> Eq. 17) rather than DINO tokens
-    out_proj: Callable[[torch.Tensor], torch.Tensor]  # (L, N, C) heads concatenated -> (L, N, D): OutProj
+    out_proj: Callable[..., torch.Tensor]  # (L, N, C) heads concatenated [, extra outputs] -> (L, N, D): OutProj
     finish: Callable[[torch.Tensor], torch.Tensor]  # (L, N, D) OutProj output -> tokens for the dense head
     prior: PriorFn | None = None  # rows (R,) -> (R, M) additive logits (NACLIP + GLA: image-space Gaussian)
     local_maps: torch.Tensor | None = None  # (L, N, N) GCLIP + GLA: summed within-window AMF maps (rows sum l+1)
     local_count: int = 0  # number of maps summed in local_maps (l + 1); the fusion divides by local_count + 1
     info: dict[str, Any] = field(default_factory=dict)  # the base's per-image diagnostics
     window_info: dict[str, list[Any]] = field(default_factory=dict)  # the base's per-window diagnostics
+    # More operator calls, one key set each: (keys (L, N, D_s), values (L, N, C_s)); their outputs (L, N, C_s)
+    # follow the main one as arguments of out_proj (SC-CLIP + GLA: the k-k maps of its two passes).
+    extra_sets: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 NACLIP_PRIOR_WEIGHT = 1.0  # kappa, the weight of NACLIP + GLA's image-space prior (spec §4.9)
@@ -198,4 +203,104 @@ ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] =
     "sclip": sclip_parts,
     "naclip": naclip_parts,
     "gclip": gclip_parts,
+}
+
+
+def proxyclip_mlf_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+    """ProxyCLIP + multi-layer fusion [ovss construction, spec §4.11.4]: the GLA map of the DINO keys applied
+    to two value streams in one operator call (channels concatenated), then one OutProj each, summed:
+    ``OutProj(alpha V) + OutProj(alpha V')`` with V' from ``ln_1`` of the sum of the fused blocks' outputs.
+    ``mlf_res_cls`` adds ``res_cls (c11 + m_c)`` of the token's window. No fused blocks: ``proxyclip+gla``.
+
+    Args:
+        opts: :class:`~ovss.gla.config.MLFMethodOptions` (``opts.mlf``: blocks, res_cls, scale_blocks).
+    """
+    from ovss.methods.proxyclip import resize_values, vfm_features
+
+    if backbones.vfm is None:
+        raise OvssError("proxyclip+gla+mlf needs a vision foundation model; load it with vfm='dino-vitb8'")
+    mlf, clip = opts.mlf, backbones.clip
+    fuse = scale_blocks(mlf.blocks, len(clip.blocks), mlf.scale_blocks, "mlf_blocks entry")
+    features, grid = vfm_features(backbones.vfm, batch.pixels, clip)  # (L, N, D_v)
+    out = clip_block_outputs(clip, batch.pixels, (), fuse)  # x11 (L, n, D), fused sum (L, n, D)
+    block, p = clip.blocks[-1], clip.num_prefix_tokens
+    dtype = out.last_in.dtype
+
+    def values_of(x: torch.Tensor) -> torch.Tensor:
+        _, _, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d)
+        return heads_concat(resize_values(v[:, :, p:], out.grid, grid).to(dtype), 0)  # (L, N, C) on the VFM grid
+
+    values = values_of(out.last_in)  # (L, N, C)
+    channels = values.shape[-1]
+    out_proj: Callable[..., torch.Tensor] = block.attn.out_proj
+    cls = out.last_in[:, :1]  # (L, 1, D) c11
+    if out.fused is not None:
+        values = torch.cat([values, values_of(out.fused)], dim=-1)  # (L, N, 2C): [V | V']
+
+        def out_proj(y: torch.Tensor) -> torch.Tensor:  # b_o counted twice, as SC-CLIP adds two OutProj outputs
+            return block.attn.out_proj(y[..., :channels]) + block.attn.out_proj(y[..., channels:])  # (L, N, D)
+
+        cls = cls + out.fused[:, :1]  # (L, 1, D) c11 + m_c
+
+    def finish(a: torch.Tensor) -> torch.Tensor:
+        return a + mlf.res_cls * cls if mlf.res_cls else a  # (L, N, D)
+
+    info = {"mlf_blocks": list(fuse)}
+    return CrossWindowParts([features], values, grid, backbones.vfm.cfg.patch, False, out_proj, finish, info=info)
+
+
+def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+    """SC-CLIP base [ovss design, spec §4.11.5]: SC-CLIP's steps 1-5 per window, then three cross-window maps
+    shared by all heads: alpha8 (keys: repaired block-8 features), alpha_k (k of x_b), alpha_k' (k of m_P).
+    ``y1 = OutProj(1/2 (alpha8 + alpha_k) V) + 0.3 c11``, ``y2 = OutProj(1/2 (alpha8 + alpha_k') V') + 0.3 m_c``,
+    ``z = G(S3) (y1 + y2)`` per window. alpha8 serves both value streams in one call ([V | V']).
+    ``scclip_gla_kk = window``: the k-k halves are SC-CLIP's own per-head maps inside the window.
+
+    Args:
+        opts: :class:`~ovss.gla.config.SCCLIPGLAMethodOptions` (``opts.base``: SC-CLIP's options).
+    """
+    sc, clip = opts.base, backbones.clip
+    st = scclip_streams(clip, batch.pixels, sc)
+    block = clip.blocks[-1]
+    _, k1, v1 = block.attn.qkv(block.ln_1(st.pre_adjusted))  # (L, H, n, d) first pass
+    _, k2, v2 = block.attn.qkv(block.ln_1(st.fused))  # (L, H, n, d) second pass
+    values, values2 = heads_concat(v1, 0), heads_concat(v2, 0)  # (L, n, C) each
+    channels = values.shape[-1]
+    res1, res2 = sc.res_cls * st.cls, sc.res_cls * st.fused_cls  # (L, 1, D) each
+    extra: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if opts.scclip_gla.kk == "cross":
+        extra = [(heads_concat(k1, 0), values), (heads_concat(k2, 0), values2)]
+        own: tuple[torch.Tensor, ...] = ()
+    else:
+        kk1, kk2 = kk_attention(block, st.pre_adjusted)[0], kk_attention(block, st.fused)[0]  # (L, H, n, n)
+        with full_precision():
+            own = (heads_concat(kk1 @ v1.float(), 0), heads_concat(kk2 @ v2.float(), 0))  # (L, n, C) each
+
+    def out_proj(y8: torch.Tensor, *kk: torch.Tensor) -> torch.Tensor:
+        yk, yk2 = kk or own  # (L, n, C) each: alpha_k V, alpha_k' V'
+        y1 = block.attn.out_proj(0.5 * (y8[..., :channels] + yk)) + res1  # (L, n, D)
+        y2 = block.attn.out_proj(0.5 * (y8[..., channels:] + yk2)) + res2  # (L, n, D)
+        return y1 + y2  # (L, n, D)
+
+    def finish(a: torch.Tensor) -> torch.Tensor:
+        return aggregate(st.post, a)  # (L, n, D) post-adjustment, per window
+
+    return CrossWindowParts(
+        [st.f8],
+        torch.cat([values, values2], dim=-1),  # (L, n, 2C): [V | V']
+        st.grid,
+        clip.cfg.patch,
+        True,
+        out_proj,
+        finish,
+        info={"scclip_blocks": st.blocks},
+        window_info={"anomalies": [int(m.sum()) for m in st.anomalies]},
+        extra_sets=extra,
+    )
+
+
+# Variants of X+gla with an option part of their own: called with the whole composed options.
+VARIANT_ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
+    "scclip+gla": scclip_parts,
+    "proxyclip+gla+mlf": proxyclip_mlf_parts,
 }

@@ -65,3 +65,17 @@ class GLAMethodOptions:
 
     base: Any  # the base method's options dataclass (e.g. ProxyCLIPOptions)
     gla: GLAConfig  # rho, T, lambda1, lambda2, ablation switches, chunking
+
+
+@dataclass(frozen=True)
+class MLFMethodOptions(GLAMethodOptions):
+    """Options of ``proxyclip+gla+mlf``: ProxyCLIP's, GLA's and the multi-layer fusion's (keywords ``mlf_*``)."""
+
+    mlf: Any  # ovss.methods.options.MLFOptions: fused blocks and [CLS] residual (spec §4.11.4)
+
+
+@dataclass(frozen=True)
+class SCCLIPGLAMethodOptions(GLAMethodOptions):
+    """Options of ``scclip+gla``: SC-CLIP's, GLA's and ``scclip_gla_kk`` (spec §4.11.5)."""
+
+    scclip_gla: Any  # ovss.methods.options.SCCLIPGLAOptions: cross-window or own-window k-k halves

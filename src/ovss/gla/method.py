@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ovss.gla.bases import ADAPTERS, CrossWindowParts
+from ovss.gla.bases import ADAPTERS, VARIANT_ADAPTERS, CrossWindowParts
 from ovss.gla.config import GLAConfig, GLAMethodOptions
 from ovss.gla.cross_window import cross_window_attention, dynamic_shift, resolve_chunk_rows
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
@@ -42,21 +42,26 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
     Returns:
         tokens (L, N, D) for the dense head, and diagnostics (L, M, chunk rows, smoothing).
     """
-    L, N, C = parts.values.shape
+    L, N, _ = parts.values.shape
     M = L * N
-    keys = [raw.reshape(M, -1) for raw in parts.key_sets]  # S x (M, D_s)
-    queries, smoothing = initial_queries(keys, parts, batch, cfg)
-    y = cross_window_attention(
-        keys,
-        queries,
-        parts.values.reshape(M, C).float(),  # (M, C) fp32, window-major
-        L,
-        cfg,
-        prior=parts.prior,
-        local_maps=parts.local_maps,
-        local_count=parts.local_count,
-    )  # (M, C)
-    tokens = parts.finish(parts.out_proj(y.view(L, N, C)))  # (L, N, D)
+    outputs: list[torch.Tensor] = []
+    calls = [(parts.key_sets, parts.values), *(([k], v) for k, v in parts.extra_sets)]  # main call first
+    for key_sets, values in calls:
+        keys = [raw.reshape(M, -1) for raw in key_sets]  # S x (M, D_s)
+        queries, smoothing = initial_queries(keys, parts, batch, cfg)
+        main = not outputs
+        y = cross_window_attention(
+            keys,
+            queries,
+            values.reshape(M, -1).float(),  # (M, C) fp32, window-major
+            L,
+            cfg,
+            prior=parts.prior,
+            local_maps=parts.local_maps if main else None,
+            local_count=parts.local_count if main else 0,
+        )  # (M, C)
+        outputs.append(y.view(L, N, -1))  # (L, N, C)
+    tokens = parts.finish(parts.out_proj(*outputs))  # (L, N, D)
     chunk = resolve_chunk_rows(cfg, M, N)
     info = {**parts.info, "gla": {"windows": L, "tokens": M, "chunk_rows": chunk, "smoothing": smoothing}}
     return tokens, info
@@ -64,6 +69,17 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
 
 def run_gla(base: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
     parts = ADAPTERS[base](backbones, batch, opts.base)  # backbone passes (autocast if reduced precision)
+    return gla_output(parts, batch, opts)
+
+
+def run_gla_variant(name: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
+    """``scclip+gla``, ``proxyclip+gla+mlf``: adapters that read an option part of their own (spec §4.11)."""
+    parts = VARIANT_ADAPTERS[name](backbones, batch, opts)  # backbone passes (autocast if reduced precision)
+    return gla_output(parts, batch, opts)
+
+
+def gla_output(parts: CrossWindowParts, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
+    """The GLA tokens of an adapter's parts, with diagnostics."""
     with full_precision():  # similarities, proxies, normalisation and softmax in fp32 (spec §2.9)
         tokens, info = cross_window_tokens(parts, batch, opts.gla)
     if opts.gla.norm == "dynamic":

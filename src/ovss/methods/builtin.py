@@ -6,16 +6,20 @@ GLA attached to every base that ``ovss.gla.bases.ADAPTERS`` supports.
 
 from __future__ import annotations
 
+from ovss.gla.config import GLAConfig, MLFMethodOptions, SCCLIPGLAMethodOptions
 from ovss.methods.options import (
     ClearCLIPOptions,
     GCLIPOptions,
     MaskCLIPOptions,
+    MLFOptions,
     NACLIPOptions,
     ProxyCLIPOptions,
+    SCCLIPGLAOptions,
+    SCCLIPOptions,
     SCLIPOptions,
     VanillaOptions,
 )
-from ovss.methods.registry import Geometry, LazyRun, MethodSpec, register, register_gla
+from ovss.methods.registry import METHODS, Geometry, LazyRun, MethodSpec, register, register_gla
 
 GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip")  # the keys of ovss.gla.bases.ADAPTERS
 
@@ -105,9 +109,51 @@ for _spec in (
         needs_vfm=True,
         description="ProxyCLIP: CLIP values attended with normalised DINO self-similarity, on the DINO grid",
     ),
+    MethodSpec(
+        name="scclip",
+        run=LazyRun("ovss.methods.scclip:run_scclip"),
+        options=SCCLIPOptions(),
+        logit_scale=40.0,
+        pad_multiple=1,
+        geometry=_S336,
+        description="SC-CLIP: anomaly repair, mid-layer similarity aggregation, fused second pass (release)",
+    ),
 ):
     register(_spec)
 
 for _base in GLA_BASES:
     # The flagship's default setting is GLA-CLIP's own (spec §5.2 `gla`: 336 / 224 / 112).
     register_gla(_base, _S336 if _base == "proxyclip" else None)
+
+# X+gla variants with an option part of their own (spec §4.11.4-4.11.5): GLA through the same operator, their
+# adapters in ovss.gla.bases.VARIANT_ADAPTERS. `with_gla("scclip")` is scclip+gla; proxyclip+gla+mlf is
+# proxyclip+gla with a second value stream (keywords mlf_*), so its base is proxyclip too.
+_scclip = METHODS["scclip"]
+_proxyclip = METHODS["proxyclip"]
+register(
+    MethodSpec(
+        name="scclip+gla",
+        run=LazyRun("ovss.gla.method:run_gla_variant", ("scclip+gla",)),
+        options=SCCLIPGLAMethodOptions(_scclip.options, GLAConfig(), SCCLIPGLAOptions()),
+        logit_scale=_scclip.logit_scale,
+        pad_multiple=_scclip.pad_multiple,
+        geometry=_scclip.geometry,
+        joint_windows=True,
+        description="GLA on SC-CLIP: three cross-window maps (block-8 features, k, fused k'), two passes",
+        base="scclip",
+    )
+)
+register(
+    MethodSpec(
+        name="proxyclip+gla+mlf",
+        run=LazyRun("ovss.gla.method:run_gla_variant", ("proxyclip+gla+mlf",)),
+        options=MLFMethodOptions(_proxyclip.options, GLAConfig(), MLFOptions()),
+        logit_scale=_proxyclip.logit_scale,
+        pad_multiple=_proxyclip.pad_multiple,
+        geometry=_S336,
+        needs_vfm=True,
+        joint_windows=True,
+        description="proxyclip+gla plus SC-CLIP-style multi-layer fusion: values of the sum of blocks 3-9",
+        base="proxyclip",
+    )
+)

@@ -86,6 +86,53 @@ class ProxyCLIPOptions(CheckedFields):
     gamma: float = 3.0  # sharpness of the proxy attention (> 0); robust in [2, 5]
 
 
+SCCLIP_FUSION_BLOCKS = (3, 4, 5, 6, 7, 8, 9)  # SC-CLIP's multi_start_idx 3 .. multi_end_idx 10 (exclusive)
+
+
+@dataclass(frozen=True)
+class SCCLIPOptions(CheckedFields):
+    """Options of ``scclip`` (spec §4.11.1-4.11.2, release ViT-B/16 values; blocks count from 0, of 12)."""
+
+    anomaly: Literal["lof_release", "lof_sklearn", "topk_norm"] = "lof_release"  # anomaly detector (§10 #28)
+    anomaly_grid: Literal["row_major", "release"] = "row_major"  # index -> (row, col): i // gc, or i // gr (§10 #29)
+    neighbors: int = 30  # LOF k (nearest neighbours of a token, itself excluded)
+    contamination: float = 0.05  # share of tokens above the LOF threshold (the (1 - c)-quantile)
+    topk: int = 10  # anomaly = the topk largest-norm tokens (anomaly = "topk_norm", the first release)
+    threshold: float = 0.4  # aggregator G: similarities below it are dropped (release `beta`)
+    pre_block: int = 8  # pre-adjustment similarity: output of this block, repaired
+    post_block: int = 3  # post-adjustment similarity: output of this block
+    fusion_blocks: tuple[int, ...] = SCCLIP_FUSION_BLOCKS  # second pass on the sum of these blocks' outputs
+    res_cls: float = 0.3  # weight of the [CLS] vector added to every token of both passes
+    scale_blocks: bool = True  # other depths: block indices scaled from 12 blocks (False: used as given)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.neighbors < 1:
+            raise OvssError(f"scclip option neighbors must be >= 1, got {self.neighbors}")
+        if not 0.0 < self.contamination < 1.0:
+            raise OvssError(f"scclip option contamination must be in (0, 1), got {self.contamination}")
+        if self.topk < 1:
+            raise OvssError(f"scclip option topk must be >= 1, got {self.topk}")
+        if not self.fusion_blocks:
+            raise OvssError("scclip option fusion_blocks is empty; give at least one block, e.g. 3,4,5,6,7,8,9")
+
+
+@dataclass(frozen=True)
+class MLFOptions(CheckedFields):
+    """Multi-layer fusion on ``proxyclip+gla`` (``proxyclip+gla+mlf``, spec §4.11.4); keywords ``mlf_*``."""
+
+    blocks: tuple[int, ...] = SCCLIP_FUSION_BLOCKS  # fused values from ln_1 of the sum of these blocks' outputs
+    res_cls: float = 0.0  # 0.3 adds 0.3 (c11 + m_c) of the token's window, SC-CLIP's [CLS] residual
+    scale_blocks: bool = True  # other depths: block indices scaled from 12 blocks (False: used as given)
+
+
+@dataclass(frozen=True)
+class SCCLIPGLAOptions(CheckedFields):
+    """GLA-side option of ``scclip+gla`` (spec §4.11.5); keyword ``scclip_gla_kk``."""
+
+    kk: Literal["cross", "window"] = "cross"  # k-k halves: cross-window GLA maps, or SC-CLIP's own per head
+
+
 @dataclass(frozen=True)
 class OptionField:
     """Where one option keyword lives in a (possibly composed) options dataclass."""

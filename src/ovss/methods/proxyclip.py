@@ -70,16 +70,19 @@ def clip_values_on_grid(
         ``align_corners=False`` (computed in fp32, returned in CLIP's dtype), and x11 (L, 1 + gr * gc, D),
         the input of the last block.
     """
-    x, (gr, gc) = tokens_before_last_block(clip, pixels)  # (L, 1 + gr*gc, D)
+    x, clip_grid = tokens_before_last_block(clip, pixels)  # (L, 1 + gr*gc, D)
     block = clip.blocks[-1]
     _, _, v = block.attn.qkv(block.ln_1(x))  # (L, H, 1 + gr*gc, d)
-    v = v[:, :, clip.num_prefix_tokens :]  # (L, H, gr*gc, d)
+    return resize_values(v[:, :, clip.num_prefix_tokens :], clip_grid, grid).to(x.dtype), x
+
+
+def resize_values(v: torch.Tensor, clip_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Per-head values bilinearly resized (``align_corners=False``) in fp32: (L, H, gr*gc, d) -> (L, H, hr*hc, d)."""
     L, H, _, d = v.shape
-    hr, hc = grid
+    (gr, gc), (hr, hc) = clip_grid, grid
     v_map = v.reshape(L, H, gr, gc, d).permute(0, 1, 4, 2, 3).reshape(L, H * d, gr, gc)  # (L, H*d, gr, gc)
     v_map = F.interpolate(v_map.float(), size=(hr, hc), mode="bilinear", align_corners=False)  # (L, H*d, hr, hc)
-    v = v_map.reshape(L, H, d, hr * hc).transpose(-2, -1).to(x.dtype)  # (L, H, hr*hc, d)
-    return v, x
+    return v_map.reshape(L, H, d, hr * hc).transpose(-2, -1)  # (L, H, hr*hc, d) fp32
 
 
 def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
