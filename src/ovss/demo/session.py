@@ -81,8 +81,10 @@ class ModelPool:
 
     def __init__(self, clip: Any, *, vfm: Any = None, loader: Loader | None = None, **load_kwargs: Any) -> None:
         if loader is None:
-            from ovss.api import load as loader
-        self._loader = loader
+            from ovss.api import load
+
+            loader = load
+        self._loader: Loader = loader
         self._clip = clip
         self._vfm = vfm
         self._kwargs = load_kwargs
