@@ -60,7 +60,8 @@ def _slot_updates(results: Sequence[MethodResult]) -> list[Any]:
     for slot in range(MAX_METHODS):
         if slot < len(results):
             r = results[slot]
-            updates += [gr.Column(visible=True), gr.Image(value=r.overlay, label=r.method, format="png"), legend_html(r)]
+            picture = gr.Image(value=r.overlay, label=r.method, format="png")  # lossless: exact class colours
+            updates += [gr.Column(visible=True), picture, legend_html(r)]
         else:
             updates += [gr.Column(visible=False), gr.Image(value=None), ""]
     return updates

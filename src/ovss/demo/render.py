@@ -65,7 +65,8 @@ def legend_html(result: MethodResult) -> str:
         r, g, b = (int(v) for v in colours[c])
         rows.append(
             f'<span class="ovss-legend-item"><span class="ovss-swatch" style="background: rgb({r}, {g}, {b})">'
-            f"</span>{html.escape(name)} <small>{100 * counts[c] / total:.1f}%</small></span>"
+            f'</span><span class="ovss-legend-name">{html.escape(name)}</span> '
+            f"<small>{100 * counts[c] / total:.1f}%</small></span>"
         )
     unlabelled = int((labels < 0).sum())
     if unlabelled:
