@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,15 +203,32 @@ def test_segment_handler_fills_the_slots_and_raises_gr_error(session, photos):
         segment(session, photos[0], "", METHODS, 0, 0.0, False)
 
 
+def test_download_and_pixel_handlers(session, photos):
+    import gradio as gr
+
+    from ovss.demo.app import pixel, prepare_downloads
+
+    results = session.run(photos[0], "sky, road", METHODS)
+    files = prepare_downloads(results)
+    assert [Path(f).name for f in files][:3] == ["clearclip.png", "clearclip_overlay.png", "clearclip_logits.npy"]
+    assert all(Path(f).is_file() for f in files) and len(files) == 6
+    with pytest.raises(gr.Error, match="press Segment first"):
+        prepare_downloads(None)
+    assert pixel(results, 1, 3, 4) == pixel_report(results[1], 3, 4)
+    assert pixel(results, 1, 3, 4).startswith("clearclip+gla at (3, 4): ")
+    assert pixel(None, 0, 3, 4) == "" and pixel(results, 3, 3, 4) == ""  # nothing run yet / an empty slot
+
+
 def test_page_builds_and_shows_missing_weights_in_one_line(tmp_path, monkeypatch):
     from ovss.demo.app import build_app
 
     monkeypatch.setenv("OVSS_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("OVSS_OFFLINE", "1")
-    app = build_app(DemoSession(ModelPool("ViT-B/16")))
+    session = DemoSession(ModelPool("ViT-B/16"))
+    app = build_app(session)
     banner = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "ovss-startup-error")
     assert banner.visible and "not cached" in banner.value and "ViT-B-16.pt" in banner.value
-    assert "\n" not in banner.value
+    assert "\n" not in banner.value and session.load_error in banner.value
 
 
 # ------------------------------------------------------------------ the command
@@ -233,3 +251,34 @@ def test_help_imports_neither_torch_nor_gradio():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
+
+
+def _serve_once(monkeypatch) -> None:
+    """``block_thread`` closes the server at once, so ``main(["demo", ...])`` returns after starting it."""
+    import gradio as gr
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: self.close())
+
+
+def test_demo_command_serves_the_page_and_prints_its_address(monkeypatch, capsys, tmp_path, bpe_path):
+    from test_demo_browser import free_port
+    from tiny import save_openai_jit, tiny_clip_state_dict
+
+    _serve_once(monkeypatch)
+    clip = save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path / "tiny.pt")
+    port = free_port()
+    assert main(["demo", "--clip", str(clip), "--tokenizer", str(bpe_path), "--port", str(port)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"ovss demo: open http://127.0.0.1:{port}/ in a browser (Ctrl+C stops it)\n")
+    assert "warning" not in err
+
+
+def test_demo_command_without_weights_still_serves_and_warns(monkeypatch, capsys, tmp_path):
+    from test_demo_browser import free_port
+
+    _serve_once(monkeypatch)
+    monkeypatch.setenv("OVSS_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["demo", "--offline", "--port", str(free_port())]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("ovss demo: open http://127.0.0.1:")
+    assert err.startswith("ovss: warning: 2 file(s) needed for this run are not cached") and err.count("\n") == 1

@@ -29,7 +29,7 @@ CLASSES = [["sky"], ["person", "astronaut"], ["flag"], ["wall"]]
 SIZE = 256  # the photo's side in pixels
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -49,7 +49,7 @@ def photo(tmp_path_factory) -> tuple[Path, np.ndarray]:
 def served(tiny_clip, bpe_path) -> Iterator[tuple[DemoSession, str]]:
     session = DemoSession(ModelPool(tiny_clip, tokenizer=bpe_path, **SETTINGS))
     app = build_app(session, METHODS, title="ovss demo (tiny random weights)")
-    url = launch(app, "127.0.0.1", _free_port())
+    url = launch(app, "127.0.0.1", free_port())
     yield session, url
     app.close()
 

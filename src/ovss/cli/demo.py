@@ -6,6 +6,7 @@ Gradio and torch are imported only when the command runs, so ``ovss --help`` sta
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ovss.errors import OvssError
@@ -54,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         download=not args.offline,
     )
-    app = build_app(DemoSession(pool), methods)
+    session = DemoSession(pool)
+    app = build_app(session, methods)  # builds the segmenters of `methods`; a failure is shown on the page
+    if session.load_error is not None:
+        print(f"ovss: warning: {session.load_error}", file=sys.stderr)
     url = launch(app, args.host, args.port)
     print(f"ovss demo: open {url} in a browser (Ctrl+C stops it)", flush=True)
     app.block_thread()

@@ -155,16 +155,18 @@ class DemoSession:
         self.pool = pool
         self.max_images = max_images
         self.set_image_calls = 0  # image encodings so far (the fast path leaves it unchanged)
+        self.load_error: str | None = None  # the one-line error of the last warm_up, if any
         self._features: OrderedDict[str, dict[str, ImageState]] = OrderedDict()  # image key -> method -> state
 
     def warm_up(self, methods: Sequence[str]) -> str | None:
         """Build the segmenters of ``methods`` now; the one-line error (e.g. weights missing) or None."""
+        self.load_error = None
         try:
             for method in check_methods(methods):
                 self.pool.get(method)
         except OvssError as err:
-            return str(err)
-        return None
+            self.load_error = str(err)
+        return self.load_error
 
     def run(
         self,
