@@ -48,7 +48,8 @@ def photo(tmp_path_factory) -> tuple[Path, np.ndarray]:
 @pytest.fixture(scope="module")
 def served(tiny_clip, bpe_path) -> Iterator[tuple[DemoSession, str]]:
     session = DemoSession(ModelPool(tiny_clip, tokenizer=bpe_path, **SETTINGS))
-    app = build_app(session, METHODS, title="ovss demo (tiny random weights)")
+    note = "Served by the browser test with tiny random weights: the labels below mean nothing."
+    app = build_app(session, METHODS, title="ovss demo (tiny random weights)", note=note)
     url = launch(app, "127.0.0.1", free_port())
     yield session, url
     app.close()

@@ -115,7 +115,9 @@ def pixel(results: list[MethodResult] | None, slot: int, x: int, y: int) -> str:
     return pixel_report(results[slot], x, y)
 
 
-def build_app(session: DemoSession, methods: Sequence[str] = DEFAULT_METHODS, *, title: str = "ovss demo") -> gr.Blocks:
+def build_app(
+    session: DemoSession, methods: Sequence[str] = DEFAULT_METHODS, *, title: str = "ovss demo", note: str = ""
+) -> gr.Blocks:
     """The page: inputs on the left, one overlay + legend per method side by side, timings and configuration.
 
     Args:
@@ -123,6 +125,7 @@ def build_app(session: DemoSession, methods: Sequence[str] = DEFAULT_METHODS, *,
             reported on the page (one line) instead of on the first click.
         methods: the methods ticked at first (default: clearclip and clearclip+gla).
         title: the browser tab's title.
+        note: a line shown under the introduction (e.g. that the weights are tiny random ones).
     """
     import ovss
 
@@ -148,7 +151,7 @@ def build_app(session: DemoSession, methods: Sequence[str] = DEFAULT_METHODS, *,
         return report
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:  # a local tool: no telemetry calls
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO + (f"\n\n*{note}*" if note else ""))
         gr.Markdown(
             f"**Cannot load the models:** {startup_error}",
             visible=startup_error is not None,
@@ -214,21 +217,31 @@ def build_app(session: DemoSession, methods: Sequence[str] = DEFAULT_METHODS, *,
                 with gr.Accordion("downloads: label maps (PNG) and logits (.npy)", open=False):
                     download = gr.Button("Prepare the files")
                     files = gr.File(file_count="multiple", label="files")
+        one_queue: dict[str, Any] = {"concurrency_id": "ovss-models", "concurrency_limit": 1}  # one at a time
         button.click(
             on_segment,
             inputs=[image, labels, chosen, logit_scale, bg_threshold, show_windows],
             outputs=[*slots, timings, config, results_state, pixel_box],
+            **one_queue,
         )
-        download.click(prepare_downloads, inputs=[results_state], outputs=[files])
+        download.click(prepare_downloads, inputs=[results_state], outputs=[files], **one_queue)
         for slot, overlay in enumerate(images):
-            overlay.select(on_select(slot), inputs=[results_state], outputs=[pixel_box])
-    app.queue(default_concurrency_limit=1)  # one request at a time: the segmenters are shared
+            overlay.select(on_select(slot), inputs=[results_state], outputs=[pixel_box], **one_queue)
+    app.queue(default_concurrency_limit=1)
     return app
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None) -> str:
     """Start serving the page in the background and return its address (``app.block_thread()`` waits)."""
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts
-    _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-                           theme=theme, css=CSS, footer_links=[])  # fmt: skip
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,  # an error Gradio raises itself (e.g. an unreadable upload) shows its message
+        theme=theme,
+        css=CSS,
+        footer_links=[],
+    )
     return str(url)
