@@ -282,3 +282,13 @@ def test_demo_command_without_weights_still_serves_and_warns(monkeypatch, capsys
     out, err = capsys.readouterr()
     assert out.startswith("ovss demo: open http://127.0.0.1:")
     assert err.startswith("ovss: warning: 2 file(s) needed for this run are not cached") and err.count("\n") == 1
+
+
+def test_a_label_set_is_encoded_once_for_all_methods(session, tiny_clip, photos, monkeypatch):
+    calls = []
+    encode = tiny_clip.encode_text
+    monkeypatch.setattr(tiny_clip, "encode_text", lambda tokens: calls.append(len(tokens)) or encode(tokens))
+    session.run(photos[0], "tree, car", METHODS)
+    assert calls == [2 * 7]  # two names x seven templates, once for both methods (one CLIP, one template set)
+    session.run(photos[0], "car, tree", METHODS, bg_threshold=0.3)
+    assert calls == [2 * 7]  # cached

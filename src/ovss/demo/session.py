@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ovss.errors import OvssError
 from ovss.labels import background_class, parse_labels
@@ -91,6 +92,7 @@ class ModelPool:
         self._segmenters: dict[str, Segmenter] = {}
         self._postprocess: dict[str, Any] = {}  # method -> its own PipelineConfig, as loaded
         self._weights: dict[str, Any] = {}  # where the shared weights came from (the first load's record)
+        self._text_owner: dict[tuple[str, str], Segmenter] = {}  # (CLIP fingerprint, templates) -> whose cache
 
     def get(self, method: str) -> Segmenter:
         """The segmenter of ``method``, built on first use (OvssError: unknown method, missing weights...)."""
@@ -124,6 +126,16 @@ class ModelPool:
         scale = base.logit_scale if logit_scale is None else float(logit_scale)
         self.get(method).pipeline = dataclasses.replace(base, logit_scale=scale, bg_threshold=float(bg_threshold))
 
+    def text_embeddings(self, method: str, names: list[str]) -> torch.Tensor:
+        """(Q, E) unit text embeddings of ``names`` for ``method``, from one cache per CLIP and template set.
+
+        Methods that share the CLIP and the templates share the embeddings: a label set is encoded once per
+        click, not once per method (the text tower is the slow part of a click once the image is cached).
+        """
+        seg = self.get(method)
+        owner = self._text_owner.setdefault((seg.clip.fingerprint, seg.pipeline.templates), seg)
+        return owner.encode_names(names)  # (Q, E)
+
     def config(self, method: str) -> dict[str, Any]:
         """The resolved configuration of ``method``'s segmenter, naming the weight files actually read."""
         return {**self.get(method).config, **self._weights}
@@ -137,7 +149,7 @@ class MethodResult:
     prediction: Prediction  # labels, classes, full-resolution maps; .save writes the downloads
     overlay: np.ndarray  # (H0', W0 + legend, 3) uint8 RGB: Prediction.overlay, window grid drawn on request
     encode_seconds: float  # set_image time; 0.0 when the features came from the cache
-    predict_seconds: float  # predict time: text embeddings (cached), stitching, softmax, labels
+    predict_seconds: float  # predict time: text embeddings (once per label set), stitching, softmax, labels
     cached: bool  # True: the image's features were reused (the fast path)
     windows: int  # number of sliding windows of this image
     config: dict[str, Any] = field(repr=False)  # the resolved configuration
@@ -210,6 +222,7 @@ class DemoSession:
         if not 0.0 <= alpha <= 1.0:
             raise OvssError(f"overlay opacity must be in [0, 1], got {alpha}")
         background = background_class(classes)
+        names = [name for synonyms in classes for name in synonyms]
         for method in chosen:
             self.pool.get(method)
             self.pool.set_postprocess(method, logit_scale, bg_threshold)
@@ -232,7 +245,8 @@ class DemoSession:
             encoded = time.perf_counter()
             if progress is not None:
                 progress((index + 1) / len(chosen), f"{method}: labels")
-            prediction = seg.predict(labels=classes, background=background)
+            text = self.pool.text_embeddings(method, names)  # (Q, E), encoded once for all methods
+            prediction = seg.predict(labels=classes, text_embeddings=text, background=background)
             finished = time.perf_counter()
             picture = prediction.overlay(alpha)  # (H0', W0 + legend, 3)
             windows, size = seg.current_windows()
