@@ -292,3 +292,14 @@ def test_a_label_set_is_encoded_once_for_all_methods(session, tiny_clip, photos,
     assert calls == [2 * 7]  # two names x seven templates, once for both methods (one CLIP, one template set)
     session.run(photos[0], "car, tree", METHODS, bg_threshold=0.3)
     assert calls == [2 * 7]  # cached
+
+
+def test_labels_fail_before_any_image_is_encoded(photos):
+    from ovss.models.clip import build_clip
+    from tiny import tiny_clip_state_dict
+
+    vision_only = build_clip({k: v for k, v in tiny_clip_state_dict(seed=0).items() if k.startswith("visual.")})
+    session = DemoSession(ModelPool(vision_only, **SETTINGS))
+    with pytest.raises(OvssError, match="text"):
+        session.run(photos[0], "sky, road", METHODS)
+    assert session.set_image_calls == 0

@@ -122,9 +122,10 @@ class ModelPool:
         Only these two fields of the pipeline change (``dataclasses.replace``, checked by PipelineConfig):
         they act after the dense features, so kept ``set_image`` features stay valid.
         """
-        base = self._postprocess[method]
+        seg = self.get(method)
+        base = self._postprocess[seg.method.name]
         scale = base.logit_scale if logit_scale is None else float(logit_scale)
-        self.get(method).pipeline = dataclasses.replace(base, logit_scale=scale, bg_threshold=float(bg_threshold))
+        seg.pipeline = dataclasses.replace(base, logit_scale=scale, bg_threshold=float(bg_threshold))
 
     def text_embeddings(self, method: str, names: list[str]) -> torch.Tensor:
         """(Q, E) unit text embeddings of ``names`` for ``method``, from one cache per CLIP and template set.
@@ -194,7 +195,7 @@ class DemoSession:
     ) -> list[MethodResult]:
         """Segment ``image`` with every chosen method.
 
-        Every input is checked (and every segmenter built) before the first image encoding.
+        Every input is checked, every segmenter built and the labels encoded before the first image encoding.
 
         Args:
             image: (H, W, 3) uint8 RGB array (greyscale/RGBA/16-bit accepted), a path or a PIL image.
@@ -205,7 +206,7 @@ class DemoSession:
                 stay unlabelled when there is none (as in ``ovss segment``); in [0, 1].
             show_windows: draw the sliding windows over each overlay (the seams GLA works on).
             alpha: overlay opacity of the class colours, in [0, 1].
-            progress: called as ``progress(fraction, text)`` while windows are encoded.
+            progress: called as ``progress(fraction, text)`` before the labels and while windows are encoded.
 
         Returns:
             One :class:`MethodResult` per method, in the given order.
@@ -223,9 +224,14 @@ class DemoSession:
             raise OvssError(f"overlay opacity must be in [0, 1], got {alpha}")
         background = background_class(classes)
         names = [name for synonyms in classes for name in synonyms]
+        if progress is not None:
+            progress(0.0, "encoding the labels")
+        texts: dict[str, tuple[torch.Tensor, float]] = {}  # method -> (Q, E) embeddings, seconds to get them
         for method in chosen:
-            self.pool.get(method)
             self.pool.set_postprocess(method, logit_scale, bg_threshold)
+            start = time.perf_counter()
+            text = self.pool.text_embeddings(method, names)  # (Q, E), encoded once for all methods, then cached
+            texts[method] = text, time.perf_counter() - start
         key = image_key(rgb)
         kept = self._features.pop(key, {})
         self._features[key] = kept  # most recently used last
@@ -243,9 +249,7 @@ class DemoSession:
                 self.set_image_calls += 1
                 kept[method] = seg.image_state()
             encoded = time.perf_counter()
-            if progress is not None:
-                progress((index + 1) / len(chosen), f"{method}: labels")
-            text = self.pool.text_embeddings(method, names)  # (Q, E), encoded once for all methods
+            text, text_seconds = texts[method]
             prediction = seg.predict(labels=classes, text_embeddings=text, background=background)
             finished = time.perf_counter()
             picture = prediction.overlay(alpha)  # (H0', W0 + legend, 3)
@@ -258,7 +262,7 @@ class DemoSession:
                     prediction,
                     picture,
                     0.0 if cached else encoded - start,
-                    finished - encoded,
+                    text_seconds + finished - encoded,
                     cached,
                     len(windows),
                     self.pool.config(method),
