@@ -239,6 +239,14 @@ class Segmenter:
             raise OvssError(f"no image: call set_image(image) first{hint}")
         return self._state
 
+    def image_state(self) -> ImageState:
+        """The dense features of the last ``set_image``, to keep and bring back with :meth:`restore_image`."""
+        return self._current()
+
+    def restore_image(self, state: ImageState) -> None:
+        """Make ``state`` (an :meth:`image_state` of this segmenter) the current image, without re-encoding it."""
+        self._state = state
+
     def current_image(self) -> np.ndarray:
         """The (H0, W0, 3) uint8 RGB image of the last ``set_image``."""
         return self._current().rgb
