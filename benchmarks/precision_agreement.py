@@ -42,18 +42,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ovss  # noqa: E402
-from common import vocab_path  # noqa: E402
-from ovss.cli.options import parse_method_options  # noqa: E402
-from ovss.cli.segment import collect_inputs  # noqa: E402
-from ovss.gla.bases import ADAPTERS  # noqa: E402
-from ovss.gla.method import initial_queries  # noqa: E402
-from ovss.labels import flatten_labels, normalize_labels, read_labels_file  # noqa: E402
-from ovss.methods.common import Backbones, WindowBatch, tokens_before_last_block  # noqa: E402
-from ovss.methods.proxyclip import vfm_features  # noqa: E402
-from ovss.pipeline.windows import pad_windows  # noqa: E402
-from ovss.precision import backbone_precision, full_precision  # noqa: E402
-from ovss.predictor import Segmenter  # noqa: E402
+from common import vocab_path
+
+import ovss
+from ovss.cli.options import parse_method_options
+from ovss.cli.segment import collect_inputs
+from ovss.gla.bases import ADAPTERS
+from ovss.gla.method import initial_queries
+from ovss.labels import flatten_labels, normalize_labels, read_labels_file
+from ovss.methods.common import Backbones, WindowBatch, tokens_before_last_block
+from ovss.methods.proxyclip import vfm_features
+from ovss.pipeline.windows import pad_windows
+from ovss.precision import backbone_precision, full_precision
+from ovss.predictor import Segmenter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +94,9 @@ def class_logits(pred: Any, classes: list, scale: float) -> torch.Tensor:
     return out
 
 
-def cutoffs(keys: torch.Tensor, queries: torch.Tensor, L: int, cfg: Any, prior: torch.Tensor | None, dtype: torch.dtype):
+def cutoffs(
+    keys: torch.Tensor, queries: torch.Tensor, L: int, cfg: Any, prior: torch.Tensor | None, dtype: torch.dtype
+):
     """GLA's hard decisions for all M rows (spec §4.8.2-4.8.5, KVE): proxy sets per step, the kept mask, alpha."""
     m = keys.shape[0]
     k = F.normalize(keys.to(dtype), dim=-1)  # (M, D)
