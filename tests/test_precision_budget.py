@@ -14,8 +14,8 @@ from ovss.gla.reference import dense_attention_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from precision_agreement import _flips, cutoffs  # noqa: E402
-from precision_tamed import tamed_text  # noqa: E402
+from precision_agreement import _flips, cutoffs
+from precision_tamed import tamed_text
 
 
 def _keys(seed: int, m: int = 60, d: int = 16) -> torch.Tensor:
