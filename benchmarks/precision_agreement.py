@@ -88,7 +88,7 @@ def class_logits(pred: Any, classes: list, scale: float) -> torch.Tensor:
     """(C, H, W) scaled logits per class: max over each class's names."""
     _, name_to_class = flatten_labels(normalize_labels(classes))
     logits = pred.logits * scale  # (Q, H, W)
-    out = torch.full((len(classes), *logits.shape[1:]), -math.inf)
+    out = torch.full((len(classes), *logits.shape[1:]), -math.inf, device=logits.device)
     for q, c in enumerate(name_to_class):
         out[c] = torch.maximum(out[c], logits[q])
     return out
@@ -101,7 +101,7 @@ def cutoffs(
     m = keys.shape[0]
     k = F.normalize(keys.to(dtype), dim=-1)  # (M, D)
     q = queries.to(dtype)  # (M, D)
-    eye = torch.eye(m, dtype=torch.bool)
+    eye = torch.eye(m, dtype=torch.bool, device=keys.device)
     sets = []
     for _ in range(cfg.steps):
         p = F.normalize(q, dim=-1) @ k.T > cfg.rho  # (M, M)
@@ -158,7 +158,7 @@ def gla_flips(seg: Segmenter, batch: WindowBatch, dtype: torch.dtype) -> dict[st
             keys_x, keys_y = kx.reshape(-1, kx.shape[-1]).float(), ky.reshape(-1, ky.shape[-1]).float()
             qx, _ = initial_queries([keys_x], full, batch, cfg)
             qy, _ = initial_queries([keys_y], reduced, batch, cfg)
-            rows = torch.arange(keys_x.shape[0])
+            rows = torch.arange(keys_x.shape[0], device=keys_x.device)
             px = None if full.prior is None else full.prior(rows)
             py = None if reduced.prior is None else reduced.prior(rows)
             a = cutoffs(keys_x, qx[0], L, cfg, px, torch.float64)
@@ -196,7 +196,8 @@ def budget(seg32: Segmenter, seg16: Segmenter, image: Any, classes: list, text: 
     out["margin"] = {f"p{int(100 * q)}": round(_q(margin, q), 4) for q in (0.01, 0.1, 0.5)}
     out["at_risk_pct"] = round(100 * float((margin < p99).double().mean()), 3)
     out["flippable_pct"] = round(100 * float((margin < 2 * drift).double().mean()), 3)
-    out["agree_pct"] = round(100 * float(torch.as_tensor(p32.labels == p16.labels).double().mean()), 3)
+    same = torch.as_tensor(p32.labels == p16.labels)  # (H, W) bool
+    out["agree_pct"] = round(100 * float(same.double().mean()), 3)
     if seg32.method.joint_windows:
         out["gla"] = gla_flips(seg32, batch, dtype)
     return out
