@@ -5,10 +5,11 @@ Real weights (the evidence that counts):
     python benchmarks/precision_agreement.py IMAGES... --labels-file classes.txt \
         --method proxyclip --method proxyclip+gla [--clip ViT-B/16] [--vfm dino-vitb8] [--dtype bf16]
 
-A "tamed" random ViT-B/16 + DINO-B/8 (``precision_tamed.py``: attention entropies and logit margins brought
-to trained-model levels; the text embeddings are built from the first image):
+A "tamed" random ViT-B/16 + DINO-B/8 (``precision_tamed.py``: attention entropies, DINO similarity structure
+and logit margins brought to trained-model levels; the text embeddings are built from the first image):
 
-    python benchmarks/precision_agreement.py --tamed IMAGES... --method clearclip --method proxyclip+gla
+    python benchmarks/precision_agreement.py --tamed IMAGES... --method clearclip --method proxyclip+gla \
+        --short-side 336 --crop 224 --stride 112 [--device cuda] [--dtype fp16]
 
 Per method and image it reports the error budget, fp32 vs reduced on the same windows:
 
@@ -96,34 +97,49 @@ def class_logits(pred: Any, classes: list, scale: float) -> torch.Tensor:
 
 def cutoffs(
     keys: torch.Tensor, queries: torch.Tensor, L: int, cfg: Any, prior: torch.Tensor | None, dtype: torch.dtype
-):
-    """GLA's hard decisions for all M rows (spec §4.8.2-4.8.5, KVE): proxy sets per step, the kept mask, alpha."""
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """GLA's hard decisions for all M rows (spec §4.8.2-4.8.5, KVE, dynamic normalisation), unchunked.
+
+    Mirrors ``ovss.gla.reference.dense_attention_map`` (tests/test_precision_budget.py checks it) but also
+    returns the sets and the mask it decides.
+
+    Args:
+        keys: (M, D) raw keys of L windows; queries: (M, D) initial anchors; cfg: a ``GLAConfig``.
+        prior: optional (M, M) additive logits; dtype: the arithmetic (float64, or float32 for the floor).
+
+    Returns:
+        The proxy sets P^(t) per step, each (M, M) bool; the kept entries ``A >= theta`` (M, M) bool; and
+        alpha (M, M) in ``dtype``.
+    """
     m = keys.shape[0]
     k = F.normalize(keys.to(dtype), dim=-1)  # (M, D)
     q = queries.to(dtype)  # (M, D)
-    eye = torch.eye(m, dtype=torch.bool, device=keys.device)
-    sets = []
+    eye = torch.eye(m, dtype=torch.bool, device=keys.device)  # (M, M)
+    sets: list[torch.Tensor] = []
     for _ in range(cfg.steps):
         p = F.normalize(q, dim=-1) @ k.T > cfg.rho  # (M, M)
-        p |= eye & ~p.any(dim=1, keepdim=True)
+        p |= eye & ~p.any(dim=1, keepdim=True)  # (M, M) an empty set falls back to the token itself
         sets.append(p)
         counts = p.sum(dim=1)  # (M,)
         q = p.to(dtype) @ k / counts[:, None]  # (M, D)
     s = F.normalize(q, dim=-1) @ k.T  # (M, M)
-    mu = s.mean(dim=1)
+    mu = s.mean(dim=1)  # (M,)
     if cfg.clamp_mean:
         mu = mu.clamp(min=0.0)
     u = 1.0 + cfg.lam1 * math.log1p(L)
     a = (1.0 + cfg.lam2 / counts.to(dtype))[:, None] * (s - u * mu[:, None])  # (M, M)
     if prior is not None:
         a = a + prior.to(dtype)
-    theta = a.amax(dim=1, keepdim=True).clamp(max=0.0)
-    keep = a >= theta
-    alpha = torch.softmax(a.masked_fill(~keep, -math.inf), dim=1)
+    theta = a.amax(dim=1, keepdim=True).clamp(max=0.0)  # (M, 1)
+    keep = a >= theta  # (M, M)
+    alpha = torch.softmax(a.masked_fill(~keep, -math.inf), dim=1)  # (M, M)
     return sets, keep, alpha
 
 
-def _flips(x: list[torch.Tensor], y: list[torch.Tensor], keep_x, keep_y, alpha_x) -> dict[str, Any]:
+def _flips(
+    x: list[torch.Tensor], y: list[torch.Tensor], keep_x: torch.Tensor, keep_y: torch.Tensor, alpha_x: torch.Tensor
+) -> dict[str, Any]:
+    """Entries whose proxy-set membership (per step) or mask differ between two derivations; alpha_x (M, M)."""
     out: dict[str, Any] = {}
     for t, (p, r) in enumerate(zip(x, y, strict=True)):
         diff = p ^ r
