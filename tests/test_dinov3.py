@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ovss
+from ovss import hub
 from ovss.errors import OvssError
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, WindowBatch
@@ -289,3 +291,15 @@ def test_load_end_to_end_from_every_source(files, tiny_clip, bpe_path, method):
         again = ovss.load(method, vfm=other, **kw).predict(image, labels)
         torch.testing.assert_close(again.logits, pred.logits, atol=1e-5, rtol=1e-5)
         assert np.array_equal(again.labels, pred.labels)
+
+
+def test_registered_name_loads_the_cached_original_file(files, tiny_clip, bpe_path, tmp_path, monkeypatch):
+    entry = hub.REGISTRY["dinov3_vitb16"]
+    assert entry.filename == "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth" and entry.format == "dinov3"
+    assert entry.heads == (12, 0) and "dinov3_vitb16" in hub.available_models("vfm")
+    monkeypatch.setitem(hub.REGISTRY, "dinov3_vitb16", dataclasses.replace(entry, heads=(HEADS, 0)))  # tiny copy
+    monkeypatch.setenv("OVSS_CACHE", str(tmp_path))
+    shutil.copy(files["pth"], tmp_path / entry.filename)
+    seg = ovss.load("proxyclip", clip=tiny_clip, vfm="dinov3_vitb16", tokenizer=bpe_path, download=False)
+    assert (seg.config["vfm"], seg.config["vfm_format"], seg.config["vfm_heads"]) == ("dinov3_vitb16", "dinov3", HEADS)
+    assert seg.pad_multiple == 16
