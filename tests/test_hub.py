@@ -246,6 +246,7 @@ def test_registry_contents() -> None:
         "dino-vits16",
         "dinov2-vitb14-reg",
         "dinov2-vitl14-reg",
+        "dinov3_vitb16",
     }
     assert available_models("tokenizer") == ["clip-bpe"]
     assert available_models() == list(hub.REGISTRY)

@@ -57,7 +57,7 @@ class WeightsEntry:
     url: str  # where the file is downloaded from
     sha256: str | None  # expected SHA-256 (hex); None = unknown, the first download's digest is recorded
     filename: str  # file name inside cache_dir() (unique across the registry)
-    format: str  # file format: "openai-jit", "open_clip", "dino", "dinov2", "bpe" or "sam"
+    format: str  # file format: "openai-jit", "open_clip", "dino", "dinov2", "dinov3", "bpe" or "sam"
     act: str | None  # MLP activation the weights were trained with: "quick_gelu", "gelu"; None for assets
     kind: str  # "clip", "vfm", "tokenizer" or "sam"
     description: str  # one line for listings
@@ -90,7 +90,7 @@ def _open_clip(
 
 
 def _vfm(name: str, url: str, fmt: str, heads: int, description: str) -> WeightsEntry:
-    """A self-supervised ViT (DINO / DINOv2) from dl.fbaipublicfiles.com; both use nn.GELU."""
+    """A self-supervised ViT (DINO / DINOv2 / DINOv3) from dl.fbaipublicfiles.com; all use nn.GELU."""
     filename = url.rsplit("/", 1)[1]
     return WeightsEntry(
         name, url, None, filename, fmt, "gelu", "vfm", description, IMAGENET_MEAN, IMAGENET_STD, (heads, 0)
@@ -101,6 +101,7 @@ _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
 _HF = "https://huggingface.co"
 _DINO = "https://dl.fbaipublicfiles.com/dino"
 _DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+_DINOV3 = "https://dl.fbaipublicfiles.com/dinov3"
 _ENTRIES = (
     _openai(
         "ViT-B/16",
@@ -201,6 +202,13 @@ _ENTRIES = (
         "dinov2",
         16,
         "DINOv2 ViT-L/14 with 4 registers",
+    ),
+    _vfm(  # gated by the DINOv3 licence: where the link is refused, fetch it from Meta and pass --vfm PATH
+        "dinov3_vitb16",
+        f"{_DINOV3}/dinov3_vitb16/dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
+        "dinov3",
+        12,
+        "DINOv3 ViT-B/16, LVD-1689M (RoPE, 4 registers; licence-gated download)",
     ),
 )
 _SAM = (

@@ -18,6 +18,7 @@ from ovss.config import PipelineConfig
 from ovss.errors import OvssError
 from ovss.labels import UNLABELLED, flatten_labels, normalize_labels
 from ovss.methods.common import Backbones, WindowBatch
+from ovss.methods.proxyclip import window_pad_multiple
 from ovss.methods.registry import MethodSpec
 from ovss.models.clip import CLIP
 from ovss.models.vit import VisionTransformer
@@ -147,6 +148,8 @@ class Segmenter:
         self.options = options
         self.pipeline = config
         self.vfm = vfm
+        # DINO-guided methods pad to a multiple of the VFM's patch (56 for DINO-B/8, 16 for DINOv3; spec §2.3).
+        self.pad_multiple = window_pad_multiple(method.pad_multiple, vfm if method.needs_vfm else None)
         self.device = torch.device(device)
         self.dtype = dtype
         self._tokenizer_source = tokenizer
@@ -181,7 +184,7 @@ class Segmenter:
             "method": self.method.name,
             "options": dataclasses.asdict(self.options),
             "pipeline": self.pipeline.to_dict(),
-            "pad_multiple": self.method.pad_multiple,
+            "pad_multiple": self.pad_multiple,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "clip_fingerprint": self.clip.fingerprint,
@@ -220,7 +223,7 @@ class Segmenter:
         H, W = pixels.shape[-2:]
         windows = sliding_windows(H, W, cfg.crop, cfg.stride)
         h, w = windows[0].height, windows[0].width  # every window has the same size (spec §2.3)
-        padding = symmetric_padding(h, w, self.method.pad_multiple)
+        padding = symmetric_padding(h, w, self.pad_multiple)
         padded = (h + padding.top + padding.bottom, w + padding.left + padding.right)
         patch = self.clip.visual.cfg.patch
         if padded[0] < patch or padded[1] < patch:

@@ -44,15 +44,30 @@ def vfm_features(
     p = vfm.cfg.patch
     h, w = pixels.shape[-2:]
     if h % p or w % p:
-        need = p * 56 // math.gcd(p, 56)
         raise OvssError(
-            f"padded window {h}x{w} is not a multiple of the VFM patch {p}; use a VFM with patch 8 or 14, "
-            f"or windows whose padded sides are multiples of {need}"
+            f"padded window {h}x{w} is not a multiple of the VFM patch {p}; pad the windows to a multiple of "
+            f"{p} (Segmenter does: window_pad_multiple)"
         )
     norm = clip.input_norm if clip is not None else InputNorm()  # unrounded 0-1 statistics (spec §4.7 step 1)
     x, grid = vfm.embed(imagenet_from_clip(pixels, norm.mean, norm.std))  # (L, 1 + R + hr*hc, D_v)
-    x = vfm.ln_post(vfm.forward_blocks(x))  # (L, 1 + R + hr*hc, D_v)
+    x = vfm.ln_post(vfm.forward_blocks(x, grid=grid))  # (L, 1 + R + hr*hc, D_v); grid for RoPE (DINOv3)
     return x[:, vfm.num_prefix_tokens :], grid  # (L, hr*hc, D_v)
+
+
+def window_pad_multiple(multiple: int, vfm: VisionTransformer | None) -> int:
+    """The multiple a DINO-guided method pads its windows to: its own, unless the VFM's patch does not divide it.
+
+    ProxyCLIP's 56 (spec §2.3) is the lcm of DINO-B/8's and DINOv2's patches; a VFM whose patch does not
+    divide it (DINOv3 and DINO ViT-B/16: 16) pads to its patch instead (spec §4.7.1), which leaves full
+    224 / 336 / 448 windows unpadded as before.
+
+    Args:
+        multiple: the method's ``pad_multiple``.
+        vfm: the method's VFM; None for methods without one (the multiple is returned unchanged).
+    """
+    if vfm is None or multiple % vfm.cfg.patch == 0:
+        return multiple
+    return vfm.cfg.patch
 
 
 def clip_values_on_grid(
@@ -67,7 +82,8 @@ def clip_values_on_grid(
 
     Returns:
         v (L, H, hr * hc, d) values from ``ln_1(x11)`` with [CLS] dropped, resized with
-        ``align_corners=False`` (computed in fp32, returned in CLIP's dtype), and x11 (L, 1 + gr * gc, D),
+        ``align_corners=False`` (computed in fp32, returned in CLIP's dtype; not resampled when ``grid``
+        is the CLIP grid), and x11 (L, 1 + gr * gc, D),
         the input of the last block.
     """
     x, clip_grid = tokens_before_last_block(clip, pixels)  # (L, 1 + gr*gc, D)
@@ -77,9 +93,14 @@ def clip_values_on_grid(
 
 
 def resize_values(v: torch.Tensor, clip_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """Per-head values bilinearly resized (``align_corners=False``) in fp32: (L, H, gr*gc, d) -> (L, H, hr*hc, d)."""
+    """Per-head values bilinearly resized (``align_corners=False``) in fp32: (L, H, gr*gc, d) -> (L, H, hr*hc, d).
+
+    Equal grids return ``v`` itself (no resampling, dtype kept).
+    """
     L, H, _, d = v.shape
     (gr, gc), (hr, hc) = clip_grid, grid
+    if (hr, hc) == (gr, gc):  # a /16 VFM (DINOv3) on a /16 CLIP: the values are used as they are
+        return v  # (L, H, gr*gc, d)
     v_map = v.reshape(L, H, gr, gc, d).permute(0, 1, 4, 2, 3).reshape(L, H * d, gr, gc)  # (L, H*d, gr, gc)
     v_map = F.interpolate(v_map.float(), size=(hr, hc), mode="bilinear", align_corners=False)  # (L, H*d, hr, hc)
     return v_map.reshape(L, H, d, hr * hc).transpose(-2, -1)  # (L, H, hr*hc, d) fp32

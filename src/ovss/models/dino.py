@@ -1,4 +1,4 @@
-"""Self-supervised ViTs (DINO, DINOv2, Hugging Face ViT / Dinov2) read into the one :class:`VisionTransformer`.
+"""Self-supervised ViTs (DINO, DINOv2, DINOv3, Hugging Face ViT / Dinov2 / DINOv3) read into the one ViT.
 
 Every checkpoint layout is renamed to the OpenAI layout of :mod:`ovss.models.vit` and the model is built
 from the weight shapes by :func:`build_vit` (``nn.GELU``, LayerNorm eps 1e-6, no ``ln_pre``, no projection;
@@ -21,7 +21,9 @@ DINO's final ``norm`` becomes ``ln_post``). Names as ``dino / dinov2`` -> ``Hugg
 ``mask_token``, DINO's projection ``head.*`` and HF's ``pooler`` / ``classifier`` are dropped. Position
 tables are interpolated as the original releases do (spec §2.4): DINO and DINOv2 with scale factors
 ``(g + 0.1) / G``; DINOv2 with registers (``dinov2_*_reg`` hub models) with the output size and
-anti-aliasing. Hugging Face weights are run like their original release.
+anti-aliasing. Hugging Face weights are run like their original release. DINOv3 (spec §4.7.1) is first
+renamed to the dinov2 layout by :mod:`ovss.models.dinov3`; it has RoPE instead of a position table and
+LayerNorm eps 1e-5.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from ovss.errors import OvssError
 from ovss.hub import REGISTRY, resolve
 from ovss.models.checkpoint import folder_weights, join_qkv, read_checkpoint, read_json, unwrap_state_dict
 from ovss.models.configs import hf_heads
+from ovss.models.dinov3 import DINOV3_FORMATS, dinov3_format, dinov3_to_dino_layout
 from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
+from ovss.models.rope import ROPE_BASE, rope_periods
 from ovss.models.vit import VisionTransformer, build_vit, resolve_heads
 
 __all__ = ["VFM_FORMATS", "build_vfm", "convert_vfm_state_dict", "load_vfm", "load_vfm_state_dict"]
 
-VFM_FORMATS = ("dino", "dinov2", "hf-vit", "hf-dinov2")
-_FIX = "supply a DINO / DINOv2 ViT checkpoint (.pth, .safetensors or a Hugging Face folder) with --vfm PATH"
+VFM_FORMATS = ("dino", "dinov2", "hf-vit", "hf-dinov2", *DINOV3_FORMATS)
+_FIX = "supply a DINO / DINOv2 / DINOv3 ViT checkpoint (.pth, .safetensors or a Hugging Face folder) with --vfm PATH"
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin")
 _WRAPPERS = ("teacher", "state_dict", "model", "student")  # DINO eval code reads "teacher" first
 _MODEL_PREFIXES = ("backbone.", "dinov2_with_registers.", "dinov2.", "vit.")  # DINO heads, HF task models
@@ -110,6 +114,8 @@ def load_vfm(name_or_path: str, *, download: bool = True) -> tuple[VisionTransfo
 
 def position_record(vit: VisionTransformer) -> str:
     """How a VFM's position table is resized to other grids, for the resolved config (spec §2.4)."""
+    if vit.cfg.rope:
+        return "RoPE on the patches' q/k from their normalised grid coordinates (no position table, any grid as is)"
     if vit.cfg.pos_offset == 0.0:
         how = f"bicubic to the output size, antialias={vit.cfg.pos_antialias}"
     else:
@@ -153,7 +159,10 @@ def convert_vfm_state_dict(raw: object, source: str = "state dict") -> tuple[dic
     sd = _unwrap(raw, source)
     if any(_SWIGLU.search("." + k) for k in sd):
         raise OvssError(f"VFM checkpoint {source} uses a SwiGLU MLP (ViT-g), which ovss does not run; {_FIX}")
-    if "patch_embed.proj.weight" in sd:
+    if fmt3 := dinov3_format(sd):
+        out = _from_original(dinov3_to_dino_layout(sd, source)[0], source)
+        fmt = fmt3
+    elif "patch_embed.proj.weight" in sd:
         out = _from_original(sd, source)
         fmt = "dinov2" if _is_dinov2(out) else "dino"
     elif "embeddings.patch_embeddings.projection.weight" in sd:
@@ -174,25 +183,33 @@ def build_vfm(
     Args:
         state_dict: OpenAI-layout tensors from :func:`convert_vfm_state_dict`.
         fmt: its format; DINOv2 with registers interpolates positions with offset 0 and anti-aliasing,
-            every other format with offset 0.1 and no anti-aliasing (the original releases).
+            DINOv3 has RoPE (periods computed from the heads when the checkpoint stores none) and
+            LayerNorm eps 1e-5, every other format offset 0.1 and no anti-aliasing (the original releases).
         source: name of the checkpoint for error messages.
-        heads: attention heads declared by a config or registry entry; None: width // 64.
+        heads: attention heads declared by a config or registry entry; None: DINOv3's stored RoPE periods
+            (d / 4 of them), else width // 64.
 
     Returns:
-        The model in eval mode with gradients disabled (GELU MLP, LayerNorm eps 1e-6), with ImageNet
-        ``input_norm``.
+        The model in eval mode with gradients disabled (GELU MLP, LayerNorm eps 1e-6; DINOv3 1e-5), with
+        ImageNet ``input_norm``.
     """
     if fmt not in VFM_FORMATS:
         raise OvssError(f"unknown VFM format {fmt!r}; use one of {', '.join(VFM_FORMATS)}")
-    _validate(state_dict, source)
-    heads = resolve_heads(state_dict["conv1.weight"].shape[0], heads, f"VFM checkpoint {source}")
+    dinov3 = fmt in DINOV3_FORMATS
+    _validate(state_dict, source, rope=dinov3)
+    width = state_dict["conv1.weight"].shape[0]
+    if heads is None and "rope_periods" in state_dict:  # original DINOv3: d / 4 periods give the head width
+        heads = max(width // (4 * state_dict["rope_periods"].numel()), 1)
+    heads = resolve_heads(width, heads, f"VFM checkpoint {source}")
+    if dinov3 and "rope_periods" not in state_dict:  # Hugging Face stores none: 100 ** (4 j / d)
+        state_dict = {**state_dict, "rope_periods": rope_periods(width // heads, ROPE_BASE)}  # (d/4,)
     with_registers = fmt in ("dinov2", "hf-dinov2") and "register_tokens" in state_dict
     try:
         model = build_vit(
             state_dict,
             heads=heads,
             act="gelu",
-            eps=1e-6,
+            eps=1e-5 if dinov3 else 1e-6,
             pos_offset=0.0 if with_registers else 0.1,
             pos_antialias=with_registers,
         )
@@ -204,10 +221,14 @@ def build_vfm(
 
 
 def _check_hf_config(config: Path) -> None:
-    """A Hugging Face ``config.json`` beside the weights must declare the exact GELU MLP."""
-    act = read_json(config).get("hidden_act", "gelu")
+    """A Hugging Face ``config.json`` beside the weights must declare the exact GELU MLP (and DINOv3's RoPE)."""
+    values = read_json(config)
+    act = values.get("hidden_act", "gelu")
     if act != "gelu":
         raise OvssError(f"{config}: hidden_act is {act!r}; ovss runs DINO-family ViTs with 'gelu' only; {_FIX}")
+    theta = values.get("rope_theta", ROPE_BASE)
+    if values.get("model_type") == "dinov3_vit" and theta != ROPE_BASE:
+        raise OvssError(f"{config}: rope_theta is {theta}; ovss runs DINOv3's RoPE with base {ROPE_BASE} only; {_FIX}")
 
 
 def _unwrap(obj: object, source: str) -> dict[str, Tensor]:
@@ -247,6 +268,8 @@ def _from_original(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
             out["positional_embedding"] = _tokens(value, key, source)  # (1 + G², D)
         elif key == "register_tokens":
             out["register_tokens"] = _tokens(value, key, source)  # (R, D)
+        elif key == "rope_periods":  # DINOv3, checked by ovss.models.dinov3
+            out[key] = value  # (d/4,)
         elif key.startswith("patch_embed.proj."):
             out["conv1." + key.rsplit(".", 1)[1]] = value  # (D, 3, p, p) and (D,)
         elif key.startswith("norm."):
@@ -316,9 +339,10 @@ def _reject(unknown: list[str], source: str) -> None:
         )
 
 
-def _validate(sd: dict[str, Tensor], source: str) -> None:
-    """Check the keys and shapes :func:`build_vit` relies on, with one-line errors."""
-    required = ("conv1.weight", "class_embedding", "positional_embedding", "ln_post.weight", "ln_post.bias")
+def _validate(sd: dict[str, Tensor], source: str, rope: bool = False) -> None:
+    """Check the keys and shapes :func:`build_vit` relies on, with one-line errors (``rope``: no position table)."""
+    required = ["conv1.weight", "class_embedding", "ln_post.weight", "ln_post.bias"]
+    required += [] if rope else ["positional_embedding"]
     missing = [k for k in required if k not in sd]
     if missing or not any(k.startswith("transformer.resblocks.0.") for k in sd):
         what = ", ".join(missing) or "transformer blocks"
@@ -327,10 +351,13 @@ def _validate(sd: dict[str, Tensor], source: str) -> None:
     if len(conv) != 4 or conv[1] != 3 or conv[2] != conv[3]:
         raise OvssError(f"VFM checkpoint {source}: patch embedding has shape {conv}, expected (D, 3, p, p); {_FIX}")
     width = conv[0]
-    pos = tuple(sd["positional_embedding"].shape)
-    n = pos[0] - 1
-    if len(pos) != 2 or pos[1] != width or n < 1 or round(n**0.5) ** 2 != n:
-        raise OvssError(f"VFM checkpoint {source}: position table has shape {pos}, expected (1 + G*G, {width}); {_FIX}")
+    if not rope:
+        pos = tuple(sd["positional_embedding"].shape)
+        n = pos[0] - 1
+        if len(pos) != 2 or pos[1] != width or n < 1 or round(n**0.5) ** 2 != n:
+            raise OvssError(
+                f"VFM checkpoint {source}: position table has shape {pos}, expected (1 + G*G, {width}); {_FIX}"
+            )
     shapes: dict[str, tuple[int, ...]] = {
         "class_embedding": (width,),
         "ln_post.weight": (width,),

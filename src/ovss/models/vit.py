@@ -5,8 +5,9 @@ Parameter names follow OpenAI CLIP (``conv1``, ``class_embedding``, ``positional
 formats are converted to this layout by :mod:`ovss.models.formats`. The architecture is read off the
 weight shapes (:func:`build_vit`), never from a config file.
 
-Tokens are batch-first: ``(B, n, D)`` with [CLS] at position 0, then register tokens (DINOv2), then the
-``gr * gc`` patch tokens in row-major order.
+Tokens are batch-first: ``(B, n, D)`` with [CLS] at position 0, then register tokens (DINOv2, DINOv3), then
+the ``gr * gc`` patch tokens in row-major order. A ``rope_periods`` buffer in the weights (DINOv3) replaces
+the absolute position table by rotary embeddings of the patches' q and k (:mod:`ovss.models.rope`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from torch import nn
 
 from ovss.errors import OvssError
 from ovss.models.normalization import InputNorm
+from ovss.models.rope import apply_rope, rope_tables
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) fp32 tables of the patch tokens, each (P, head_dim)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -99,8 +103,10 @@ class Attention(nn.Module):
             logits = logits + attn_mask
         return logits.float().softmax(dim=-1).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x)  # (B, H, n, d) each
+        if rope is not None:
+            q, k = apply_rope(q, k, *rope)  # (B, H, n, d) each, patches rotated in fp32
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, n, d)
         return self.merge_heads(y)
 
@@ -131,10 +137,10 @@ class ResidualAttentionBlock(nn.Module):
         """The MLP branch including ln_2 and layer scale: (B, n, D) -> (B, n, D)."""
         return self.ls_2(self.mlp(self.ln_2(x)))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         # Under autocast the branches return bf16/fp16; adding them to the fp32 stream x promotes to fp32,
         # so the residual stream stays fp32 (only the branches' matrix products are reduced).
-        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask))  # (B, n, D)
+        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask, rope))  # (B, n, D)
         return x + self.ffn(x)  # (B, n, D)
 
 
@@ -163,7 +169,7 @@ class ViTConfig:
     width: int  # token width D (768 for ViT-B)
     layers: int  # number of blocks (12 for ViT-B)
     heads: int  # attention heads (from the checkpoint's config or registry entry; else width // 64)
-    grid: int  # side of the pretrained position table (14 for CLIP ViT-B/16 at 224 px)
+    grid: int  # side of the pretrained position table (14 for CLIP ViT-B/16 at 224 px; 0: none, RoPE)
     output_dim: int | None  # joint embedding size E of the visual projection (None: no projection, DINO)
     act: str = "quick_gelu"  # MLP activation: "quick_gelu" (OpenAI CLIP) or "gelu" (DINO, most OpenCLIP)
     eps: float = 1e-5  # LayerNorm epsilon (CLIP 1e-5, DINO 1e-6)
@@ -173,6 +179,7 @@ class ViTConfig:
     layer_scale: bool = False  # LayerScale on both residual branches (DINOv2)
     pos_offset: float = 0.1  # position-table interpolation uses scale (g + offset) / grid (spec §2.4)
     pos_antialias: bool = False  # antialias in the position-table interpolation (DINOv2-reg release)
+    rope: bool = False  # rotary embeddings of the patches' q/k instead of a position table (DINOv3)
 
 
 class VisionTransformer(nn.Module):
@@ -185,7 +192,10 @@ class VisionTransformer(nn.Module):
         D = cfg.width
         self.conv1 = nn.Conv2d(3, D, kernel_size=cfg.patch, stride=cfg.patch, bias=cfg.patch_bias)
         self.class_embedding = nn.Parameter(torch.zeros(D))
-        self.positional_embedding = nn.Parameter(torch.zeros(1 + cfg.grid * cfg.grid, D))
+        if cfg.rope:
+            self.register_buffer("rope_periods", torch.zeros(D // cfg.heads // 4))  # (d/4,) RoPE periods P_j
+        else:
+            self.positional_embedding = nn.Parameter(torch.zeros(1 + cfg.grid * cfg.grid, D))
         if cfg.registers:
             self.register_tokens = nn.Parameter(torch.zeros(cfg.registers, D))
         self.ln_pre: nn.Module = LayerNorm(D, eps=cfg.eps) if cfg.pre_norm else nn.Identity()
@@ -264,16 +274,33 @@ class VisionTransformer(nn.Module):
         B, D, gr, gc = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, gr*gc, D)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, D)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.position_table(gr, gc).to(x.dtype)  # (B, 1 + gr*gc, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + gr*gc, D)
+        if not self.cfg.rope:  # RoPE models (DINOv3) add no position embedding to any token
+            x = x + self.position_table(gr, gc).to(x.dtype)  # (B, 1 + gr*gc, D)
         if self.cfg.registers:
             reg = self.register_tokens.to(x.dtype).expand(B, -1, D)  # (B, R, D)
             x = torch.cat([x[:, :1], reg, x[:, 1:]], dim=1)  # (B, 1 + R + gr*gc, D)
         return self.ln_pre(x), (gr, gc)
 
-    def forward_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D)."""
+    def rotary(self, grid: tuple[int, int] | None) -> Rope | None:
+        """The RoPE tables of a patch grid (None for a model with a position table).
+
+        Raises:
+            ValueError: a RoPE model is run without its grid.
+        """
+        if not self.cfg.rope:
+            return None
+        if grid is None:
+            raise ValueError("a RoPE ViT (DINOv3) needs the patch grid that embed() returned")
+        return rope_tables(cast("torch.Tensor", self.rope_periods), *grid)  # (gr*gc, d) each, fp32
+
+    def forward_blocks(
+        self, x: torch.Tensor, start: int = 0, end: int | None = None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D); ``grid`` (gr, gc) is needed by RoPE."""
+        rope = self.rotary(grid)
         for block in self.blocks[start:end]:
-            x = block(x)
+            x = block(x, rope=rope)
         return x
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -282,8 +309,8 @@ class VisionTransformer(nn.Module):
         Returns:
             (B, n, E) with E = output_dim, or (B, n, D) without a projection.
         """
-        x, _ = self.embed(pixels)
-        return self.head(self.forward_blocks(x))
+        x, grid = self.embed(pixels)
+        return self.head(self.forward_blocks(x, grid=grid))
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """ln_post then the visual projection (if any): (B, n, D) -> (B, n, E). Not normalised."""
@@ -336,13 +363,14 @@ def build_vit(
 ) -> VisionTransformer:
     """Build a :class:`VisionTransformer` from a state dict in the OpenAI visual layout (no ``visual.`` prefix).
 
-    Patch size, width, depth, grid, registers, projection and LayerScale are read off the weight shapes;
-    ``heads`` is what the checkpoint's config says (None: width // 64, see :func:`resolve_heads`). The
-    weights are loaded strictly.
+    Patch size, width, depth, grid, registers, projection, LayerScale and RoPE (a ``rope_periods`` buffer)
+    are read off the weights; ``heads`` is what the checkpoint's config says (None: width // 64, see
+    :func:`resolve_heads`). The weights are loaded strictly.
     """
     conv = state_dict["conv1.weight"]  # (D, 3, p, p)
     width, patch = conv.shape[0], conv.shape[-1]
-    n_pos = state_dict["positional_embedding"].shape[0] - 1
+    rope = "rope_periods" in state_dict  # DINOv3: rotary embeddings, no position table
+    n_pos = 0 if rope else state_dict["positional_embedding"].shape[0] - 1
     grid = math.isqrt(n_pos)
     if grid * grid != n_pos:
         raise ValueError(f"position table has {n_pos} patch entries, not a square grid")
@@ -362,6 +390,7 @@ def build_vit(
         layer_scale="transformer.resblocks.0.ls_1.gamma" in state_dict,
         pos_offset=pos_offset,
         pos_antialias=pos_antialias,
+        rope=rope,
     )
     model = VisionTransformer(cfg)
     model.load_state_dict(state_dict, strict=True)
