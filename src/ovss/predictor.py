@@ -120,6 +120,7 @@ class ImageState:
     grid: tuple[int, int]  # (gr, gc) token grid of the features
     info: dict[str, Any]  # method diagnostics, per image
     window_info: dict[str, list[Any]]  # method diagnostics, one entry per window (all sub-batches)
+    extra: Any = None  # what a method with its own image path keeps beyond these (MethodSpec.image_path)
 
 
 class Segmenter:
@@ -137,6 +138,7 @@ class Segmenter:
         config: PipelineConfig,
         *,
         vfm: VisionTransformer | None = None,
+        sam: Any = None,
         tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -147,6 +149,7 @@ class Segmenter:
         self.options = options
         self.pipeline = config
         self.vfm = vfm
+        self.sam = sam  # SAM model of methods with needs_sam (Trident)
         self.device = torch.device(device)
         self.dtype = dtype
         self._tokenizer_source = tokenizer
@@ -213,6 +216,10 @@ class Segmenter:
                 with ``done = 0`` before the first window and after every batch of windows.
         """
         rgb = read_image(image)  # (H0, W0, 3) uint8
+        if self.method.image_path is not None:  # the method owns its image path (Trident)
+            path: Any = self.method.image_path.resolve()
+            self._state = path.encode(self, rgb, progress)
+            return
         cfg = self.pipeline
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = self.clip.input_norm.pixel_statistics()  # 0-255 scale (OpenAI: mmseg's rounded values)
@@ -325,7 +332,11 @@ class Segmenter:
             cfg.area_threshold,
             UNLABELLED if background is None else background,
         )
-        maps = self._full_resolution_maps(st, text, rule)
+        if self.method.image_path is not None:
+            image_path: Any = self.method.image_path.resolve()
+            maps = image_path.maps(self, st, text, rule)
+        else:
+            maps = self._full_resolution_maps(st, text, rule)
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
         return Prediction(maps.labels(), classes, record, maps, st.rgb)
 
