@@ -63,11 +63,14 @@ def connected_regions(mask: np.ndarray, score: np.ndarray, min_area: int) -> Reg
         boxes.append([x, y, x + w - 1, y + h - 1])
         points.append([best % mask.shape[1], best // mask.shape[1]])
     return Regions(
-        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(points, dtype=torch.float32).reshape(-1, 2)
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(points, dtype=torch.float32).reshape(-1, 2),
     )
 
 
-def mask_prompt(prob: torch.Tensor, size: tuple[int, int], threshold: float, coef: float) -> torch.Tensor:
+def mask_prompt(
+    prob: torch.Tensor, size: tuple[int, int], threshold: float, coef: float, side: int = MASK_SIZE
+) -> torch.Tensor:
     """Dense mask prompt: probability resized to the long-side-256 size of H0 x W0, zero-padded to 256 x 256,
     ``coef * p`` where ``p > threshold`` else 0 (spec §4.12.4 step 3).
 
@@ -75,25 +78,32 @@ def mask_prompt(prob: torch.Tensor, size: tuple[int, int], threshold: float, coe
         prob: (h, w) half-resolution class probability.
         size: (H0, W0) of the image.
 
+        side: SAM's low-resolution mask side (256).
+
     Returns:
         (1, 256, 256) fp32.
     """
-    h, w = long_side_size(*size, MASK_SIZE)
+    h, w = long_side_size(*size, side)
     p = F.interpolate(prob[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]  # (h, w)
-    p = F.pad(p, (0, MASK_SIZE - w, 0, MASK_SIZE - h))  # (256, 256)
+    p = F.pad(p, (0, side - w, 0, side - h))  # (256, 256)
     return torch.where(p > threshold, coef * p, torch.zeros_like(p))[None]  # (1, 256, 256)
 
 
-def to_sam_frame(xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def to_sam_frame(xy: torch.Tensor, size: tuple[int, int], side: int = SAM_SIZE) -> torch.Tensor:
     """Scale (..., 2k) x, y coordinates of an h x w image to its long-side-1024 size (SAM apply_coords)."""
     h, w = size
-    new_h, new_w = long_side_size(h, w, SAM_SIZE)
+    new_h, new_w = long_side_size(h, w, side)
     scale = torch.tensor([new_w / w, new_h / h], dtype=torch.float32).repeat(xy.shape[-1] // 2)  # (2k,)
     return xy.float() * scale.to(xy.device)  # (..., 2k)
 
 
 def refine_with_decoder(
-    coarse: torch.Tensor, probs: torch.Tensor, opts: TridentOptions, decode: Decoder, upsample: Upsampler
+    coarse: torch.Tensor,
+    probs: torch.Tensor,
+    opts: TridentOptions,
+    decode: Decoder,
+    upsample: Upsampler,
+    frame: tuple[int, int] = (SAM_SIZE, MASK_SIZE),
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """SAM refinement of coarse labels (spec §4.12.4 steps 1-7) with a given decoder.
 
@@ -103,6 +113,7 @@ def refine_with_decoder(
         opts: thresholds, areas, mask prompt layout and the failed-region rule.
         decode: the mask decoder (see :data:`Decoder`); called once per prompted class.
         upsample: low-res logits -> full-resolution logits (SAM post-processing).
+        frame: SAM's input side and low-resolution mask side (1024, 256).
 
     Returns:
         (H0, W0) int64 refined labels, and counts of prompted / kept regions.
@@ -122,9 +133,9 @@ def refine_with_decoder(
         B = regions.boxes.shape[0]
         if B == 0:
             continue
-        points = to_sam_frame(regions.points, (dh, dw))[:, None].to(probs.device)  # (B, 1, 2)
-        boxes = to_sam_frame(regions.boxes, (dh, dw)).to(probs.device)  # (B, 4)
-        mask = mask_prompt(p_d[c], (H0, W0), opts.coarse_thresh, opts.mask_coef)  # (1, 256, 256)
+        points = to_sam_frame(regions.points, (dh, dw), frame[0])[:, None].to(probs.device)  # (B, 1, 2)
+        boxes = to_sam_frame(regions.boxes, (dh, dw), frame[0]).to(probs.device)  # (B, 4)
+        mask = mask_prompt(p_d[c], (H0, W0), opts.coarse_thresh, opts.mask_coef, frame[1])  # (1, 256, 256)
         if opts.mask_prompt == "batched":
             mask = mask[None].expand(B, -1, -1, -1)  # (B, 1, 256, 256)
         labels = torch.ones(B, 1, dtype=torch.long, device=probs.device)  # (B, 1) foreground points
@@ -157,7 +168,8 @@ def sam_upsampler(geometry: SamGeometry) -> Upsampler:
     """SAM post-processing: bilinear to 1024 x 1024, crop to h_in x w_in, bilinear to H~ x W~, then to H0 x W0."""
 
     def upsample(low: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(low[:, None].float(), size=(SAM_SIZE, SAM_SIZE), mode="bilinear", align_corners=False)
+        side = geometry.side
+        x = F.interpolate(low[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)
         x = x[..., : geometry.input[0], : geometry.input[1]]  # (k, 1, h_in, w_in)
         x = F.interpolate(x, size=geometry.rounded, mode="bilinear", align_corners=False)  # (k, 1, H~, W~)
         if geometry.rounded != geometry.original:
@@ -191,4 +203,6 @@ def refine_labels(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """SAM refinement of one image's coarse labels with SAM's decoder (fp32)."""
     with torch.inference_mode():
-        return refine_with_decoder(coarse, probs, opts, sam_decoder(sam, image), sam_upsampler(image.geometry))
+        g = image.geometry
+        decode, upsample = sam_decoder(sam, image), sam_upsampler(g)
+        return refine_with_decoder(coarse, probs, opts, decode, upsample, (g.side, g.mask_side))

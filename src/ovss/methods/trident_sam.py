@@ -41,6 +41,13 @@ class SamGeometry:
     rounded: tuple[int, int]  # (H~, W~) = 16 * ceil(H0 / 16), 16 * ceil(W0 / 16): the predictor's image size
     input: tuple[int, int]  # (h_in, w_in): long side 1024, before padding
     grid: tuple[int, int]  # (h_s, w_s) = floor(h_in / 16), floor(w_in / 16): valid token grid
+    side: int = SAM_SIZE  # side of SAM's square input in pixels
+    patch: int = SAM_PATCH  # SAM's patch side in pixels
+
+    @property
+    def mask_side(self) -> int:
+        """Side of SAM's low-resolution masks: 4 x the embedding grid (256)."""
+        return 4 * (self.side // self.patch)
 
     @property
     def tokens(self) -> int:
@@ -50,7 +57,7 @@ class SamGeometry:
     @property
     def valid_rows(self) -> torch.Tensor:
         """(n_s,) long: row-major indices of the valid tokens in SAM's 64 x 64 grid."""
-        side = SAM_SIZE // SAM_PATCH
+        side = self.side // self.patch
         r = torch.arange(self.grid[0])[:, None] * side  # (h_s, 1)
         c = torch.arange(self.grid[1])[None, :]  # (1, w_s)
         return (r + c).flatten()  # (n_s,)
@@ -62,14 +69,14 @@ def long_side_size(height: int, width: int, target: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def sam_geometry(height: int, width: int) -> SamGeometry:
-    """SAM's input geometry of an H0 x W0 image (spec §4.12.3 step 1).
+def sam_geometry(height: int, width: int, side: int = SAM_SIZE, patch: int = SAM_PATCH) -> SamGeometry:
+    """SAM's input geometry of an H0 x W0 image (spec §4.12.3 step 1); ``side`` / ``patch`` of the SAM model.
 
     Example: VOC 375 x 500 -> rounded 384 x 512 -> input 768 x 1024 -> grid 48 x 64.
     """
     rounded = (SAM_PATCH * math.ceil(height / SAM_PATCH), SAM_PATCH * math.ceil(width / SAM_PATCH))
-    size = long_side_size(*rounded, SAM_SIZE)
-    return SamGeometry((height, width), rounded, size, (size[0] // SAM_PATCH, size[1] // SAM_PATCH))
+    size = long_side_size(*rounded, side)
+    return SamGeometry((height, width), rounded, size, (size[0] // patch, size[1] // patch), side, patch)
 
 
 def sam_input_image(rgb: np.ndarray, geometry: SamGeometry) -> np.ndarray:
@@ -182,11 +189,12 @@ def encode_sam(sam: Any, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, t
     Returns:
         embedding (1, 256, 64, 64), probabilities (H, n_s, n_s) fp32, values (H, n_s, d) and the geometry.
     """
-    geometry = sam_geometry(*rgb.shape[:2])
+    encoder = sam.image_encoder
+    geometry = sam_geometry(*rgb.shape[:2], encoder.cfg.image_size, encoder.cfg.patch)
     pixels = sam.prepare_image(sam_input_image(rgb, geometry))  # (1, 3, 1024, 1024) normalised, padded
-    embedding, x_in = sam.image_encoder.forward_with_block_input(pixels, LAST_BLOCK)  # (1, 256, 64, 64), (1, 64, 64, C)
-    block = sam.image_encoder.blocks[LAST_BLOCK]
-    side = SAM_SIZE // SAM_PATCH
+    embedding, x_in = encoder.forward_with_block_input(pixels, LAST_BLOCK)  # (1, 256, 64, 64), (1, 64, 64, C)
+    block = encoder.blocks[LAST_BLOCK]
+    side = encoder.cfg.grid
     q, k, v = block.attn.qkv(block.norm1(x_in))  # (1, H, 4096, d) each
     rows = geometry.valid_rows.to(q.device)  # (n_s,)
     logits = block.attn.logits(q, k, (side, side), rows=rows)  # (1, H, n_s, 4096)
