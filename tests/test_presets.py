@@ -35,6 +35,7 @@ EXPECTED_PRESETS = {
     "gla-release",
     "naclip",
     "naclip-pamr",
+    "trident",
 }
 
 

@@ -229,3 +229,25 @@ def test_registry_and_options():
     assert (opts.refine, opts.mask_prompt, opts.failed, opts.shift_mean) == (True, "release", "release", "image")
     assert (opts.iou_thresh, opts.min_area, opts.mask_coef) == (0.8, 225, 0.005)
     assert get_method("trident+gla").base == "trident"
+
+
+def test_trident_preset_per_dataset():
+    from ovss.eval.presets import default_preset, resolve
+    from ovss.eval.reference import reference_for
+
+    assert default_preset("trident") == default_preset("trident+gla") == "trident"
+    voc = resolve("trident", "voc21", "trident")
+    assert (voc.short_side, voc.crop, voc.stride, voc.bg_threshold, voc.logit_scale) == (448, 336, 224, 0.2, 40.0)
+    assert voc.name_set == "bg-rename" and voc.method_options == {"coarse_thresh": 0.2, "cos_fac": 1.2}
+    city = resolve("trident", "cityscapes", "trident+gla")
+    assert (city.short_side, city.crop, city.stride) == (688, 336, 224)
+    assert city.method_options == {
+        "coarse_thresh": 0.1, "cos_fac": 3.0, "refine_neg_cos": False, "split_halves": True
+    }  # fmt: skip
+    assert resolve("trident", "voc20", "trident").method_options["cos_fac"] == 0.0
+    assert resolve("trident", "ade20k", "trident").method_options["refine_neg_cos"] is False
+    assert resolve("trident", "pc60", "proxyclip").method_options == {}  # other methods get no Trident options
+    table6 = reference_for("trident+gla", "trident")
+    assert table6 is not None and table6.miou["cityscapes"] == 43.6 and table6.average == 46.1
+    own = reference_for("trident", "trident")
+    assert own is not None and own.miou["voc21"] == 67.1 and own.average == 45.8

@@ -44,7 +44,7 @@ __all__ = [
     "resolve",
 ]
 
-KINDS = ("clip", "vfm", "tokenizer")
+KINDS = ("clip", "vfm", "sam", "tokenizer")
 _TIMEOUT_S = 30.0  # seconds a connection may stall before the download is abandoned
 _CHUNK = 1 << 20  # bytes read per network call
 
@@ -206,11 +206,12 @@ REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in _ENTRIES}
 DEFAULT_CLIP = "ViT-B/16"
 DEFAULT_VFM = "dino-vitb8"
 # How each kind is named in messages, and the CLI flag / keyword that takes a local file instead.
-_LABELS = {"clip": "CLIP weights", "vfm": "VFM weights", "tokenizer": "Tokenizer vocabulary"}
-_VERBS = {"clip": "are", "vfm": "are", "tokenizer": "is"}
+_LABELS = {"clip": "CLIP weights", "vfm": "VFM weights", "sam": "SAM weights", "tokenizer": "Tokenizer vocabulary"}
+_VERBS = {"clip": "are", "vfm": "are", "sam": "are", "tokenizer": "is"}
 _SUPPLY = {
     "clip": "--clip PATH (or clip=PATH)",
     "vfm": "--vfm PATH (or vfm=PATH)",
+    "sam": "--sam PATH (or sam=PATH)",
     "tokenizer": "OVSS_BPE_PATH=PATH (or load_tokenizer(PATH))",
 }
 

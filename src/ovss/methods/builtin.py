@@ -117,6 +117,7 @@ for _spec in (
         description="Trident: spliced CLIP+DINO sub-images, SAM block-11 affinity, SAM mask refinement",
         image_path=LazyRun("ovss.methods.trident:TRIDENT_PATH"),
         needs_sam=True,
+        default_vfm="dino-vitb16",
     ),
 ):
     register(_spec)

@@ -65,6 +65,7 @@ class MethodSpec:
     # (run by set_image) and maps(segmenter, state, text, rule) -> FullResolutionMaps (run by predict).
     image_path: LazyRun | None = None
     needs_sam: bool = False  # whether the method needs SAM weights (ovss.load(..., sam=...))
+    default_vfm: str | None = None  # VFM loaded when none is given (None: ovss.hub.DEFAULT_VFM)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -101,6 +102,7 @@ def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
             base=base,
             image_path=spec.image_path,
             needs_sam=spec.needs_sam,
+            default_vfm=spec.default_vfm,
         )
     )
 
