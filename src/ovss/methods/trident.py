@@ -197,7 +197,7 @@ class TridentPath:
         if not opts.refine:
             return maps
         labels, counts = refine_labels(st.extra.sam_image, maps.labels(), maps.probs(), opts, seg.sam)  # (H0, W0)
-        st.info["trident_refine"] = counts
+        st.info = {**st.info, "trident_refine": counts}  # a new dict: earlier predictions keep their record
         return RefinedMaps(logits, rule, labels)
 
 

@@ -185,14 +185,7 @@ def sam_decoder(sam: Any, image: SamImage) -> Decoder:
     def decode(
         points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=boxes, masks=mask)
-        low, iou = sam.mask_decoder(
-            image_embeddings=image.embedding,
-            image_pe=sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )  # (B, 1, 256, 256), (B, 1)
+        low, iou = sam.decode(image.embedding, (points, labels), boxes, mask)  # (B, 1, 256, 256), (B, 1)
         return low[:, 0].float(), iou[:, 0].float()
 
     return decode

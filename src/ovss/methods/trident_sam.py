@@ -176,28 +176,35 @@ def aggregate(weights: torch.Tensor, features: torch.Tensor, grid: tuple[int, in
         return weights.float() @ resize_features(features, grid)  # (n_s, D)
 
 
-LAST_BLOCK = 11  # SAM ViT-B's last (global-attention) block, whose attention and values Trident uses
-
-
 def encode_sam(sam: Any, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
-    """One pass of SAM's image encoder: neck embedding plus block 11's valid-row attention and values.
+    """One pass of SAM's image encoder: neck embedding plus the last block's valid-row attention and values.
 
     Args:
-        sam: an ``ovss.models.sam`` SAM model (its encoder runs in the caller's autocast precision).
+        sam: an ``ovss.models.sam.SamModel`` (its encoder runs in the caller's autocast precision).
         rgb: (H0, W0, 3) uint8 RGB image (or one half of it for Cityscapes).
 
     Returns:
         embedding (1, 256, 64, 64), probabilities (H, n_s, n_s) fp32, values (H, n_s, d) and the geometry.
+
+    Raises:
+        OvssError: the encoder's last block is windowed (Trident needs its global attention, block 11 of ViT-B).
     """
+    from ovss.models.sam.transforms import ResizeLongestSide, preprocess
+
     encoder = sam.image_encoder
-    geometry = sam_geometry(*rgb.shape[:2], encoder.cfg.image_size, encoder.cfg.patch)
-    pixels = sam.prepare_image(sam_input_image(rgb, geometry))  # (1, 3, 1024, 1024) normalised, padded
-    embedding, x_in = encoder.forward_with_block_input(pixels, LAST_BLOCK)  # (1, 256, 64, 64), (1, 64, 64, C)
-    block = encoder.blocks[LAST_BLOCK]
-    side = encoder.cfg.grid
-    q, k, v = block.attn.qkv(block.norm1(x_in))  # (1, H, 4096, d) each
-    rows = geometry.valid_rows.to(q.device)  # (n_s,)
-    logits = block.attn.logits(q, k, (side, side), rows=rows)  # (1, H, n_s, 4096)
+    cfg = encoder.cfg
+    last = encoder.block(cfg.depth - 1)  # block 11 of SAM ViT-B
+    if last.window > 0:
+        raise OvssError(f"trident needs a SAM whose last block attends globally; block {cfg.depth - 1} is windowed")
+    geometry = sam_geometry(*rgb.shape[:2], cfg.image_size, cfg.patch)
+    resized = ResizeLongestSide(cfg.image_size).apply_image(sam_input_image(rgb, geometry))  # (h_in, w_in, 3)
+    device = next(encoder.parameters()).device
+    x = torch.tensor(resized, device=device).permute(2, 0, 1)[None].float()  # (1, 3, h_in, w_in) 0-255
+    pixels = preprocess(x, cfg.image_size)  # (1, 3, 1024, 1024) normalised, zero-padded
+    embedding, x_in = encoder.forward_with_block_input(pixels, cfg.depth - 1)  # (1, 256, 64, 64), (1, 64, 64, C)
+    q, k, v = last.attn.qkv(last.norm1(x_in))  # (1, H, 4096, d) each
+    rows = geometry.valid_rows.to(device)  # (n_s,)
+    logits = last.attn.logits(q, k, (cfg.grid, cfg.grid), rows=rows)  # (1, H, n_s, 4096)
     probs = valid_attention(logits[0], rows)  # (H, n_s, n_s)
     return embedding, probs, v[0, :, rows], geometry  # values (H, n_s, d)
 
@@ -243,7 +250,10 @@ def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, op
             raise OvssError(f"split_halves: the two halves have different SAM grids {parts[0].shape[1:]} and "
                             f"{parts[1].shape[1:]}; use split_halves=False for this image size")  # fmt: skip
         z = torch.cat(parts, dim=-1)  # (D, h_s, w_s' + w_s'')
+        info = {"sam_grid": list(z.shape[1:]), "sam_passes": 2}
+        if not opts.refine:
+            return z.flatten(1).T, (int(z.shape[1]), int(z.shape[2])), None, info
         embedding, _, _, geometry = encode(rgb)  # the whole image, for refinement
-        info = {"sam_grid": list(z.shape[1:]), "sam_passes": 3}
+        info["sam_passes"] = 3
     grid = (int(z.shape[1]), int(z.shape[2]))
     return z.flatten(1).T, grid, SamImage(embedding.float(), geometry), info  # (n_s, D)
