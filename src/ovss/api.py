@@ -131,12 +131,10 @@ def load_sam_weights(sam: Any, download: bool) -> tuple[Any, dict[str, Any]]:
 
     if isinstance(sam, nn.Module):
         return sam, {"sam": "<in-memory model>"}
-    from ovss import hub
     from ovss.models.sam import load_sam
 
     name = str(sam or DEFAULT_SAM)
-    model = load_sam(hub.resolve(name, kind="sam", download=download))
-    return model, {"sam": name}
+    return load_sam(name, download=download), {"sam": name}
 
 
 def load_vfm(

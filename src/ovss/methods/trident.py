@@ -29,6 +29,7 @@ from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend
 from ovss.methods.options import TridentOptions
 from ovss.methods.proxyclip import clip_values_on_grid, masked_softmax, proxy_attention, vfm_features
+from ovss.models.vit import VisionTransformer
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.pipeline.windows import Padding, Window, sliding_windows
 from ovss.precision import full_precision
@@ -68,8 +69,8 @@ def trident_options(options: Any) -> TridentOptions:
     return options if isinstance(options, TridentOptions) else options.base
 
 
-def check_patch(backbones: Backbones, name: str) -> None:
-    """Trident's spliced grid needs CLIP and the VFM on the same 16-pixel grid (DINO ViT-B/16)."""
+def check_patch(backbones: Backbones, name: str) -> VisionTransformer:
+    """Trident's spliced grid needs CLIP and the VFM on the same 16-pixel grid (DINO ViT-B/16); the VFM."""
     if backbones.vfm is None:
         raise OvssError(f"{name} needs a vision foundation model; load it with vfm='dino-vitb16' (or --vfm NAME)")
     if backbones.vfm.cfg.patch != PATCH or backbones.clip.cfg.patch != PATCH:
@@ -77,6 +78,7 @@ def check_patch(backbones: Backbones, name: str) -> None:
             f"{name} needs CLIP and the VFM with patch {PATCH} (got {backbones.clip.cfg.patch} and "
             f"{backbones.vfm.cfg.patch}); use vfm='dino-vitb16' and a /16 CLIP"
         )
+    return backbones.vfm
 
 
 def image_level_attention(features: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -96,11 +98,11 @@ def image_level_attention(features: torch.Tensor, beta: float, gamma: float) -> 
 
 def run_trident(backbones: Backbones, batch: WindowBatch, opts: TridentOptions) -> MethodOutput:
     """Trident's sub-image outputs y^(b) = OutProj(A^(b) v^(b)) on the 16-pixel grid (before the dense head)."""
-    check_patch(backbones, "trident")
+    vfm = check_patch(backbones, "trident")
     if not opts.gamma > 0:
         raise OvssError(f"trident gamma must be > 0, got {opts.gamma}")
     clip = backbones.clip
-    features, grid = vfm_features(backbones.vfm, batch.pixels, clip)  # (L, N, D_v)  # type: ignore[arg-type]
+    features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
     v, _ = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d), CLIP grid = VFM grid
     if opts.shift_mean == "window":
         attn = proxy_attention(features, opts.beta, opts.gamma)  # (L, N, N)
@@ -160,7 +162,7 @@ class TridentPath:
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = seg.clip.input_norm.pixel_statistics()
         pixels = clip_normalize(processed, device=seg.device, mean=mean, std=std)  # (3, H, W)
-        canvas = canvas_size(*pixels.shape[-2:], cfg.crop)
+        canvas = canvas_size(int(pixels.shape[-2]), int(pixels.shape[-1]), cfg.crop)
         pixels = resize_canvas(pixels, canvas)  # (3, H', W')
         windows = sliding_windows(*canvas, cfg.crop, cfg.stride)
         crops = torch.stack([pixels[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])  # (L, 3, c, c)
@@ -179,10 +181,10 @@ class TridentPath:
             progress(len(windows), len(windows))
         info = {**out.info, "trident_sam": sam_info}
         features = F.normalize(f, dim=-1)  # (1, n_s, E)
+        window_size = (cfg.crop, cfg.crop) if cfg.crop else canvas
         return ImageState(
-            rgb, pixels, windows, no_pad, crops.shape[-2:], features, grid, info, out.window_info,
-            extra=TridentImage(sam_image),
-        )  # fmt: skip
+            rgb, pixels, windows, no_pad, window_size, features, grid, info, out.window_info, TridentImage(sam_image)
+        )
 
     def maps(self, seg: Segmenter, st: ImageState, text: torch.Tensor, rule: LabelRule) -> FullResolutionMaps:
         """Text scores on SAM's grid, bilinear to H0 x W0, §2.6 labels, then SAM refinement when on."""
@@ -205,7 +207,8 @@ class RefinedMaps(FullResolutionMaps):
     """Full-resolution maps whose labels were changed by SAM refinement (logits and probs stay the coarse ones)."""
 
     def __init__(self, logits: torch.Tensor, rule: LabelRule, labels: torch.Tensor) -> None:
-        super().__init__(lambda start, stop: logits[:, start:stop], logits.shape[1:], rule, device=logits.device,
+        size = (int(logits.shape[1]), int(logits.shape[2]))
+        super().__init__(lambda start, stop: logits[:, start:stop], size, rule, device=logits.device,
                          logits=logits)  # fmt: skip
         self._refined = labels  # (H0, W0) int64
 

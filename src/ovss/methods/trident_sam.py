@@ -196,7 +196,7 @@ def encode_sam(sam: Any, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, t
     last = encoder.block(cfg.depth - 1)  # block 11 of SAM ViT-B
     if last.window > 0:
         raise OvssError(f"trident needs a SAM whose last block attends globally; block {cfg.depth - 1} is windowed")
-    geometry = sam_geometry(*rgb.shape[:2], cfg.image_size, cfg.patch)
+    geometry = sam_geometry(int(rgb.shape[0]), int(rgb.shape[1]), cfg.image_size, cfg.patch)
     resized = ResizeLongestSide(cfg.image_size).apply_image(sam_input_image(rgb, geometry))  # (h_in, w_in, 3)
     device = next(encoder.parameters()).device
     x = torch.tensor(resized, device=device).permute(2, 0, 1)[None].float()  # (1, 3, h_in, w_in) 0-255
