@@ -131,10 +131,12 @@ def load_sam_weights(sam: Any, download: bool) -> tuple[Any, dict[str, Any]]:
 
     if isinstance(sam, nn.Module):
         return sam, {"sam": "<in-memory model>"}
+    from ovss import hub
     from ovss.models.sam import load_sam
 
     name = str(sam or DEFAULT_SAM)
-    return load_sam(name, download=download), {"sam": name}
+    model = load_sam(name, download=download)
+    return model, {"sam": name, "sam_path": str(hub.resolve(name, kind="sam", download=False, progress=False))}
 
 
 def load_vfm(
