@@ -226,8 +226,8 @@ def test_unknown_name_lists_available_names_closest_first() -> None:
     assert listed[0] == "ViT-B/16"
     with pytest.raises(OvssError, match=r"'dino-vitb8' names VFM weights, not CLIP weights"):
         resolve("dino-vitb8")
-    with pytest.raises(OvssError, match=r"unknown kind 'sam'"):
-        available_models("sam")
+    with pytest.raises(OvssError, match=r"unknown kind 'sam2'"):
+        available_models("sam2")
 
 
 def test_registry_contents() -> None:

@@ -44,7 +44,7 @@ __all__ = [
     "resolve",
 ]
 
-KINDS = ("clip", "vfm", "sam", "tokenizer")
+KINDS = ("clip", "vfm", "tokenizer", "sam")
 _TIMEOUT_S = 30.0  # seconds a connection may stall before the download is abandoned
 _CHUNK = 1 << 20  # bytes read per network call
 
@@ -57,13 +57,14 @@ class WeightsEntry:
     url: str  # where the file is downloaded from
     sha256: str | None  # expected SHA-256 (hex); None = unknown, the first download's digest is recorded
     filename: str  # file name inside cache_dir() (unique across the registry)
-    format: str  # file format: "openai-jit", "open_clip", "dino", "dinov2" or "bpe"
+    format: str  # file format: "openai-jit", "open_clip", "dino", "dinov2", "bpe" or "sam"
     act: str | None  # MLP activation the weights were trained with: "quick_gelu", "gelu"; None for assets
-    kind: str  # "clip", "vfm" or "tokenizer"
+    kind: str  # "clip", "vfm", "tokenizer" or "sam"
     description: str  # one line for listings
     mean: tuple[float, float, float] | None = None  # RGB mean the model expects (0..1 scale); None for assets
     std: tuple[float, float, float] | None = None  # RGB std the model expects; None for assets
-    heads: tuple[int, int] | None = None  # attention heads (image tower, text tower; text 0 for a VFM)
+    heads: tuple[int, int] | None = None  # attention heads (image tower, text tower; text 0 for a VFM;
+    # SAM: image encoder, mask decoder)
 
 
 # Attention heads (image, text) of the released architectures (open_clip's model configs).
@@ -202,17 +203,32 @@ _ENTRIES = (
         "DINOv2 ViT-L/14 with 4 registers",
     ),
 )
-REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in _ENTRIES}
+_SAM = (
+    WeightsEntry(
+        "sam-vitb",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        None,  # Meta publishes no SHA-256 (01ec64 is an MD5 prefix): the first download's digest is recorded
+        "sam_vit_b_01ec64.pth",
+        "sam",
+        "gelu",
+        "sam",
+        "Segment Anything ViT-B (image encoder, prompt encoder, mask decoder; Trident)",
+        IMAGENET_MEAN,  # SAM normalises with 123.675, 116.28, 103.53 / 58.395, 57.12, 57.375 on 0-255
+        IMAGENET_STD,
+        (12, 8),
+    ),
+)
+REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in (*_ENTRIES, *_SAM)}
 DEFAULT_CLIP = "ViT-B/16"
 DEFAULT_VFM = "dino-vitb8"
 # How each kind is named in messages, and the CLI flag / keyword that takes a local file instead.
-_LABELS = {"clip": "CLIP weights", "vfm": "VFM weights", "sam": "SAM weights", "tokenizer": "Tokenizer vocabulary"}
-_VERBS = {"clip": "are", "vfm": "are", "sam": "are", "tokenizer": "is"}
+_LABELS = {"clip": "CLIP weights", "vfm": "VFM weights", "tokenizer": "Tokenizer vocabulary", "sam": "SAM weights"}
+_VERBS = {"clip": "are", "vfm": "are", "tokenizer": "is", "sam": "are"}
 _SUPPLY = {
     "clip": "--clip PATH (or clip=PATH)",
     "vfm": "--vfm PATH (or vfm=PATH)",
-    "sam": "--sam PATH (or sam=PATH)",
     "tokenizer": "OVSS_BPE_PATH=PATH (or load_tokenizer(PATH))",
+    "sam": "--sam PATH (or sam=PATH)",
 }
 
 
@@ -220,7 +236,7 @@ def available_models(kind: str | None = None) -> list[str]:
     """Registered names, in registry order.
 
     Args:
-        kind: ``"clip"``, ``"vfm"`` or ``"tokenizer"`` to list one kind; None lists all.
+        kind: ``"clip"``, ``"vfm"``, ``"tokenizer"`` or ``"sam"`` to list one kind; None lists all.
 
     Returns:
         Names accepted by :func:`resolve`, e.g. ``["ViT-B/16", "ViT-B/32", ...]`` for ``"clip"``.
@@ -255,7 +271,7 @@ def resolve(
     Args:
         name_or_path: an existing file or folder (returned unchanged), or one of
             ``available_models(kind)``.
-        kind: ``"clip"``, ``"vfm"`` or ``"tokenizer"``; a registered name must be of this kind.
+        kind: ``"clip"``, ``"vfm"``, ``"tokenizer"`` or ``"sam"``; a registered name must be of this kind.
         download: allow a network download when the file is not cached. ``OVSS_OFFLINE=1`` or
             ``HF_HUB_OFFLINE=1`` in the environment forbid it too.
         progress: show a tqdm progress bar on stderr while downloading.
