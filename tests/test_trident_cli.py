@@ -60,10 +60,10 @@ def test_missing_sam_offline_names_the_flag(weights, bpe_path, tmp_path, capsys,
     monkeypatch.setenv("OVSS_CACHE", str(tmp_path / "empty-cache"))
     args = ["segment", "--example", "astronaut", "--labels", "a, b", "--method", "trident", "--out",
             str(tmp_path / "o"), "--clip", str(weights["clip"]), "--vfm", str(weights["dino"]), "--tokenizer",
-            "x", "--offline", "--no-progress"]  # fmt: skip
+            str(bpe_path), "--offline", "--no-progress"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--sam PATH" in err
+    assert len(err.splitlines()) == 1 and "--sam PATH" in err and "sam_vit_b_01ec64.pth" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -85,9 +85,20 @@ def test_eval_and_report_print_table_six(weights, bpe_path, assets_dir, tmp_path
     folders = []
     for method in ("trident", "trident+gla"):
         out = tmp_path / "runs" / method
-        args = ["eval", "--dataset", "voc21", "--root", str(tmp_path / "data"), "--method", method, "--preset",
-                "trident", "--short-side", "112", "--crop", "112", "--stride", "56", "--out", str(out),
-                *_model_args(weights, bpe_path)]  # fmt: skip
+        args = [
+            "eval",
+            "--dataset",
+            "voc21",
+            "--root",
+            str(tmp_path / "data"),
+            "--method",
+            method,
+            "--preset",
+            "trident",
+            "--out",
+            str(out),
+            *_model_args(weights, bpe_path),
+        ]  # fmt: skip (the preset's 448/336/224)
         assert main(args) == 0
         result = json.loads((out / "result.json").read_text())
         assert result["images"] == 2 and 0 <= result["mIoU"] <= 100
