@@ -189,10 +189,13 @@ def test_trident_gla_runs_end_to_end(tiny_clip, dino16, sam, bpe_path, image):
     assert (gla.logits - base.logits).abs().max() > 1e-5
 
 
-def test_missing_sam_and_bad_crop_are_one_line_errors(tiny_clip, dino16, sam, bpe_path, image):
+def test_missing_sam_bad_crop_and_vfm_fail_when_the_segmenter_is_built(tiny_clip, tiny_dino, dino16, sam, bpe_path):
+    from ovss.predictor import Segmenter
+
     seg = _load(tiny_clip, dino16, sam, bpe_path)
-    seg.sam = None
     with pytest.raises(OvssError, match="--sam PATH"):
-        seg.set_image(image)
+        Segmenter(seg.clip, seg.method, seg.options, seg.pipeline, vfm=dino16, tokenizer=bpe_path)
     with pytest.raises(OvssError, match="multiple of 16"):
-        _load(tiny_clip, dino16, sam, bpe_path, crop=100).set_image(image)
+        _load(tiny_clip, dino16, sam, bpe_path, crop=100)
+    with pytest.raises(OvssError, match="dino-vitb16"):
+        _load(tiny_clip, tiny_dino, sam, bpe_path)  # a patch-8 DINO

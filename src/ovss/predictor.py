@@ -159,6 +159,9 @@ class Segmenter:
         self._state: ImageState | None = None
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+        if method.image_path is not None:  # errors of a method's own image path that hold for every image
+            image_path: Any = method.image_path.resolve()
+            image_path.check(self)
 
     def __repr__(self) -> str:
         cfg = self.pipeline

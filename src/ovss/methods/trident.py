@@ -146,6 +146,17 @@ class TridentImage:
 class TridentPath:
     """Trident's image path: ``encode`` in ``set_image``, ``maps`` in ``predict`` (``MethodSpec.image_path``)."""
 
+    def check(self, seg: Segmenter) -> None:
+        """Errors that hold for every image, raised when the segmenter is built: SAM, VFM and crop."""
+        name = seg.method.name
+        if seg.sam is None:
+            raise OvssError(f"{name} needs SAM weights; load them with sam='sam-vitb' (or --sam PATH)")
+        check_patch(Backbones(seg.clip.visual, seg.vfm), name)
+        if seg.pipeline.crop % PATCH:
+            raise OvssError(f"{name} needs a crop that is a multiple of {PATCH} (or 0), got {seg.pipeline.crop}")
+        if not trident_options(seg.options).gamma > 0:
+            raise OvssError(f"{name} gamma must be > 0, got {trident_options(seg.options).gamma}")
+
     def encode(self, seg: Segmenter, rgb: np.ndarray, progress: Progress | None) -> ImageState:
         """Sub-image stage, splice and SAM aggregation: unit dense features on SAM's valid grid."""
         from ovss.methods.trident_sam import sam_aggregate
@@ -154,11 +165,7 @@ class TridentPath:
         from ovss.predictor import ImageState
 
         cfg, opts = seg.pipeline, trident_options(seg.options)
-        sam = getattr(seg, "sam", None)
-        if sam is None:
-            raise OvssError(f"{seg.method.name} needs SAM weights; load them with sam='sam-vitb' (or --sam PATH)")
-        if cfg.crop % PATCH:
-            raise OvssError(f"{seg.method.name} needs a crop that is a multiple of {PATCH} (or 0), got {cfg.crop}")
+        self.check(seg)
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = seg.clip.input_norm.pixel_statistics()
         pixels = clip_normalize(processed, device=seg.device, mean=mean, std=std)  # (3, H, W)
@@ -174,7 +181,7 @@ class TridentPath:
             with backbone_precision(seg.device, seg.dtype):
                 out = seg.method.run(backbones, WindowBatch(crops, windows, no_pad, canvas), seg.options)
             spliced = splice(out.tokens, windows, out.grid, canvas)  # (D, Gr, Gc)
-            z, grid, sam_image, sam_info = sam_aggregate(seg, sam, rgb, spliced, opts)  # (n_s, D)
+            z, grid, sam_image, sam_info = sam_aggregate(seg, seg.sam, rgb, spliced, opts)  # (n_s, D)
             with backbone_precision(seg.device, seg.dtype):
                 f = seg.clip.visual.head(z[None]).float()  # (1, n_s, E)
         if progress is not None:
