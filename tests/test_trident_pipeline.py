@@ -199,3 +199,5 @@ def test_missing_sam_bad_crop_and_vfm_fail_when_the_segmenter_is_built(tiny_clip
         _load(tiny_clip, dino16, sam, bpe_path, crop=100)
     with pytest.raises(OvssError, match="dino-vitb16"):
         _load(tiny_clip, tiny_dino, sam, bpe_path)  # a patch-8 DINO
+    with pytest.raises(OvssError, match="pamr_steps=0"):
+        _load(tiny_clip, dino16, sam, bpe_path, pamr_steps=10)

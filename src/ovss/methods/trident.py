@@ -147,13 +147,15 @@ class TridentPath:
     """Trident's image path: ``encode`` in ``set_image``, ``maps`` in ``predict`` (``MethodSpec.image_path``)."""
 
     def check(self, seg: Segmenter) -> None:
-        """Errors that hold for every image, raised when the segmenter is built: SAM, VFM and crop."""
+        """Errors that hold for every image, raised when the segmenter is built: SAM, VFM, crop, PAMR, gamma."""
         name = seg.method.name
         if seg.sam is None:
             raise OvssError(f"{name} needs SAM weights; load them with sam='sam-vitb' (or --sam PATH)")
         check_patch(Backbones(seg.clip.visual, seg.vfm), name)
         if seg.pipeline.crop % PATCH:
             raise OvssError(f"{name} needs a crop that is a multiple of {PATCH} (or 0), got {seg.pipeline.crop}")
+        if seg.pipeline.pamr_steps:
+            raise OvssError(f"{name} refines its labels with SAM and does not run PAMR; use pamr_steps=0")
         if not trident_options(seg.options).gamma > 0:
             raise OvssError(f"{name} gamma must be > 0, got {trident_options(seg.options).gamma}")
 
