@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -251,3 +252,15 @@ def test_trident_preset_per_dataset():
     assert table6 is not None and table6.miou["cityscapes"] == 43.6 and table6.average == 46.1
     own = reference_for("trident", "trident")
     assert own is not None and own.miou["voc21"] == 67.1 and own.average == 45.8
+
+
+@pytest.mark.parametrize(("small", "size"), [((5, 8), (75, 100)), ((48, 64), (375, 500)), ((6, 9), (4, 7))])
+def test_logit_rows_equal_the_whole_bilinear_resize(small, size):
+    from ovss.methods.trident import resized_rows
+
+    x = torch.randn(3, *small, generator=torch.Generator().manual_seed(7))
+    want = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    rows = resized_rows(x, size)
+    cuts = sorted({0, size[0], *np.random.default_rng(0).integers(0, size[0], 3).tolist()})
+    got = torch.cat([rows(a, b) for a, b in itertools.pairwise(cuts)], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,7 @@ from ovss.methods.options import TridentOptions
 from ovss.methods.proxyclip import clip_values_on_grid, masked_softmax, proxy_attention, vfm_features
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
+from ovss.pipeline.postprocess import LogitRows
 from ovss.pipeline.windows import Padding, Window, sliding_windows
 from ovss.precision import full_precision
 
@@ -203,22 +204,41 @@ class TridentPath:
         H0, W0 = st.rgb.shape[:2]
         h, w = st.grid
         coarse = (st.features[0] @ text.T).T.reshape(-1, h, w)  # (Q, h_s, w_s)
-        logits = F.interpolate(coarse[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]  # (Q, H0, W0)
-        maps = FullResolutionMaps.from_logits(logits, rule)
+        maps = FullResolutionMaps(resized_rows(coarse, (H0, W0)), (H0, W0), rule, device=coarse.device)
         if not opts.refine:
             return maps
         labels, counts = refine_labels(st.extra.sam_image, maps.labels(), maps.probs(), opts, seg.sam)  # (H0, W0)
         st.info = {**st.info, "trident_refine": counts}  # a new dict: earlier predictions keep their record
-        return RefinedMaps(logits, rule, labels)
+        return RefinedMaps(maps, labels)
+
+
+def resized_rows(small: torch.Tensor, size: tuple[int, int]) -> LogitRows:
+    """Rows of the bilinear (half-pixel) resize of (Q, h, w) logits to (Q, H0, W0), computed band by band.
+
+    Columns are resized once ((Q, h, W0), small); each band then blends two source rows per output row with
+    PyTorch's weights (source y = (y + 0.5) h / H0 - 0.5, clamped at 0), so the full map is never held.
+    """
+    h = small.shape[1]
+    H0, W0 = size
+    cols = F.interpolate(small[None].float(), size=(h, W0), mode="bilinear", align_corners=False)[0]  # (Q, h, W0)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        y = torch.arange(start, stop, dtype=torch.float32, device=cols.device)  # (n,)
+        src = ((y + 0.5) * (h / H0) - 0.5).clamp(min=0)  # (n,)
+        y0 = src.long().clamp(max=h - 1)  # (n,)
+        y1 = (y0 + 1).clamp(max=h - 1)  # (n,)
+        lam = (src - y0)[None, :, None]  # (1, n, 1)
+        return cols[:, y0] * (1 - lam) + cols[:, y1] * lam  # (Q, n, W0)
+
+    return rows
 
 
 class RefinedMaps(FullResolutionMaps):
     """Full-resolution maps whose labels were changed by SAM refinement (logits and probs stay the coarse ones)."""
 
-    def __init__(self, logits: torch.Tensor, rule: LabelRule, labels: torch.Tensor) -> None:
-        size = (int(logits.shape[1]), int(logits.shape[2]))
-        super().__init__(lambda start, stop: logits[:, start:stop], size, rule, device=logits.device,
-                         logits=logits)  # fmt: skip
+    def __init__(self, coarse: FullResolutionMaps, labels: torch.Tensor) -> None:
+        super().__init__(coarse._rows, coarse.size, coarse.rule, device=coarse.device, band_rows=coarse.band_rows)
+        self._probs = coarse._probs  # built for the refinement: kept, not recomputed
         self._refined = labels  # (H0, W0) int64
 
     def labels(self) -> torch.Tensor:

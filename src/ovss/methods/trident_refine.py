@@ -123,7 +123,10 @@ def refine_with_decoder(
     y_d = F.interpolate(coarse[None, None].float(), size=(dh, dw), mode="nearest")[0, 0].long()  # (dh, dw)
     p_d = F.interpolate(probs[None].float(), size=(dh, dw), mode="bilinear", align_corners=False)[0]  # (C, dh, dw)
     y_d[p_d.amax(dim=0) < opts.coarse_thresh] = C  # unsure pixels are never prompted
-    R = torch.zeros_like(probs)  # (C, H0, W0) re-labelling scores
+    # R_c = [covered] * max_m sigmoid(l_m) * P_c is kept as its running max over classes and the first class
+    # reaching it (classes ascend, so ties go to the lowest index, as argmax): no (C, H0, W0) tensor.
+    best = torch.zeros(H0, W0, dtype=probs.dtype, device=probs.device)  # (H0, W0) max_c R_c
+    best_class = coarse.clone()  # (H0, W0) argmax_c R_c where best > 0, the coarse label elsewhere
     failed = torch.zeros(H0, W0, dtype=torch.bool, device=probs.device)  # (H0, W0) failed-mask cover
     prompted = kept = 0
     for c in range(C):
@@ -146,12 +149,15 @@ def refine_with_decoder(
         if good.any():
             logits = upsample(low[good])  # (k, H0, W0)
             covered = (logits > 0).any(dim=0)  # (H0, W0)
-            R[c] = covered * logits.sigmoid().amax(dim=0) * probs[c]  # (H0, W0)
+            r = covered * logits.sigmoid().amax(dim=0) * probs[c]  # (H0, W0) R_c
+            higher = r > best  # (H0, W0)
+            best = torch.where(higher, r, best)
+            best_class[higher] = c
         if opts.failed == "coarse" and (~good).any():
             failed |= (upsample(low[~good]) > 0).any(dim=0)  # (H0, W0)
-    refined = torch.where(R.sum(dim=0) > 0, R.argmax(dim=0), coarse)  # (H0, W0)
+    refined = best_class  # argmax_c R_c where sum_c R_c > 0 (R >= 0), else the coarse label
     if opts.failed == "coarse":
-        revert = failed & (probs.amax(dim=0) > R.amax(dim=0))  # (H0, W0)
+        revert = failed & (probs.amax(dim=0) > best)  # (H0, W0)
         refined = torch.where(revert, coarse, refined)
     return refined, {"regions": prompted, "kept": kept}
 
