@@ -177,6 +177,9 @@ def test_split_halves_encodes_each_half_and_concatenates(tiny_clip, dino16, sam,
     seg.set_image(img)
     assert seg._state.grid == (8, 16)  # two 8 x 8 halves side by side
     assert seg._state.info["trident_sam"]["sam_passes"] == 2
+    # 60 x 100 -> rounded 64 x 112 -> halves 64 x 56 handed to SAM as they are (release): 8 x 7 tokens each
+    seg.set_image(img[:60, :100])
+    assert seg._state.grid == (8, 14)
     seg = _load(tiny_clip, dino16, sam, bpe_path, split_halves=True)
     pred = seg.predict(img, LABELS)
     assert seg._state.info["trident_sam"]["sam_passes"] == 3 and pred.labels.shape == (64, 128)

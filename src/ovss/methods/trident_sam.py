@@ -69,12 +69,17 @@ def long_side_size(height: int, width: int, target: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def sam_geometry(height: int, width: int, side: int = SAM_SIZE, patch: int = SAM_PATCH) -> SamGeometry:
+def sam_geometry(
+    height: int, width: int, side: int = SAM_SIZE, patch: int = SAM_PATCH, round_to_patch: bool = True
+) -> SamGeometry:
     """SAM's input geometry of an H0 x W0 image (spec §4.12.3 step 1); ``side`` / ``patch`` of the SAM model.
 
+    ``round_to_patch=False``: the image is already the predictor's image (a half of the rounded image).
     Example: VOC 375 x 500 -> rounded 384 x 512 -> input 768 x 1024 -> grid 48 x 64.
     """
-    rounded = (SAM_PATCH * math.ceil(height / SAM_PATCH), SAM_PATCH * math.ceil(width / SAM_PATCH))
+    rounded = (height, width)
+    if round_to_patch:
+        rounded = (SAM_PATCH * math.ceil(height / SAM_PATCH), SAM_PATCH * math.ceil(width / SAM_PATCH))
     size = long_side_size(*rounded, side)
     return SamGeometry((height, width), rounded, size, (size[0] // patch, size[1] // patch), side, patch)
 
@@ -176,12 +181,15 @@ def aggregate(weights: torch.Tensor, features: torch.Tensor, grid: tuple[int, in
         return weights.float() @ resize_features(features, grid)  # (n_s, D)
 
 
-def encode_sam(sam: Any, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
+def encode_sam(
+    sam: Any, rgb: np.ndarray, round_to_patch: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
     """One pass of SAM's image encoder: neck embedding plus the last block's valid-row attention and values.
 
     Args:
         sam: an ``ovss.models.sam.SamModel`` (its encoder runs in the caller's autocast precision).
-        rgb: (H0, W0, 3) uint8 RGB image (or one half of it for Cityscapes).
+        rgb: (H0, W0, 3) uint8 RGB image, or (``round_to_patch=False``) one half of the rounded image.
+        round_to_patch: resize the image to multiples of 16 first (cv2 bilinear), as for the whole image.
 
     Returns:
         embedding (1, 256, 64, 64), probabilities (H, n_s, n_s) fp32, values (H, n_s, d) and the geometry.
@@ -196,7 +204,7 @@ def encode_sam(sam: Any, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, t
     last = encoder.block(cfg.depth - 1)  # block 11 of SAM ViT-B
     if last.window > 0:
         raise OvssError(f"trident needs a SAM whose last block attends globally; block {cfg.depth - 1} is windowed")
-    geometry = sam_geometry(int(rgb.shape[0]), int(rgb.shape[1]), cfg.image_size, cfg.patch)
+    geometry = sam_geometry(int(rgb.shape[0]), int(rgb.shape[1]), cfg.image_size, cfg.patch, round_to_patch)
     resized = ResizeLongestSide(cfg.image_size).apply_image(sam_input_image(rgb, geometry))  # (h_in, w_in, 3)
     device = next(encoder.parameters()).device
     x = torch.tensor(resized, device=device).permute(2, 0, 1)[None].float()  # (1, 3, h_in, w_in) 0-255
@@ -228,9 +236,9 @@ def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, op
     from ovss.methods.trident_refine import SamImage
     from ovss.precision import backbone_precision
 
-    def encode(part: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
+    def encode(part: np.ndarray, whole: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
         with backbone_precision(seg.device, seg.dtype):
-            return encode_sam(sam, part)
+            return encode_sam(sam, part, round_to_patch=whole)
 
     def aggregated(probs: torch.Tensor, values: torch.Tensor, y: torch.Tensor, g: SamGeometry) -> torch.Tensor:
         w = aggregation_weights(probs, values, opts.cos_fac, opts.refine_neg_cos)  # (n_s, n_s)
@@ -241,10 +249,12 @@ def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, op
         z = aggregated(probs, values, spliced, geometry)  # (D, h_s, w_s)
         info = {"sam_grid": list(geometry.grid), "sam_passes": 1}
     else:
-        half, col = rgb.shape[1] // 2, spliced.shape[-1] // 2
+        # The release splits the 16-rounded image (H~ x W~) at W~ // 2 and hands each half to SAM as it is.
+        rounded = sam_input_image(rgb, sam_geometry(int(rgb.shape[0]), int(rgb.shape[1])))  # (H~, W~, 3)
+        half, col = rounded.shape[1] // 2, spliced.shape[-1] // 2
         parts = []
-        for image, y in ((rgb[:, :half], spliced[..., :col]), (rgb[:, half:], spliced[..., col:])):
-            _, probs, values, g = encode(np.ascontiguousarray(image))
+        for image, y in ((rounded[:, :half], spliced[..., :col]), (rounded[:, half:], spliced[..., col:])):
+            _, probs, values, g = encode(np.ascontiguousarray(image), whole=False)
             parts.append(aggregated(probs, values, y, g))  # (D, h_s, w_s')
         if parts[0].shape[1] != parts[1].shape[1]:
             raise OvssError(f"split_halves: the two halves have different SAM grids {parts[0].shape[1:]} and "
