@@ -60,14 +60,16 @@ def _tiny_hf_sam() -> torch.nn.Module:
     model = transformers.SamModel(config).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.dim() >= 2 and "proj" in name or "conv" in name or "lin" in name or "layers." in name:
-                p.copy_(noise * p[0].numel() ** -0.5 if p.dim() >= 2 else 0.1 * noise)  # ~unit-variance outputs
-            else:  # embeddings, position tables, relative positions
-                p.copy_(0.5 * noise)
+        for p in model.parameters():  # embeddings, position tables, relative positions
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.ConvTranspose2d):  # ~unit-variance outputs
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * m.weight[0].numel() ** -0.5)
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            elif isinstance(m, torch.nn.LayerNorm):  # near identity, as after training
+                m.weight.copy_(1.0 + 0.1 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
     return model
 
 
@@ -301,3 +303,30 @@ def test_wrong_input_size_is_one_clear_error(sam: SamModel) -> None:
         OvssError, match=r"takes \(B, 3, 128, 128\) normalised, zero-padded images, got \(1, 3, 64, 64\)"
     ):
         sam.image_encoder(torch.zeros(1, 3, 64, 64))
+
+
+def test_a_prompt_batch_equals_one_prompt_at_a_time(sam: SamModel) -> None:
+    """Per-prompt masks (which transformers' layout cannot express): the batch equals separate decoder calls."""
+    coords, labels = _points(3, 2)
+    boxes = _boxes(3)
+    masks = torch.randn(3, 1, 4 * GRID, 4 * GRID, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        embedding = sam.image_encoder(_pixels(1))
+        batch, iou = sam.decode(embedding, (coords, labels), boxes, masks, multimask_output=True)
+        for i in range(3):
+            one, one_iou = sam.decode(
+                embedding, (coords[i : i + 1], labels[i : i + 1]), boxes[i : i + 1], masks[i : i + 1], True
+            )
+            assert (batch[i : i + 1] - one).abs().max() <= TOL and (iou[i : i + 1] - one_iou).abs().max() <= TOL
+    assert (batch[0] - batch[1]).abs().max() > 1e-2  # the prompts differ, so do the masks
+
+
+def test_encoder_runs_under_autocast(sam: SamModel) -> None:
+    """Reduced precision (Trident runs SAM's encoder in fp16 on GPUs): bf16 autocast on the CPU stays close."""
+    pixels = _pixels(1)
+    with torch.no_grad():
+        reference = sam.image_encoder(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = sam.image_encoder(pixels)
+    assert torch.isfinite(reduced).all()
+    assert (reduced.float() - reference).abs().max() <= 0.1 * reference.abs().max()

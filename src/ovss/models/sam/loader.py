@@ -63,10 +63,10 @@ HF_TO_OFFICIAL: tuple[tuple[str, str], ...] = (
     (r"mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
     (r"mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
     (r"mask_decoder\.(iou_token|mask_tokens)\.", r"mask_decoder.\1."),
-    # MLP heads: proj_in, layers.j, proj_out -> layers.0, layers.j+1, layers.LAST (LAST filled in per head)
-    (r"mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.proj_in\.", r"mask_decoder.\1.layers.0."),
-    (r"mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\.", r"mask_decoder.\1.+\2."),
-    (r"mask_decoder\.(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.proj_out\.", r"mask_decoder.\1.LAST."),
+)
+# Hugging Face MLP heads: proj_in, layers.j, proj_out -> official layers.0, layers.{j + 1}, layers.{last}.
+_HF_MLP = re.compile(
+    r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|layers\.(\d+)|proj_out)\."
 )
 _OFFICIAL_TO_OVSS = ((re.compile(r"(image_encoder\.blocks\.\d+\.attn)\.qkv\.(weight|bias)$"), r"\1.in_proj_\2"),)
 
@@ -96,7 +96,7 @@ def load_sam(name_or_path: str = "sam-vitb", *, download: bool = True) -> SamMod
         heads = decoder_config["num_attention_heads"]
     try:
         return build_sam(sd, heads)
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError) as e:
         reason = f"lacks {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:300]
         raise OvssError(f"SAM checkpoint {path} does not form a SAM ({reason}); {_FIX}") from e
 
@@ -147,11 +147,19 @@ def convert_sam_state_dict(raw: object, source: str = "state dict") -> dict[str,
 
 
 def _from_hf(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
-    """Hugging Face names -> official names through :data:`HF_TO_OFFICIAL`."""
+    """Hugging Face names -> official names through :data:`HF_TO_OFFICIAL` and the MLP-head numbering."""
+    hidden: dict[str, int] = {}  # hidden layers per MLP head: its last layer is layers.{hidden + 1}
+    for key in sd:
+        if (m := _HF_MLP.match(key)) and m[3] is not None:
+            hidden[m[1]] = max(hidden.get(m[1], 0), int(m[3]) + 1)
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in sd.items():
         if key.startswith(_DROPPED):
+            continue
+        if m := _HF_MLP.match(key):
+            index = 0 if m[2] == "proj_in" else hidden.get(m[1], 0) + 1 if m[2] == "proj_out" else int(m[3]) + 1
+            out[f"{m[1]}.layers.{index}.{key[m.end() :]}"] = value
             continue
         for pattern, replacement in HF_TO_OFFICIAL:
             if re.match(pattern, key):
@@ -161,23 +169,6 @@ def _from_hf(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
             unknown.append(key)
     if unknown:
         raise OvssError(f"SAM checkpoint {source} has keys ovss cannot use: {', '.join(sorted(unknown)[:5])}; {_FIX}")
-    return _number_mlp_layers(out)
-
-
-def _number_mlp_layers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Resolve the ``+j`` (hidden layer j -> j + 1) and ``LAST`` placeholders of the MLP heads."""
-    hidden: dict[str, int] = {}
-    for key in sd:
-        m = re.match(r"(mask_decoder\.[\w.]+?)\.\+(\d+)\.", key)
-        if m:
-            hidden[m[1]] = max(hidden.get(m[1], 0), int(m[2]) + 1)
-    out: dict[str, Tensor] = {}
-    for key, value in sd.items():
-        key = re.sub(r"\.\+(\d+)\.", lambda m: f".layers.{int(m[1]) + 1}.", key)
-        m = re.match(r"(mask_decoder\.[\w.]+?)\.LAST\.", key)
-        if m:
-            key = key.replace(".LAST.", f".layers.{hidden.get(m[1], 0) + 1}.")
-        out[key] = value
     return out
 
 

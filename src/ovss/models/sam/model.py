@@ -156,9 +156,21 @@ def build_sam(sd: dict[str, Tensor], decoder_heads: int = SAM_DECODER_HEADS) -> 
     """A :class:`SamModel` in eval mode holding ``sd`` (ovss layout), fp32 on the CPU.
 
     Raises:
-        KeyError, ValueError, RuntimeError: the tensors do not form a SAM (the loader turns these into one
+        KeyError, ValueError: the tensors do not form a SAM: a tensor the sizes are read from is missing, or
+            keys missing / unexpected / mis-shaped (the loader turns these into one
             :class:`~ovss.errors.OvssError` line naming the file).
     """
     model = SamModel(sam_config(sd, decoder_heads))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
+            if keys
+        ]
+        raise ValueError("; ".join(parts))
     model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
     return model.eval()
