@@ -189,8 +189,8 @@ def _job(args: argparse.Namespace, method: str, **kw: object) -> dict:
         "method": method,
         "clip": str(args.clip_path),
         "dino": str(args.dino_path),
-        "dino16": str(args.dino16_path),
-        "sam": str(args.sam_path),
+        "dino16": str(getattr(args, "dino16_path", "")),
+        "sam": str(getattr(args, "sam_path", "")),
         "dtype": "fp32",
         "threads": args.threads,
         "warmup": 1,
@@ -246,6 +246,8 @@ def bench_precision(args: argparse.Namespace) -> list[str]:
     from ovss.methods import get_method
 
     methods = args.methods or ovss.available_methods()
+    if any(get_method(m).needs_sam for m in methods):
+        args.dino16_path, args.sam_path = write_sam_weights(args.weights_folder, args.quick)
     geometry = {"short_side": 112, "crop": 56, "stride": 28} if args.quick else {}
     rows = [
         "| method | fp32 (s) | bf16 (s) | bf16 / fp32 | identical labels |",
@@ -273,12 +275,12 @@ def weights(args: argparse.Namespace) -> Iterator[None]:
         folder = Path(args.weights_dir)
         folder.mkdir(parents=True, exist_ok=True)
         args.clip_path, args.dino_path = write_weights(folder, args.quick)
-        args.dino16_path, args.sam_path = write_sam_weights(folder, args.quick)
+        args.weights_folder = folder  # DINO ViT-B/16 and SAM are written there when a SAM-based method runs
         yield
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.clip_path, args.dino_path = write_weights(Path(tmp), args.quick)
-        args.dino16_path, args.sam_path = write_sam_weights(Path(tmp), args.quick)
+        args.weights_folder = Path(tmp)
         yield
 
 

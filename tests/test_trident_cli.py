@@ -81,7 +81,7 @@ def _voc_tree(root: Path, samples: Path, ids: list[str]) -> None:
 
 
 def test_eval_and_report_print_table_six(weights, bpe_path, assets_dir, tmp_path, capsys):
-    _voc_tree(tmp_path / "data", assets_dir / "voc2012-val-samples", ["0", "23"])
+    _voc_tree(tmp_path / "data", assets_dir / "voc2012-val-samples", ["0"])
     folders = []
     for method in ("trident", "trident+gla"):
         out = tmp_path / "runs" / method
@@ -101,7 +101,7 @@ def test_eval_and_report_print_table_six(weights, bpe_path, assets_dir, tmp_path
         ]  # fmt: skip (the preset's 448/336/224)
         assert main(args) == 0
         result = json.loads((out / "result.json").read_text())
-        assert result["images"] == 2 and 0 <= result["mIoU"] <= 100
+        assert result["images"] == 1 and 0 <= result["mIoU"] <= 100
         config = json.loads((out / "config.json").read_text())
         assert config["setting"]["method_options"] == {"coarse_thresh": 0.2, "cos_fac": 1.2}
         assert config["setting"]["bg_threshold"] == 0.2 and config["weights"]["sam"]["path"] == str(weights["sam"])
@@ -124,8 +124,8 @@ def test_eval_on_the_voc_samples_folder(weights, bpe_path, assets_dir, tmp_path)
     args = ["eval", "--dataset", "folder", "--images", str(samples / "images"), "--labels", str(samples / "labels"),
             "--names", str(names), "--image-suffix", "_image", "--label-suffix", "_label", "--has-background",
             "--method", "trident", "--preset", "trident", "--short-side", "64", "--crop", "64", "--stride", "48",
-            "--out", str(out), *_model_args(weights, bpe_path)]  # fmt: skip
+            "--limit", "4", "--templates", "imagenet7", "--out", str(out), *_model_args(weights, bpe_path)]  # fmt: skip
     assert main(args) == 0
     result = json.loads((out / "result.json").read_text())
-    assert result["images"] == 14 and result["complete"]
+    assert result["images"] == 4
     assert sum(result["counts"]["pred_area"]) == sum(result["counts"]["label_area"]) > 0

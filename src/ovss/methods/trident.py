@@ -31,7 +31,7 @@ from ovss.methods.options import TridentOptions
 from ovss.methods.proxyclip import clip_values_on_grid, masked_softmax, proxy_attention, vfm_features
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
-from ovss.pipeline.postprocess import LogitRows
+from ovss.pipeline.postprocess import LogitRows, labels_from_probs
 from ovss.pipeline.windows import Padding, Window, sliding_windows
 from ovss.precision import full_precision
 
@@ -207,7 +207,9 @@ class TridentPath:
         maps = FullResolutionMaps(resized_rows(coarse, (H0, W0)), (H0, W0), rule, device=coarse.device)
         if not opts.refine:
             return maps
-        labels, counts = refine_labels(st.extra.sam_image, maps.labels(), maps.probs(), opts, seg.sam)  # (H0, W0)
+        probs = maps.probs()  # (C, H0, W0), kept by the maps
+        coarse_labels = labels_from_probs(probs, rule.bg_threshold, rule.bg_label)  # = maps.labels(), one pass less
+        labels, counts = refine_labels(st.extra.sam_image, coarse_labels, probs, opts, seg.sam)  # (H0, W0)
         st.info = {**st.info, "trident_refine": counts}  # a new dict: earlier predictions keep their record
         return RefinedMaps(maps, labels)
 
