@@ -212,8 +212,12 @@ def encode_sam(
     embedding, x_in = encoder.forward_with_block_input(pixels, cfg.depth - 1)  # (1, 256, 64, 64), (1, 64, 64, C)
     q, k, v = last.attn.qkv(last.norm1(x_in))  # (1, H, 4096, d) each
     rows = geometry.valid_rows.to(device)  # (n_s,)
-    logits = last.attn.logits(q, k, (cfg.grid, cfg.grid), rows=rows)  # (1, H, n_s, 4096)
-    probs = valid_attention(logits[0], rows)  # (H, n_s, n_s)
+    # One head at a time: the peak is one (n_s, 4096) logit map beyond the (H, n_s, n_s) result.
+    H, n = q.shape[1], rows.shape[0]
+    probs = torch.empty(H, n, n, dtype=torch.float32, device=device)  # (H, n_s, n_s)
+    for h in range(H):
+        logits = last.attn.logits(q[:, h : h + 1], k[:, h : h + 1], (cfg.grid, cfg.grid), rows)  # (1, 1, n_s, 4096)
+        probs[h] = valid_attention(logits[0], rows)[0]  # (n_s, n_s)
     return embedding, probs, v[0, :, rows], geometry  # values (H, n_s, d)
 
 
