@@ -89,6 +89,31 @@ def write_weights(folder: Path, quick: bool) -> tuple[Path, Path]:
     return clip_path, dino_path
 
 
+def write_sam_weights(folder: Path, quick: bool) -> tuple[Path, Path]:
+    """Random DINO ViT-B/16 and SAM ViT-B (official key layout) for ``trident`` / ``trident+gla`` unless present.
+
+    ``quick``: a tiny DINO (patch 16) and a tiny SAM (128-pixel input, 3 blocks, the last global).
+    """
+    from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
+
+    tag = "tiny" if quick else "base"
+    dino_path, sam_path = folder / f"dino-vitb16-{tag}.pth", folder / f"sam-vitb-{tag}.pth"
+    if not dino_path.exists():
+        width, layers = (128, 2) if quick else (768, 12)
+        torch.save(dino_state_dict(width, layers, patch=16, grid=14, seed=2), dino_path)
+    if not sam_path.exists():
+        if quick:
+            enc = SamEncoderConfig(16, 32, 3, 2, 8, 4, (2,), 64, 32)
+            cfg = SamConfig(enc, 32, 16, 1, 8, 64, 2, 3, 2, 32)
+        else:  # SAM ViT-B: 12 blocks of 768, global blocks 2, 5, 8, 11, 64 x 64 tokens; 256-d decoder
+            enc = SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256)
+            cfg = SamConfig(enc, 256, 16, 2, 8, 2048, 2, 3, 3, 256)
+        torch.manual_seed(3)
+        sd = SamModel(cfg).state_dict()
+        torch.save({k.replace(".attn.in_proj_", ".attn.qkv."): v for k, v in sd.items()}, sam_path)
+    return dino_path, sam_path
+
+
 # ----------------------------------------------------------------------------------------------- one process
 def peak_rss_bytes() -> int:
     """Peak resident set of this process from the OS: VmHWM (Linux), else ru_maxrss."""
@@ -105,11 +130,14 @@ def child(job: dict) -> dict:
     """One measurement (runs in a fresh process): load, then warm-up + timed set_image / predict."""
     torch.set_num_threads(job["threads"])
     import ovss
+    from ovss.methods import get_method
 
+    sam_based = get_method(job["method"]).needs_sam  # trident: DINO ViT-B/16 and SAM
     seg = ovss.load(
         job["method"],
         clip=job["clip"],
-        vfm=job["dino"],
+        vfm=job["dino16"] if sam_based else job["dino"],
+        sam=job["sam"] if sam_based else None,
         dtype=job["dtype"],
         tokenizer=job["tokenizer"],
         download=False,
@@ -161,6 +189,8 @@ def _job(args: argparse.Namespace, method: str, **kw: object) -> dict:
         "method": method,
         "clip": str(args.clip_path),
         "dino": str(args.dino_path),
+        "dino16": str(getattr(args, "dino16_path", "")),
+        "sam": str(getattr(args, "sam_path", "")),
         "dtype": "fp32",
         "threads": args.threads,
         "warmup": 1,
@@ -213,8 +243,11 @@ def bench_latency(args: argparse.Namespace) -> list[str]:
 
 def bench_precision(args: argparse.Namespace) -> list[str]:
     import ovss
+    from ovss.methods import get_method
 
     methods = args.methods or ovss.available_methods()
+    if any(get_method(m).needs_sam for m in methods):
+        args.dino16_path, args.sam_path = write_sam_weights(args.weights_folder, args.quick)
     geometry = {"short_side": 112, "crop": 56, "stride": 28} if args.quick else {}
     rows = [
         "| method | fp32 (s) | bf16 (s) | bf16 / fp32 | identical labels |",
@@ -223,11 +256,12 @@ def bench_precision(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             res = {}
+            geo = dict(geometry)
+            if get_method(method).needs_sam and args.quick:
+                geo.update(crop=64, stride=32)  # trident's windows are multiples of 16 pixels
             for dtype in ("fp32", "bf16"):
                 out = str(Path(tmp) / f"{method}-{dtype}.npy")
-                res[dtype] = measure(
-                    _job(args, method, dtype=dtype, image="astronaut", geometry=geometry, labels_out=out)
-                )
+                res[dtype] = measure(_job(args, method, dtype=dtype, image="astronaut", geometry=geo, labels_out=out))
                 res[dtype]["labels"] = np.load(out)
             same = float((res["fp32"]["labels"] == res["bf16"]["labels"]).mean())
             t32, t16 = res["fp32"]["seconds"], res["bf16"]["seconds"]
@@ -241,10 +275,12 @@ def weights(args: argparse.Namespace) -> Iterator[None]:
         folder = Path(args.weights_dir)
         folder.mkdir(parents=True, exist_ok=True)
         args.clip_path, args.dino_path = write_weights(folder, args.quick)
+        args.weights_folder = folder  # DINO ViT-B/16 and SAM are written there when a SAM-based method runs
         yield
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.clip_path, args.dino_path = write_weights(Path(tmp), args.quick)
+        args.weights_folder = Path(tmp)
         yield
 
 

@@ -36,6 +36,7 @@ EXPECTED_PRESETS = {
     "naclip",
     "naclip-pamr",
     "scclip",
+    "trident",
 }
 
 

@@ -122,8 +122,27 @@ def load_clip(
     return model, record
 
 
-def load_vfm(vfm: str | os.PathLike[str] | VisionTransformer | None, download: bool) -> tuple[Any, dict[str, Any]]:
-    """Load the vision foundation model of a DINO-guided method (default ``dino-vitb8``)."""
+DEFAULT_SAM = "sam-vitb"  # SAM weights of SAM-based methods (Trident)
+
+
+def load_sam_weights(sam: Any, download: bool) -> tuple[Any, dict[str, Any]]:
+    """Load SAM (default ``sam-vitb``) for SAM-based methods: a registry name, a local checkpoint, or a model."""
+    from torch import nn
+
+    if isinstance(sam, nn.Module):
+        return sam, {"sam": "<in-memory model>"}
+    from ovss import hub
+    from ovss.models.sam import load_sam
+
+    name = str(sam or DEFAULT_SAM)
+    model = load_sam(name, download=download)
+    return model, {"sam": name, "sam_path": str(hub.resolve(name, kind="sam", download=False, progress=False))}
+
+
+def load_vfm(
+    vfm: str | os.PathLike[str] | VisionTransformer | None, download: bool, default: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Load the vision foundation model of a DINO-guided method (default ``default`` or ``dino-vitb8``)."""
     from ovss.models.dino import position_record
 
     if isinstance(vfm, VisionTransformer):
@@ -131,7 +150,7 @@ def load_vfm(vfm: str | os.PathLike[str] | VisionTransformer | None, download: b
     from ovss import hub
     from ovss.models.dino import load_vfm as load_vfm_weights
 
-    model, rec = load_vfm_weights(str(vfm or hub.DEFAULT_VFM), download=download)
+    model, rec = load_vfm_weights(str(vfm or default or hub.DEFAULT_VFM), download=download)
     record = {"vfm": rec.get("name"), "vfm_path": rec.get("path"), "vfm_format": rec.get("format")}
     return model, {**record, "vfm_heads": model.cfg.heads, "vfm_positions": position_record(model)}
 
@@ -141,6 +160,7 @@ def load(
     clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
     *,
     vfm: str | os.PathLike[str] | VisionTransformer | None = None,
+    sam: Any = None,
     gla: bool | Mapping[str, Any] = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
@@ -157,6 +177,9 @@ def load(
             a local file in any supported format, or an already built :class:`~ovss.models.clip.CLIP`.
         vfm: the vision foundation model of DINO-guided methods (default "dino-vitb8"): a registry name,
             a local DINO / DINOv2 / Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
+            Trident's default is "dino-vitb16".
+        sam: SAM weights of SAM-based methods (``trident``; default "sam-vitb"): a registry name, a local
+            official checkpoint, or a built SAM model. Ignored by the other methods.
         gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``);
             a dict attaches GLA with these GLA options (``gla={"rho": 0.55}`` equals ``gla_rho=0.55``).
         device: where to run (default CPU). Nothing is moved behind your back.
@@ -198,7 +221,9 @@ def load(
 
     wanted = [] if isinstance(clip, CLIP) else [(str(clip), "clip")]
     if spec.needs_vfm and not isinstance(vfm, VisionTransformer):
-        wanted.append((str(vfm or hub.DEFAULT_VFM), "vfm"))
+        wanted.append((str(vfm or spec.default_vfm or hub.DEFAULT_VFM), "vfm"))
+    if spec.needs_sam and (sam is None or isinstance(sam, (str, os.PathLike))):
+        wanted.append((str(sam or DEFAULT_SAM), "sam"))
     hub.check_offline(wanted, download=download, vocabulary=tokenizer is None)  # every missing file, at once
     model, record = load_clip(clip, act=act, download=download)
     if model.text is not None and not isinstance(tokenizer, Tokenizer):  # at load: fail before any image is read
@@ -206,15 +231,21 @@ def load(
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
     vfm_model = None
     if spec.needs_vfm:
-        vfm_model, vfm_record = load_vfm(vfm, download)
+        vfm_model, vfm_record = load_vfm(vfm, download, spec.default_vfm)
         vfm_model = vfm_model.to(device=device)
         record.update(vfm_record)
+    sam_model = None
+    if spec.needs_sam:
+        sam_model, sam_record = load_sam_weights(sam, download)
+        sam_model = sam_model.to(device=device)
+        record.update(sam_record)
     return Segmenter(
         model,
         spec,
         opts,
         config,
         vfm=vfm_model,
+        sam=sam_model,
         tokenizer=tokenizer,
         device=device,
         dtype=torch_dtype,

@@ -121,6 +121,7 @@ class ImageState:
     grid: tuple[int, int]  # (gr, gc) token grid of the features
     info: dict[str, Any]  # method diagnostics, per image
     window_info: dict[str, list[Any]]  # method diagnostics, one entry per window (all sub-batches)
+    extra: Any = None  # what a method with its own image path keeps beyond these (MethodSpec.image_path)
 
 
 class Segmenter:
@@ -138,6 +139,7 @@ class Segmenter:
         config: PipelineConfig,
         *,
         vfm: VisionTransformer | None = None,
+        sam: Any = None,
         tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -150,6 +152,7 @@ class Segmenter:
         self.vfm = vfm
         # DINO-guided methods pad to a multiple of the VFM's patch (56 for DINO-B/8, 16 for DINOv3; spec §2.3).
         self.pad_multiple = window_pad_multiple(method.pad_multiple, vfm if method.needs_vfm else None)
+        self.sam = sam  # SAM model of methods with needs_sam (Trident)
         self.device = torch.device(device)
         self.dtype = dtype
         self._tokenizer_source = tokenizer
@@ -159,6 +162,9 @@ class Segmenter:
         self._state: ImageState | None = None
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+        if method.image_path is not None:  # errors of a method's own image path that hold for every image
+            image_path: Any = method.image_path.resolve()
+            image_path.check(self)
 
     def __repr__(self) -> str:
         cfg = self.pipeline
@@ -216,6 +222,10 @@ class Segmenter:
                 with ``done = 0`` before the first window and after every batch of windows.
         """
         rgb = read_image(image)  # (H0, W0, 3) uint8
+        if self.method.image_path is not None:  # the method owns its image path (Trident)
+            path: Any = self.method.image_path.resolve()
+            self._state = path.encode(self, rgb, progress)
+            return
         cfg = self.pipeline
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = self.clip.input_norm.pixel_statistics()  # 0-255 scale (OpenAI: mmseg's rounded values)
@@ -336,7 +346,11 @@ class Segmenter:
             cfg.area_threshold,
             UNLABELLED if background is None else background,
         )
-        maps = self._full_resolution_maps(st, text, rule)
+        if self.method.image_path is not None:
+            image_path: Any = self.method.image_path.resolve()
+            maps = image_path.maps(self, st, text, rule)
+        else:
+            maps = self._full_resolution_maps(st, text, rule)
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
         return Prediction(maps.labels(), classes, record, maps, st.rgb)
 

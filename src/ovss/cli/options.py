@@ -74,8 +74,13 @@ def add_model_flags(p: argparse.ArgumentParser, default_method: str = "clearclip
     )
     g.add_argument(
         "--vfm",
-        help="vision foundation model of DINO-guided methods (default dino-vitb8): a name from `ovss models` "
-        "or a local DINO / DINOv2 / Hugging Face checkpoint",
+        help="vision foundation model of DINO-guided methods (default dino-vitb8; trident: dino-vitb16): a name from "
+        "`ovss models` or a local DINO / DINOv2 / Hugging Face checkpoint",
+    )
+    g.add_argument(
+        "--sam",
+        help="SAM weights of SAM-based methods (trident; default sam-vitb): a name from `ovss models` or a local "
+        "official checkpoint",
     )
     g.add_argument("--gla", action="store_true", help="attach GLA to the method (same as --method NAME+gla)")
     g.add_argument("--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say")
@@ -136,6 +141,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "clip": args.clip,
         "vfm": args.vfm,
+        "sam": args.sam,
         "gla": args.gla,
         "act": args.act,
         "tokenizer": args.tokenizer,

@@ -46,6 +46,7 @@ HOME_PRESETS: dict[str, str] = {
     "proxyclip+gla": "gla",
     "scclip": "scclip",
     "proxyclip+gla+mlf": "gla",  # GLA Table 7 runs in GLA's own setting (§4.11.4)
+    "trident": "trident",
 }
 
 
@@ -60,6 +61,7 @@ class Preset:
     pamr_steps: int = 0  # PAMR iterations on the logits (naclip-pamr: 10; 0 = off)
     sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip, scclip and their +gla (§2.8)
     gla_options: dict[str, Any] = field(default_factory=dict)  # GLA option keywords (gla_rho, ...) of X+gla
+    trident_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset, for trident(+gla)
     description: str = ""  # one line for listings
 
 
@@ -76,6 +78,21 @@ _CLEARCLIP_ROWS = _rows((448, 448, 224))
 _PROXYCLIP_ROWS = _rows((336, 336, 112), cityscapes=(448, 336, 112), ade20k=(448, 336, 112))
 _SCLIP_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112))
 _NACLIP_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0), voc20=(336, _WHOLE, 0))
+_TRIDENT_ROWS = _rows(
+    (576, 336, 224), voc21=(448, 336, 224), coco_object=(448, 336, 224), voc20=(336, 336, 112),
+    coco_stuff=(448, 336, 224), cityscapes=(688, 336, 224),
+)  # fmt: skip
+# §4.12.5: theta_c (coarse_thresh), phi (cos_fac), refine_neg_cos per dataset; Cityscapes: SAM on two halves.
+_TRIDENT_OPTIONS: dict[str, dict[str, Any]] = {
+    "voc21": {"coarse_thresh": 0.2, "cos_fac": 1.2},
+    "pc60": {"coarse_thresh": 0.15, "cos_fac": 1.2},
+    "coco_object": {"coarse_thresh": 0.25, "cos_fac": 1.2},
+    "voc20": {"coarse_thresh": 0.2, "cos_fac": 0.0},
+    "pc59": {"coarse_thresh": 0.15, "cos_fac": 1.2},
+    "coco_stuff": {"coarse_thresh": 0.05, "cos_fac": 1.2},
+    "cityscapes": {"coarse_thresh": 0.1, "cos_fac": 3.0, "refine_neg_cos": False, "split_halves": True},
+    "ade20k": {"coarse_thresh": 0.05, "cos_fac": 1.2, "refine_neg_cos": False},
+}
 _CLEARCLIP_BG = _thresholds(0.5, 0.15, 0.4)
 _SCLIP_BG = _thresholds(0.1, 0.1, 0.1)
 
@@ -160,6 +177,14 @@ PRESETS: dict[str, Preset] = {
             pamr_steps=10,
             description="NACLIP + PAMR (10 iterations, dilations 8, 16)",
         ),
+        _preset(
+            "trident",
+            _TRIDENT_ROWS,
+            _thresholds(0.2, 0.15, 0.25),
+            "bg-rename",
+            trident_options=_TRIDENT_OPTIONS,
+            description="Trident release configs (§4.12.5): SAM thresholds per dataset",
+        ),
     )
 }
 
@@ -229,9 +254,12 @@ def method_logit_scale(method: str, dataset: str) -> float:
     return DATASET_LOGIT_SCALES.get(spec.base or spec.name, {}).get(dataset, spec.logit_scale)
 
 
-def method_options(preset: Preset, spec: MethodSpec) -> dict[str, Any]:
-    """Method options a preset implies: its GLA options for methods with GLA attached."""
-    return dict(preset.gla_options) if spec.base is not None else {}
+def method_options(preset: Preset, spec: MethodSpec, dataset: str = _GENERIC_ROW) -> dict[str, Any]:
+    """Method options a preset implies: its GLA options for methods with GLA attached, Trident's per dataset."""
+    options = dict(preset.gla_options) if spec.base is not None else {}
+    if (spec.base or spec.name) == "trident":
+        options.update(preset.trident_options.get(dataset, {}))
+    return options
 
 
 def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> ResolvedSetting:
@@ -271,7 +299,7 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         "area_threshold": area if dataset == "voc21" else None,
         "pamr_steps": chosen.pamr_steps,
         "name_set": chosen.name_set,
-        "method_options": method_options(chosen, spec),
+        "method_options": method_options(chosen, spec, row),
     }
     changed = sorted(key for key, value in overrides.items() if key != "method_options" and values[key] != value)
     extra_options = dict(overrides.pop("method_options", None) or {})

@@ -70,6 +70,11 @@ REFERENCES: dict[tuple[str, str], Reference] = {
     ("sclip", "sclip-release"): _row(
         "SCLIP release README", (59.63, 31.74, 33.52, 81.54, 34.46, 22.77, 32.34, 16.45), None
     ),
+    # GLA-CLIP Table 6 (§8.1); its Trident row is Trident's own ViT-B/16 result (Trident README, §8.6).
+    ("trident", "trident"): _row(
+        "GLA-CLIP Table 6 = Trident README", (67.1, 38.6, 41.1, 84.5, 42.2, 28.3, 42.9, 21.9), 45.8
+    ),
+    ("trident+gla", "trident"): _row("GLA-CLIP Table 6", (67.4, 38.9, 41.4, 84.8, 42.4, 28.3, 43.6, 21.7), 46.1),
     # GCLIP Table 1 (§8.2): five datasets without background, ClearCLIP setting; its average is over five.
     ("gclip", "clearclip"): Reference(
         "GCLIP Table 1",

@@ -197,12 +197,21 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
     )
 
 
+def trident_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+    """Trident base (spec §4.12.6): DINO ViT-B/16 keys of all sub-images, CLIP values on the same grid."""
+    from ovss.methods.trident import check_patch
+
+    check_patch(backbones, "trident+gla")
+    return proxyclip_parts(backbones, batch, opts)  # grids agree (patch 16): the values are not resampled
+
+
 ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
     "proxyclip": proxyclip_parts,
     "clearclip": clearclip_parts,
     "sclip": sclip_parts,
     "naclip": naclip_parts,
     "gclip": gclip_parts,
+    "trident": trident_parts,
 }
 
 

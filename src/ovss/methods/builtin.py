@@ -17,11 +17,12 @@ from ovss.methods.options import (
     SCCLIPGLAOptions,
     SCCLIPOptions,
     SCLIPOptions,
+    TridentOptions,
     VanillaOptions,
 )
 from ovss.methods.registry import METHODS, Geometry, LazyRun, MethodSpec, register, register_gla
 
-GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip")  # the keys of ovss.gla.bases.ADAPTERS
+GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident")  # the keys of ovss.gla.bases.ADAPTERS
 
 _S336 = Geometry(336, 224, 112)  # resize 336, window 224, stride 112
 _S448 = Geometry(448, 448, 224)  # ClearCLIP's setting
@@ -117,6 +118,19 @@ for _spec in (
         pad_multiple=1,
         geometry=_S336,
         description="SC-CLIP: anomaly repair, mid-layer similarity aggregation, fused second pass (release)",
+    ),
+    MethodSpec(
+        name="trident",
+        run=LazyRun("ovss.methods.trident:run_trident"),
+        options=TridentOptions(),
+        logit_scale=40.0,
+        pad_multiple=16,
+        geometry=Geometry(448, 336, 224),
+        needs_vfm=True,
+        description="Trident: spliced CLIP+DINO sub-images, SAM block-11 affinity, SAM mask refinement",
+        image_path=LazyRun("ovss.methods.trident:TRIDENT_PATH"),
+        needs_sam=True,
+        default_vfm="dino-vitb16",
     ),
 ):
     register(_spec)

@@ -134,6 +134,25 @@ class SCCLIPGLAOptions(CheckedFields):
 
 
 @dataclass(frozen=True)
+class TridentOptions(CheckedFields):
+    """Options of ``trident`` / ``trident+gla`` (spec §4.12, release defaults; decision register 34-36)."""
+
+    beta: float = 1.2  # sub-image attention shift: A = gamma * (S - beta * mean(S))
+    gamma: float = 3.0  # sub-image attention sharpness (> 0)
+    shift_mean: Literal["image", "window"] = "image"  # mean(S) over all sub-images (release) or per window
+    cos_fac: float = 1.2  # phi: SAM value-similarity threshold t_i = phi * mean cosine of query i
+    refine_neg_cos: bool = True  # False: a negative t_i becomes 0.6 (release, Cityscapes and ADE20K)
+    split_halves: bool = False  # encode the left / right halves with SAM separately (release, Cityscapes)
+    refine: bool = True  # SAM refinement with box, point and dense-mask prompts per connected region
+    coarse_thresh: float = 0.2  # theta_c: class-probability floor of the refinement prompts
+    min_area: int = 225  # smallest prompted region, in half-resolution pixels
+    iou_thresh: float = 0.8  # keep SAM masks whose predicted IoU exceeds this
+    mask_coef: float = 0.005  # dense mask prompt = mask_coef * probability above theta_c
+    mask_prompt: Literal["release", "batched"] = "release"  # release: unbatched mask (LayerNorm2d over height)
+    failed: Literal["release", "coarse"] = "release"  # failed-IoU regions: no-op (release) or coarse labels
+
+
+@dataclass(frozen=True)
 class OptionField:
     """Where one option keyword lives in a (possibly composed) options dataclass."""
 

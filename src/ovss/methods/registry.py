@@ -61,6 +61,11 @@ class MethodSpec:
     joint_windows: bool = False  # all windows of an image must be processed in one call (GLA)
     description: str = ""  # one line for `ovss methods` and the README table
     base: str | None = None  # the method GLA is attached to ("proxyclip" for "proxyclip+gla"); None: none
+    # A method that owns its image path (Trident): an object with encode(segmenter, rgb, progress) -> ImageState
+    # (run by set_image) and maps(segmenter, state, text, rule) -> FullResolutionMaps (run by predict).
+    image_path: LazyRun | None = None
+    needs_sam: bool = False  # whether the method needs SAM weights (ovss.load(..., sam=...))
+    default_vfm: str | None = None  # VFM loaded when none is given (None: ovss.hub.DEFAULT_VFM)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -95,6 +100,9 @@ def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
             joint_windows=True,
             description=f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
             base=base,
+            image_path=spec.image_path,
+            needs_sam=spec.needs_sam,
+            default_vfm=spec.default_vfm,
         )
     )
 
