@@ -37,6 +37,7 @@ class CrossWindowParts:
     local_count: int = 0  # number of maps summed in local_maps (l + 1); the fusion divides by local_count + 1
     info: dict[str, Any] = field(default_factory=dict)  # the base's per-image diagnostics
     window_info: dict[str, list[Any]] = field(default_factory=dict)  # the base's per-window diagnostics
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the base's MethodOutput.extras (CASS: global)
 
 
 NACLIP_PRIOR_WEIGHT = 1.0  # kappa, the weight of NACLIP + GLA's image-space prior (spec §4.9)
@@ -192,10 +193,35 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
     )
 
 
+def cass_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+    """CASS base [ovss design, GLA App. I]: GLA-CLIP's attention (DINO keys, CLIP values on the DINO grid, as
+    ProxyCLIP + GLA), or with ``gla_keys = naclip`` NACLIP + GLA's (CLIP k + image-space prior); CASS adds
+    the global image embeddings its predict-time text adjustment and logit blend need (``extras``).
+    """
+    from ovss.methods.cass import check_vfm, global_embeddings
+    from ovss.methods.options import NACLIPOptions
+    from ovss.methods.proxyclip import clip_values_on_grid, vfm_features
+
+    clip = backbones.clip
+    x: torch.Tensor | None = None  # input of the last block, when computed here
+    if opts.gla_keys == "naclip":
+        parts = naclip_parts(backbones, batch, NACLIPOptions(sigma=opts.sigma))
+    else:
+        vfm = check_vfm(clip, backbones.vfm, "cass+gla")
+        features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
+        v, x = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d), (L, n, D)
+        block = clip.blocks[-1]
+        values = heads_concat(v, 0)  # (L, N, C)
+        parts = CrossWindowParts([features], values, grid, vfm.cfg.patch, False, block.attn.out_proj, _identity)
+    parts.extras = {"global": global_embeddings(clip, batch, opts.global_embedding, x)}  # (L, E)
+    return parts
+
+
 ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
     "proxyclip": proxyclip_parts,
     "clearclip": clearclip_parts,
     "sclip": sclip_parts,
     "naclip": naclip_parts,
     "gclip": gclip_parts,
+    "cass": cass_parts,
 }

@@ -7,6 +7,7 @@ GLA attached to every base that ``ovss.gla.bases.ADAPTERS`` supports.
 from __future__ import annotations
 
 from ovss.methods.options import (
+    CASSOptions,
     ClearCLIPOptions,
     GCLIPOptions,
     MaskCLIPOptions,
@@ -15,9 +16,9 @@ from ovss.methods.options import (
     SCLIPOptions,
     VanillaOptions,
 )
-from ovss.methods.registry import Geometry, LazyRun, MethodSpec, register, register_gla
+from ovss.methods.registry import Geometry, LazyRun, LazyScore, MethodSpec, register, register_gla
 
-GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip")  # the keys of ovss.gla.bases.ADAPTERS
+GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "cass")  # the keys of ovss.gla.bases.ADAPTERS
 
 _S336 = Geometry(336, 224, 112)  # resize 336, window 224, stride 112
 _S448 = Geometry(448, 448, 224)  # ClearCLIP's setting
@@ -105,9 +106,21 @@ for _spec in (
         needs_vfm=True,
         description="ProxyCLIP: CLIP values attended with normalised DINO self-similarity, on the DINO grid",
     ),
+    MethodSpec(
+        name="cass",
+        run=LazyRun("ovss.methods.cass:run_cass"),
+        options=CASSOptions(),
+        logit_scale=40.0,
+        pad_multiple=1,
+        geometry=_S336,
+        needs_vfm=True,
+        description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
+        score=LazyScore("ovss.methods.cass_text:cass_scores"),
+    ),
 ):
     register(_spec)
 
 for _base in GLA_BASES:
     # The flagship's default setting is GLA-CLIP's own (spec §5.2 `gla`: 336 / 224 / 112).
-    register_gla(_base, _S336 if _base == "proxyclip" else None)
+    # cass+gla's default keys are DINO tokens, like proxyclip+gla's: windows padded to a multiple of 56.
+    register_gla(_base, _S336 if _base == "proxyclip" else None, 56 if _base == "cass" else None)
