@@ -2,11 +2,10 @@
 
 A *preset* fixes, per benchmark, the resize short side S, window c and stride s, the background threshold
 θ_bg and the name set (§5.2); the *method* brings its logit scale τ and extras (§5.1): SCLIP's per-dataset
-τ, SCLIP's VOC21 area filter in the SCLIP setting, GLA's release options. :func:`resolve` combines both
-into one :class:`ResolvedSetting`; every value can be overridden.
+τ, SCLIP's VOC21 area filter in the SCLIP setting, GLA's release options, CASS's per-dataset
+hyper-parameters. :func:`resolve` combines both into one :class:`ResolvedSetting`; every value can be overridden.
 
 A method with GLA attached (``MethodSpec.base``, e.g. ``proxyclip+gla``) takes the values of its base.
-CASS (spec §4.10, preset ``cass``) is not implemented; its preset data is kept in docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ HOME_PRESETS: dict[str, str] = {
     "sclip": "sclip",
     "naclip": "naclip",
     "proxyclip+gla": "gla",
+    "cass": "cass",  # cass+gla too (through its base): GLA App. I uses CASS's per-dataset hyper-parameters
 }
 
 
@@ -55,6 +55,7 @@ class Preset:
     pamr_steps: int = 0  # PAMR iterations on the logits (naclip-pamr: 10; 0 = off)
     sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip / sclip+gla (§2.8)
     gla_options: dict[str, Any] = field(default_factory=dict)  # GLA option keywords (gla_rho, ...) of X+gla
+    cass_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: options of cass, cass+gla
     description: str = ""  # one line for listings
 
 
@@ -71,8 +72,35 @@ _CLEARCLIP_ROWS = _rows((448, 448, 224))
 _PROXYCLIP_ROWS = _rows((336, 336, 112), cityscapes=(448, 336, 112), ade20k=(448, 336, 112))
 _SCLIP_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112))
 _NACLIP_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0), voc20=(336, _WHOLE, 0))
+_CASS_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0))
 _CLEARCLIP_BG = _thresholds(0.5, 0.15, 0.4)
 _SCLIP_BG = _thresholds(0.1, 0.1, 0.1)
+
+
+def _cass(g_w: float, m: float, h: float, rescale: bool = True, view: str = "image") -> dict[str, Any]:
+    """CASS's per-dataset options (spec §4.10, release configs): global weight, text shift, cluster cut, ..."""
+    return {
+        "global_weight": g_w,
+        "text_shift": m,
+        "cluster_threshold": h,
+        "rescale_singular_values": rescale,  # the release skips the rescale on VOC20 and Cityscapes
+        "global_embedding": view,  # the release's Cityscapes global embedding is each window's own [CLS]
+    }
+
+
+_CASS_OPTIONS: dict[str, dict[str, Any]] = {
+    "voc21": _cass(0.1, 0.03, 0.10),
+    "voc20": _cass(0.4, 0.02, 0.10, rescale=False),
+    "pc60": _cass(0.25, 0.04, 0.09),
+    "pc59": _cass(0.25, 0.04, 0.09),
+    "coco_object": _cass(0.25, 0.01, 0.10),
+    "coco_stuff": _cass(0.2, 0.02, 0.02),
+    "cityscapes": _cass(0.1, 0.03, 0.14, rescale=False, view="window"),
+    "ade20k": _cass(0.3, 0.05, 0.06),
+}
+# cass-release: the release's head-pair indexing, rank-10 graphs and 8-bit DINO input (docs/decisions.md, CASS).
+_CASS_RELEASE_SWITCHES = {"pairing": "release", "rank": "release", "dino_input": "release"}
+_CASS_RELEASE_OPTIONS = {dataset: {**o, **_CASS_RELEASE_SWITCHES} for dataset, o in _CASS_OPTIONS.items()}
 
 
 def _preset(name: str, rows: dict[str, Geometry], bg: dict[str, float], name_set: str, **extra: Any) -> Preset:
@@ -147,6 +175,22 @@ PRESETS: dict[str, Preset] = {
             pamr_steps=10,
             description="NACLIP + PAMR (10 iterations, dilations 8, 16)",
         ),
+        _preset(
+            "cass",
+            _CASS_ROWS,
+            _SCLIP_BG,
+            "full-rename",
+            cass_options=_CASS_OPTIONS,
+            description="CASS release configuration with its per-dataset hyper-parameters",
+        ),
+        _preset(
+            "cass-release",
+            _CASS_ROWS,
+            _SCLIP_BG,
+            "full-rename",
+            cass_options=_CASS_RELEASE_OPTIONS,
+            description="CASS release: head pairs indexed as in its code, rank-10 DINO graphs, 8-bit DINO input",
+        ),
     )
 }
 
@@ -218,9 +262,13 @@ def method_logit_scale(method: str, dataset: str) -> float:
     return spec.logit_scale
 
 
-def method_options(preset: Preset, spec: MethodSpec) -> dict[str, Any]:
-    """Method options a preset implies: its GLA options for methods with GLA attached."""
-    return dict(preset.gla_options) if spec.base is not None else {}
+def method_options(preset: Preset, spec: MethodSpec, dataset: str = _GENERIC_ROW) -> dict[str, Any]:
+    """Method options a preset implies on a dataset: its GLA options for methods with GLA attached, its CASS
+    options (per dataset; the generic row for custom data) for ``cass`` and ``cass+gla``."""
+    options = dict(preset.gla_options) if spec.base is not None else {}
+    if (spec.base or spec.name) == "cass":
+        options.update(preset.cass_options.get(dataset, {}))
+    return options
 
 
 def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> ResolvedSetting:
@@ -259,7 +307,7 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
         "area_threshold": area if dataset == "voc21" else None,
         "pamr_steps": chosen.pamr_steps,
         "name_set": chosen.name_set,
-        "method_options": method_options(chosen, spec),
+        "method_options": method_options(chosen, spec, row),
     }
     changed = sorted(key for key, value in overrides.items() if key != "method_options" and values[key] != value)
     extra_options = dict(overrides.pop("method_options", None) or {})
