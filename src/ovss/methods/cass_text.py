@@ -36,7 +36,7 @@ def ward_clusters(text: torch.Tensor, threshold: float) -> np.ndarray:
     Returns:
         (Q,) int64 cluster id per name; a single name is its own cluster 0.
     """
-    t = text.detach().double().cpu().numpy()  # (Q, E)
+    t = F.normalize(text.detach().double().cpu(), dim=-1).numpy()  # (Q, E) re-normalised in float64
     if t.shape[0] == 1:
         return np.zeros(1, dtype=np.int64)
     dist = np.clip(1.0 - t @ t.T, 0.0, 2.0)  # (Q, Q) cosine distances
