@@ -93,7 +93,7 @@ def test_spectral_fusion_equals_the_brute_force_reference(seed: int, pairing: st
     fused, match, ranks = spectral_fusion(k_c, k_d, 8**-0.5, pairing=pairing)
     expected = _ref_fusion(k_c.numpy(), k_d.numpy(), 8**-0.5, pairing)
     np.testing.assert_allclose(fused.numpy(), expected, rtol=1e-9, atol=1e-9)
-    assert all(1 <= r <= 30 for r in ranks)
+    assert all(1 <= r <= 30 for r in ranks) and sorted(match.dino_head) == [0, 1, 2]
 
 
 def test_cost_matrix_equals_scipy_wasserstein() -> None:
