@@ -38,7 +38,8 @@ def _ref_cost(g_d: np.ndarray, g_c: np.ndarray, k: int) -> np.ndarray:
     for i in range(H):
         for j in range(H):
             # scipy's W1 of two k-sample empirical distributions is the mean |sorted difference|; the cost uses the sum
-            cost[i, j] = 1.0 - k * wasserstein_distance(dist(g_d[i]), dist(g_c[j]))
+            u, v = dist(g_d[i]), dist(g_c[j])
+            cost[i, j] = 1.0 - len(u) * wasserstein_distance(u, v)
     return cost
 
 
@@ -241,3 +242,18 @@ def test_cass_scores_blend_and_reductions() -> None:
     shared = _ref_adjusted(text, ward_clusters(text, 0.1), sim.mean(0, keepdim=True), feats.reshape(1, 24, 8), 0.2)
     torch.testing.assert_close(image, 0.9 * feats @ shared[0].T + 0.1 * sim[:, None])
     assert not torch.allclose(image, cass_scores(extras, feats, text, CASSOptions(text_shift=0.2)))
+
+
+def test_tied_costs_keep_heads_on_their_own_index_with_the_tolerance() -> None:
+    # cost[i, j] = a_i + b_j: every assignment has the same total (what dominating spectra give)
+    a = torch.tensor([0.3, 0.1, 0.2, 0.5], dtype=torch.float64)
+    b = torch.tensor([0.05, 0.2, 0.0, 0.1], dtype=torch.float64)
+    cost = a[:, None] + b[None, :]
+    noisy = cost + 1e-12 * torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert match_heads(noisy, "paper", 1e-6).dino_head == (0, 1, 2, 3)
+    assert match_heads(noisy, "release", 1e-6).dino_head == (0, 1, 2, 3)
+    # a real gap larger than the tolerance still wins
+    gap = cost.clone()
+    gap[0, 1] -= 1e-3
+    gap[1, 0] -= 1e-3
+    assert match_heads(gap, "paper", 1e-6).dino_head == (1, 0, 2, 3)

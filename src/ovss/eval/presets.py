@@ -98,8 +98,9 @@ _CASS_OPTIONS: dict[str, dict[str, Any]] = {
     "cityscapes": _cass(0.1, 0.03, 0.14, rescale=False, view="window"),
     "ade20k": _cass(0.3, 0.05, 0.06),
 }
-# cass-release: the release's head-pair indexing, rank-10 graphs and 8-bit DINO input (docs/decisions.md, CASS).
-_CASS_RELEASE_SWITCHES = {"pairing": "release", "rank": "release", "dino_input": "release"}
+# cass-release: the release's head-pair indexing, rank-10 graphs, 8-bit DINO input and raw Hungarian ties
+# (docs/decisions.md, CASS).
+_CASS_RELEASE_SWITCHES = {"pairing": "release", "rank": "release", "dino_input": "release", "match_tolerance": 0.0}
 _CASS_RELEASE_OPTIONS = {dataset: {**o, **_CASS_RELEASE_SWITCHES} for dataset, o in _CASS_OPTIONS.items()}
 
 

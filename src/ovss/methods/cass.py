@@ -148,6 +148,7 @@ def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> Met
                 rescale=opts.rescale_singular_values,
                 pairing=opts.pairing,
                 rank=opts.rank,
+                tolerance=opts.match_tolerance,
             )  # (H, N, N) float64
             attn.append((fused.float() + omega).softmax(dim=-1))  # (H, N, N)
             window_info["cass_dino_head"].append(list(match.dino_head))

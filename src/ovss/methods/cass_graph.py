@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -63,8 +64,14 @@ def spectral_cost(dino_graphs: torch.Tensor, clip_graphs: torch.Tensor, k: int) 
     return 1.0 - w1
 
 
-def match_heads(cost: torch.Tensor, pairing: str = "paper") -> HeadMatch:
+def match_heads(cost: torch.Tensor, pairing: str = "paper", tolerance: float = 0.0) -> HeadMatch:
     """Hungarian matching of DINO heads (rows) to CLIP heads (columns) minimising the total cost.
+
+    Exact ties are common: when, position by position, the sorted DINO distributions all lie on the same side
+    of the CLIP ones, every assignment has the same total W1, and floating-point noise would pick one. With
+    ``tolerance > 0`` every off-diagonal cost is raised by ``tolerance`` before the assignment, so among
+    assignments within that margin the one keeping most heads on their own index wins (deterministic,
+    independent of batching); the weights use the raw costs.
 
     ``paper``: DINO head i is fused into the CLIP head j it is matched to, with w = 1 - cost[i, j].
     ``release``: the release reads the pair the other way round: CLIP head i receives DINO head j = col(i)
@@ -73,13 +80,16 @@ def match_heads(cost: torch.Tensor, pairing: str = "paper") -> HeadMatch:
     Args:
         cost: (H, H) cost matrix (``spectral_cost``).
         pairing: ``paper`` or ``release``.
+        tolerance: tie margin on the cost (0: plain Hungarian on the raw costs).
 
     Returns:
         The DINO head and weight for every CLIP head.
     """
     c = cost.detach().cpu().double().numpy()
-    rows, cols = linear_sum_assignment(c)  # rows = arange(H): DINO head rows[t] <-> CLIP head cols[t]
     H = c.shape[0]
+    rows, cols = linear_sum_assignment(
+        c + tolerance * (1.0 - np.eye(H))
+    )  # rows = arange(H): DINO rows[t] <-> CLIP cols[t]
     dino_head = [0] * H
     weight = [0.0] * H
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
@@ -150,6 +160,7 @@ def spectral_fusion(
     rescale: bool = True,
     pairing: str = "paper",
     rank: str = "energy",
+    tolerance: float = 0.0,
 ) -> tuple[torch.Tensor, HeadMatch, list[int]]:
     """The fused key graph of one window, per CLIP head (before the prior and the softmax).
 
@@ -165,7 +176,7 @@ def spectral_fusion(
     k_d = dino_keys.double()
     g_c = (k_c @ k_c.transpose(-2, -1)) * scale  # (H, N, N)
     g_d = (k_d @ k_d.transpose(-2, -1)) * scale  # (H, N, N)
-    match = match_heads(spectral_cost(g_d, g_c, eigenvalues), pairing)
+    match = match_heads(spectral_cost(g_d, g_c, eigenvalues), pairing, tolerance)
     fused = torch.empty_like(g_c)  # (H, N, N)
     ranks = []
     for c in range(g_c.shape[0]):

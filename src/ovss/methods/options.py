@@ -104,6 +104,7 @@ class CASSOptions(CheckedFields):
     energy: float = 0.95  # share of the singular-value sum the low-rank DINO graph keeps
     fusion_scale: float = 10.0  # fused graph = (scale * w * G_d + G_c) / (scale * w + 1)
     pairing: Literal["paper", "release"] = "paper"  # release: matched DINO/CLIP heads indexed the other way round
+    match_tolerance: float = 1e-6  # cost ties within this go to head h <-> head h (0: raw Hungarian, release)
     rank: Literal["energy", "release"] = "energy"  # release: always the top 10 singular values (energy unused)
     dino_input: Literal["pixels", "release"] = "pixels"  # release: its 8-bit ImageNet un-normalisation of the window
     adjust_scope: Literal["window", "image"] = "window"  # top-2 patches per window, or over all windows
@@ -115,10 +116,11 @@ class CASSOptions(CheckedFields):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise OvssError(f"cass option {name} must be in [0, 1], got {value}")
-        if not (self.sigma > 0 and self.cluster_threshold >= 0 and self.fusion_scale >= 0):
+        non_negative = (self.cluster_threshold, self.fusion_scale, self.match_tolerance)
+        if not (self.sigma > 0 and min(non_negative) >= 0):
             raise OvssError(
-                f"cass options need sigma > 0, cluster_threshold >= 0 and fusion_scale >= 0, got "
-                f"{self.sigma}, {self.cluster_threshold}, {self.fusion_scale}"
+                "cass options need sigma > 0 and cluster_threshold, fusion_scale, match_tolerance >= 0, got "
+                f"{self.sigma}, {self.cluster_threshold}, {self.fusion_scale}, {self.match_tolerance}"
             )
         if self.eigenvalues < 1:
             raise OvssError(f"cass option eigenvalues must be >= 1, got {self.eigenvalues}")
