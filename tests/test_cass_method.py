@@ -210,3 +210,35 @@ def test_report_prints_the_cass_rows(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "60.00 (65.8)" in rows["cass / cass"] and "– (44.4)" in rows["cass / cass"]
     assert "60.00 (67.2)" in rows["cass+gla / cass"] and "– (44.7)" in rows["cass+gla / cass"]
     assert "GLA-CLIP Table 8" in out
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def test_cass_presets_follow_spec_section_5() -> None:
+    from ovss.eval.presets import resolve
+
+    geometry = {d: (s.short_side, s.crop, s.stride) for d in ("voc21", "voc20", "cityscapes", "ade20k")
+                for s in [resolve("cass", d, "cass")]}  # fmt: skip
+    assert geometry == {"voc21": (336, 0, 0), "voc20": (336, 224, 112), "cityscapes": (560, 224, 112),
+                        "ade20k": (336, 224, 112)}  # fmt: skip
+    values = {  # (g_w, m, h) per dataset, spec §4.10
+        "voc21": (0.1, 0.03, 0.10), "voc20": (0.4, 0.02, 0.10), "pc60": (0.25, 0.04, 0.09),
+        "pc59": (0.25, 0.04, 0.09), "coco_object": (0.25, 0.01, 0.10), "coco_stuff": (0.2, 0.02, 0.02),
+        "cityscapes": (0.1, 0.03, 0.14), "ade20k": (0.3, 0.05, 0.06),
+    }  # fmt: skip
+    for dataset, (g_w, m, h) in values.items():
+        for method in ("cass", "cass+gla"):
+            setting = resolve("cass", dataset, method)
+            o = setting.method_options
+            assert (o["global_weight"], o["text_shift"], o["cluster_threshold"]) == (g_w, m, h)
+            assert o["rescale_singular_values"] == (dataset not in ("voc20", "cityscapes"))
+            assert o["global_embedding"] == ("window" if dataset == "cityscapes" else "image")
+            assert setting.logit_scale == 40.0 and setting.name_set == "full-rename"
+            release = resolve("cass-release", dataset, method)
+            extra = {k: v for k, v in release.method_options.items() if o.get(k) != v}
+            assert extra == {"pairing": "release", "rank": "release", "dino_input": "release", "match_tolerance": 0.0}
+            assert release.pipeline_kwargs() == setting.pipeline_kwargs()
+    assert resolve("cass", "voc21", "naclip").method_options == {}  # CASS's options go to CASS only
+    assert resolve(None, "pc60", "cass+gla").preset == "cass"
+    assert resolve("cass", "custom", "cass").method_options["cluster_threshold"] == 0.09
