@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss.errors import OvssError
-from ovss.methods.cass_graph import spectral_fusion
+from ovss.methods.cass_graph import minmax_map, spectral_fusion
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, tokens_before_last_block
 from ovss.methods.naclip import gaussian_prior
 from ovss.methods.options import CASSOptions
@@ -122,6 +122,13 @@ def check_vfm(clip: VisionTransformer, vfm: VisionTransformer | None, method: st
 
 
 def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> MethodOutput:
+    """CASS's last block for L windows (one window at a time for the spectral step).
+
+    Returns:
+        tokens (L, N, D) on the CLIP grid; ``extras["global"]`` (L, E) for the predict-time text side;
+        per-window ``cass_dino_head`` / ``cass_weight`` / ``cass_rank`` (matched DINO head, weight and
+        low-rank size for every CLIP head).
+    """
     clip = backbones.clip
     vfm = check_vfm(clip, backbones.vfm, "cass")
     x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
@@ -136,8 +143,7 @@ def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> Met
     with full_precision():
         for b in range(k.shape[0]):
             kb = k[b].float()  # (H, N, d)
-            dkb = (dk[b] - dk[b].min()) / (dk[b].max() - dk[b].min()).clamp_min(1e-12)  # (H, N, d) in [0, 1]
-            dkb = dkb * (kb.max() - kb.min()) + kb.min()  # (H, N, d) in the CLIP keys' range
+            dkb = minmax_map(dk[b], kb)  # (H, N, d) into the CLIP keys' range (one map over all heads)
             fused, match, ranks = spectral_fusion(
                 kb,
                 dkb,
