@@ -145,8 +145,11 @@ def test_cass_gla_without_text_side_is_proxyclip_gla(tiny_clip, tiny_dino, bpe_p
     full = _load(tiny_clip, tiny_dino, bpe_path, "cass+gla", global_weight=0.3, text_shift=0.05, **geometry)
     assert (full.predict(image, LABELS).logits - base.logits).abs().max() > 1e-4
     assert get_method("cass+gla").pad_multiple == 56 and get_method("cass+gla").score is get_method("cass").score
-    naclip_keys = _load(tiny_clip, tiny_dino, bpe_path, "cass+gla", gla_keys="naclip", global_embedding="window")
-    assert naclip_keys.predict(image, LABELS).labels.shape == (80, 120)
+    # with CLIP keys instead: NACLIP + GLA's attention
+    naclip = _load(tiny_clip, tiny_dino, bpe_path, "naclip+gla", **geometry).predict(image, LABELS)
+    keys = {"cross_window_keys": "naclip", "global_embedding": "window", "global_weight": 0.0, "text_shift": 0.0}
+    plain_k = _load(tiny_clip, tiny_dino, bpe_path, "cass+gla", **keys, **geometry)
+    torch.testing.assert_close(plain_k.predict(image, LABELS).logits, naclip.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_cass_options_are_checked() -> None:

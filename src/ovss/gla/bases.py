@@ -195,8 +195,8 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
 
 def cass_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
     """CASS base [ovss design, GLA App. I]: GLA-CLIP's attention (DINO keys, CLIP values on the DINO grid, as
-    ProxyCLIP + GLA), or with ``gla_keys = naclip`` NACLIP + GLA's (CLIP k + image-space prior); CASS adds
-    the global image embeddings its predict-time text adjustment and logit blend need (``extras``).
+    ProxyCLIP + GLA), or with ``cross_window_keys = naclip`` NACLIP + GLA's (CLIP k + image-space prior);
+    CASS adds the global image embeddings its predict-time text adjustment and logit blend need (``extras``).
     """
     from ovss.methods.cass import check_vfm, global_embeddings
     from ovss.methods.options import NACLIPOptions
@@ -204,7 +204,7 @@ def cass_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWind
 
     clip = backbones.clip
     x: torch.Tensor | None = None  # input of the last block, when computed here
-    if opts.gla_keys == "naclip":
+    if opts.cross_window_keys == "naclip":
         parts = naclip_parts(backbones, batch, NACLIPOptions(sigma=opts.sigma))
     else:
         vfm = check_vfm(clip, backbones.vfm, "cass+gla")

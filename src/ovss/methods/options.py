@@ -108,7 +108,7 @@ class CASSOptions(CheckedFields):
     rank: Literal["energy", "release"] = "energy"  # release: always the top 10 singular values (energy unused)
     dino_input: Literal["pixels", "release"] = "pixels"  # release: its 8-bit ImageNet un-normalisation of the window
     adjust_scope: Literal["window", "image"] = "window"  # top-2 patches per window, or over all windows
-    gla_keys: Literal["dino", "naclip"] = "dino"  # cass+gla: GLA keys = DINO tokens, or CLIP k + Gaussian prior
+    cross_window_keys: Literal["dino", "naclip"] = "dino"  # cass+gla's GLA keys: DINO tokens, or CLIP k + prior
 
     def __post_init__(self) -> None:
         super().__post_init__()
