@@ -1,7 +1,7 @@
 """GLA cost benchmarks, measured end to end through what users run: ``ovss.load(...).set_image(...)``/``predict``.
 
-    python benchmarks/gla_bench.py memory     # 560x1120, 36 windows: peak RSS of GLA-ProxyCLIP vs ProxyCLIP
-    python benchmarks/gla_bench.py latency    # 336x448, 6 windows: GLA-ProxyCLIP latency vs ProxyCLIP
+    python benchmarks/gla_bench.py memory     # 560x1120, 36 windows: peak RSS of GLA-ProxyCLIP (and CASS) vs ProxyCLIP
+    python benchmarks/gla_bench.py latency    # 336x448, 6 windows: GLA-ProxyCLIP (and CASS) latency vs ProxyCLIP
     python benchmarks/gla_bench.py precision  # every registered method: bf16 vs fp32 latency and label agreement
     python benchmarks/gla_bench.py all        # the three, sharing one set of weight files
     python benchmarks/gla_bench.py latency --quick   # tiny models and a small image: a smoke test in seconds
@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/tiny.py: CLIP weights and their file formats
 
 GIB = 2.0**30
+COMPARED = ("proxyclip", "proxyclip+gla", "cass", "cass+gla")  # the memory and latency modes' methods
 LABELS = ["person", "sky", "grass", "rocket", "flag", "wall", "background"]  # the precision mode's names
 
 
@@ -208,7 +209,7 @@ def bench_memory(args: argparse.Namespace) -> list[str]:
     geometry = {"short_side": None, "crop": crop, "stride": stride}
     res = {
         m: measure(_job(args, m, height=h, width=w, geometry=geometry, warmup=0, repeats=1))
-        for m in ("proxyclip", "proxyclip+gla")
+        for m in COMPARED
     }
     base, gla = res["proxyclip"], res["proxyclip+gla"]
     extra = (gla["peak_rss_bytes"] - base["peak_rss_bytes"]) / GIB
@@ -216,7 +217,7 @@ def bench_memory(args: argparse.Namespace) -> list[str]:
         "| method | image | windows | peak RSS (GiB) | set_image + predict (s) |",
         "|---|---|---|---|---|",
     ]
-    for r in (base, gla):
+    for r in res.values():
         rows.append(
             f"| {r['method']} | {r['image']} | {r['windows']} | {r['peak_rss_bytes'] / GIB:.2f} | {r['seconds']:.2f} |"
         )
@@ -228,13 +229,13 @@ def bench_latency(args: argparse.Namespace) -> list[str]:
     h, w = (112, 168) if args.quick else (336, 448)
     crop, stride = (56, 28) if args.quick else (224, 112)
     geometry = {"short_side": None, "crop": crop, "stride": stride}
-    res = {m: measure(_job(args, m, height=h, width=w, geometry=geometry)) for m in ("proxyclip", "proxyclip+gla")}
-    base, gla = res["proxyclip"], res["proxyclip+gla"]
+    res = {m: measure(_job(args, m, height=h, width=w, geometry=geometry)) for m in COMPARED}
+    base = res["proxyclip"]
     rows = [
         f"| method | image | windows | latency (s, median of {args.repeats}) | vs ProxyCLIP |",
         "|---|---|---|---|---|",
     ]
-    for r in (base, gla):
+    for r in res.values():
         ratio = r["seconds"] / base["seconds"]
         rows.append(f"| {r['method']} | {r['image']} | {r['windows']} | {r['seconds']:.2f} | {ratio:.2f}x |")
     rows.append("| target | | | | GLA <= 1.20x |")

@@ -37,6 +37,8 @@ EXPECTED_PRESETS = {
     "naclip-pamr",
     "scclip",
     "trident",
+    "cass",
+    "cass-release",
 }
 
 
@@ -135,7 +137,7 @@ def test_logit_scale_comes_from_the_registry() -> None:
 
 
 def test_preset_data_names_only_registered_methods() -> None:
-    # a preset's home method must exist: data for unimplemented methods (CASS) lives in docs/decisions.md
+    # a preset's home method must exist
     assert set(HOME_PRESETS) <= set(available_methods())
     assert set(HOME_PRESETS.values()) <= set(PRESETS)
 
@@ -229,5 +231,5 @@ def test_errors_name_the_choices() -> None:
         resolve("gla", "voc21", "clearclip", name_set="fancy")
     with pytest.raises(OvssError, match="unknown method 'mystery'"):
         resolve(None, "voc21", "mystery")
-    with pytest.raises(OvssError, match="unknown method 'cass'"):
-        resolve("sclip", "voc21", "cass")
+    with pytest.raises(OvssError, match="unknown method 'cas'"):
+        resolve("sclip", "voc21", "cas")

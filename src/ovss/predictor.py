@@ -121,7 +121,8 @@ class ImageState:
     grid: tuple[int, int]  # (gr, gc) token grid of the features
     info: dict[str, Any]  # method diagnostics, per image
     window_info: dict[str, list[Any]]  # method diagnostics, one entry per window (all sub-batches)
-    extra: Any = None  # what a method with its own image path keeps beyond these (MethodSpec.image_path)
+    owned: Any = None  # what a method with its own image path keeps beyond these (MethodSpec.image_path)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # method tensors for MethodSpec.score, (L, ...)
 
 
 class Segmenter:
@@ -243,8 +244,10 @@ class Segmenter:
             )
         crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
         crops = pad_windows(crops, padding)  # (L, 3, h', w')
-        features, grid, info, window_info = self._dense_features(crops, windows, padding, (H, W), progress)
-        self._state = ImageState(rgb, pixels, windows, padding, padded, features, grid, info, window_info)
+        features, grid, info, window_info, extras = self._dense_features(crops, windows, padding, pixels, progress)
+        self._state = ImageState(
+            rgb, pixels, windows, padding, padded, features, grid, info, window_info, extras=extras
+        )
 
     def _current(self, hint: str = "") -> ImageState:
         """The state of the last ``set_image``; OvssError when there is none."""
@@ -275,19 +278,21 @@ class Segmenter:
         crops: torch.Tensor,
         windows: list[Window],
         padding: Padding,
-        size: tuple[int, int],
+        pixels: torch.Tensor,
         progress: Progress | None = None,
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]]]:
+    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]], dict[str, torch.Tensor]]:
         backbones = Backbones(self.clip.visual, self.vfm)
         step = len(windows) if self.method.joint_windows else self.pipeline.window_batch
         chunks: list[torch.Tensor] = []
         grid: tuple[int, int] = (0, 0)
         info: dict[str, Any] = {}
         window_info: dict[str, list[Any]] = {}
+        extras: dict[str, list[torch.Tensor]] = {}
+        size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         if progress is not None:
             progress(0, len(windows))
         for start in range(0, len(windows), step):
-            batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size)
+            batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size, pixels)
             with backbone_precision(self.device, self.dtype):
                 out = self.method.run(backbones, batch, self.options)
                 f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
@@ -295,9 +300,11 @@ class Segmenter:
             grid, info = out.grid, {**info, **out.info}  # per-image facts: every sub-batch says the same
             for key, values in out.window_info.items():
                 window_info[key] = window_info.get(key, []) + list(values)
+            for key, tensor in out.extras.items():
+                extras.setdefault(key, []).append(tensor)
             if progress is not None:
                 progress(min(start + step, len(windows)), len(windows))
-        return torch.cat(chunks), grid, info, window_info  # (L, N, E)
+        return torch.cat(chunks), grid, info, window_info, {k: torch.cat(v) for k, v in extras.items()}  # (L, N, E)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -361,7 +368,9 @@ class Segmenter:
         the labels are computed from it.
         """
         L = st.features.shape[0]
-        window_logits = (st.features @ text.T).transpose(1, 2).reshape(L, -1, *st.grid)  # (L, Q, gr, gc)
+        score = self.method.score  # CASS: image- and text-dependent scoring
+        scores = st.features @ text.T if score is None else score(st.extras, st.features, text, self.options)
+        window_logits = scores.transpose(1, 2).reshape(L, -1, *st.grid)  # (L, N, Q) -> (L, Q, gr, gc)
         H, W = st.pixels.shape[-2:]
         H0, W0 = st.rgb.shape[:2]
         stitched = StitchedLogits(window_logits, st.windows, st.padding, st.padded_size, (H, W), (H0, W0))

@@ -2,11 +2,10 @@
 
 A *preset* fixes, per benchmark, the resize short side S, window c and stride s, the background threshold
 θ_bg and the name set (§5.2); the *method* brings its logit scale τ and extras (§5.1): SCLIP's per-dataset
-τ, SCLIP's VOC21 area filter in the SCLIP setting, GLA's release options. :func:`resolve` combines both
-into one :class:`ResolvedSetting`; every value can be overridden.
+τ, SCLIP's VOC21 area filter in the SCLIP setting, GLA's release options, CASS's per-dataset
+hyper-parameters. :func:`resolve` combines both into one :class:`ResolvedSetting`; every value can be overridden.
 
 A method with GLA attached (``MethodSpec.base``, e.g. ``proxyclip+gla``) takes the values of its base.
-CASS (spec §4.10, preset ``cass``) is not implemented; its preset data is kept in docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ HOME_PRESETS: dict[str, str] = {
     "scclip": "scclip",
     "proxyclip+gla+mlf": "gla",  # GLA Table 7 runs in GLA's own setting (§4.11.4)
     "trident": "trident",
+    "cass": "cass",  # cass+gla too (through its base): GLA App. I uses CASS's per-dataset hyper-parameters
 }
 
 
@@ -62,6 +62,7 @@ class Preset:
     sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip, scclip and their +gla (§2.8)
     gla_options: dict[str, Any] = field(default_factory=dict)  # GLA option keywords (gla_rho, ...) of X+gla
     trident_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset, for trident(+gla)
+    cass_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: options of cass, cass+gla
     description: str = ""  # one line for listings
 
 
@@ -93,8 +94,36 @@ _TRIDENT_OPTIONS: dict[str, dict[str, Any]] = {
     "cityscapes": {"coarse_thresh": 0.1, "cos_fac": 3.0, "refine_neg_cos": False, "split_halves": True},
     "ade20k": {"coarse_thresh": 0.05, "cos_fac": 1.2, "refine_neg_cos": False},
 }
+_CASS_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0))
 _CLEARCLIP_BG = _thresholds(0.5, 0.15, 0.4)
 _SCLIP_BG = _thresholds(0.1, 0.1, 0.1)
+
+
+def _cass(g_w: float, m: float, h: float, rescale: bool = True, view: str = "image") -> dict[str, Any]:
+    """CASS's per-dataset options (spec §4.10, release configs): global weight, text shift, cluster cut, ..."""
+    return {
+        "global_weight": g_w,
+        "text_shift": m,
+        "cluster_threshold": h,
+        "rescale_singular_values": rescale,  # the release skips the rescale on VOC20 and Cityscapes
+        "global_embedding": view,  # the release's Cityscapes global embedding is each window's own [CLS]
+    }
+
+
+_CASS_OPTIONS: dict[str, dict[str, Any]] = {
+    "voc21": _cass(0.1, 0.03, 0.10),
+    "voc20": _cass(0.4, 0.02, 0.10, rescale=False),
+    "pc60": _cass(0.25, 0.04, 0.09),
+    "pc59": _cass(0.25, 0.04, 0.09),
+    "coco_object": _cass(0.25, 0.01, 0.10),
+    "coco_stuff": _cass(0.2, 0.02, 0.02),
+    "cityscapes": _cass(0.1, 0.03, 0.14, rescale=False, view="window"),
+    "ade20k": _cass(0.3, 0.05, 0.06),
+}
+# cass-release: the release's head-pair indexing, rank-10 graphs, 8-bit DINO input and raw Hungarian ties
+# (docs/decisions.md, CASS).
+_CASS_RELEASE_SWITCHES = {"pairing": "release", "rank": "release", "dino_input": "release", "match_tolerance": 0.0}
+_CASS_RELEASE_OPTIONS = {dataset: {**o, **_CASS_RELEASE_SWITCHES} for dataset, o in _CASS_OPTIONS.items()}
 
 
 def _preset(name: str, rows: dict[str, Geometry], bg: dict[str, float], name_set: str, **extra: Any) -> Preset:
@@ -184,6 +213,20 @@ PRESETS: dict[str, Preset] = {
             "bg-rename",
             trident_options=_TRIDENT_OPTIONS,
             description="Trident release configs (§4.12.5): SAM thresholds per dataset",
+            "cass",
+            _CASS_ROWS,
+            _SCLIP_BG,
+            "full-rename",
+            cass_options=_CASS_OPTIONS,
+            description="CASS release configuration with its per-dataset hyper-parameters",
+        ),
+        _preset(
+            "cass-release",
+            _CASS_ROWS,
+            _SCLIP_BG,
+            "full-rename",
+            cass_options=_CASS_RELEASE_OPTIONS,
+            description="CASS release: head pairs indexed as in its code, rank-10 DINO graphs, 8-bit DINO input",
         ),
     )
 }
@@ -255,10 +298,15 @@ def method_logit_scale(method: str, dataset: str) -> float:
 
 
 def method_options(preset: Preset, spec: MethodSpec, dataset: str = _GENERIC_ROW) -> dict[str, Any]:
-    """Method options a preset implies: its GLA options for methods with GLA attached, Trident's per dataset."""
+    """Method options a preset implies on a dataset: its GLA options for methods with GLA attached, and the
+    per-dataset options of Trident (``trident``, ``trident+gla``) and CASS (``cass``, ``cass+gla``; the generic
+    row for custom data)."""
     options = dict(preset.gla_options) if spec.base is not None else {}
-    if (spec.base or spec.name) == "trident":
+    base = spec.base or spec.name
+    if base == "trident":
         options.update(preset.trident_options.get(dataset, {}))
+    if base == "cass":
+        options.update(preset.cass_options.get(dataset, {}))
     return options
 
 

@@ -42,6 +42,7 @@ class CrossWindowParts:
     # More operator calls, one key set each: (keys (L, N, D_s), values (L, N, C_s)); their outputs (L, N, C_s)
     # follow the main one as arguments of out_proj (SC-CLIP + GLA: the k-k maps of its two passes).
     extra_sets: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the base's MethodOutput.extras (CASS: global)
 
 
 NACLIP_PRIOR_WEIGHT = 1.0  # kappa, the weight of NACLIP + GLA's image-space prior (spec §4.9)
@@ -205,6 +206,30 @@ def trident_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossW
     return proxyclip_parts(backbones, batch, opts)  # grids agree (patch 16): the values are not resampled
 
 
+def cass_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+    """CASS base [ovss design, GLA App. I]: GLA-CLIP's attention (DINO keys, CLIP values on the DINO grid, as
+    ProxyCLIP + GLA), or with ``cross_window_keys = naclip`` NACLIP + GLA's (CLIP k + image-space prior);
+    CASS adds the global image embeddings its predict-time text adjustment and logit blend need (``extras``).
+    """
+    from ovss.methods.cass import check_vfm, global_embeddings
+    from ovss.methods.options import NACLIPOptions
+    from ovss.methods.proxyclip import clip_values_on_grid, vfm_features
+
+    clip = backbones.clip
+    x: torch.Tensor | None = None  # input of the last block, when computed here
+    if opts.cross_window_keys == "naclip":
+        parts = naclip_parts(backbones, batch, NACLIPOptions(sigma=opts.sigma))
+    else:
+        vfm = check_vfm(clip, backbones.vfm, "cass+gla")
+        features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
+        v, x = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d), (L, n, D)
+        block = clip.blocks[-1]
+        values = heads_concat(v, 0)  # (L, N, C)
+        parts = CrossWindowParts([features], values, grid, vfm.cfg.patch, False, block.attn.out_proj, _identity)
+    parts.extras = {"global": global_embeddings(clip, batch, opts.global_embedding, x)}  # (L, E)
+    return parts
+
+
 ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
     "proxyclip": proxyclip_parts,
     "clearclip": clearclip_parts,
@@ -312,4 +337,5 @@ def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
 VARIANT_ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
     "scclip+gla": scclip_parts,
     "proxyclip+gla+mlf": proxyclip_mlf_parts,
+    "cass": cass_parts,
 }

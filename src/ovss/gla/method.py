@@ -84,4 +84,4 @@ def gla_output(parts: CrossWindowParts, batch: WindowBatch, opts: GLAMethodOptio
         tokens, info = cross_window_tokens(parts, batch, opts.gla)
     if opts.gla.norm == "dynamic":
         info["gla"]["u"] = dynamic_shift(len(batch.windows) if opts.gla.kve else 1, opts.gla.lam1)
-    return MethodOutput(tokens, parts.grid, info, parts.window_info)
+    return MethodOutput(tokens, parts.grid, info, parts.window_info, parts.extras)

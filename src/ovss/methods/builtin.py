@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ovss.gla.config import GLAConfig, MLFMethodOptions, SCCLIPGLAMethodOptions
 from ovss.methods.options import (
+    CASSOptions,
     ClearCLIPOptions,
     GCLIPOptions,
     MaskCLIPOptions,
@@ -20,9 +21,9 @@ from ovss.methods.options import (
     TridentOptions,
     VanillaOptions,
 )
-from ovss.methods.registry import METHODS, Geometry, LazyRun, MethodSpec, register, register_gla
+from ovss.methods.registry import METHODS, Geometry, LazyRun, LazyScore, MethodSpec, register, register_gla
 
-GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident")  # the keys of ovss.gla.bases.ADAPTERS
+GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident", "cass")  # the keys of ovss.gla.bases.ADAPTERS
 
 _S336 = Geometry(336, 224, 112)  # resize 336, window 224, stride 112
 _S448 = Geometry(448, 448, 224)  # ClearCLIP's setting
@@ -132,12 +133,25 @@ for _spec in (
         needs_sam=True,
         default_vfm="dino-vitb16",
     ),
+    MethodSpec(
+        name="cass",
+        run=LazyRun("ovss.methods.cass:run_cass"),
+        options=CASSOptions(),
+        logit_scale=40.0,
+        pad_multiple=1,
+        geometry=_S336,
+        needs_vfm=True,
+        description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
+        score=LazyScore("ovss.methods.cass_text:cass_scores"),
+    ),
 ):
     register(_spec)
 
 for _base in GLA_BASES:
     # The flagship's default setting is GLA-CLIP's own (spec §5.2 `gla`: 336 / 224 / 112).
-    register_gla(_base, _S336 if _base == "proxyclip" else None)
+    # cass+gla's default keys are DINO tokens, like proxyclip+gla's: windows padded to a multiple of 56.
+    register_gla(_base, _S336 if _base == "proxyclip" else None, 56 if _base == "cass" else None)
+
 
 # X+gla variants with an option part of their own (spec §4.11.4-4.11.5): GLA through the same operator, their
 # adapters in ovss.gla.bases.VARIANT_ADAPTERS. `with_gla("scclip")` is scclip+gla; proxyclip+gla+mlf is

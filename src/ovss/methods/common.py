@@ -32,6 +32,7 @@ class WindowBatch:
     windows: list[Window]  # the L windows in processing pixels (before padding), row-major
     padding: Padding  # symmetric padding applied to every window
     image_size: tuple[int, int]  # processing image (H, W)
+    image: torch.Tensor | None = None  # (3, H, W) CLIP-normalised processing image, unpadded (CASS's global view)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class MethodOutput:
     grid: tuple[int, int]  # (gr, gc) token grid of the logits (CLIP grid, or the DINO grid)
     info: dict[str, Any] = field(default_factory=dict)  # per-image diagnostics (e.g. GCLIP's CS start block)
     window_info: dict[str, list[Any]] = field(default_factory=dict)  # per-window diagnostics, one entry per window
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-window tensors (L, ...) for MethodSpec.score
 
 
 def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

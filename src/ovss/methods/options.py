@@ -153,6 +153,46 @@ class TridentOptions(CheckedFields):
 
 
 @dataclass(frozen=True)
+class CASSOptions(CheckedFields):
+    """Options of ``cass`` (spec §4.10; defaults = the paper, and the release's VOC21 hyper-parameters).
+
+    The per-dataset values (global_weight, text_shift, cluster_threshold, rescale_singular_values,
+    global_embedding) come from the ``cass`` preset; ``cass-release`` also sets the two release switches.
+    """
+
+    sigma: float = 5.0  # std of NACLIP's Gaussian neighbourhood prior, in patches
+    global_weight: float = 0.1  # g_w: logits = (1 - g_w) patch-text + g_w global image-text similarity
+    text_shift: float = 0.03  # m: adjusted text = normalise((1 - m) t + m * mean of its 2 best patches)
+    cluster_threshold: float = 0.10  # h: Ward-linkage distance at which class clusters are cut
+    rescale_singular_values: bool = True  # stretch the kept singular values (release: off for VOC20, Cityscapes)
+    global_embedding: Literal["image", "window"] = "image"  # [CLS] of the whole image, or of each window
+    eigenvalues: int = 20  # top eigenvalues per head compared by the Wasserstein cost
+    energy: float = 0.95  # share of the singular-value sum the low-rank DINO graph keeps
+    fusion_scale: float = 10.0  # fused graph = (scale * w * G_d + G_c) / (scale * w + 1)
+    pairing: Literal["paper", "release"] = "paper"  # release: matched DINO/CLIP heads indexed the other way round
+    match_tolerance: float = 1e-6  # cost ties within this go to head h <-> head h (0: raw Hungarian, release)
+    rank: Literal["energy", "release"] = "energy"  # release: always the top 10 singular values (energy unused)
+    dino_input: Literal["pixels", "release"] = "pixels"  # release: its 8-bit ImageNet un-normalisation of the window
+    adjust_scope: Literal["window", "image"] = "window"  # top-2 patches per window, or over all windows
+    cross_window_keys: Literal["dino", "naclip"] = "dino"  # cass+gla's GLA keys: DINO tokens, or CLIP k + prior
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("global_weight", "text_shift", "energy"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise OvssError(f"cass option {name} must be in [0, 1], got {value}")
+        non_negative = (self.cluster_threshold, self.fusion_scale, self.match_tolerance)
+        if not (self.sigma > 0 and min(non_negative) >= 0):
+            raise OvssError(
+                "cass options need sigma > 0 and cluster_threshold, fusion_scale, match_tolerance >= 0, got "
+                f"{self.sigma}, {self.cluster_threshold}, {self.fusion_scale}, {self.match_tolerance}"
+            )
+        if self.eigenvalues < 1:
+            raise OvssError(f"cass option eigenvalues must be >= 1, got {self.eigenvalues}")
+
+
+@dataclass(frozen=True)
 class OptionField:
     """Where one option keyword lives in a (possibly composed) options dataclass."""
 

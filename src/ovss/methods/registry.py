@@ -15,9 +15,13 @@ from typing import TYPE_CHECKING, Any
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
+    import torch
+
     from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 
 MethodFn = Callable[["Backbones", "WindowBatch", Any], "MethodOutput"]
+# (extras, features (L, N, E), text (Q, E), options) -> per-window logits (L, N, Q); see MethodSpec.score
+ScoreFn = Callable[[dict[str, "torch.Tensor"], "torch.Tensor", "torch.Tensor", Any], "torch.Tensor"]
 
 GLA_SUFFIX = "+gla"  # name of GLA attached to a base: "<base>+gla"
 
@@ -48,6 +52,20 @@ class LazyRun:
 
 
 @dataclass(frozen=True)
+class LazyScore:
+    """A ``MethodSpec.score`` function named by import path, imported on its first call."""
+
+    target: str  # "package.module:function"
+
+    def __call__(
+        self, extras: dict[str, torch.Tensor], features: torch.Tensor, text: torch.Tensor, options: Any
+    ) -> torch.Tensor:
+        module, _, name = self.target.partition(":")
+        fn: ScoreFn = getattr(importlib.import_module(module), name)
+        return fn(extras, features, text, options)
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered method: what its last block computes and the defaults that come with it."""
 
@@ -66,6 +84,9 @@ class MethodSpec:
     image_path: LazyRun | None = None
     needs_sam: bool = False  # whether the method needs SAM weights (ovss.load(..., sam=...))
     default_vfm: str | None = None  # VFM loaded when none is given (None: ovss.hub.DEFAULT_VFM)
+    # Image- and text-dependent scoring at predict time (CASS): (MethodOutput.extras, features, text, options)
+    # -> (L, N, Q) window logits; None: the plain cosine similarity features @ text.T.
+    score: ScoreFn | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -79,11 +100,12 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
+def register_gla(base: str, geometry: Geometry | None = None, pad_multiple: int | None = None) -> MethodSpec:
     """Register ``<base>+gla``: GLA's cross-window attention on a registered base (spec §4.8, §4.9).
 
     The composed method keeps the base's logit scale, padding and VFM needs (spec §5.1); its options are
-    the base's plus GLA's (keywords ``gla_<name>``). The base needs an adapter in ``ovss.gla.bases.ADAPTERS``.
+    the base's plus GLA's (keywords ``gla_<name>``), its predict-time ``score`` the base's. The base needs an
+    adapter in ``ovss.gla.bases.ADAPTERS``; ``pad_multiple`` overrides the base's when the adapter's keys need it.
     """
     from ovss.gla.config import GLAConfig, GLAMethodOptions
 
@@ -94,7 +116,7 @@ def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
             run=LazyRun("ovss.gla.method:run_gla", (base,)),
             options=GLAMethodOptions(spec.options, GLAConfig()),
             logit_scale=spec.logit_scale,
-            pad_multiple=spec.pad_multiple,
+            pad_multiple=pad_multiple or spec.pad_multiple,
             geometry=geometry or spec.geometry,
             needs_vfm=spec.needs_vfm,
             joint_windows=True,
@@ -103,6 +125,7 @@ def register_gla(base: str, geometry: Geometry | None = None) -> MethodSpec:
             image_path=spec.image_path,
             needs_sam=spec.needs_sam,
             default_vfm=spec.default_vfm,
+            score=spec.score,
         )
     )
 

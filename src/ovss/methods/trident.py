@@ -193,7 +193,7 @@ class TridentPath:
         features = F.normalize(f, dim=-1)  # (1, n_s, E)
         window_size = (cfg.crop, cfg.crop) if cfg.crop else canvas
         return ImageState(
-            rgb, pixels, windows, no_pad, window_size, features, grid, info, out.window_info, TridentImage(sam_image)
+            rgb, pixels, windows, no_pad, window_size, features, grid, info, out.window_info, owned=TridentImage(sam_image)
         )
 
     def maps(self, seg: Segmenter, st: ImageState, text: torch.Tensor, rule: LabelRule) -> FullResolutionMaps:
@@ -209,7 +209,7 @@ class TridentPath:
             return maps
         probs = maps.probs()  # (C, H0, W0), kept by the maps
         coarse_labels = labels_from_probs(probs, rule.bg_threshold, rule.bg_label)  # = maps.labels(), one pass less
-        labels, counts = refine_labels(st.extra.sam_image, coarse_labels, probs, opts, seg.sam)  # (H0, W0)
+        labels, counts = refine_labels(st.owned.sam_image, coarse_labels, probs, opts, seg.sam)  # (H0, W0)
         st.info = {**st.info, "trident_refine": counts}  # a new dict: earlier predictions keep their record
         return RefinedMaps(maps, labels)
 
