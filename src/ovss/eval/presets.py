@@ -213,6 +213,8 @@ PRESETS: dict[str, Preset] = {
             "bg-rename",
             trident_options=_TRIDENT_OPTIONS,
             description="Trident release configs (§4.12.5): SAM thresholds per dataset",
+        ),
+        _preset(
             "cass",
             _CASS_ROWS,
             _SCLIP_BG,

@@ -23,7 +23,8 @@ from ovss.methods.options import (
 )
 from ovss.methods.registry import METHODS, Geometry, LazyRun, LazyScore, MethodSpec, register, register_gla
 
-GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident", "cass")  # the keys of ovss.gla.bases.ADAPTERS
+# the keys of ovss.gla.bases.ADAPTERS
+GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident", "cass")
 
 _S336 = Geometry(336, 224, 112)  # resize 336, window 224, stride 112
 _S448 = Geometry(448, 448, 224)  # ClearCLIP's setting

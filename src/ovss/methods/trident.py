@@ -193,7 +193,8 @@ class TridentPath:
         features = F.normalize(f, dim=-1)  # (1, n_s, E)
         window_size = (cfg.crop, cfg.crop) if cfg.crop else canvas
         return ImageState(
-            rgb, pixels, windows, no_pad, window_size, features, grid, info, out.window_info, owned=TridentImage(sam_image)
+            rgb, pixels, windows, no_pad, window_size, features, grid, info, out.window_info,
+            owned=TridentImage(sam_image),
         )
 
     def maps(self, seg: Segmenter, st: ImageState, text: torch.Tensor, rule: LabelRule) -> FullResolutionMaps:
