@@ -237,6 +237,7 @@ ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] =
     "naclip": naclip_parts,
     "gclip": gclip_parts,
     "trident": trident_parts,
+    "cass": cass_parts,
 }
 
 
@@ -337,5 +338,4 @@ def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
 VARIANT_ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
     "scclip+gla": scclip_parts,
     "proxyclip+gla+mlf": proxyclip_mlf_parts,
-    "cass": cass_parts,
 }
