@@ -100,9 +100,13 @@ class ShardInfo:
 
 
 def shard_infos(folder: Path) -> list[ShardInfo]:
-    """One :class:`ShardInfo` per ``*.safetensors`` file in ``folder`` (none when it is missing), by name."""
+    """One :class:`ShardInfo` per ``*.safetensors`` file in ``folder`` (none when it is missing), by name.
+
+    Hidden files (``.<name>.<pid>.<random>.tmp.safetensors``: writes in progress) are left out.
+    """
     infos = []
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+    files = sorted(path for path in folder.glob("*.safetensors") if not path.name.startswith("."))
+    for path in files if folder.is_dir() else []:
         size = 0
         try:
             size = path.stat().st_size
