@@ -163,6 +163,7 @@ class TextEmbeddingShard:
             OvssError: the cache folder or file cannot be written.
         """
         import torch
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         from ovss.io_utils import atomic_write
@@ -184,8 +185,8 @@ class TextEmbeddingShard:
 
         try:
             atomic_write(self.path, write)
-        except OSError as error:  # a full disk during the write: the old file is untouched
-            raise OvssError(f"cannot write '{self.path}': {error.strerror or error}") from error
+        except (OSError, SafetensorError) as error:  # e.g. a full disk: the old file is untouched
+            raise OvssError(f"cannot write '{self.path}': {getattr(error, 'strerror', None) or error}") from error
 
     def _read_quietly(self) -> dict[str, Entry]:
         try:
@@ -211,6 +212,8 @@ class TextEmbeddingShard:
         except SafetensorError as error:
             raise ValueError(str(error)) from error
         rows = tensors[_TENSOR]  # (N, E)
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError("the names are not a list of strings")
         if len(set(names)) != len(names):
             raise ValueError("a name is stored twice")
         if rows.dtype != torch.float32 or rows.ndim != 2 or rows.shape[0] != len(names):
