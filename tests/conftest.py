@@ -15,6 +15,12 @@ def _shared_dir() -> Path:
     return Path(override) if override else REPO.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own empty OVSS_CACHE: the text-embedding cache never touches the user's."""
+    monkeypatch.setenv("OVSS_CACHE", str(tmp_path_factory.mktemp("ovss-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The read-only ``shared/`` folder (assets, spec) that sits beside the repository."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ovss.errors import OvssError
 from ovss.text.embeddings import EmbeddingCache, fill_templates, text_embeddings
@@ -27,7 +28,8 @@ class FakeTextTower:
     """Deterministic stand-in for CLIP's text tower: a random linear map of the bag of token ids.
 
     Token ids get random per-id scales so that prompt features have very different norms (which makes
-    the per-template normalisation matter). Records every call and every token row it sees.
+    the per-template normalisation matter). Records every call, the positions T of each call, and every
+    token row it sees (zero-padded back to 77 positions, so rows compare with ``tokenizer(...)``).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -36,11 +38,16 @@ class FakeTextTower:
         self.weight = torch.randn(49408, EMBED_DIM, generator=generator) * scale  # (V, E)
         self.calls = 0
         self.rows: list[list[int]] = []
+        self.positions: list[int] = []
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        assert tokens.dtype == torch.long and tokens.shape[1] == 77
+        if tokens.dtype != torch.long or not 1 <= tokens.shape[1] <= 77:
+            raise ValueError(f"bad tokens {tokens.dtype} {tuple(tokens.shape)}")
+        if (tokens.argmax(dim=1) >= tokens.shape[1]).any() or (tokens.max(dim=1).values != 49407).any():
+            raise ValueError("a row was cut before its <|endoftext|>")
         self.calls += 1
-        self.rows.extend(tokens.tolist())
+        self.positions.append(tokens.shape[1])
+        self.rows.extend(F.pad(tokens, (0, 77 - tokens.shape[1])).tolist())
         counts = torch.zeros(tokens.shape[0], 49408)  # (B, V)
         counts.scatter_add_(1, tokens, torch.ones(tokens.shape, dtype=torch.float))
         counts[:, 0] = 0  # padding
@@ -180,10 +187,10 @@ def test_a_name_longer_than_the_context_is_truncated_as_open_clip_with_one_warni
     with pytest.warns(UserWarning, match="longer than CLIP's 77-token context") as caught:
         both = text_embeddings(tower, tokenizer, ["dog", long_name], IMAGENET_TEMPLATES)
     assert len(caught) == 1 and "'cat cat" in str(caught[0].message)
-    K = len(IMAGENET_TEMPLATES)
     expected = tokenizer([t.replace("{}", long_name.strip()) for t in IMAGENET_TEMPLATES], truncate=True)
-    assert tower.rows[K:] == expected.tolist()  # first 76 tokens (SOT included) + EOT, as open_clip
-    assert all(row[-1] == tokenizer.eot_token_id for row in tower.rows[K:])
+    long_rows = [row for row in tower.rows if row[-1] != 0]  # rows filling all 77 positions
+    assert sorted(long_rows) == sorted(expected.tolist())  # first 76 tokens (SOT included) + EOT, as open_clip
+    assert all(row[-1] == tokenizer.eot_token_id for row in long_rows)
     alone = text_embeddings(FakeTextTower(), tokenizer, ["dog"], IMAGENET_TEMPLATES)
     torch.testing.assert_close(both[0], alone[0])
 
@@ -206,7 +213,7 @@ def test_cache_encodes_only_new_names(tokenizer: Tokenizer) -> None:
         "fake-b16", tower, tokenizer, ["Crème brûlée", "cat", "trafficlight"], IMAGENET_TEMPLATES
     )
     expected_prompts = [template.format("Crème brûlée") for template in IMAGENET_TEMPLATES]
-    assert tower.rows == tokenizer(expected_prompts).tolist()  # only the new name's 80 prompts
+    assert sorted(tower.rows) == sorted(tokenizer(expected_prompts).tolist())  # only the new name's 80 prompts
     assert torch.equal(reordered[1], first[2]) and torch.equal(reordered[2], first[1])
     torch.testing.assert_close(
         reordered,
@@ -230,7 +237,7 @@ def test_cache_keys_model_and_templates(tokenizer: Tokenizer) -> None:
 
 def test_cache_lru_eviction_and_duplicates(tokenizer: Tokenizer) -> None:
     tower = FakeTextTower()
-    cache = EmbeddingCache(max_entries=2)
+    cache = EmbeddingCache(max_entries=2, persistent=False)  # in memory only: an evicted name is encoded again
     templates = IMAGENET_TEMPLATES_7
     both = cache.get("m", tower, tokenizer, ["cat", "dog", "cat"], templates)
     assert len(tower.rows) == 14  # "cat" encoded once
@@ -249,3 +256,59 @@ def test_cache_lru_eviction_and_duplicates(tokenizer: Tokenizer) -> None:
     assert cache.get("m", tower, tokenizer, ["dog"], templates).norm() > 0.99
     cache.clear()
     assert len(cache) == 0
+
+
+# ---------------------------------------------------------------- the tower on cut sequences
+
+
+def _prompt_with_tokens(tokenizer: Tokenizer, template: str, count: int) -> str:
+    """A name that makes ``template`` exactly ``count`` tokens long ([SOT] and [EOT] included)."""
+    base = len(tokenizer.encode(template.replace("{}", "cat"))) + 2 - 1  # the template's tokens without the name
+    return " ".join(["cat"] * (count - base))
+
+
+def test_tiny_text_tower_on_cut_sequences_equals_77_positions(tiny_clip, tokenizer: Tokenizer) -> None:
+    template = "a photo of a {}."
+    lengths = [8, 9, 19, 40, 76, 77]
+    prompts = [template.replace("{}", _prompt_with_tokens(tokenizer, template, n)) for n in lengths]
+    tokens = tokenizer(prompts)  # (6, 77)
+    assert (tokens.argmax(dim=1) + 1).tolist() == lengths  # [EOT] is the last of n tokens
+    full = tiny_clip.encode_text(tokens)  # (6, E) all 77 positions
+    for cut in (77, 40, 19):  # the batch cut to its longest prompt; rows longer than the cut are left out
+        rows = [i for i, n in enumerate(lengths) if n <= cut]
+        torch.testing.assert_close(tiny_clip.encode_text(tokens[rows, :cut]), full[rows], rtol=1e-5, atol=1e-5)
+    for i, n in enumerate(lengths):  # each prompt alone, cut at its own [EOT]
+        torch.testing.assert_close(tiny_clip.encode_text(tokens[i : i + 1, :n]), full[i : i + 1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full[0], full[1], atol=1e-3)  # the rows differ: the comparison can fail
+    with pytest.raises(ValueError, match=r"1\.\.77 positions"):
+        tiny_clip.text(torch.zeros(1, 78, dtype=torch.long))
+
+
+def test_trimmed_embeddings_equal_full_length_on_tiny_clip(tiny_clip, tokenizer: Tokenizer) -> None:
+    templates = ["a photo of a {}.", "itap of my {}.", "a bad photo of the {} in the scene."]
+    names = ["cat", "potted plant", _prompt_with_tokens(tokenizer, templates[0], 77), "dog " * 40, "a b c d e f"]
+    with pytest.warns(UserWarning, match="longer than CLIP's 77-token context"):
+        full = text_embeddings(tiny_clip.encode_text, tokenizer, names, templates, batch_size=4, trim=False)
+    seen: list[int] = []
+    hook = tiny_clip.text.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        with pytest.warns(UserWarning, match="longer than CLIP's 77-token context"):
+            cut = text_embeddings(tiny_clip.encode_text, tokenizer, names, templates, batch_size=4)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+    assert seen[0] < 20 and seen[-1] == 77 and seen == sorted(seen)  # short batches first, cut short
+
+
+def test_batches_are_sorted_by_length_and_cut_to_their_longest_prompt(tokenizer: Tokenizer) -> None:
+    tower = FakeTextTower()
+    trimmed = text_embeddings(tower, tokenizer, NAMES, IMAGENET_TEMPLATES, batch_size=7)
+    lengths = [row.index(49407) + 1 for row in tower.rows]  # in call order
+    assert lengths == sorted(lengths)
+    calls = [lengths[7 * i : 7 * (i + 1)] for i in range(tower.calls)]  # 320 prompts in 46 batches of <= 7
+    assert tower.calls == 46 and [max(c) for c in calls] == tower.positions
+    assert max(tower.positions) < 30  # never 77 positions for these names
+    reference = FakeTextTower()
+    full = text_embeddings(reference, tokenizer, NAMES, IMAGENET_TEMPLATES, batch_size=7, trim=False)
+    assert set(reference.positions) == {77}
+    torch.testing.assert_close(trimmed, full)

@@ -29,6 +29,8 @@ class TextConfig:
 class TextTransformer(nn.Module):
     """CLIP's text tower: token + position embeddings, causal blocks, ln_final, projection at [EOT]."""
 
+    attn_mask: torch.Tensor  # (context_length, context_length) causal mask buffer: -inf above the diagonal
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -43,16 +45,28 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Encode token ids.
 
+        The tower is causal and reads its output at [EOT], so padding after the last [EOT] of the batch
+        cannot change the result: ``tokens`` may be cut to any length T from the batch's longest text
+        (its [EOT] included) up to ``context_length``; the position table and the causal mask are cut to
+        the same T (exact up to fp32 round-off, see ``ovss.text.embeddings.text_embeddings``).
+
         Args:
-            tokens: (B, context_length) int64 ids, [SOT] ... [EOT] then zero padding.
+            tokens: (B, T) int64 ids, [SOT] ... [EOT] then zero padding, 1 <= T <= context_length.
 
         Returns:
             (B, E) features at the [EOT] token (the highest id in each row), after ln_final and the
             projection; not normalised.
+
+        Raises:
+            ValueError: more than ``context_length`` positions.
         """
-        x = self.token_embedding(tokens) + self.positional_embedding  # (B, ctx, W)
-        x = self.transformer(x, self.attn_mask.to(x.dtype))  # (B, ctx, W)
-        x = self.ln_final(x)
+        T = tokens.shape[1]
+        if not 1 <= T <= self.cfg.context_length:
+            raise ValueError(f"tokens must have 1..{self.cfg.context_length} positions, got {T}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
+        mask = self.attn_mask[:T, :T].to(x.dtype)  # (T, T) causal: -inf above the diagonal
+        x = self.transformer(x, mask)  # (B, T, W)
+        x = self.ln_final(x)  # (B, T, W)
         eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
         return eot @ self.text_projection.to(eot.dtype)  # (B, E)
 
@@ -93,7 +107,7 @@ class CLIP(nn.Module):
         return self.text
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 77) token ids -> (B, E) un-normalised text features.
+        """(B, T) token ids, T <= 77 (see :meth:`TextTransformer.forward`) -> (B, E) un-normalised text features.
 
         Raises:
             OvssError: the checkpoint has no text tower (vision-only weights).
