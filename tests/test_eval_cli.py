@@ -263,3 +263,34 @@ def test_eval_uses_the_given_vfm_and_gla_flag(folder_args: list[str], tmp_path: 
     assert config["setting"]["method"] == "proxyclip+gla"
     assert config["weights"]["vfm"]["path"] == str(dino)
     assert config["weights"]["vfm"]["sha256"] == hashlib.sha256(dino.read_bytes()).hexdigest()
+
+
+def _vfm_run(folder: Path, method: str, vfm: str | None, miou: float) -> Path:
+    folder.mkdir(parents=True)
+    result = {"method": method, "preset": "gla", "dataset": "voc21", "images": 1449, "complete": True,
+              "mIoU": miou, "mAcc": 1.0, "aAcc": 2.0, "BER": 3.0}  # fmt: skip
+    weights = {"clip": {"name": "ViT-B/16"}, **({"vfm": {"name": vfm}} if vfm else {})}
+    (folder / "result.json").write_text(json.dumps(result))
+    (folder / "config.json").write_text(json.dumps({"setting": {"overrides": []}, "weights": weights}))
+    return folder
+
+
+def test_report_keeps_runs_with_another_vfm_apart_and_prints_table_four(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = [
+        _vfm_run(tmp_path / "b8", "proxyclip+gla", "dino-vitb8", 66.0),  # the default VFM: the Table 1 row
+        _vfm_run(tmp_path / "v3", "proxyclip+gla", "dinov3_vitb16", 63.0),
+        _vfm_run(tmp_path / "local", "proxyclip", "/weights/my_dinov3.pth", 61.0),  # no paper row for a file
+    ]
+    assert main(["report", *map(str, runs)]) == 0
+    rows = {
+        cells[0]: cells
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| proxyclip")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert rows["proxyclip+gla / gla"][1] == "66.00 (66.3)"  # GLA-CLIP Table 1
+    assert rows["proxyclip+gla / gla / vfm dinov3_vitb16"][1] == "63.00 (63.6)"  # GLA-CLIP Table 4
+    assert rows["proxyclip+gla / gla / vfm dinov3_vitb16"][5] == "– (38.9)"
+    assert rows["proxyclip / gla / vfm my_dinov3.pth"][1] == "61.00"

@@ -90,6 +90,27 @@ REFERENCES: dict[tuple[str, str], Reference] = {
 }
 
 
-def reference_for(method: str, preset: str) -> Reference | None:
-    """The published row of a method in a preset, or None when no paper reports it."""
+# GLA-CLIP Table 4 (§8.1): other VFMs, run in preset `gla` [ovss]; the paper averages its three datasets only.
+# The DINOv2 model is ambiguous (§10 #38): the row belongs to ViT-L/14 with registers, the text's reading.
+_TABLE4 = "GLA-CLIP Table 4"
+def _table4(voc21: float, pc59: float, coco_stuff: float) -> Reference:
+    return Reference(_TABLE4, {"voc21": voc21, "pc59": pc59, "coco_stuff": coco_stuff}, None)
+
+
+VFM_REFERENCES: dict[tuple[str, str, str], Reference] = {
+    ("proxyclip", "gla", "dinov2-vitl14-reg"): _table4(59.6, 37.3, 25.3),
+    ("proxyclip+gla", "gla", "dinov2-vitl14-reg"): _table4(60.8, 37.8, 25.7),
+    ("proxyclip", "gla", "dinov3_vitb16"): _table4(62.8, 38.8, 26.1),
+    ("proxyclip+gla", "gla", "dinov3_vitb16"): _table4(63.6, 38.9, 26.3),
+}
+
+
+def reference_for(method: str, preset: str, vfm: str | None = None) -> Reference | None:
+    """The published row of a method in a preset, or None when no paper reports it.
+
+    Args:
+        vfm: the VFM when it is not the method's default (then only :data:`VFM_REFERENCES` rows apply).
+    """
+    if vfm is not None:
+        return VFM_REFERENCES.get((method, preset, vfm))
     return REFERENCES.get((method, preset))

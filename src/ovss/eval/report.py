@@ -175,6 +175,7 @@ class RunSummary:
     dataset: str  # benchmark name (or "custom")
     overrides: tuple[str, ...]  # "field=value" for every setting field changed from the preset
     result: dict[str, Any]  # content of result.json
+    vfm: str | None = None  # the VFM when it is not the method's default (a registered name or a file name)
 
 
 def read_run(path: str | os.PathLike[str]) -> RunSummary:
@@ -204,11 +205,31 @@ def read_run(path: str | os.PathLike[str]) -> RunSummary:
     setting = config.get("setting", {})
     setting = setting if isinstance(setting, dict) else {}
     overrides = tuple(f"{key}={setting[key]}" for key in setting.get("overrides", []) if key in setting)
-    return RunSummary(folder, result["method"], result["preset"], result["dataset"], overrides, result)
+    vfm = _other_vfm(result["method"], config)
+    return RunSummary(folder, result["method"], result["preset"], result["dataset"], overrides, result, vfm)
 
 
-def _row_label(method: str, preset: str, overrides: tuple[str, ...]) -> str:
-    label = f"{method} / {preset}"
+def _other_vfm(method: str, config: Mapping[str, Any]) -> str | None:
+    """The run's VFM when it differs from the method's default: its registered name, or its file name."""
+    from ovss import hub
+    from ovss.methods.registry import get_method
+
+    weights = config.get("weights", {})
+    vfm = weights.get("vfm") if isinstance(weights, dict) else None
+    name = vfm.get("name") if isinstance(vfm, dict) else None
+    if not name:
+        return None
+    try:
+        default = get_method(method).default_vfm or hub.DEFAULT_VFM
+    except OvssError:  # a method this version does not know: the name as recorded
+        default = hub.DEFAULT_VFM
+    if name == default:
+        return None
+    return str(name) if name in hub.REGISTRY else Path(str(name)).name
+
+
+def _row_label(method: str, preset: str, overrides: tuple[str, ...], vfm: str | None = None) -> str:
+    label = f"{method} / {preset}" + (f" / vfm {vfm}" if vfm else "")
     return f"{label} ({', '.join(overrides)})" if overrides else label
 
 
@@ -255,7 +276,7 @@ def _folder_table(runs: list[RunSummary]) -> list[str]:
     for run in runs:
         r = run.result
         images = f"{r.get('images')}" + ("" if r.get("complete", True) else " (unfinished)")
-        cells = [str(run.path), _row_label(run.method, run.preset, run.overrides), images]
+        cells = [str(run.path), _row_label(run.method, run.preset, run.overrides, run.vfm), images]
         cells += [_cell(r.get(key)) for key in ("mIoU", "mAcc", "aAcc", "BER")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -278,7 +299,7 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
     """
     if metric not in METRICS:
         raise OvssError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    rows: dict[tuple[str, str, tuple[str, ...]], dict[str, RunSummary]] = {}
+    rows: dict[tuple[str, str, tuple[str, ...], str | None], dict[str, RunSummary]] = {}
     skipped: list[str] = []
     folders: list[RunSummary] = []
     for path in run_dirs:
@@ -290,7 +311,7 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
         if run.dataset not in COLUMNS:
             folders.append(run)
             continue
-        row = rows.setdefault((run.method, run.preset, run.overrides), {})
+        row = rows.setdefault((run.method, run.preset, run.overrides, run.vfm), {})
         if run.dataset in row:
             skipped.append(f"{row[run.dataset].path}: replaced by {run.path} (same method, preset and dataset)")
         row[run.dataset] = run
@@ -302,13 +323,14 @@ def render_report(run_dirs: Sequence[str | os.PathLike[str]], metric: str = "mIo
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     footnotes: list[str] = []
     sources: list[str] = []
-    for (method, preset, overrides), runs in rows.items():
-        reference = reference_for(method, preset) if not overrides else None
+    for (method, preset, overrides, vfm), runs in rows.items():
+        reference = reference_for(method, preset, vfm) if not overrides else None
         cells, notes = _row_cells(runs, metric, reference)
-        lines.append("| " + " | ".join([_row_label(method, preset, overrides), *cells]) + " |")
+        label = _row_label(method, preset, overrides, vfm)
+        lines.append("| " + " | ".join([label, *cells]) + " |")
         footnotes += notes
         if reference is not None and metric == "mIoU":
-            sources.append(f"{method} / {preset}: {reference.source}")
+            sources.append(f"{label}: {reference.source}")
     legend = f"Cells: ovss {metric}" + (" (paper's number in parentheses)" if metric == "mIoU" else "")
     lines += ["", legend + f"; {MISSING} = not evaluated; Avg needs all eight datasets on their full splits."]
     if sources:
