@@ -10,7 +10,7 @@ from ovss.errors import OvssError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ovss.cli import download, evaluate, info, segment
+    from ovss.cli import bench, download, evaluate, info, segment
 
     parser = argparse.ArgumentParser(
         prog="ovss", description="Training-free open-vocabulary semantic segmentation with frozen CLIP."
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parsers(sub)
     evaluate.add_parsers(sub)
     download.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
