@@ -16,6 +16,7 @@ OpenAI / facebookresearch layouts (time and memory do not depend on the values),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -210,7 +211,7 @@ def _load(job: dict[str, Any], method: str) -> Any:
 
 
 def image_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Load a method, then one counted warm-up and ``repeats`` timed ``set_image`` + ``predict`` runs."""
+    """Load a method, then ``warmup`` (default 1) and ``repeats`` timed ``set_image`` + ``predict`` runs."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -224,15 +225,12 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
     labels = [f"class {i}" for i in range(n)]
     E = seg.clip.visual.cfg.output_dim
     text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1)  # (Q, E)
-    counter = MatmulFlops()
+    counter = MatmulFlops()  # counts the first run (a warm-up unless ``warmup`` is 0)
+    warmup = int(job.get("warmup", 1))
     times = []
-    for i in range(1 + int(job.get("repeats", 3))):
+    for i in range(warmup + int(job.get("repeats", 3))):
         start = time.perf_counter()
-        if i == 0:
-            with counter:
-                seg.set_image(image)
-                pred = seg.predict(labels=labels, text_embeddings=text)
-        else:
+        with counter if i == 0 else contextlib.nullcontext():
             seg.set_image(image)
             pred = seg.predict(labels=labels, text_embeddings=text)
         times.append(time.perf_counter() - start)
@@ -244,9 +242,9 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
         "precision": job.get("dtype", "fp32"),
         "image": f"{image.shape[0]}x{image.shape[1]}",
         "windows": len(seg.current_windows()[0]),
-        "seconds": statistics.median(times[1:]),
-        "seconds_all": times[1:],
-        "warmup_seconds": times[0],
+        "seconds": statistics.median(times[warmup:]),
+        "seconds_all": times[warmup:],
+        "warmup_seconds": times[0] if warmup else None,
         "load_seconds": load_seconds,
         "flops": dict(counter.flops),
         "load_peak_rss_bytes": load_peak,

@@ -113,7 +113,7 @@ def _weights(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ovss.bench import GIB, MeasurementError, flop_bound_seconds, measure
+    from ovss.bench import MeasurementError, flop_bound_seconds, measure
 
     methods, precisions, settings, out = _check_args(args)
     if args.quick:
@@ -138,10 +138,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     r["flop_bound_seconds"] = bound = flop_bound_seconds(r["flops"], peaks)
                     r["bound_ratio"] = r["seconds"] / bound if bound > 0 else None
                     runs.append(r)
-                    gflop = sum(r["flops"].values()) / 1e9
-                    ratio = f"{r['bound_ratio']:.2f}×" if r["bound_ratio"] else "-"
-                    print(f"| {method} | {precision} | {r['image']} | {r['windows']} | {r['seconds']:.3f} "
-                          f"| {r['peak_rss_bytes'] / GIB:.2f} | {gflop:.1f} | {bound:.3f} | {ratio} |", flush=True)  # fmt: skip
+                    print(_row(r), flush=True)
             text = None if args.no_text else _text_times({**base, "kind": "text", "settings": settings})
         except MeasurementError as err:
             raise OvssError(str(err).replace("\n", " | ")) from err
@@ -162,6 +159,18 @@ def run_bench(args: argparse.Namespace) -> int:
         save_text(out, json.dumps(record, indent=2) + "\n")
         print(f"\nwrote {out}")
     return 0
+
+
+def _row(r: dict[str, Any]) -> str:
+    """One Markdown table row of an image measurement."""
+    from ovss.bench import GIB
+
+    gflop = sum(r["flops"].values()) / 1e9
+    ratio = f"{r['bound_ratio']:.2f}×" if r["bound_ratio"] else "-"
+    return (
+        f"| {r['method']} | {r['precision']} | {r['image']} | {r['windows']} | {r['seconds']:.3f} "
+        f"| {r['peak_rss_bytes'] / GIB:.2f} | {gflop:.1f} | {r['flop_bound_seconds']:.3f} | {ratio} |"
+    )
 
 
 def _text_times(job: dict[str, Any]) -> dict[str, Any]:
