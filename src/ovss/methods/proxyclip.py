@@ -72,7 +72,7 @@ def clip_values_on_grid(
     """
     x, (gr, gc) = tokens_before_last_block(clip, pixels)  # (L, 1 + gr*gc, D)
     block = clip.blocks[-1]
-    _, _, v = block.attn.qkv(block.ln_1(x))  # (L, H, 1 + gr*gc, d)
+    v = block.attn.values(block.ln_1(x))  # (L, H, 1 + gr*gc, d): q and k are not used
     v = v[:, :, clip.num_prefix_tokens :]  # (L, H, gr*gc, d)
     L, H, _, d = v.shape
     hr, hc = grid

@@ -22,6 +22,7 @@ from torch import nn
 
 from ovss.errors import OvssError
 from ovss.models.normalization import InputNorm
+from ovss.precision import autocast_weights
 
 
 class LayerNorm(nn.LayerNorm):
@@ -35,6 +36,14 @@ class LayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weights are cast once per autocast dtype, not on every call (:func:`autocast_weights`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = autocast_weights(self, self.weight, self.bias)
+        return F.linear(x, cast(torch.Tensor, weight), bias)
 
 
 class QuickGELU(nn.Module):
@@ -70,7 +79,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project normalised tokens to per-head queries, keys and values.
@@ -82,9 +91,25 @@ class Attention(nn.Module):
             q, k, v, each (B, heads, n, head_dim).
         """
         B, n, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, n, 3D)
+        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias)
+        qkv = F.linear(x, cast(torch.Tensor, weight), bias)  # (B, n, 3D)
         qkv = qkv.view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, d)
         return qkv[0], qkv[1], qkv[2]
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the values of :meth:`qkv` (a third of the in-projection), for methods that use no q or k.
+
+        Args:
+            x: (B, n, D) tokens, already passed through the block's ``ln_1``.
+
+        Returns:
+            v (B, heads, n, head_dim), equal to ``qkv(x)[2]`` up to round-off.
+        """
+        B, n, D = x.shape
+        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias)
+        w_v = cast(torch.Tensor, weight)[2 * D :]  # (D, D) the value rows of the fused in-projection
+        v = F.linear(x, w_v, None if bias is None else bias[2 * D :])  # (B, n, D)
+        return v.view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, n, d)
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """Concatenate heads and apply the output projection: (B, H, n, d) -> (B, n, D)."""
@@ -118,9 +143,9 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
-                    ("c_fc", nn.Linear(width, mlp_width)),
+                    ("c_fc", Linear(width, mlp_width)),
                     ("gelu", ACTIVATIONS[act]()),
-                    ("c_proj", nn.Linear(mlp_width, width)),
+                    ("c_proj", Linear(mlp_width, width)),
                 ]
             )
         )
