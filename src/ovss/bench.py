@@ -186,8 +186,11 @@ class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _image(spec: str) -> Any:
+    """The test image: ``"HxW"`` random pixels, ``"astronaut"`` (scikit-image), else a file path (read per run)."""
     import numpy as np
 
+    if Path(spec).is_file():
+        return spec  # read by set_image, inside the timed run
     if spec == "astronaut":
         from skimage.data import astronaut
 
@@ -225,7 +228,7 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
     labels = [f"class {i}" for i in range(n)]
     E = seg.clip.visual.cfg.output_dim
     text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1)  # (Q, E)
-    counter = MatmulFlops()  # counts the first run (a warm-up unless ``warmup`` is 0)
+    counter = MatmulFlops() if job.get("count_flops", True) else contextlib.nullcontext()  # the first run
     warmup = int(job.get("warmup", 1))
     times = []
     for i in range(warmup + int(job.get("repeats", 3))):
@@ -233,6 +236,8 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
         with counter if i == 0 else contextlib.nullcontext():
             seg.set_image(image)
             pred = seg.predict(labels=labels, text_embeddings=text)
+            if job.get("logits"):  # also build the full-resolution logits, as --save-logits does
+                pred.maps.logits({"fp16": torch.float16, "fp32": torch.float32}[job["logits"]])
         times.append(time.perf_counter() - start)
     if job.get("labels_out"):
         np.save(job["labels_out"], pred.labels.numpy())
@@ -240,13 +245,13 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "method": job["method"],
         "precision": job.get("dtype", "fp32"),
-        "image": f"{image.shape[0]}x{image.shape[1]}",
+        "image": "x".join(str(side) for side in seg.current_image().shape[:2]),
         "windows": len(seg.current_windows()[0]),
         "seconds": statistics.median(times[warmup:]),
         "seconds_all": times[warmup:],
         "warmup_seconds": times[0] if warmup else None,
         "load_seconds": load_seconds,
-        "flops": dict(counter.flops),
+        "flops": dict(counter.flops) if isinstance(counter, MatmulFlops) else {},
         "load_peak_rss_bytes": load_peak,
         "run_peak_rss_bytes": run_peak if run_peak_only else None,
         "peak_rss_bytes": max(load_peak, run_peak),
