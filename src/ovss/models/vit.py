@@ -24,6 +24,8 @@ from ovss.errors import OvssError
 from ovss.models.normalization import InputNorm
 from ovss.precision import autocast_weights
 
+BLOCK_TOKENS = 1024  # tokens per pass through the blocks; larger batches run in slices (<= 0: the whole batch)
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, returned in the input's dtype (openai/CLIP).
@@ -175,6 +177,11 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All blocks on tokens (B, n, D), at most :data:`BLOCK_TOKENS` tokens at a time (samples are independent)."""
+        B, n, _ = x.shape
+        step = B if BLOCK_TOKENS <= 0 else max(1, BLOCK_TOKENS // n)
+        if step < B:
+            return torch.cat([self(x[i : i + step], attn_mask) for i in range(0, B, step)])  # (B, n, D)
         for block in self.resblocks:
             x = block(x, attn_mask)
         return x
@@ -296,10 +303,19 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x), (gr, gc)
 
     def forward_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D)."""
-        for block in self.blocks[start:end]:
-            x = block(x)
-        return x
+        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D).
+
+        A large batch (more than :data:`BLOCK_TOKENS` tokens) runs through the blocks a few samples at a
+        time: every sample is independent, and the element-wise passes stay in cache (the products are
+        as efficient on hundreds of tokens as on thousands).
+        """
+        B, n, _ = x.shape
+        step = B if BLOCK_TOKENS <= 0 else max(1, BLOCK_TOKENS // n)
+        if step >= B:
+            for block in self.blocks[start:end]:
+                x = block(x)
+            return x
+        return torch.cat([self.forward_blocks(x[i : i + step], start, end) for i in range(0, B, step)])  # (B, n, D)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """The unmodified tower: all blocks, then ln_post (and the projection if any) on every token.
