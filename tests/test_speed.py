@@ -64,3 +64,17 @@ def test_values_projection_equals_fused_qkv(tiny_clip) -> None:
             v_low, v_ref = attn.values(x), attn.qkv(x)[2]
     assert v_low.dtype == torch.bfloat16
     torch.testing.assert_close(v_low, v_ref, rtol=0.02, atol=0.02)
+
+
+def test_text_tower_stops_at_the_last_eot_like_the_full_context(tiny_clip) -> None:
+    text = tiny_clip.text
+    tokens = torch.zeros(4, 77, dtype=torch.long)  # (B, 77) [SOT] words [EOT] then zero padding
+    for row, length in enumerate((3, 9, 5, 12)):
+        tokens[row, :length] = torch.randint(1, 1000, (length,), generator=torch.Generator().manual_seed(row))
+        tokens[row, length] = 49407  # [EOT], the highest id
+    with torch.inference_mode():
+        x = text.token_embedding(tokens) + text.positional_embedding  # (B, 77, W) all 77 positions
+        x = text.ln_final(text.transformer(x, text.attn_mask))  # (B, 77, W)
+        full = x[torch.arange(4), tokens.argmax(dim=-1)] @ text.text_projection  # (B, E)
+        short = tiny_clip.encode_text(tokens)  # runs positions 0..12 only
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)

@@ -50,10 +50,12 @@ class TextTransformer(nn.Module):
             (B, E) features at the [EOT] token (the highest id in each row), after ln_final and the
             projection; not normalised.
         """
-        x = self.token_embedding(tokens) + self.positional_embedding  # (B, ctx, W)
-        x = self.transformer(x, self.attn_mask.to(x.dtype))  # (B, ctx, W)
+        at = tokens.argmax(dim=-1)  # (B,) [EOT] positions
+        n = int(at.max()) + 1 if tokens.numel() else tokens.shape[1]  # causal: later positions never reach them
+        x = self.token_embedding(tokens[:, :n]) + self.positional_embedding[:n]  # (B, n, W)
+        x = self.transformer(x, self.attn_mask[:n, :n].to(x.dtype))  # (B, n, W)
         x = self.ln_final(x)
-        eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
+        eot = x[torch.arange(x.shape[0], device=x.device), at]  # (B, W)
         return eot @ self.text_projection.to(eot.dtype)  # (B, E)
 
 
