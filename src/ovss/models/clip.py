@@ -53,7 +53,8 @@ class TextTransformer(nn.Module):
         at = tokens.argmax(dim=-1)  # (B,) [EOT] positions
         n = int(at.max()) + 1 if tokens.numel() else tokens.shape[1]  # causal: later positions never reach them
         x = self.token_embedding(tokens[:, :n]) + self.positional_embedding[:n]  # (B, n, W)
-        x = self.transformer(x, self.attn_mask[:n, :n].to(x.dtype))  # (B, n, W)
+        mask: torch.Tensor = self.attn_mask  # type: ignore[assignment]  # a registered buffer
+        x = self.transformer(x, mask[:n, :n].to(x.dtype))  # (B, n, W)
         x = self.ln_final(x)
         eot = x[torch.arange(x.shape[0], device=x.device), at]  # (B, W)
         return eot @ self.text_projection.to(eot.dtype)  # (B, E)
