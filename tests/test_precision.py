@@ -11,6 +11,7 @@ import torch
 
 import ovss
 import ovss.gla.cross_window as cross_window
+import ovss.precision as precision
 
 LABELS = ["sky", "road", ["person", "pedestrian"], "tree"]
 GEOMETRY = {"short_side": 96, "crop": 64, "stride": 32}
@@ -60,3 +61,36 @@ def test_bf16_runs_products_reduced_and_statistics_fp32(
     agreement = (low.labels == full.labels).float().mean().item()
     assert agreement > 0.9, agreement
     assert 0 < (low.logits - full.logits).abs().max() < 0.1  # reduced, but close
+
+
+@pytest.mark.parametrize("method", ["proxyclip+gla", "gclip"])
+def test_reduced_weight_copies_equal_plain_autocast_bit_for_bit(
+    method: str, tiny_clip, tiny_dino, bpe_path: Path, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = ovss.load(method, clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, dtype="bf16", **GEOMETRY)
+    text = torch.nn.functional.normalize(torch.randn(5, tiny_clip.visual.cfg.output_dim), dim=-1)
+    monkeypatch.setattr(precision, "KEEP_REDUCED_COPIES", False)
+    plain = seg.predict(image, LABELS, text_embeddings=text)
+    monkeypatch.setattr(precision, "KEEP_REDUCED_COPIES", True)
+    cached = seg.predict(image, LABELS, text_embeddings=text)
+    torch.testing.assert_close(cached.logits, plain.logits, rtol=0, atol=0)
+    fc = tiny_clip.visual.blocks[0].mlp.c_fc
+    copy = fc.__dict__["_reduced_weight_copies"][torch.bfloat16][2][0]
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, fc.weight.to(torch.bfloat16))
+    seg.predict(image, LABELS, text_embeddings=text)
+    assert fc.__dict__["_reduced_weight_copies"][torch.bfloat16][2][0] is copy  # cast once, reused
+
+
+def test_reduced_weight_copies_follow_in_place_weight_changes() -> None:
+    from ovss.models.vit import Linear
+
+    layer = Linear(8, 4).requires_grad_(False)
+    x = torch.randn(3, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layer(x)
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        after = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)  # plain autocast
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    assert not torch.equal(before, after)

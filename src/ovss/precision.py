@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -33,3 +34,39 @@ def full_precision() -> Iterator[None]:
     """Disable autocast (CPU and CUDA) so similarities, proxies, normalisation and softmax run in fp32."""
     with torch.autocast(device_type="cpu", enabled=False), torch.autocast(device_type="cuda", enabled=False):
         yield
+
+
+KEEP_REDUCED_COPIES = True  # False: autocast re-casts the fp32 weights on every call (the plain autocast path)
+_COPIES = "_reduced_weight_copies"  # module attribute: {dtype: (versions, device, copies)}
+
+
+def autocast_weights(module: torch.nn.Module, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors to pass to a matrix product: ``weights`` as given, or their cached autocast-dtype copies.
+
+    Autocast casts every fp32 argument of a product to its dtype on every call (its own cast cache holds
+    only leaves that require grad, which frozen weights do not). Under autocast this returns copies cast
+    once per dtype with the same ``.to(dtype)`` rounding, kept on ``module`` and made again if a weight
+    changes (in-place update, another device), so results are bit-identical to plain autocast. Outside
+    autocast, for weights that require grad, or with :data:`KEEP_REDUCED_COPIES` off: ``weights`` unchanged.
+
+    Args:
+        module: the layer that owns the weights (holds the copies).
+        weights: its weight and bias tensors (None entries stay None).
+    """
+    first = next(w for w in weights if w is not None)
+    device = first.device.type
+    if not (KEEP_REDUCED_COPIES and torch.is_autocast_enabled(device)):
+        return weights
+    if any(w is not None and w.requires_grad for w in weights) and torch.is_grad_enabled():
+        return weights
+    dtype = torch.get_autocast_dtype(device)
+    if first.dtype == dtype:
+        return weights
+    versions = tuple(None if w is None else (0 if w.is_inference() else w._version, w.data_ptr()) for w in weights)
+    cache: dict[torch.dtype, Any] = module.__dict__.setdefault(_COPIES, {})
+    entry = cache.get(dtype)
+    if entry is None or entry[0] != versions or entry[1] != first.device:
+        with torch.no_grad():
+            copies = tuple(None if w is None else w.detach().to(dtype) for w in weights)
+        entry = cache[dtype] = (versions, first.device, copies)
+    return entry[2]

@@ -35,6 +35,7 @@ from ovss.text.tokenizer import Tokenizer, load_tokenizer
 ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
 LabelsLike = Sequence[str | Sequence[str]]
 Progress = Callable[[int, int], None]  # progress(windows_done, windows_total), called from set_image
+WINDOW_TOKENS = 1024  # token budget of one backbone forward over a batch of windows (<= 0: window_batch alone)
 
 
 @dataclass
@@ -272,6 +273,21 @@ class Segmenter:
         st = self._current()
         return st.windows, (int(st.pixels.shape[-2]), int(st.pixels.shape[-1]))
 
+    def _windows_per_forward(self, size: tuple[int, int] | torch.Size) -> int:
+        """Windows per backbone forward: ``window_batch`` at most, and at most WINDOW_TOKENS tokens in all.
+
+        Batching windows gives the matrix products no more speed once a window has hundreds of tokens,
+        while the element-wise work on the larger batch spills the caches and faults in fresh pages.
+        """
+        tokens = max(
+            (size[0] // vit.cfg.patch) * (size[1] // vit.cfg.patch) + vit.num_prefix_tokens
+            for vit in (self.clip.visual, self.vfm)
+            if vit is not None
+        )  # tokens per window of the largest backbone grid
+        if WINDOW_TOKENS <= 0:
+            return self.pipeline.window_batch
+        return max(1, min(self.pipeline.window_batch, WINDOW_TOKENS // tokens))
+
     @torch.inference_mode()
     def _dense_features(
         self,
@@ -282,7 +298,7 @@ class Segmenter:
         progress: Progress | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]], dict[str, torch.Tensor]]:
         backbones = Backbones(self.clip.visual, self.vfm)
-        step = len(windows) if self.method.joint_windows else self.pipeline.window_batch
+        step = len(windows) if self.method.joint_windows else self._windows_per_forward(crops.shape[-2:])
         chunks: list[torch.Tensor] = []
         grid: tuple[int, int] = (0, 0)
         info: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from ovss.errors import OvssError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ovss.cli import cache, demo, download, evaluate, info, segment
+    from ovss.cli import bench, cache, demo, download, evaluate, info, segment
 
     parser = argparse.ArgumentParser(
         prog="ovss", description="Training-free open-vocabulary semantic segmentation with frozen CLIP."
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_parser(sub)
     demo.add_parser(sub)
     cache.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

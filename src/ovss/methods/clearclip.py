@@ -25,7 +25,8 @@ def run_clearclip(backbones: Backbones, batch: WindowBatch, opts: ClearCLIPOptio
     first = depth - opts.last_n_layers
     x = clip.forward_blocks(x, 0, first)
     z = torch.zeros_like(x)
-    for block in clip.blocks[first:]:
+    for block in clip.blocks[first:-1]:
         z = z + qq_attention_output(block, x)  # (L, n, D)
         x = block(x)
+    z = z + qq_attention_output(clip.blocks[-1], x)  # the last block's own output is not needed
     return MethodOutput(patch_tokens(z, clip), grid)

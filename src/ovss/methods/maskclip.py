@@ -10,7 +10,7 @@ def run_maskclip(backbones: Backbones, batch: WindowBatch, opts: MaskCLIPOptions
     clip = backbones.clip
     x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
     block = clip.blocks[-1]
-    _, _, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d)
+    v = block.attn.values(block.ln_1(x))  # (L, H, n, d): q and k are not used
     a = block.attn.merge_heads(v)  # (L, n, D) identity attention: OutProj(v)
     if opts.residual_ffn:
         u = x + block.ls_1(a)  # (L, n, D)

@@ -88,7 +88,7 @@ def clip_values_on_grid(
     """
     x, clip_grid = tokens_before_last_block(clip, pixels)  # (L, 1 + gr*gc, D)
     block = clip.blocks[-1]
-    _, _, v = block.attn.qkv(block.ln_1(x))  # (L, H, 1 + gr*gc, d)
+    v = block.attn.values(block.ln_1(x))  # (L, H, 1 + gr*gc, d): q and k are not used
     return resize_values(v[:, :, clip.num_prefix_tokens :], clip_grid, grid).to(x.dtype), x
 
 

@@ -24,8 +24,10 @@ from torch import nn
 from ovss.errors import OvssError
 from ovss.models.normalization import InputNorm
 from ovss.models.rope import apply_rope, rope_tables
+from ovss.precision import autocast_weights
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) fp32 tables of the patch tokens, each (P, head_dim)
+BLOCK_TOKENS = 1024  # tokens per pass through the blocks; larger batches run in slices (<= 0: the whole batch)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -39,6 +41,14 @@ class LayerNorm(nn.LayerNorm):
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weights are cast once per autocast dtype, not on every call (:func:`autocast_weights`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = autocast_weights(self, self.weight, self.bias)
+        return F.linear(x, cast(torch.Tensor, weight), bias)
 
 
 class QuickGELU(nn.Module):
@@ -74,7 +84,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project normalised tokens to per-head queries, keys and values.
@@ -86,9 +96,25 @@ class Attention(nn.Module):
             q, k, v, each (B, heads, n, head_dim).
         """
         B, n, _ = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, n, 3D)
+        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias)
+        qkv = F.linear(x, cast(torch.Tensor, weight), bias)  # (B, n, 3D)
         qkv = qkv.view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, d)
         return qkv[0], qkv[1], qkv[2]
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the values of :meth:`qkv` (a third of the in-projection), for methods that use no q or k.
+
+        Args:
+            x: (B, n, D) tokens, already passed through the block's ``ln_1``.
+
+        Returns:
+            v (B, heads, n, head_dim), equal to ``qkv(x)[2]`` up to round-off.
+        """
+        B, n, D = x.shape
+        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias)
+        w_v = cast(torch.Tensor, weight)[2 * D :]  # (D, D) the value rows of the fused in-projection
+        v = F.linear(x, w_v, None if bias is None else bias[2 * D :])  # (B, n, D)
+        return v.view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, n, d)
 
     def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         """Concatenate heads and apply the output projection: (B, H, n, d) -> (B, n, D)."""
@@ -124,9 +150,9 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(
             OrderedDict(
                 [
-                    ("c_fc", nn.Linear(width, mlp_width)),
+                    ("c_fc", Linear(width, mlp_width)),
                     ("gelu", ACTIVATIONS[act]()),
-                    ("c_proj", nn.Linear(mlp_width, width)),
+                    ("c_proj", Linear(mlp_width, width)),
                 ]
             )
         )
@@ -156,6 +182,11 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All blocks on tokens (B, n, D), at most :data:`BLOCK_TOKENS` tokens at a time (samples are independent)."""
+        B, n, _ = x.shape
+        step = B if BLOCK_TOKENS <= 0 else max(1, BLOCK_TOKENS // n)
+        if step < B:
+            return torch.cat([self(x[i : i + step], attn_mask) for i in range(0, B, step)])  # (B, n, D)
         for block in self.resblocks:
             x = block(x, attn_mask)
         return x
@@ -297,11 +328,20 @@ class VisionTransformer(nn.Module):
     def forward_blocks(
         self, x: torch.Tensor, start: int = 0, end: int | None = None, grid: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D); ``grid`` (gr, gc) is needed by RoPE."""
+        """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D); ``grid`` (gr, gc) is needed by RoPE.
+
+        A large batch (more than :data:`BLOCK_TOKENS` tokens) runs through the blocks a few samples at a
+        time: every sample is independent, and the element-wise passes stay in cache (the products are
+        as efficient on hundreds of tokens as on thousands).
+        """
+        B, n, _ = x.shape
+        step = B if BLOCK_TOKENS <= 0 else max(1, BLOCK_TOKENS // n)
+        if step < B:
+            return torch.cat([self.forward_blocks(x[i : i + step], start, end, grid) for i in range(0, B, step)])
         rope = self.rotary(grid)
         for block in self.blocks[start:end]:
             x = block(x, rope=rope)
-        return x
+        return x  # (B, n, D)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """The unmodified tower: all blocks, then ln_post (and the projection if any) on every token.

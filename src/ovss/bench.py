@@ -1,0 +1,357 @@
+"""Benchmark harness behind ``ovss bench`` and ``benchmarks/*.py``: what users run, each in a fresh process.
+
+Every measurement is a *job* (a JSON-able dict) run by :func:`measure` in a fresh interpreter
+(``python -m ovss.bench JOB``) with ``--threads`` torch threads. The child loads with ``ovss.load`` exactly
+as a user does and reports seconds, windows, matrix-product FLOPs (per dtype) and its peak resident set
+read from the OS (``VmHWM`` of ``/proc/self/status``, else ``ru_maxrss``). Three kinds of job:
+
+* ``image``: ``set_image`` + ``predict`` (random unit text embeddings, so no text encoding) on one image;
+  one warm-up run, whose matrix products are counted, then the median of ``repeats`` timed runs.
+* ``text``: ``Segmenter.encode_names`` on 20 names, twice in the same process (cold, then warm).
+* ``peaks``: the machine's quiet matrix-product rate (GFLOP/s) in fp32 and bf16, for the FLOP-bound time.
+
+Weights: the registered ``ViT-B/16`` / ``dino-vitb8`` when cached, else full-size random ones written in the
+OpenAI / facebookresearch layouts (time and memory do not depend on the values), tiny ones with ``quick``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 2.0**30
+TEXT_NAMES = (  # the 20 names of the text timing
+    "person", "car", "sky", "road", "tree", "building", "grass", "dog", "cat", "bicycle",
+    "bus", "train", "boat", "bird", "horse", "chair", "table", "bottle", "flower", "wall",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def random_clip_state_dict(
+    width: int, layers: int, text_width: int, text_layers: int, embed_dim: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random CLIP ViT-*/16 weights (224 px, 77 tokens) in openai/CLIP's key layout, openai/CLIP's init."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(std: float, *shape: int) -> torch.Tensor:
+        return std * torch.randn(*shape, generator=g)
+
+    def blocks(prefix: str, w: int, n: int) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        for i in range(n):
+            p = f"{prefix}resblocks.{i}."
+            for norm in ("ln_1", "ln_2"):
+                sd[p + norm + ".weight"], sd[p + norm + ".bias"] = torch.ones(w), torch.zeros(w)
+            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = randn(w**-0.5, 3 * w, w), torch.zeros(3 * w)
+            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = randn(w**-0.5 / n, w, w), torch.zeros(w)
+            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = randn((2 * w) ** -0.5, 4 * w, w), torch.zeros(4 * w)
+            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = randn(w**-0.5 / n, w, 4 * w), torch.zeros(w)
+        return sd
+
+    patch, grid = 16, 14
+    sd = {
+        "visual.conv1.weight": randn((3 * patch * patch) ** -0.5, width, 3, patch, patch),
+        "visual.class_embedding": randn(width**-0.5, width),
+        "visual.positional_embedding": randn(width**-0.5, 1 + grid * grid, width),
+        "visual.ln_pre.weight": torch.ones(width),
+        "visual.ln_pre.bias": torch.zeros(width),
+        **blocks("visual.transformer.", width, layers),
+        "visual.ln_post.weight": torch.ones(width),
+        "visual.ln_post.bias": torch.zeros(width),
+        "visual.proj": randn(width**-0.5, width, embed_dim),
+        "token_embedding.weight": randn(0.02, 49408, text_width),
+        "positional_embedding": randn(0.01, 77, text_width),
+        **blocks("transformer.", text_width, text_layers),
+        "ln_final.weight": torch.ones(text_width),
+        "ln_final.bias": torch.zeros(text_width),
+        "text_projection": randn(text_width**-0.5, text_width, embed_dim),
+        "logit_scale": torch.tensor(math.log(100.0)),
+        "input_resolution": torch.tensor(patch * grid),  # the buffers of OpenAI's archives
+        "context_length": torch.tensor(77),
+        "vocab_size": torch.tensor(49408),
+    }
+    return sd
+
+
+def random_dino_state_dict(width: int, layers: int, patch: int, grid: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random DINO ViT weights in the facebookresearch/dino key layout (ViT-style init: N(0, 0.02), LN = 1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return 0.02 * torch.randn(*shape, generator=g)
+
+    sd = {
+        "cls_token": randn(1, 1, width),
+        "pos_embed": randn(1, 1 + grid * grid, width),
+        "patch_embed.proj.weight": randn(width, 3, patch, patch),
+        "patch_embed.proj.bias": torch.zeros(width),
+    }
+    for i in range(layers):
+        p = f"blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            sd[p + norm + ".weight"], sd[p + norm + ".bias"] = torch.ones(width), torch.zeros(width)
+        sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"] = randn(3 * width, width), torch.zeros(3 * width)
+        sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = randn(width, width), torch.zeros(width)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = randn(4 * width, width), torch.zeros(4 * width)
+        sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = randn(width, 4 * width), torch.zeros(width)
+    sd["norm.weight"], sd["norm.bias"] = torch.ones(width), torch.zeros(width)
+    return sd
+
+
+def write_random_weights(folder: Path, quick: bool = False, sam: bool = False) -> dict[str, str]:
+    """Random weight files in the real layouts, written into ``folder`` unless present.
+
+    CLIP ViT-B/16 (OpenAI state dict) and DINO ViT-B/8 (``*_pretrain.pth``); with ``sam`` also DINO ViT-B/16 and
+    SAM ViT-B (official ``sam_vit_b_01ec64.pth`` layout) for the SAM-based methods (Trident). ``quick``: narrow
+    models (12 CLIP blocks, as GCLIP's block search needs; 1 text block, 2 DINO blocks; a 3-block SAM at 128
+    pixels) for smoke tests.
+
+    Returns:
+        paths by role: ``clip``, ``vfm`` and, with ``sam``, ``vfm16`` and ``sam``.
+    """
+    tag = "tiny" if quick else "base"
+    clip_path, dino_path = folder / f"clip-vitb16-{tag}.pt", folder / f"dino-vitb8-{tag}.pth"
+    if not clip_path.exists():
+        sizes = (128, 12, 128, 1, 64) if quick else (768, 12, 512, 12, 512)
+        torch.save(random_clip_state_dict(*sizes, seed=0), clip_path)
+    width, layers = (128, 2) if quick else (768, 12)
+    if not dino_path.exists():
+        torch.save(random_dino_state_dict(width, layers, patch=8, grid=28, seed=1), dino_path)
+    paths = {"clip": str(clip_path), "vfm": str(dino_path)}
+    if not sam:
+        return paths
+    dino16_path, sam_path = folder / f"dino-vitb16-{tag}.pth", folder / f"sam-vitb-{tag}.pth"
+    if not dino16_path.exists():
+        torch.save(random_dino_state_dict(width, layers, patch=16, grid=14, seed=2), dino16_path)
+    if not sam_path.exists():
+        from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
+
+        if quick:  # 128-pixel input, 3 blocks, the last one global
+            cfg = SamConfig(SamEncoderConfig(16, 32, 3, 2, 8, 4, (2,), 64, 32), 32, 16, 1, 8, 64, 2, 3, 2, 32)
+        else:  # SAM ViT-B: 12 blocks of 768, global blocks 2, 5, 8, 11, 64 x 64 tokens; 256-d decoder
+            enc = SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256)
+            cfg = SamConfig(enc, 256, 16, 2, 8, 2048, 2, 3, 3, 256)
+        torch.manual_seed(3)
+        sd = SamModel(cfg).state_dict()
+        torch.save({k.replace(".attn.in_proj_", ".attn.qkv."): v for k, v in sd.items()}, sam_path)  # official names
+    return {**paths, "vfm16": str(dino16_path), "sam": str(sam_path)}
+
+
+# ----------------------------------------------------------------------------------------------- in the child
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process from the OS: VmHWM (Linux), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux ``clear_refs``); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Count the FLOPs of matrix products, convolutions and fused attention, per input dtype.
+
+    Uses PyTorch's own formulas (``torch.utils.flop_counter``) and adds CPU fused attention
+    (``4 * B * H * n * m * d``), which that registry lacks. Element-wise work is not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.flops: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if "scaled_dot_product" in str(packet):  # fused attention: counted, run as is (not decomposed)
+            q, k = args[0], args[1]  # (B, H, n, d), (B, H, m, d)
+            n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
+            self.flops[str(q.dtype).replace("torch.", "")] += 4 * math.prod(q.shape[:-2]) * n * m * d
+            return func(*args, **kwargs)
+        if packet not in self.registry:  # composites (linear, matmul, einsum) run as the products they are
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+        self.flops[str(dtype).replace("torch.", "")] += int(self.registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
+def _image(spec: str) -> Any:
+    """The test image: ``"HxW"`` random pixels, ``"astronaut"`` (scikit-image), else a file path (read per run)."""
+    import numpy as np
+
+    if Path(spec).is_file():
+        return spec  # read by set_image, inside the timed run
+    if spec == "astronaut":
+        from skimage.data import astronaut
+
+        return astronaut()  # (512, 512, 3) uint8
+    h, w = (int(s) for s in spec.split("x"))
+    return np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)  # (h, w, 3)
+
+
+def _load(job: dict[str, Any], method: str) -> Any:
+    import ovss
+    from ovss.methods.registry import get_method
+
+    sam_based = get_method(method).needs_sam  # Trident: DINO ViT-B/16 (``vfm16``) and SAM
+    return ovss.load(
+        method,
+        clip=job["clip"],
+        vfm=job.get("vfm16") if sam_based else job.get("vfm"),
+        sam=job.get("sam") if sam_based else None,
+        dtype=job.get("dtype", "fp32"),
+        tokenizer=job.get("tokenizer"),
+        download=False,
+        **job.get("settings", {}),
+    )
+
+
+def image_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Load a method, then ``warmup`` (default 1) and ``repeats`` timed ``set_image`` + ``predict`` runs."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    start = time.perf_counter()
+    seg = _load(job, job["method"])
+    load_seconds = time.perf_counter() - start
+    load_peak = peak_rss_bytes()
+    run_peak_only = reset_peak_rss()
+    image = _image(job["image"])
+    n = int(job.get("classes", len(TEXT_NAMES)))
+    labels = [f"class {i}" for i in range(n)]
+    E = seg.clip.visual.cfg.output_dim
+    text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1)  # (Q, E)
+    counter = MatmulFlops() if job.get("count_flops", True) else contextlib.nullcontext()  # the first run
+    warmup = int(job.get("warmup", 1))
+    times = []
+    for i in range(warmup + int(job.get("repeats", 3))):
+        start = time.perf_counter()
+        with counter if i == 0 else contextlib.nullcontext():
+            seg.set_image(image)
+            pred = seg.predict(labels=labels, text_embeddings=text)
+            if job.get("logits"):  # also build the full-resolution logits, as --save-logits does
+                pred.maps.logits({"fp16": torch.float16, "fp32": torch.float32}[job["logits"]])
+        times.append(time.perf_counter() - start)
+    if job.get("labels_out"):
+        np.save(job["labels_out"], pred.labels.numpy())
+    run_peak = peak_rss_bytes()
+    return {
+        "method": job["method"],
+        "precision": job.get("dtype", "fp32"),
+        "image": "x".join(str(side) for side in seg.current_image().shape[:2]),
+        "windows": len(seg.current_windows()[0]),
+        "seconds": statistics.median(times[warmup:]),
+        "seconds_all": times[warmup:],
+        "warmup_seconds": times[0] if warmup else None,
+        "load_seconds": load_seconds,
+        "flops": dict(counter.flops) if isinstance(counter, MatmulFlops) else {},
+        "load_peak_rss_bytes": load_peak,
+        "run_peak_rss_bytes": run_peak if run_peak_only else None,
+        "peak_rss_bytes": max(load_peak, run_peak),
+    }
+
+
+def text_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``encode_names`` on the 20 names twice in this process: first (cold) and second (warm) seconds."""
+    seg = _load(job, "clearclip")  # the text tower does not depend on the method
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        seg.encode_names(list(TEXT_NAMES))
+        times.append(time.perf_counter() - start)
+    return {"first_seconds": times[0], "second_seconds": times[1], "templates": seg.pipeline.templates}
+
+
+def peaks_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Best matrix-product rate (GFLOP/s) of a square ``size`` matmul in fp32 and bf16, over ``repeats``."""
+    n = int(job.get("size", 2048))
+    out: dict[str, Any] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up
+        best = math.inf
+        for _ in range(int(job.get("repeats", 5))):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        out[str(dtype).replace("torch.", "")] = 2 * n**3 / best / 1e9
+    return out
+
+
+JOBS = {"image": image_job, "text": text_job, "peaks": peaks_job}
+
+
+def child_main(argv: list[str]) -> None:
+    """Entry point of a measurement process: ``python -m ovss.bench JOB_JSON``; prints the result as JSON."""
+    job = json.loads(argv[0])
+    torch.set_num_threads(int(job["threads"]))
+    print(json.dumps(JOBS[job["kind"]](job)))
+
+
+# ----------------------------------------------------------------------------------------------- in the parent
+class MeasurementError(RuntimeError):
+    """A measurement process failed; the message holds the end of its stderr."""
+
+
+def measure(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one job in a fresh interpreter with ``job["threads"]`` threads and return what it reports.
+
+    Raises:
+        MeasurementError: the process exited with an error (its stderr's last lines are in the message).
+    """
+    threads = str(job["threads"])
+    src = str(Path(__file__).resolve().parents[1])  # the ovss that runs this, also in the child
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    child_env = {**os.environ, **(env or {}), "PYTHONPATH": path, "OMP_NUM_THREADS": threads}
+    child_env["MKL_NUM_THREADS"] = threads
+    out = subprocess.run(
+        [sys.executable, "-m", "ovss.bench", json.dumps(job)], capture_output=True, text=True, env=child_env
+    )
+    if out.returncode != 0:
+        what = job.get("method", job["kind"])
+        last = "\n".join(out.stderr.strip().splitlines()[-8:])
+        raise MeasurementError(f"measurement {what} ({job.get('dtype', 'fp32')}) failed:\n{last}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def flop_bound_seconds(flops: dict[str, int], peaks: dict[str, float]) -> float:
+    """The time the counted products would take at the measured peak rates (fp16 counted at the bf16 rate)."""
+    total = 0.0
+    for dtype, count in flops.items():
+        rate = peaks["float32"] if dtype == "float32" else peaks["bfloat16"]
+        total += count / (rate * 1e9)
+    return total
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])

@@ -1,0 +1,80 @@
+"""``ovss bench``: the quick run writes a complete JSON record of measured numbers; FLOPs are counted exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovss.bench import MatmulFlops, flop_bound_seconds
+from ovss.cli.main import main
+
+RUN_KEYS = {
+    "method", "precision", "image", "windows", "seconds", "seconds_all", "warmup_seconds", "load_seconds", "flops",
+    "load_peak_rss_bytes", "run_peak_rss_bytes", "peak_rss_bytes", "flop_bound_seconds", "bound_ratio",
+}  # fmt: skip
+
+
+def test_quick_bench_writes_a_record_of_positive_numbers(
+    tmp_path: Path, bpe_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--methods", "clearclip,proxyclip", "--precision", "fp32,bf16", "--threads", "1"]
+    argv += ["--repeats", "1", "--weights-dir", str(tmp_path / "w"), "--tokenizer", str(bpe_path), "--json", str(out)]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["weights"] == "random tiny (--quick)"
+    assert record["peak_gflops"]["float32"] > 0 and record["peak_gflops"]["bfloat16"] > 0
+    assert [(r["method"], r["precision"]) for r in record["runs"]] == [
+        ("clearclip", "fp32"), ("clearclip", "bf16"), ("proxyclip", "fp32"), ("proxyclip", "bf16"),
+    ]  # fmt: skip
+    for run in record["runs"]:
+        assert set(run) == RUN_KEYS
+        assert run["windows"] > 1 and run["image"] == "112x112"
+        assert run["seconds"] > 0 and run["load_seconds"] > 0 and run["flop_bound_seconds"] > 0
+        assert 50e6 < run["peak_rss_bytes"] < 16 * 2**30
+        assert run["bound_ratio"] == pytest.approx(run["seconds"] / run["flop_bound_seconds"])
+    fp32, bf16 = record["runs"][0]["flops"], record["runs"][1]["flops"]
+    assert set(fp32) == {"float32"} and fp32["float32"] > 1e8  # the backbone's products, all fp32
+    assert bf16["bfloat16"] > 0.9 * fp32["float32"]  # autocast: the backbone's products run in bf16
+    text = record["text"]
+    assert text["names"] == 20 and text["cold_seconds"] > text["warm_same_process_seconds"] >= 0
+    assert text["warm_new_process_seconds"] > 0
+    shown = capsys.readouterr().out
+    assert "| clearclip | fp32 | 112x112 |" in shown and "text, 20 names" in shown
+
+
+def test_existing_json_is_refused_before_any_measurement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    out.write_text("keep me")
+    assert main(["bench", "--quick", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err and err.count("\n") == 1
+    assert out.read_text() == "keep me"
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("bad", [["--precision", "fp8"], ["--size", "12x"], ["--methods", "clearclip,nope"]])
+def test_bad_arguments_are_one_line(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", *bad]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_matmul_flops_counts_products_per_dtype_by_hand() -> None:
+    x = torch.randn(2, 5, 8)  # (B, n, D)
+    w, b = torch.randn(16, 8), torch.randn(16)
+    q = torch.randn(1, 2, 5, 4)  # (B, H, n, d)
+    counter = MatmulFlops()
+    with torch.inference_mode(), counter:
+        y = F.linear(x, w, b)  # 2 * (2*5) * 8 * 16
+        x @ x.transpose(1, 2)  # 2 * 2 * 5 * 5 * 8
+        F.scaled_dot_product_attention(q, q, q)  # 4 * 2 * 5 * 5 * 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.linear(x, w, b)  # 2 * 10 * 8 * 16, in bf16
+    assert dict(counter.flops) == {"float32": 2560 + 800 + 800, "bfloat16": 2560}
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)  # counting changes no result
+    peaks = {"float32": 1.0, "bfloat16": 4.0}  # GFLOP/s
+    assert flop_bound_seconds({"float32": 10**9, "bfloat16": 4 * 10**9}, peaks) == pytest.approx(2.0)

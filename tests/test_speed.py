@@ -1,0 +1,80 @@
+"""Speed changes keep results: token-sliced block passes, the window cap, values-only projections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ovss
+import ovss.models.vit as vit
+import ovss.predictor as predictor
+
+LABELS = ["sky", "road", ["person", "pedestrian"], "tree"]
+GEOMETRY = {"short_side": 96, "crop": 64, "stride": 32}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("method", ["proxyclip+gla", "clearclip+gla", "sclip"])
+def test_sliced_block_passes_equal_whole_batch(
+    method: str, tiny_clip, tiny_dino, bpe_path: Path, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = ovss.load(method, clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, window_batch=16, **GEOMETRY)
+    text = torch.nn.functional.normalize(torch.randn(5, tiny_clip.visual.cfg.output_dim), dim=-1)
+    monkeypatch.setattr(vit, "BLOCK_TOKENS", 0)
+    whole = seg.predict(image, LABELS, text_embeddings=text)
+    monkeypatch.setattr(vit, "BLOCK_TOKENS", 40)  # one or two windows per slice for these tiny grids
+    sliced = seg.predict(image, LABELS, text_embeddings=text)
+    torch.testing.assert_close(sliced.logits, whole.logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(sliced.labels, whole.labels)
+
+
+def test_sliced_text_tower_equals_whole_batch(tiny_clip, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = torch.randint(1, 1000, (7, 77), generator=torch.Generator().manual_seed(0))  # (B, 77)
+    tokens[:, 9] = tokens.max() + 1  # EOT (argmax) at position 9
+    with torch.inference_mode():
+        monkeypatch.setattr(vit, "BLOCK_TOKENS", 0)
+        whole = tiny_clip.encode_text(tokens)
+        monkeypatch.setattr(vit, "BLOCK_TOKENS", 160)  # two prompts per slice, a remainder of one
+        sliced = tiny_clip.encode_text(tokens)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_window_cap_counts_tokens_of_the_largest_grid(tiny_clip, tiny_dino, bpe_path: Path) -> None:
+    clip_only = ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path, window_batch=16)
+    assert clip_only._windows_per_forward((448, 448)) == 1  # 785 tokens
+    assert clip_only._windows_per_forward((224, 224)) == predictor.WINDOW_TOKENS // 197  # 5
+    assert clip_only._windows_per_forward((64, 64)) == 16  # 17 tokens: window_batch bounds it
+    with_dino = ovss.load("proxyclip", clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, window_batch=16)
+    assert with_dino._windows_per_forward((224, 224)) == 1  # DINO /8: 785 tokens
+
+
+def test_values_projection_equals_fused_qkv(tiny_clip) -> None:
+    attn = tiny_clip.visual.blocks[-1].attn
+    x = torch.randn(3, 17, tiny_clip.visual.cfg.width)  # (B, n, D)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn.values(x), attn.qkv(x)[2], rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v_low, v_ref = attn.values(x), attn.qkv(x)[2]
+    assert v_low.dtype == torch.bfloat16
+    torch.testing.assert_close(v_low, v_ref, rtol=0.02, atol=0.02)
+
+
+def test_text_tower_stops_at_the_last_eot_like_the_full_context(tiny_clip) -> None:
+    text = tiny_clip.text
+    tokens = torch.zeros(4, 77, dtype=torch.long)  # (B, 77) [SOT] words [EOT] then zero padding
+    for row, length in enumerate((3, 9, 5, 12)):
+        tokens[row, :length] = torch.randint(1, 1000, (length,), generator=torch.Generator().manual_seed(row))
+        tokens[row, length] = 49407  # [EOT], the highest id
+    with torch.inference_mode():
+        x = text.token_embedding(tokens) + text.positional_embedding  # (B, 77, W) all 77 positions
+        x = text.ln_final(text.transformer(x, text.attn_mask))  # (B, 77, W)
+        full = x[torch.arange(4), tokens.argmax(dim=-1)] @ text.text_projection  # (B, E)
+        short = tiny_clip.encode_text(tokens)  # runs positions 0..12 only
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
