@@ -265,11 +265,11 @@ def test_eval_uses_the_given_vfm_and_gla_flag(folder_args: list[str], tmp_path: 
     assert config["weights"]["vfm"]["sha256"] == hashlib.sha256(dino.read_bytes()).hexdigest()
 
 
-def _vfm_run(folder: Path, method: str, vfm: str | None, miou: float) -> Path:
+def _vfm_run(folder: Path, method: str, vfm: str | None, miou: float, fmt: str = "dino") -> Path:
     folder.mkdir(parents=True)
     result = {"method": method, "preset": "gla", "dataset": "voc21", "images": 1449, "complete": True,
               "mIoU": miou, "mAcc": 1.0, "aAcc": 2.0, "BER": 3.0}  # fmt: skip
-    weights = {"clip": {"name": "ViT-B/16"}, **({"vfm": {"name": vfm}} if vfm else {})}
+    weights = {"clip": {"name": "ViT-B/16"}, **({"vfm": {"name": vfm, "format": fmt}} if vfm else {})}
     (folder / "result.json").write_text(json.dumps(result))
     (folder / "config.json").write_text(json.dumps({"setting": {"overrides": []}, "weights": weights}))
     return folder
@@ -280,8 +280,10 @@ def test_report_keeps_runs_with_another_vfm_apart_and_prints_table_four(
 ) -> None:
     runs = [
         _vfm_run(tmp_path / "b8", "proxyclip+gla", "dino-vitb8", 66.0),  # the default VFM: the Table 1 row
-        _vfm_run(tmp_path / "v3", "proxyclip+gla", "dinov3_vitb16", 63.0),
-        _vfm_run(tmp_path / "local", "proxyclip", "/weights/my_dinov3.pth", 61.0),  # no paper row for a file
+        _vfm_run(tmp_path / "v3", "proxyclip+gla", "dinov3_vitb16", 63.0, "dinov3"),
+        _vfm_run(tmp_path / "local", "proxyclip", "/weights/my_dinov3.pth", 61.0, "dinov3"),  # the one DINOv3
+        _vfm_run(tmp_path / "v2", "proxyclip", "/weights/dinov2.pth", 58.0, "dinov2"),  # B/14 or L/14: no row
+        _vfm_run(tmp_path / "b8copy", "proxyclip", "/weights/dino_b8.pth", 60.0),  # a copy of the default
     ]
     assert main(["report", *map(str, runs)]) == 0
     rows = {
@@ -293,4 +295,6 @@ def test_report_keeps_runs_with_another_vfm_apart_and_prints_table_four(
     assert rows["proxyclip+gla / gla"][1] == "66.00 (66.3)"  # GLA-CLIP Table 1
     assert rows["proxyclip+gla / gla / vfm dinov3_vitb16"][1] == "63.00 (63.6)"  # GLA-CLIP Table 4
     assert rows["proxyclip+gla / gla / vfm dinov3_vitb16"][5] == "– (38.9)"
-    assert rows["proxyclip / gla / vfm my_dinov3.pth"][1] == "61.00"
+    assert rows["proxyclip / gla / vfm dinov3_vitb16"][1] == "61.00 (62.8)"
+    assert rows["proxyclip / gla / vfm dinov2.pth"][1] == "58.00"
+    assert rows["proxyclip / gla"][1] == "60.00"  # ProxyCLIP has no published row in preset gla

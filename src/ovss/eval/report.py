@@ -59,6 +59,8 @@ def weights_record(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             prefix = key[: -len("_path")]
             sha = file_sha256(value) if Path(value).is_file() else config.get(f"{prefix}_sha256")
             weights[prefix] = {"name": config.get(prefix), "path": str(value), "sha256": sha}
+            if config.get(f"{prefix}_format"):
+                weights[prefix]["format"] = config[f"{prefix}_format"]
     if "clip" not in weights:
         weights["clip"] = {"name": config.get("clip"), "path": None, "sha256": None}
     return weights
@@ -210,22 +212,31 @@ def read_run(path: str | os.PathLike[str]) -> RunSummary:
 
 
 def _other_vfm(method: str, config: Mapping[str, Any]) -> str | None:
-    """The run's VFM when it differs from the method's default: its registered name, or its file name."""
+    """The run's VFM when it is not of the method's default kind, else None (the papers' main rows apply).
+
+    A registered name other than the default is that name. A local file counts as the default kind when its
+    format is the default's (a local copy of DINO ViT-B/8 keeps ProxyCLIP's rows); a file of another format
+    takes the name of the one registered VFM of that format (DINOv3), or its file name when that is ambiguous.
+    """
     from ovss import hub
     from ovss.methods.registry import get_method
 
     weights = config.get("weights", {})
     vfm = weights.get("vfm") if isinstance(weights, dict) else None
     name = vfm.get("name") if isinstance(vfm, dict) else None
-    if not name:
+    if not name or not isinstance(vfm, dict):
         return None
     try:
         default = get_method(method).default_vfm or hub.DEFAULT_VFM
-    except OvssError:  # a method this version does not know: the name as recorded
+    except OvssError:  # a method this version does not know
         default = hub.DEFAULT_VFM
-    if name == default:
+    if name in hub.REGISTRY:
+        return None if name == default else str(name)
+    fmt = vfm.get("format")
+    if fmt is None or fmt == hub.REGISTRY[default].format:
         return None
-    return str(name) if name in hub.REGISTRY else Path(str(name)).name
+    same = [e.name for e in hub.REGISTRY.values() if e.kind == "vfm" and e.format == fmt]
+    return same[0] if len(same) == 1 else Path(str(name)).name
 
 
 def _row_label(method: str, preset: str, overrides: tuple[str, ...], vfm: str | None = None) -> str:
