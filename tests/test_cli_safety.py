@@ -239,3 +239,13 @@ def test_masks_and_json_agree_with_the_label_map(clip_file, bpe_path, tmp_path):
     assert [c["pixels"] for c in record["classes"]] == counts.tolist()
     assert record["classes"][1]["synonyms"] == ["dog", "puppy"] and (record["height"], record["width"]) == (48, 64)
     assert sum(c["area"] for c in record["classes"]) == pytest.approx(1.0)
+
+
+def test_an_empty_input_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    from ovss.cli.main import main
+
+    (tmp_path / "holiday.png").write_bytes(b"not read")  # would be picked up if "" meant "."
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", "", "--labels", "sky", "--out", str(tmp_path / "out")]) == 2
+    assert "input path is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

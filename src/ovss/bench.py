@@ -313,9 +313,15 @@ JOBS = {"image": image_job, "text": text_job, "peaks": peaks_job}
 
 def child_main(argv: list[str]) -> None:
     """Entry point of a measurement process: ``python -m ovss.bench JOB_JSON``; prints the result as JSON."""
+    from ovss.errors import OvssError
+
     job = json.loads(argv[0])
     torch.set_num_threads(int(job["threads"]))
-    print(json.dumps(JOBS[job["kind"]](job)))
+    try:
+        result = JOBS[job["kind"]](job)
+    except OvssError as error:  # a user-facing problem (missing weights, a setting the method refuses): one line
+        sys.exit(f"ovss: error: {error}")
+    print(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------------------------- in the parent
@@ -339,7 +345,8 @@ def measure(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str,
     )
     if out.returncode != 0:
         what = job.get("method", job["kind"])
-        last = "\n".join(out.stderr.strip().splitlines()[-8:])
+        lines = out.stderr.strip().splitlines() or ["(no output)"]
+        last = lines[-1] if lines[-1].startswith("ovss: error: ") else "\n".join(lines[-8:])
         raise MeasurementError(f"measurement {what} ({job.get('dtype', 'fp32')}) failed:\n{last}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 

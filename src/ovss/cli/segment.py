@@ -90,6 +90,8 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     """Expand folders into their image files (sorted); missing paths raise OvssError."""
     files: list[Path] = []
     for item in inputs:
+        if not item.strip():  # Path("") is the current folder: an empty argument (an unset shell variable) is a mistake
+            raise OvssError("an input path is empty (an unset shell variable?); give image files or folders")
         path = Path(item)
         if path.is_dir():
             try:
