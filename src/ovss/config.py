@@ -37,7 +37,9 @@ class PipelineConfig:
     pamr_dilations: tuple[int, ...] = _setting("PAMR neighbourhood dilations, e.g. 8,16", (8, 16))
     templates: Literal["imagenet80", "imagenet7", "maskclip5"] = _setting("prompt template set", "imagenet80")
     max_long_side: int = _setting("the resize never makes the long side exceed this many pixels", 2048)
-    window_batch: int = _setting("at most this many windows per backbone forward (also capped at 1024 tokens; results are identical)", 16)
+    window_batch: int = _setting(
+        "at most this many windows per backbone forward (also capped at 1024 tokens; results are identical)", 16
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and choices from the annotations
