@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,8 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=None, help="pipeline setting (default: the method's)")
     parser.add_argument("--crop", type=int, default=None, help="pipeline setting (default: the method's)")
     parser.add_argument("--stride", type=int, default=None, help="pipeline setting (default: the method's)")
-    parser.add_argument("--cache", default="/tmp/ovss-tamed-models.pt", help="--tamed: where the tamed models are kept")
+    default_cache = Path(tempfile.gettempdir()) / "ovss-tamed-models.pt"
+    parser.add_argument("--cache", default=str(default_cache), help="--tamed: where the tamed models are kept")
     parser.add_argument("--tamed", action="store_true", help="tamed random ViT-B/16 + DINO-B/8 (precision_tamed.py)")
     parser.add_argument("--classes", type=int, default=8, help="--tamed: number of classes")
     parser.add_argument("--margin", type=float, default=1.0, help="--tamed: median fp32 top-2 scaled-logit margin")

@@ -133,7 +133,7 @@ def _parse(text: str, hint: Any) -> Any:
         try:
             return hint(text.strip())
         except ValueError:
-            pass
+            raise _Mismatch from None
     elif hint in (str, Any):
         return text.strip()
     raise _Mismatch
