@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
-from ovss.models.vit import VisionTransformer, build_vit
+from ovss.models.vit import VisionTransformer
+from ovss.models.vit_build import build_vit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py: random CLIP weights
 

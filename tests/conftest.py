@@ -63,7 +63,7 @@ def tiny_dino():
     """A tiny random DINO-like ViT (patch 8, width 128 = 2 heads, GELU, no ln_pre, conv bias, no projection)."""
     import torch
 
-    from ovss.models.vit import build_vit
+    from ovss.models.vit_build import build_vit
     from tiny import tiny_clip_state_dict
 
     sd = tiny_clip_state_dict(seed=7, patch=8, grid=28, layers=2)

@@ -21,7 +21,7 @@ from ovss.methods import get_method
 from ovss.methods.cass import check_vfm, dino_input, dino_keys_on_grid, run_cass
 from ovss.methods.common import Backbones, WindowBatch
 from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
-from ovss.models.vit import build_vit
+from ovss.models.vit_build import build_vit
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.pipeline.windows import Padding, Window
 from test_cass import _ref_fusion

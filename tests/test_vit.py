@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ovss.models.clip import build_clip
-from ovss.models.vit import build_vit
+from ovss.models.vit_build import build_vit
 
 
 def _cubic(t: float, a: float = -0.75) -> float:

@@ -10,7 +10,8 @@ from torch import nn
 
 from ovss.errors import OvssError
 from ovss.models.normalization import InputNorm
-from ovss.models.vit import LayerNorm, Transformer, VisionTransformer, build_vit, resolve_heads
+from ovss.models.vit import LayerNorm, Transformer, VisionTransformer
+from ovss.models.vit_build import build_vit, resolve_heads
 
 
 @dataclass(frozen=True)

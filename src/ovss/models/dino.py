@@ -41,7 +41,8 @@ from ovss.models.configs import hf_heads
 from ovss.models.dinov3 import DINOV3_FORMATS, dinov3_format, dinov3_to_dino_layout
 from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
 from ovss.models.rope import ROPE_BASE, rope_periods
-from ovss.models.vit import VisionTransformer, build_vit, resolve_heads
+from ovss.models.vit import VisionTransformer
+from ovss.models.vit_build import build_vit, resolve_heads
 
 __all__ = ["VFM_FORMATS", "build_vfm", "convert_vfm_state_dict", "load_vfm", "load_vfm_state_dict"]
 
