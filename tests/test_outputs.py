@@ -15,7 +15,7 @@ from ovss.errors import OvssError
 from ovss.labels import UNLABELLED
 from ovss.outputs import label_map_format, mask_file_name
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
-from ovss.predictor import Prediction
+from ovss.prediction import Prediction
 from ovss.viz import class_palette
 
 LABELS = ["sky", "road", ["person", "pedestrian"]]

@@ -20,7 +20,7 @@ _EXPORTS = {
     "OvssError": "ovss.errors",
     "available_models": "ovss.hub",
     "available_methods": "ovss.methods",
-    "Prediction": "ovss.predictor",
+    "Prediction": "ovss.prediction",
     "Segmenter": "ovss.predictor",
     "evaluate": "ovss.eval.runner",
 }
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from ovss.eval.runner import evaluate
     from ovss.hub import available_models
     from ovss.methods import available_methods
-    from ovss.predictor import Prediction, Segmenter
+    from ovss.prediction import Prediction
+    from ovss.predictor import Segmenter
 
 
 def __getattr__(name: str) -> Any:

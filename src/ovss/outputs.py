@@ -30,7 +30,7 @@ from ovss.labels import UNLABELLED
 from ovss.viz import class_palette, overlay, save_label_png
 
 if TYPE_CHECKING:
-    from ovss.predictor import Prediction
+    from ovss.prediction import Prediction
 
 MAX_8BIT_CLASSES = 255  # ids 0..254 are classes, 255 is unlabelled
 MAX_16BIT_CLASSES = 65535  # ids 0..65534 are classes, 65535 is unlabelled

@@ -6,7 +6,6 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from ovss.pipeline.merge import StitchedLogits
 from ovss.pipeline.pamr import pamr
 from ovss.pipeline.windows import Padding, Window, pad_windows, sliding_windows, symmetric_padding
 from ovss.precision import backbone_precision
+from ovss.prediction import Prediction
 from ovss.text.embeddings import EmbeddingCache
 from ovss.text.templates import TEMPLATE_SETS
 from ovss.text.tokenizer import Tokenizer, load_tokenizer
@@ -36,77 +36,6 @@ ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
 LabelsLike = Sequence[str | Sequence[str]]
 Progress = Callable[[int, int], None]  # progress(windows_done, windows_total), called from set_image
 WINDOW_TOKENS = 1024  # token budget of one backbone forward over a batch of windows (<= 0: window_batch alone)
-
-
-@dataclass
-class Prediction:
-    """The result of :meth:`Segmenter.predict`, everything at the input image's resolution H0 x W0.
-
-    ``logits`` and ``probs`` are built on first access (Q x H0 x W0 x 4 bytes: 2.7 GB for a 2000 x 2000
-    photo and 171 names) and kept; ``labels`` never needed them. ``maps.logits(torch.float16)`` builds a
-    half-size copy of the logits without the fp32 one.
-    """
-
-    labels: torch.Tensor  # (H0, W0) int64 class index per pixel, in 0..C-1, or UNLABELLED (-1), see predict
-    classes: list[list[str]]  # the names of each class, as used
-    config: dict[str, Any]  # the fully resolved configuration that produced this result
-    maps: FullResolutionMaps = field(repr=False, compare=False)  # full-resolution maps, built on demand
-    image: np.ndarray | None = None  # (H0, W0, 3) uint8 RGB input image (for overlays), shared, not copied
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """(Q, H0, W0) fp32 cosine similarities per name, before the softmax (after PAMR)."""
-        return self.maps.logits()
-
-    @property
-    def probs(self) -> torch.Tensor:
-        """(C, H0, W0) fp32 class probabilities (max over each class's names), in [0, 1]."""
-        return self.maps.probs()
-
-    def overlay(self, alpha: float = 0.5) -> np.ndarray:
-        """The image with class colours blended in and a legend: (H0', W0 + legend, 3) uint8 RGB.
-
-        Every class has a bright colour (``ovss.viz.class_palette``); unlabelled pixels keep the image's colour.
-        """
-        from ovss.outputs import prediction_overlay
-
-        return prediction_overlay(self, alpha)
-
-    def save(
-        self,
-        folder: str | os.PathLike[str],
-        stem: str = "prediction",
-        *,
-        logits: bool = False,
-        masks: bool = False,
-        json: bool = False,
-        alpha: float = 0.5,
-        overwrite: bool = False,
-        logits_dtype: str = "fp32",
-    ) -> list[Path]:
-        """Write the prediction's files into ``folder`` (see :func:`ovss.outputs.save_prediction`).
-
-        ``<stem>.png`` (label map: class ids, 255 = unlabelled; 16-bit with 65535 beyond 255 classes),
-        ``<stem>_overlay.png``, and on request ``<stem>_logits.npy``, ``<stem>_masks/<id>_<name>.png``
-        (one binary mask per class) and ``<stem>.json`` (class areas); ``logits_dtype`` fp32 or fp16.
-        Existing files are replaced only with ``overwrite``; a failure leaves none of this call's files behind.
-
-        Returns:
-            The written paths.
-        """
-        from ovss.outputs import save_prediction
-
-        return save_prediction(
-            self,
-            folder,
-            stem,
-            logits=logits,
-            masks=masks,
-            json=json,
-            alpha=alpha,
-            overwrite=overwrite,
-            logits_dtype=logits_dtype,
-        )
 
 
 @dataclass

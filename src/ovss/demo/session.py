@@ -24,7 +24,8 @@ import torch
 from ovss.errors import OvssError
 from ovss.labels import background_class, parse_labels
 from ovss.methods.registry import get_method
-from ovss.predictor import ImageState, Prediction, Segmenter
+from ovss.prediction import Prediction
+from ovss.predictor import ImageState, Segmenter
 
 MAX_METHODS = 4  # methods shown side by side on one page
 MAX_IMAGES = 4  # images whose features are kept per method (least recently used dropped first)

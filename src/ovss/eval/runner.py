@@ -33,7 +33,8 @@ from ovss.eval.presets import ResolvedSetting
 from ovss.eval.report import result_markdown, run_config, summarise
 from ovss.io_utils import atomic_write, save_text
 from ovss.methods.options import option_value
-from ovss.predictor import Prediction, Segmenter
+from ovss.prediction import Prediction
+from ovss.predictor import Segmenter
 from ovss.viz import save_label_png
 
 CHECKPOINT_DIR = "checkpoint"  # sub-folder of out_dir holding one checkpoint file per rank
