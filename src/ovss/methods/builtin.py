@@ -21,7 +21,7 @@ from ovss.methods.options import (
     TridentOptions,
     VanillaOptions,
 )
-from ovss.methods.registry import METHODS, Geometry, LazyRun, LazyScore, MethodSpec, register, register_gla
+from ovss.methods.registry import METHODS, Geometry, LazyRun, MethodSpec, register, register_gla
 
 # the keys of ovss.gla.bases.ADAPTERS
 GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident", "cass")
@@ -143,7 +143,7 @@ for _spec in (
         geometry=_S336,
         needs_vfm=True,
         description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
-        score=LazyScore("ovss.methods.cass_text:cass_scores"),
+        score=LazyRun("ovss.methods.cass_text:cass_scores"),
     ),
 ):
     register(_spec)

@@ -37,32 +37,21 @@ class Geometry:
 
 @dataclass(frozen=True)
 class LazyRun:
-    """A run function named by import path, imported on its first call (keeps the registry torch-free)."""
+    """A function named by import path, imported on its first call (keeps the registry torch-free).
+
+    Serves every callable of a :class:`MethodSpec`: ``run`` (``MethodFn``) and ``score`` (``ScoreFn``).
+    """
 
     target: str  # "package.module:function"
     args: tuple[Any, ...] = ()  # leading arguments bound to the function (e.g. the base name of X+gla)
 
-    def resolve(self) -> Callable[..., MethodOutput]:
+    def resolve(self) -> Callable[..., Any]:
         """The function itself (importing its module, and with it torch, on first use)."""
         module, _, name = self.target.partition(":")
         return getattr(importlib.import_module(module), name)
 
-    def __call__(self, backbones: Backbones, batch: WindowBatch, options: Any) -> MethodOutput:
-        return self.resolve()(*self.args, backbones, batch, options)
-
-
-@dataclass(frozen=True)
-class LazyScore:
-    """A ``MethodSpec.score`` function named by import path, imported on its first call."""
-
-    target: str  # "package.module:function"
-
-    def __call__(
-        self, extras: dict[str, torch.Tensor], features: torch.Tensor, text: torch.Tensor, options: Any
-    ) -> torch.Tensor:
-        module, _, name = self.target.partition(":")
-        fn: ScoreFn = getattr(importlib.import_module(module), name)
-        return fn(extras, features, text, options)
+    def __call__(self, *args: Any) -> Any:
+        return self.resolve()(*self.args, *args)
 
 
 @dataclass(frozen=True)
