@@ -93,9 +93,11 @@ class Segmenter:
         self._state: ImageState | None = None
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
-        if method.image_path is not None:  # errors of a method's own image path that hold for every image
-            image_path: Any = method.image_path.resolve()
-            image_path.check(self)
+        # A method that owns its image path (Trident): resolved once; its errors that hold for every image first.
+        self._image_path: Any = None
+        if method.image_path is not None:
+            self._image_path = method.image_path.resolve()
+            self._image_path.check(self)
 
     def __repr__(self) -> str:
         cfg = self.pipeline
@@ -153,9 +155,8 @@ class Segmenter:
                 with ``done = 0`` before the first window and after every batch of windows.
         """
         rgb = read_image(image)  # (H0, W0, 3) uint8
-        if self.method.image_path is not None:  # the method owns its image path (Trident)
-            path: Any = self.method.image_path.resolve()
-            self._state = path.encode(self, rgb, progress)
+        if self._image_path is not None:  # the method owns its image path (Trident)
+            self._state = self._image_path.encode(self, rgb, progress)
             return
         cfg = self.pipeline
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
@@ -298,9 +299,8 @@ class Segmenter:
             cfg.area_threshold,
             UNLABELLED if background is None else background,
         )
-        if self.method.image_path is not None:
-            image_path: Any = self.method.image_path.resolve()
-            maps = image_path.maps(self, st, text, rule)
+        if self._image_path is not None:
+            maps = self._image_path.maps(self, st, text, rule)
         else:
             maps = self._full_resolution_maps(st, text, rule)
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
