@@ -213,6 +213,29 @@ def test_a_second_segmenter_spends_no_time_on_text(tiny_clip, bpe_path: Path) ->
         hook.remove()
 
 
+def test_a_warm_cache_never_parses_the_vocabulary(
+    tiny_clip, bpe_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ovss.text import tokenizer as tk
+
+    labels = ["tree", "lamp post"]
+    ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path).encode_names(labels)  # fills the disk cache
+    parsed: list[Path] = []
+    real = tk.Tokenizer.from_bpe_file
+    monkeypatch.setattr(tk.Tokenizer, "from_bpe_file", classmethod(lambda cls, p: parsed.append(p) or real(p)))
+    tk._load_tokenizer_cached.cache_clear()  # as in a new process
+    seg = ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path)
+    seg.encode_names(labels)
+    assert parsed == []  # found and checked at load, never parsed: every name came from the disk cache
+    seg.encode_names(["bench"])
+    assert parsed == [bpe_path.resolve()]  # a new name parses it, once
+    with pytest.raises(ovss.OvssError, match="holds neither vocab.json"):
+        ovss.load("clearclip", clip=tiny_clip, tokenizer=tmp_path)  # an empty folder still fails at load
+    (tmp_path / "vocab.txt").write_text("x")
+    with pytest.raises(ovss.OvssError, match="not a gzipped BPE file"):
+        ovss.load("clearclip", clip=tiny_clip, tokenizer=tmp_path / "vocab.txt")
+
+
 def test_cache_cli_info_and_clear(tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
     EmbeddingCache().get("fingerprint:imagenet7", CountingTower(), tokenizer, NAMES, IMAGENET_TEMPLATES_7)
     EmbeddingCache().get("fingerprint:maskclip5", CountingTower(), tokenizer, NAMES[:1], MASKCLIP_TEMPLATES)

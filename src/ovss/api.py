@@ -16,7 +16,7 @@ from ovss.methods.registry import with_gla
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
-from ovss.text.tokenizer import Tokenizer, load_tokenizer
+from ovss.text.tokenizer import Tokenizer, resolve_tokenizer
 
 DTYPES = {
     "fp32": torch.float32,
@@ -227,7 +227,8 @@ def load(
     hub.check_offline(wanted, download=download, vocabulary=tokenizer is None)  # every missing file, at once
     model, record = load_clip(clip, act=act, download=download)
     if model.text is not None and not isinstance(tokenizer, Tokenizer):  # at load: fail before any image is read
-        tokenizer = load_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)
+        # Found and checked now, parsed only when a name misses the text-embedding cache.
+        tokenizer = resolve_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
     vfm_model = None
     if spec.needs_vfm:

@@ -143,7 +143,7 @@ class Segmenter:
         self.clip.require_text()  # a vision-only checkpoint fails here, before a tokenizer is looked for
         templates = TEMPLATE_SETS[self.pipeline.templates]
         key = f"{self.clip.fingerprint}:{self.pipeline.templates}"
-        return self._cache.get(key, self.clip.encode_text, self.tokenizer, list(names), templates)
+        return self._cache.get(key, self.clip.encode_text, lambda: self.tokenizer, list(names), templates)
 
     # ------------------------------------------------------------------ image
     def set_image(self, image: ImageLike, *, progress: Progress | None = None) -> None:

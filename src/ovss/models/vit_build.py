@@ -83,5 +83,16 @@ def build_vit(
         rope=rope,
     )
     model = VisionTransformer(cfg)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval().requires_grad_(False)
+    load_frozen(model, state_dict)
+    return model
+
+
+def load_frozen(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint into a freshly built module strictly, without copying it; eval mode, no gradients.
+
+    The parameters become the checkpoint's own tensors (``assign=True``), made fp32 and contiguous first (a
+    no-op for the fp32 tensors the loaders produce), so loading costs no second copy of the weights.
+    """
+    sd = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.eval().requires_grad_(False)

@@ -211,7 +211,7 @@ class EmbeddingCache:
         self,
         model_key: str,
         encode_text: EncodeText,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | Callable[[], Tokenizer],
         names: Sequence[str],
         templates: Sequence[str],
         *,
@@ -223,7 +223,9 @@ class EmbeddingCache:
         Args:
             model_key: identifies the text tower's weights and the template set (e.g. the weights'
                 fingerprint); embeddings of different keys never mix. Part of the disk file's name.
-            encode_text, tokenizer, names, templates, batch_size, device: as in ``text_embeddings``.
+            tokenizer: the tokenizer, or a function returning it, called only when a name must be encoded
+                (a warm cache never parses the vocabulary).
+            encode_text, names, templates, batch_size, device: as in ``text_embeddings``.
 
         Returns:
             Float32 CPU tensor (Q, E) of unit-norm rows, a new tensor (safe to modify).
@@ -245,8 +247,9 @@ class EmbeddingCache:
             fresh: dict[str, disk_cache.Entry] = {name: stored[name] for name in missing if name in stored}
             to_encode = [name for name in missing if name not in fresh]
             if to_encode:
+                tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer()
                 computed, truncated = _embed(
-                    encode_text, tokenizer, to_encode, templates, batch_size=batch_size, device=device, trim=True
+                    encode_text, tok, to_encode, templates, batch_size=batch_size, device=device, trim=True
                 )  # (len(to_encode), E)
                 encoded = {
                     name: (row.clone(), name in truncated) for name, row in zip(to_encode, computed, strict=True)

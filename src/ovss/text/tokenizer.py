@@ -261,22 +261,28 @@ class Tokenizer:
         return tokens
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_cached(path: Path) -> Tokenizer:
+def _vocabulary_files(path: Path) -> tuple[Path, ...]:
+    """The vocabulary files at a resolved path: ``(bpe.txt.gz,)`` or ``(vocab.json, merges.txt)``.
+
+    Only names and existence are checked (cheap, at ``ovss.load``); the files are parsed on first use.
+
+    Raises:
+        OvssError: the path is missing, or holds no CLIP vocabulary by its file names.
+    """
     if path.is_dir():
         vocab_json, merges_txt = path / "vocab.json", path / "merges.txt"
         if vocab_json.is_file() and merges_txt.is_file():
-            return Tokenizer.from_hf_files(vocab_json, merges_txt)
+            return vocab_json, merges_txt
         gz_files = sorted(path.glob("*.txt.gz"))
         if len(gz_files) == 1:
-            return Tokenizer.from_bpe_file(gz_files[0])
+            return (gz_files[0],)
         raise OvssError(
             f"{path} holds neither vocab.json + merges.txt nor one *.txt.gz BPE file; "
             "pass bpe_simple_vocab_16e6.txt.gz or a Hugging Face CLIP tokenizer folder"
         )
     if path.is_file():
         if path.name.endswith(".gz"):
-            return Tokenizer.from_bpe_file(path)
+            return (path,)
         raise OvssError(
             f"{path} is not a gzipped BPE file; pass bpe_simple_vocab_16e6.txt.gz or a folder with "
             "vocab.json + merges.txt"
@@ -285,6 +291,46 @@ def _load_tokenizer_cached(path: Path) -> Tokenizer:
         f"CLIP tokenizer vocabulary not found at {path}; pass an existing bpe_simple_vocab_16e6.txt.gz "
         f"or tokenizer folder (or set {BPE_ENV_VAR})"
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(path: Path) -> Tokenizer:
+    files = _vocabulary_files(path)
+    return Tokenizer.from_bpe_file(files[0]) if len(files) == 1 else Tokenizer.from_hf_files(*files)
+
+
+def resolve_tokenizer(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = True,
+    model: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Where the CLIP tokenizer's vocabulary is, checked by file names but not parsed (see `load_tokenizer`).
+
+    ``ovss.load`` calls this so that a missing or wrong vocabulary fails before any image is read, while the
+    0.1 s parse of the BPE merges is spent only when a name is not in the text-embedding cache.
+
+    Returns:
+        The resolved path (a ``.txt.gz`` file or a tokenizer folder), to pass to `load_tokenizer`.
+
+    Raises:
+        OvssError: as `load_tokenizer`, except for a file whose contents turn out not to be a vocabulary.
+    """
+    if path is None and model is not None:
+        folder = Path(model).expanduser()
+        if folder.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            path = folder
+    if path is None:
+        env_path = os.environ.get(BPE_ENV_VAR)
+        if env_path:
+            path = env_path
+        else:
+            from ovss.hub import resolve  # lazy: the hub (and any download) only when no path is given
+
+            path = resolve("clip-bpe", kind="tokenizer", download=download)
+    resolved = Path(path).expanduser().resolve()
+    _vocabulary_files(resolved)
+    return resolved
 
 
 def load_tokenizer(
@@ -310,16 +356,4 @@ def load_tokenizer(
         OvssError: the path does not exist or does not hold a CLIP vocabulary; the default vocabulary is
             not cached and cannot be downloaded.
     """
-    if path is None and model is not None:
-        folder = Path(model).expanduser()
-        if folder.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            path = folder
-    if path is None:
-        env_path = os.environ.get(BPE_ENV_VAR)
-        if env_path:
-            path = env_path
-        else:
-            from ovss.hub import resolve  # lazy: the hub (and any download) only when no path is given
-
-            path = resolve("clip-bpe", kind="tokenizer", download=download)
-    return _load_tokenizer_cached(Path(path).expanduser().resolve())
+    return _load_tokenizer_cached(resolve_tokenizer(path, download=download, model=model))
