@@ -135,3 +135,24 @@ def test_save_logits_in_fp16_is_the_fp32_file_rounded(weights, bpe_path, images,
     half = np.load(tmp_path / "b" / "1_image_logits.npy")
     assert full.dtype == np.float32 and half.dtype == np.float16 and half.shape == full.shape == (3, 513, 513)
     assert np.array_equal(half, full.astype(np.float16))
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_the_command_in_its_own_process_exits_with_its_code(weights, bpe_path, images, tmp_path, fast):
+    # `ovss segment` leaves with os._exit once its outputs are written (OVSS_FAST_EXIT=0: the normal exit):
+    # the files must be complete, the summary line flushed and the exit code the command's own.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OVSS_FAST_EXIT": fast}
+    args = [sys.executable, "-m", "ovss", "segment", str(images), "--labels", "sky, person", "--clip",
+            str(weights["clip"]), "--tokenizer", str(bpe_path), "--short-side", "96", "--out"]
+    done = subprocess.run([*args, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "segmented 2 of 2 image(s)" in done.stderr
+    for stem in ("1_image", "23_image"):
+        assert Image.open(tmp_path / "out" / f"{stem}.png").size == Image.open(images / f"{stem}.png").size
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["inputs"] == ["1_image", "23_image"]
+    again = subprocess.run([*args, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("ovss: error:") and "--overwrite" in again.stderr

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ovss.errors import OvssError
+from ovss.models.prepared import read_torchscript
 
 __all__ = [
     "WRAPPER_PREFIXES",
@@ -74,21 +75,22 @@ def read_checkpoint(path: Path, what: str, fix: str) -> tuple[object, str]:
     """Load a file's object without running pickled code.
 
     Returns:
-        The loaded object (a TorchScript archive becomes its state dict) and the container: ``"jit"``,
-        ``"safetensors"`` or ``"pickle"``.
+        The loaded object (a TorchScript archive becomes its state dict, in fp32: see
+        :mod:`ovss.models.prepared`) and the container: ``"jit"``, ``"safetensors"`` or ``"pickle"``.
 
     Raises:
         OvssError: unreadable, truncated, not a checkpoint, or pickled Python objects besides tensors.
     """
     try:
-        with warnings.catch_warnings():  # torch.jit.load is deprecated; odd pickles warn before failing
-            warnings.simplefilter("ignore", DeprecationWarning)
+        if is_torchscript(path):
+            return read_torchscript(path), "jit"  # fp32, from its prepared copy after the first read
+        with warnings.catch_warnings():  # odd pickles warn before failing
             warnings.simplefilter("ignore", UserWarning)
-            if is_torchscript(path):
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "jit"
             if is_safetensors(path):
                 return load_file(str(path), device="cpu"), "safetensors"
-            return torch.load(path, map_location="cpu", weights_only=True), "pickle"
+            # Zip-format pickles are memory-mapped: fp32 tensors are used in place, never copied.
+            mmap = zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), "pickle"
     except Exception as e:  # torch.load on a broken file raises anything from EOFError to KeyError
         message = str(e)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)

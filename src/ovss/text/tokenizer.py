@@ -20,9 +20,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-import ftfy
-import regex
 import torch
 
 from ovss.errors import OvssError
@@ -35,11 +34,16 @@ BPE_ENV_VAR = "OVSS_BPE_PATH"  # environment variable naming a vocabulary file o
 
 # CLIP's pre-tokenisation pattern: special tokens, English contractions, letter runs, single digits,
 # runs of other non-space characters. Copied verbatim from OpenAI (including IGNORECASE).
-_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
-)
-_WHITESPACE = regex.compile(r"\s+")
+_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+@functools.cache
+def _patterns() -> tuple[Any, Any]:
+    """CLIP's word pattern and the whitespace pattern, compiled on first use (``regex`` and ``ftfy`` are
+    imported only when a text is tokenised: a run whose names are all in the text cache never needs them)."""
+    import regex
+
+    return regex.compile(_PATTERN, regex.IGNORECASE), regex.compile(r"\s+")
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,9 +79,11 @@ def clean_text(text: str) -> str:
     ftfy ``fix_text`` (mojibake, odd quotes), HTML unescape twice (``&amp;amp;`` -> ``&``), collapse every
     whitespace run to one space, strip, lower-case.
     """
+    import ftfy
+
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
-    text = _WHITESPACE.sub(" ", text).strip()
+    text = _patterns()[1].sub(" ", text).strip()
     return text.lower()
 
 
@@ -210,7 +216,7 @@ class Tokenizer:
             Ids in [0, vocab_size); ``[]`` for an empty or all-whitespace text.
         """
         ids: list[int] = []
-        for word in _PATTERN.findall(clean_text(text)):
+        for word in _patterns()[0].findall(clean_text(text)):
             byte_word = "".join(self.byte_encoder[byte] for byte in word.encode("utf-8"))
             ids.extend(self.encoder[symbol] for symbol in self.bpe(byte_word))
         return ids

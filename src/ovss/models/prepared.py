@@ -1,0 +1,128 @@
+"""fp32 copies of TorchScript checkpoints in the cache, so that OpenAI's CLIP archives load without conversion.
+
+OpenAI ships CLIP as TorchScript archives of fp16 weights (``ViT-B-16.pt``). Reading one means compiling
+its code (``torch.jit.load``) and converting every tensor to fp32: about a third of a second for ViT-B/16 on
+two CPU cores, at every run, a sixth of a one-photo ``ovss segment``. The first read stores the converted
+state dict as one safetensors file under ``<cache>/prepared/``; later reads map that file (no copy, no
+conversion: 0.05 s). The file's name hashes the archive's absolute path, size and modification time, and
+its metadata repeats them, so a replaced archive is read afresh. A prepared file that cannot be read is
+ignored and rewritten; one that cannot be written costs nothing but the speed (a warning says why).
+
+``OVSS_PREPARED_CACHE=0`` turns this off; ``ovss cache clear`` deletes the files (and the text cache's).
+Only reading and writing copies needs torch (``ovss cache info`` imports this module without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+ENV_VAR = "OVSS_PREPARED_CACHE"  # "0" / "false" / "no" / "off": read TorchScript archives every time
+SUBFOLDER = "prepared"  # inside hub.cache_dir()
+FORMAT = "ovss-prepared-checkpoint"  # metadata tag
+VERSION = 1  # bump when what is stored changes
+
+
+def enabled() -> bool:
+    """Whether prepared copies are used: ``OVSS_PREPARED_CACHE`` unset, or not one of 0/false/no/off."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_folder() -> Path:
+    """``<ovss cache folder>/prepared``; not created here."""
+    from ovss.hub import cache_dir
+
+    return cache_dir() / SUBFOLDER
+
+
+def _identity(source: Path) -> dict[str, str]:
+    """What names one version of a source file: absolute path, size and modification time (ns)."""
+    stat = source.stat()
+    return {"source": str(source.resolve()), "size": str(stat.st_size), "mtime_ns": str(stat.st_mtime_ns)}
+
+
+def prepared_path(source: Path) -> Path:
+    """Where the fp32 copy of ``source`` (this version of it) lives."""
+    key = json.dumps([VERSION, _identity(source)], sort_keys=True)
+    return cache_folder() / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:24]}.safetensors"
+
+
+def fp32_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Floating tensors as contiguous fp32, the others as contiguous copies (own storage each)."""
+    return {k: (v.float() if v.is_floating_point() else v.clone()).contiguous() for k, v in state_dict.items()}
+
+
+def read_torchscript(source: Path) -> dict[str, Tensor]:
+    """The state dict of a TorchScript archive in fp32, from its prepared copy when there is one.
+
+    Args:
+        source: the archive (``ovss.models.checkpoint.is_torchscript``).
+
+    Returns:
+        Every tensor of ``torch.jit.load(source).state_dict()``, floating ones as fp32.
+
+    Raises:
+        Whatever ``torch.jit.load`` raises for a broken archive (the caller turns it into one line).
+    """
+    import torch
+
+    target = prepared_path(source) if enabled() else None
+    if target is not None and target.is_file():
+        state_dict = _read(target, source)
+        if state_dict is not None:
+            return state_dict
+    with warnings.catch_warnings():  # torch.jit.load is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        state_dict = fp32_state_dict(dict(torch.jit.load(str(source), map_location="cpu").state_dict()))
+    if target is not None:
+        _write(target, source, state_dict)
+    return state_dict
+
+
+def _read(target: Path, source: Path) -> dict[str, Tensor] | None:
+    """The prepared copy's tensors (memory-mapped); None, with a warning, when it is not a valid copy of source."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ovss.text.disk_cache import read_metadata
+
+    try:
+        meta = read_metadata(target)
+        expected = {"format": FORMAT, "version": str(VERSION), **_identity(source)}
+        if any(meta.get(k) != v for k, v in expected.items()):
+            raise ValueError("written for another file or version")
+        state_dict = load_file(str(target), device="cpu")
+        if json.loads(meta["keys"]) != sorted(state_dict):
+            raise ValueError("its tensors are not the ones listed")
+        return state_dict
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        warnings.warn(f"ignoring the prepared checkpoint {target} ({error}); it will be rewritten", stacklevel=4)
+        return None
+
+
+def _write(target: Path, source: Path, state_dict: dict[str, Tensor]) -> None:
+    """Store the fp32 copy atomically; a warning (not an error) when the cache cannot be written."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from ovss.errors import OvssError
+    from ovss.io_utils import atomic_write
+
+    metadata = {"format": FORMAT, "version": str(VERSION), "keys": json.dumps(sorted(state_dict)), **_identity(source)}
+    try:
+        atomic_write(target, lambda temp: save_file(state_dict, str(temp), metadata=metadata))
+    except (OSError, OvssError, SafetensorError) as error:
+        message = getattr(error, "strerror", None) or error
+        warnings.warn(
+            f"cannot store a prepared copy of {source} in {target.parent} ({message}); it is converted again at "
+            f"every load (set OVSS_CACHE to a writable folder, or {ENV_VAR}=0)",
+            stacklevel=4,
+        )
