@@ -25,7 +25,7 @@ from ovss.gla import (
     proxy_anchors,
     sharpen_weight,
 )
-from ovss.gla.cross_window import BYTES_PER_ENTRY
+from ovss.gla.chunking import BYTES_PER_ENTRY
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -372,3 +372,25 @@ def test_sparse_and_dense_proxy_means_agree() -> None:
         assert sparse == (density < 0.1)
         expected = (selected.double() @ k.double()) / counts[:, None]  # (R, D)
         torch.testing.assert_close(_mean_of_selected(selected, k, counts).double(), expected)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_reused_buffers_give_bit_identical_rows(base: str) -> None:
+    """The operator writes its products and softmax into buffers reused across steps and chunks: every output
+    row equals, bit for bit, the public per-row computation with fresh tensors (`attention_rows`, then @ V)."""
+    kw = _base_inputs(base, L)
+    prior = kw.pop("prior", None)
+    prior_fn = None if prior is None else (lambda rows, p=prior: p[rows])  # (R, M)
+    for chunk in (5, N, M):  # buffers shrink for the last, shorter chunk and are reused for all the others
+        cfg = GLAConfig(rho=0.8, chunk_rows=chunk)
+        out = cross_window_attention(**kw, num_windows=L, cfg=cfg, prior=prior_fn)  # (M, C)
+        for start in range(0, M, chunk):
+            rows = torch.arange(start, min(start + chunk, M))  # (R,)
+            sets = zip(kw["keys"], kw["queries"], strict=True)
+            alpha = sum(attention_rows(k, q[rows], rows, L, cfg, prior=prior_fn)[0] for k, q in sets)  # (R, M)
+            if "local_maps" in kw:
+                n = kw["local_maps"].shape[-1]
+                for r, row in enumerate(rows.tolist()):
+                    alpha[r, row // n * n : (row // n + 1) * n] += kw["local_maps"][row // n, row % n]
+                alpha = alpha / (kw["local_count"] + 1)
+            assert torch.equal(out[rows], alpha @ kw["values"]), (base, chunk, start)

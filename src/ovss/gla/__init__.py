@@ -17,13 +17,13 @@ _EXPORTS = {
     "GLAConfig": "ovss.gla.config",
     "RowStats": "ovss.gla.cross_window",
     "attention_rows": "ovss.gla.cross_window",
-    "choose_chunk_rows": "ovss.gla.cross_window",
+    "choose_chunk_rows": "ovss.gla.chunking",
     "cross_window_attention": "ovss.gla.cross_window",
     "dynamic_shift": "ovss.gla.cross_window",
     "global_similarity_mean": "ovss.gla.cross_window",
     "proxy_anchors": "ovss.gla.cross_window",
     "sharpen_weight": "ovss.gla.cross_window",
-    "resolve_chunk_rows": "ovss.gla.cross_window",
+    "resolve_chunk_rows": "ovss.gla.chunking",
     "dense_attention_map": "ovss.gla.reference",
     "dense_cross_window_attention": "ovss.gla.reference",
     "SmoothingIndex": "ovss.gla.smoothing",
@@ -53,16 +53,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ovss.gla.chunking import choose_chunk_rows, resolve_chunk_rows
     from ovss.gla.config import GLA_RELEASE, GLAConfig
     from ovss.gla.cross_window import (
         RowStats,
         attention_rows,
-        choose_chunk_rows,
         cross_window_attention,
         dynamic_shift,
         global_similarity_mean,
         proxy_anchors,
-        resolve_chunk_rows,
         sharpen_weight,
     )
     from ovss.gla.reference import dense_attention_map, dense_cross_window_attention

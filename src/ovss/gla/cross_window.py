@@ -28,14 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovss.errors import OvssError
+from ovss.gla.chunking import Scratch, resolve_chunk_rows
 from ovss.gla.config import GLAConfig
 
 PriorFn = Callable[[Tensor], Tensor]  # rows (R,) long -> additive attention logits (R, M)
 
-# Bytes per entry of an R x M chunk at the step's peak: similarity/Attn fp32 (4), proxy mask bool (1) and its
-# fp32 copy for the mean (4), masking bool (1), softmax output (4), allocator slack. The spec's estimate is 9
-# (§9.2); 18 is what the GLA step alone measured on CPU (17 bytes per entry).
-BYTES_PER_ENTRY = 18
 SPARSE_BELOW = 8  # proxy sets are averaged with a sparse product when <= 1/8 of the (R, M) mask is selected
 
 
@@ -85,6 +82,14 @@ def sharpen_weight(counts: Tensor, lam2: float) -> Tensor:
     return 1.0 + lam2 / counts.float()  # (R,)
 
 
+def _similarities(q: Tensor, k: Tensor, scratch: Scratch | None) -> Tensor:
+    """(R, M) fp32 cosine similarities of the unit rows of q (R, D) to the unit keys k (M, D)."""
+    if scratch is None:
+        return _unit(q) @ k.T  # (R, M)
+    out = scratch.take("similarity", (q.shape[0], k.shape[0]), torch.float32, k.device)
+    return torch.mm(_unit(q), k.T, out=out)  # (R, M)
+
+
 def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1)  # (..., D) fp32, unit rows
 
@@ -95,9 +100,11 @@ def _own_window(rows: Tensor, num_tokens: int, window_tokens: int) -> Tensor:
     return (rows // window_tokens)[:, None] == win[None, :]  # (R, M)
 
 
-def _high_confidence(q: Tensor, k: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None) -> Tensor:
+def _high_confidence(
+    q: Tensor, k: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None, scratch: Scratch | None = None
+) -> Tensor:
     """P = {j : <q_hat, K_j> > rho} (within key_mask), an empty row falls back to its own key."""
-    selected = _unit(q) @ k.T > rho  # (R, M) bool
+    selected = _similarities(q, k, scratch) > rho  # (R, M) bool
     if key_mask is not None:
         selected &= key_mask  # (R, M)
     empty = (~selected.any(dim=1)).nonzero().squeeze(1)  # (E,) rows with no key above rho
@@ -125,13 +132,19 @@ def _mean_of_selected(selected: Tensor, k: Tensor, counts: Tensor) -> Tensor:
 
 
 def _proxy_anchors(
-    q0: Tensor, k: Tensor, rho: float, steps: int, self_index: Tensor, key_mask: Tensor | None
+    q0: Tensor,
+    k: Tensor,
+    rho: float,
+    steps: int,
+    self_index: Tensor,
+    key_mask: Tensor | None,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`proxy_anchors` on unit keys k (M, D) fp32."""
     q = q0.float()  # (R, D)
     counts = torch.ones(q.shape[0], dtype=torch.long, device=q.device)  # (R,)
     for _ in range(steps):
-        selected = _high_confidence(q, k, rho, self_index, key_mask)  # (R, M) bool
+        selected = _high_confidence(q, k, rho, self_index, key_mask, scratch)  # (R, M) bool
         counts = selected.sum(dim=1)  # (R,)
         q = _mean_of_selected(selected, k, counts)  # (R, D)
     return q, counts
@@ -164,13 +177,13 @@ def proxy_anchors(
 
 
 def _anchors_and_counts(
-    queries: Tensor, k: Tensor, rows: Tensor, cfg: GLAConfig, own: Tensor | None
+    queries: Tensor, k: Tensor, rows: Tensor, cfg: GLAConfig, own: Tensor | None, scratch: Scratch | None = None
 ) -> tuple[Tensor, Tensor]:
     if cfg.proxy:
-        return _proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, own)  # (R, D), (R,)
+        return _proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, own, scratch)  # (R, D), (R,)
     # No-proxy ablation: S = q_hat K^T itself; |P_i| for w_i is the size of the first set
     # {j : s_ij > rho} (with the same {i} fallback), i.e. what T = 1 would average.
-    selected = _high_confidence(queries, k, cfg.rho, rows, own)  # (R, M) bool
+    selected = _high_confidence(queries, k, cfg.rho, rows, own, scratch)  # (R, M) bool
     return queries.float(), selected.sum(dim=1)  # (R, D), (R,)
 
 
@@ -188,11 +201,13 @@ def _attention_rows(
     cfg: GLAConfig,
     prior: PriorFn | None,
     global_mean: Tensor | None,
+    scratch: Scratch | None = None,
+    out_name: str = "alpha",
 ) -> tuple[Tensor, RowStats]:
-    """`attention_rows` on unit keys k (M, D) fp32."""
+    """`attention_rows` on unit keys k (M, D) fp32; with ``scratch``, alpha is its buffer ``out_name``."""
     own = None if cfg.kve else _own_window(rows, k.shape[0], k.shape[0] // num_windows)  # (R, M)
-    q, counts = _anchors_and_counts(queries, k, rows, cfg, own)  # (R, D), (R,)
-    s = _unit(q) @ k.T  # (R, M) S^proxy rows, fp32 in [-1, 1]
+    q, counts = _anchors_and_counts(queries, k, rows, cfg, own, scratch)  # (R, D), (R,)
+    s = _similarities(q, k, scratch)  # (R, M) S^proxy rows, fp32 in [-1, 1]
     mean = _row_mean(s, own)  # (R,) mu_i
     if cfg.clamp_mean:
         mean = mean.clamp(min=0.0)  # (R,)
@@ -217,7 +232,11 @@ def _attention_rows(
         a.masked_fill_(a < theta, -math.inf)  # (R, M)
     if cfg.temperature != 1.0:
         a.div_(cfg.temperature)  # (R, M)
-    alpha = torch.softmax(a, dim=1)  # (R, M)
+    if scratch is None:
+        alpha = torch.softmax(a, dim=1)  # (R, M)
+    else:  # the kernel of torch.softmax, writing into a reused buffer
+        buffer = scratch.take(out_name, (a.shape[0], a.shape[1]), a.dtype, a.device)  # (R, M)
+        alpha = torch.ops.aten._softmax.out(a, 1, False, out=buffer)  # (R, M)
     return alpha, RowStats(counts=counts, mean=mean, weight=weight, shift=shift)
 
 
@@ -292,33 +311,6 @@ def global_similarity_mean(
     return _global_similarity_mean(_unit(keys), queries, num_windows, cfg, chunk)
 
 
-def choose_chunk_rows(num_tokens: int, window_tokens: int, budget_mb: float) -> int:
-    """Rows per chunk R from a memory budget for the O(R * M) buffers (§9.2 default).
-
-    Peak of the row-chunk buffers is about R * M * BYTES_PER_ENTRY bytes (measured). R is one window (R = N)
-    when that fits the budget, otherwise the largest divisor of N that fits, at least 1. Larger chunks are
-    not faster: the element-wise passes over an (R, M) buffer run better from cache when it is small, and
-    the products are large enough either way. The O(M * D) inputs (keys, anchors, values) do not depend on R
-    and are not counted.
-
-    Args:
-        num_tokens: M = L * N.
-        window_tokens: N, tokens per window.
-        budget_mb: budget in MiB (2**20 bytes).
-
-    Returns:
-        R in 1..N (Cityscapes `gla`, M = 28,224, N = 784, 1024 MiB: 784, a 398 MB buffer).
-    """
-    fit = int(budget_mb * 2**20) // (num_tokens * BYTES_PER_ENTRY)  # rows that fit
-    divisors = [r for r in range(1, window_tokens + 1) if window_tokens % r == 0 and r <= fit]
-    return max(divisors, default=1)
-
-
-def resolve_chunk_rows(cfg: GLAConfig, num_tokens: int, window_tokens: int) -> int:
-    """R: ``cfg.chunk_rows`` if set, else `choose_chunk_rows` from ``cfg.memory_budget_mb``."""
-    return cfg.chunk_rows or choose_chunk_rows(num_tokens, window_tokens, cfg.memory_budget_mb)
-
-
 def _scatter_own_window(alpha: Tensor, local_maps: Tensor, rows: Tensor) -> None:
     """alpha[r, own-window columns] += local_maps[window of r, token of r], in place: (R, M)."""
     n = local_maps.shape[-1]
@@ -382,13 +374,18 @@ def cross_window_attention(
         sets.append((k, q_raw, mean))
     v = values.float()  # (M, C)
     out = values.new_empty(m, c)  # (M, C)
+    scratch = Scratch()
     for start in range(0, m, chunk):
         rows = torch.arange(start, min(start + chunk, m), device=values.device)  # (R,)
-        alpha, _ = _attention_rows(sets[0][0], sets[0][1][rows], rows, num_windows, cfg, prior, sets[0][2])  # (R, M)
+        k0, q0, mean0 = sets[0]
+        alpha, _ = _attention_rows(k0, q0[rows], rows, num_windows, cfg, prior, mean0, scratch)  # (R, M)
         for k, q, mean in sets[1:]:
-            alpha += _attention_rows(k, q[rows], rows, num_windows, cfg, prior, mean)[0]  # (R, M)
+            alpha += _attention_rows(k, q[rows], rows, num_windows, cfg, prior, mean, scratch, "alpha_s")[0]  # (R, M)
         if local_maps is not None:
             _scatter_own_window(alpha, local_maps, rows)  # (R, M) rows sum to S + local_count
             alpha.div_(local_count + 1)  # (R, M)
-        out[start : start + len(rows)] = (alpha @ v).to(values.dtype)  # (R, C)
+        if out.dtype == torch.float32:
+            torch.mm(alpha, v, out=out[start : start + len(rows)])  # (R, C)
+        else:
+            out[start : start + len(rows)] = (alpha @ v).to(values.dtype)  # (R, C)
     return out

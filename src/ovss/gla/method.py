@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from ovss.gla.bases import ADAPTERS, VARIANT_ADAPTERS, CrossWindowParts
+from ovss.gla.chunking import resolve_chunk_rows
 from ovss.gla.config import GLAConfig, GLAMethodOptions
-from ovss.gla.cross_window import cross_window_attention, dynamic_shift, resolve_chunk_rows
+from ovss.gla.cross_window import cross_window_attention, dynamic_shift
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.precision import full_precision
