@@ -24,6 +24,7 @@ from ovss.errors import OvssError
 from ovss.models.sam.common import LayerNorm2d, MLPBlock
 
 ATTENTION_CHUNK = 1 << 21  # logits per attention pass (one head, a slab of query rows); <= 0: a head's whole map
+FOLD_POSITIONS = True  # relative position terms folded into the q.k product where they add <= d columns (windows)
 
 __all__ = ["SamAttention", "SamBlock", "SamEncoderConfig", "SamImageEncoder", "window_partition", "window_unpartition"]
 
@@ -162,13 +163,31 @@ class SamAttention(nn.Module):
         H, W = grid
         if self.size != H or self.size != W:
             raise ValueError(f"this attention layer attends over {self.size}x{self.size} tokens, got {H}x{W}")
-        B, h, N, _ = q.shape
         if rows is None:
-            rows = torch.arange(N, device=q.device)
-        qr = q[:, :, rows]  # (B, h, R, d)
-        R = qr.shape[2]
-        attn = (qr * self.scale) @ k.transpose(-2, -1)  # (B, h, R, N)
+            rows = torch.arange(q.shape[2], device=q.device)
+        return self.row_logits(q[:, :, rows], k, rows, grid)  # (B, h, R, N)
+
+    def row_logits(self, qr: Tensor, k: Tensor, rows: Tensor, grid: tuple[int, int]) -> Tensor:
+        """:meth:`logits` of the query rows ``rows`` given their queries ``qr`` (B, h, R, d): (B, h, R, N).
+
+        The position terms are added to the q.k logits in place, or, when they add at most ``d`` columns
+        (the 14 x 14 windows: 28 <= 64) and :data:`FOLD_POSITIONS` is on, folded into one product: the
+        "augmented" query ``[q / sqrt(d), rel_h, rel_w]`` times the key ``[k, onehot(y_j), onehot(x_j)]``
+        is exactly the logit (multiplications by 1 and 0), with one rounding in bf16 instead of three.
+        """
+        H, W = grid
+        B, h, R, d = qr.shape
         rel_h, rel_w = self.relative_terms(qr, rows, grid)  # (B, h, R, H), (B, h, R, W)
+        if FOLD_POSITIONS and d >= H + W:
+            N = k.shape[2]
+            keys = torch.arange(N, device=k.device)  # (N,) row-major key indices
+            onehot = torch.zeros(N, H + W, dtype=k.dtype, device=k.device)  # (N, H + W)
+            onehot[keys, keys // W] = 1  # key row y_j
+            onehot[keys, H + keys % W] = 1  # key column x_j
+            q_aug = torch.cat([qr * self.scale, rel_h.to(qr.dtype), rel_w.to(qr.dtype)], dim=-1)  # (B, h, R, d+H+W)
+            k_aug = torch.cat([k, onehot.expand(B, h, N, H + W)], dim=-1)  # (B, h, N, d + H + W)
+            return q_aug @ k_aug.transpose(-2, -1)  # (B, h, R, N)
+        attn = (qr * self.scale) @ k.transpose(-2, -1)  # (B, h, R, N)
         grid_view = attn.view(B, h, R, H, W)  # (B, h, R, H, W) the same storage
         grid_view += rel_h[..., :, None]  # in place: no second (B, h, R, N) map
         grid_view += rel_w[..., None, :]
@@ -187,10 +206,12 @@ class SamAttention(nn.Module):
         rows_per_pass = N if ATTENTION_CHUNK <= 0 else max(1, ATTENTION_CHUNK // (B * N))
         y = torch.empty_like(v)  # (B, h, N, d)
         for head in range(self.heads):
-            qh, kh, vh = q[:, head : head + 1], k[:, head : head + 1], v[:, head : head + 1]  # (B, 1, N, d) each
+            # contiguous per-head keys: the products read k^T as a transposed matrix, not a strided gather
+            qh, kh, vh = (t[:, head : head + 1].contiguous() for t in (q, k, v))  # (B, 1, N, d) each
             for start in range(0, N, rows_per_pass):
                 rows = torch.arange(start, min(N, start + rows_per_pass), device=x.device)  # (R,)
-                attn = self.logits(qh, kh, (H, W), rows).softmax(dim=-1)  # (B, 1, R, N)
+                qr = qh[:, :, start : start + rows_per_pass]  # (B, 1, R, d) a view
+                attn = self.row_logits(qr, kh, rows, (H, W)).softmax(dim=-1)  # (B, 1, R, N)
                 y[:, head : head + 1, start : start + rows_per_pass] = attn @ vh  # (B, 1, R, d)
         y = y.transpose(1, 2).reshape(B, H, W, D)  # (B, H, W, D), heads concatenated
         return self.proj(y)  # (B, H, W, D)
