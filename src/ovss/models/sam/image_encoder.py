@@ -165,7 +165,8 @@ class SamAttention(nn.Module):
             raise ValueError(f"this attention layer attends over {self.size}x{self.size} tokens, got {H}x{W}")
         if rows is None:
             rows = torch.arange(q.shape[2], device=q.device)
-        return self.row_logits(q[:, :, rows], k, rows, grid)  # (B, h, R, N)
+        # a head sliced out of qkv() is strided: a contiguous k lets the product read k^T without a gather
+        return self.row_logits(q[:, :, rows], k.contiguous(), rows, grid)  # (B, h, R, N)
 
     def row_logits(self, qr: Tensor, k: Tensor, rows: Tensor, grid: tuple[int, int]) -> Tensor:
         """:meth:`logits` of the query rows ``rows`` given their queries ``qr`` (B, h, R, d): (B, h, R, N).
