@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from ovss.errors import OvssError
 from ovss.models.sam.common import LayerNorm2d, MLPBlock
 
+ATTENTION_CHUNK = 1 << 21  # logits per attention pass (one head, a slab of query rows); <= 0: a head's whole map
+FOLD_POSITIONS = True  # relative position terms folded into the q.k product where they add <= d columns (windows)
+
 __all__ = ["SamAttention", "SamBlock", "SamEncoderConfig", "SamImageEncoder", "window_partition", "window_unpartition"]
 
 
@@ -81,20 +84,6 @@ def window_unpartition(windows: Tensor, window: int, padded: tuple[int, int], si
     return x
 
 
-def relative_table(size: int, rel_pos: Tensor) -> Tensor:
-    """Per (query, key) coordinate pair the relative position embedding: out[i, j] = rel_pos[i - j + size - 1].
-
-    Args:
-        size: query and key extent along one axis (equal in SAM).
-        rel_pos: (2 * size - 1, d) embeddings of the offsets -(size - 1) .. size - 1.
-
-    Returns:
-        (size, size, d).
-    """
-    coords = torch.arange(size, device=rel_pos.device)
-    return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]  # (size, size, d)
-
-
 class SamAttention(nn.Module):
     """Multi-head self-attention over a square of tokens with a decomposed relative position bias.
 
@@ -133,6 +122,32 @@ class SamAttention(nn.Module):
         qkv = qkv.view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
         return qkv[0], qkv[1], qkv[2]
 
+    def relative_terms(self, q: Tensor, rows: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The decomposed relative position terms ``q_r . Rh[y_r - y_j]`` and ``q_r . Rw[x_r - x_j]``.
+
+        Each query is multiplied by the whole (2 size - 1, d) table once, then the offsets are picked out,
+        instead of materialising an (R, size, d) table of embeddings per query (official code).
+
+        Args:
+            q: (B, h, R, d) unscaled queries of the rows ``rows``.
+            rows: (R,) int64 row-major indices of those queries on the grid.
+            grid: (H, W) of the token square.
+
+        Returns:
+            rel_h (B, h, R, H) over key rows y_j and rel_w (B, h, R, W) over key columns x_j.
+        """
+        H, W = grid
+        B, h, R, _ = q.shape
+        keys_h = torch.arange(H, device=q.device)  # (H,) key rows y_j
+        keys_w = torch.arange(W, device=q.device)  # (W,) key columns x_j
+        offset_h = (rows // W)[:, None] - keys_h[None, :] + (H - 1)  # (R, H) index of y_r - y_j in rel_pos_h
+        offset_w = (rows % W)[:, None] - keys_w[None, :] + (W - 1)  # (R, W) index of x_r - x_j in rel_pos_w
+        all_h = q @ self.rel_pos_h.to(q.dtype).t()  # (B, h, R, 2H - 1) q_r . Rh[o] for every offset o
+        all_w = q @ self.rel_pos_w.to(q.dtype).t()  # (B, h, R, 2W - 1)
+        rel_h = all_h.gather(-1, offset_h.expand(B, h, R, H))  # (B, h, R, H)
+        rel_w = all_w.gather(-1, offset_w.expand(B, h, R, W))  # (B, h, R, W)
+        return rel_h, rel_w
+
     def logits(self, q: Tensor, k: Tensor, grid: tuple[int, int], rows: Tensor | None = None) -> Tensor:
         """Attention logits with the decomposed relative position terms, for all or some query rows.
 
@@ -148,25 +163,57 @@ class SamAttention(nn.Module):
         H, W = grid
         if self.size != H or self.size != W:
             raise ValueError(f"this attention layer attends over {self.size}x{self.size} tokens, got {H}x{W}")
-        B, h, N, _ = q.shape
         if rows is None:
-            rows = torch.arange(N, device=q.device)
-        qr = q[:, :, rows]  # (B, h, R, d)
-        R = qr.shape[2]
+            rows = torch.arange(q.shape[2], device=q.device)
+        # a head sliced out of qkv() is strided: a contiguous k lets the product read k^T without a gather
+        return self.row_logits(q[:, :, rows], k.contiguous(), rows, grid)  # (B, h, R, N)
+
+    def row_logits(self, qr: Tensor, k: Tensor, rows: Tensor, grid: tuple[int, int]) -> Tensor:
+        """:meth:`logits` of the query rows ``rows`` given their queries ``qr`` (B, h, R, d): (B, h, R, N).
+
+        The position terms are added to the q.k logits in place, or, when they add at most ``d`` columns
+        (the 14 x 14 windows: 28 <= 64) and :data:`FOLD_POSITIONS` is on, folded into one product: the
+        "augmented" query ``[q / sqrt(d), rel_h, rel_w]`` times the key ``[k, onehot(y_j), onehot(x_j)]``
+        is exactly the logit (multiplications by 1 and 0), with one rounding in bf16 instead of three.
+        """
+        H, W = grid
+        B, h, R, d = qr.shape
+        rel_h, rel_w = self.relative_terms(qr, rows, grid)  # (B, h, R, H), (B, h, R, W)
+        if FOLD_POSITIONS and d >= H + W:
+            N = k.shape[2]
+            keys = torch.arange(N, device=k.device)  # (N,) row-major key indices
+            onehot = torch.zeros(N, H + W, dtype=k.dtype, device=k.device)  # (N, H + W)
+            onehot[keys, keys // W] = 1  # key row y_j
+            onehot[keys, H + keys % W] = 1  # key column x_j
+            q_aug = torch.cat([qr * self.scale, rel_h.to(qr.dtype), rel_w.to(qr.dtype)], dim=-1)  # (B, h, R, d+H+W)
+            k_aug = torch.cat([k, onehot.expand(B, h, N, H + W)], dim=-1)  # (B, h, N, d + H + W)
+            return q_aug @ k_aug.transpose(-2, -1)  # (B, h, R, N)
         attn = (qr * self.scale) @ k.transpose(-2, -1)  # (B, h, R, N)
-        Rh = relative_table(H, self.rel_pos_h)[rows // W]  # (R, H, d): Rh[y_r - y_j] for every key row y_j
-        Rw = relative_table(W, self.rel_pos_w)[rows % W]  # (R, W, d): Rw[x_r - x_j] for every key column x_j
-        rel_h = torch.einsum("bhrc,rkc->bhrk", qr, Rh.to(qr.dtype))  # (B, h, R, H)
-        rel_w = torch.einsum("bhrc,rkc->bhrk", qr, Rw.to(qr.dtype))  # (B, h, R, W)
-        attn = attn.view(B, h, R, H, W) + rel_h[..., :, None] + rel_w[..., None, :]  # (B, h, R, H, W)
-        return attn.view(B, h, R, N)
+        grid_view = attn.view(B, h, R, H, W)  # (B, h, R, H, W) the same storage
+        grid_view += rel_h[..., :, None]  # in place: no second (B, h, R, N) map
+        grid_view += rel_w[..., None, :]
+        return attn  # (B, h, R, N)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, H, W, D) normalised tokens -> (B, H, W, D) attention output (after ``proj``)."""
+        """(B, H, W, D) normalised tokens -> (B, H, W, D) attention output (after ``proj``).
+
+        One head and at most :data:`ATTENTION_CHUNK` logits at a time: the logit map is built, softmaxed
+        and multiplied by the values while it is in cache, with the same operations (hence the same
+        values) as the whole map at once.
+        """
         B, H, W, D = x.shape
         q, k, v = self.qkv(x)  # (B, h, N, d) each
-        attn = self.logits(q, k, (H, W)).softmax(dim=-1)  # (B, h, N, N)
-        y = attn @ v  # (B, h, N, d)
+        N = H * W
+        rows_per_pass = N if ATTENTION_CHUNK <= 0 else max(1, ATTENTION_CHUNK // (B * N))
+        y = torch.empty_like(v)  # (B, h, N, d)
+        for head in range(self.heads):
+            # contiguous per-head keys: the products read k^T as a transposed matrix, not a strided gather
+            qh, kh, vh = (t[:, head : head + 1].contiguous() for t in (q, k, v))  # (B, 1, N, d) each
+            for start in range(0, N, rows_per_pass):
+                rows = torch.arange(start, min(N, start + rows_per_pass), device=x.device)  # (R,)
+                qr = qh[:, :, start : start + rows_per_pass]  # (B, 1, R, d) a view
+                attn = self.row_logits(qr, kh, rows, (H, W)).softmax(dim=-1)  # (B, 1, R, N)
+                y[:, head : head + 1, start : start + rows_per_pass] = attn @ vh  # (B, 1, R, d)
         y = y.transpose(1, 2).reshape(B, H, W, D)  # (B, H, W, D), heads concatenated
         return self.proj(y)  # (B, H, W, D)
 
