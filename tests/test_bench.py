@@ -76,5 +76,12 @@ def test_matmul_flops_counts_products_per_dtype_by_hand() -> None:
             F.linear(x, w, b)  # 2 * 10 * 8 * 16, in bf16
     assert dict(counter.flops) == {"float32": 2560 + 800 + 800, "bfloat16": 2560}
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)  # counting changes no result
+    dense = torch.zeros(4, 6)
+    dense[0, 1], dense[2, 3], dense[3, 5] = 1.0, 1.0, 1.0
+    sparse_counter = MatmulFlops()
+    with sparse_counter, pytest.warns(UserWarning, match="CSR"):
+        out = dense.to_sparse_csr() @ w[:6, :5]  # GLA's proxy means: 3 stored entries x 5 columns x 2
+    assert dict(sparse_counter.flops) == {"float32": 30}
+    torch.testing.assert_close(out, dense @ w[:6, :5])
     peaks = {"float32": 1.0, "bfloat16": 4.0}  # GFLOP/s
     assert flop_bound_seconds({"float32": 10**9, "bfloat16": 4 * 10**9}, peaks) == pytest.approx(2.0)

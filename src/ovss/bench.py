@@ -174,7 +174,8 @@ class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
     """Count the FLOPs of matrix products, convolutions and fused attention, per input dtype.
 
     Uses PyTorch's own formulas (``torch.utils.flop_counter``) and adds CPU fused attention
-    (``4 * B * H * n * m * d``), which that registry lacks. Element-wise work is not counted.
+    (``4 * B * H * n * m * d``), which that registry lacks; a sparse x dense product counts its stored
+    entries only (the registry would count it as dense). Element-wise work is not counted.
     """
 
     def __init__(self) -> None:
@@ -200,7 +201,12 @@ class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
-        self.flops[str(dtype).replace("torch.", "")] += int(self.registry[packet](*args, **kwargs, out_val=out))
+        sparse = [a for a in args if isinstance(a, torch.Tensor) and a.layout != torch.strided]
+        if sparse and out.dim() == 2:  # sparse x dense (GLA's proxy means): 2 FLOPs per stored entry and column
+            flops = 2 * sparse[0]._nnz() * out.shape[1]
+        else:
+            flops = int(self.registry[packet](*args, **kwargs, out_val=out))
+        self.flops[str(dtype).replace("torch.", "")] += flops
         return out
 
 
