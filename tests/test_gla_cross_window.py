@@ -394,3 +394,14 @@ def test_reused_buffers_give_bit_identical_rows(base: str) -> None:
                     alpha[r, row // n * n : (row // n + 1) * n] += kw["local_maps"][row // n, row % n]
                 alpha = alpha / (kw["local_count"] + 1)
             assert torch.equal(out[rows], alpha @ kw["values"]), (base, chunk, start)
+
+
+def test_the_operator_is_differentiable_when_inputs_require_grad() -> None:
+    keys, queries, values = _problem()
+    values = values.clone().requires_grad_(True)
+    cfg = GLAConfig(rho=0.8, chunk_rows=N)
+    out = cross_window_attention([keys], [queries], values, L, cfg)  # (M, C)
+    out.sum().backward()
+    assert values.grad is not None and torch.isfinite(values.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(out, cross_window_attention([keys], [queries], values, L, cfg), rtol=0, atol=0)

@@ -64,8 +64,10 @@ def test_a_replaced_archive_is_read_afresh(archive: Path, jit_loads: list[str]) 
     stat = archive.stat()
     os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     loaded, _ = load_clip_state_dict(archive)
-    assert len(jit_loads) == 2 and len(_prepared_files()) == 2
+    assert len(jit_loads) == 2 and len(_prepared_files()) == 1  # the copy is replaced, not added to
     assert torch.equal(loaded["visual.conv1.weight"], sd["visual.conv1.weight"].float())
+    again, _ = load_clip_state_dict(archive)
+    assert len(jit_loads) == 2 and torch.equal(again["visual.conv1.weight"], loaded["visual.conv1.weight"])
 
 
 def test_a_corrupt_copy_is_ignored_and_rewritten(archive: Path, jit_loads: list[str]) -> None:
@@ -105,3 +107,36 @@ def test_cache_cli_lists_and_clears_prepared_copies(archive: Path, capsys: pytes
     assert main(["cache", "clear"]) == 0
     assert "removed 1 prepared files" in capsys.readouterr().out
     assert _prepared_files() == []
+
+
+def test_an_archive_with_tied_tensors_is_prepared(tmp_path: Path, jit_loads: list[str]) -> None:
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight  # one tensor under two names
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    path = tmp_path / "tied.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(Tied().half()).save(str(path))
+    first = prepared.read_torchscript(path)
+    second = prepared.read_torchscript(path)
+    assert len(jit_loads) == 1 and len(_prepared_files()) == 1
+    assert torch.equal(second["b.weight"], first["a.weight"]) and second["a.weight"].dtype == torch.float32
+
+
+def test_a_users_safetensors_file_is_not_mapped_under_the_model(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ovss.models.checkpoint import read_checkpoint
+
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(1024)}, str(path))
+    sd, container = read_checkpoint(path, "CLIP", "fix")
+    save_file({"x": torch.ones(1024)}, str(path))  # rewritten in place, as a training loop would
+    assert container == "safetensors" and float(sd["x"].sum()) == 0.0

@@ -188,7 +188,8 @@ def load(
             normalisation, softmax and merging always run in fp32.
         tokenizer: BPE vocabulary file or HF tokenizer folder; default: a Hugging Face CLIP folder's own
             ``vocab.json`` + ``merges.txt``, else ``OVSS_BPE_PATH``, else downloaded once and cached. It is
-            loaded here, so a missing vocabulary fails at load, not at the first prediction.
+            found and checked by its file names here, so a missing vocabulary fails at load, not at the first
+            prediction; it is parsed when a name first misses the text cache (a corrupt file fails then).
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
         **settings: pipeline settings and method options, checked against their declared types.

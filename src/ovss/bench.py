@@ -203,7 +203,7 @@ class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
         dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
         sparse = [a for a in args if isinstance(a, torch.Tensor) and a.layout != torch.strided]
         if sparse and out.dim() == 2:  # sparse x dense (GLA's proxy means): 2 FLOPs per stored entry and column
-            flops = 2 * sparse[0]._nnz() * out.shape[1]
+            flops = 2 * sparse[0]._nnz() * (out.shape[1] if sparse[0] is args[0] else out.shape[0])
         else:
             flops = int(self.registry[packet](*args, **kwargs, out_val=out))
         self.flops[str(dtype).replace("torch.", "")] += flops

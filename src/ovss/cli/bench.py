@@ -97,9 +97,9 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str], dict[st
     methods = _methods(args.methods)
     settings = _settings(args.set)
     if not args.clip or args.tokenizer is not None:  # the jobs load the vocabulary: a missing one fails here, once
-        from ovss.text.tokenizer import resolve_tokenizer
+        from ovss.text.tokenizer import load_tokenizer
 
-        resolve_tokenizer(args.tokenizer, download=False)
+        load_tokenizer(args.tokenizer, download=False)  # parsed once here: a corrupt file fails before any job
     return methods, precisions, settings, out
 
 

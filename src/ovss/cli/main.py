@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -70,8 +71,9 @@ def entry() -> None:
     _ONE_SHOT = sys.argv[1:2] == ["segment"] and os.environ.get("OVSS_FAST_EXIT", "1") != "0"
     code = main()
     if _ONE_SHOT:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: the exit code still gets out
+                stream.flush()
         os._exit(code)
     sys.exit(code)
 

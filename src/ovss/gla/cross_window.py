@@ -374,7 +374,9 @@ def cross_window_attention(
         sets.append((k, q_raw, mean))
     v = values.float()  # (M, C)
     out = values.new_empty(m, c)  # (M, C)
-    scratch = Scratch()
+    # Reused buffers (out= products) unless autograd must record the step (out= has no derivative).
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (*keys, *queries, values))
+    scratch = None if tracked else Scratch()
     for start in range(0, m, chunk):
         rows = torch.arange(start, min(start + chunk, m), device=values.device)  # (R,)
         k0, q0, mean0 = sets[0]
@@ -384,7 +386,7 @@ def cross_window_attention(
         if local_maps is not None:
             _scatter_own_window(alpha, local_maps, rows)  # (R, M) rows sum to S + local_count
             alpha.div_(local_count + 1)  # (R, M)
-        if out.dtype == torch.float32:
+        if out.dtype == torch.float32 and scratch is not None:
             torch.mm(alpha, v, out=out[start : start + len(rows)])  # (R, C)
         else:
             out[start : start + len(rows)] = (alpha @ v).to(values.dtype)  # (R, C)

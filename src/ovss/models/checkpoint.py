@@ -87,10 +87,10 @@ def read_checkpoint(path: Path, what: str, fix: str) -> tuple[object, str]:
         with warnings.catch_warnings():  # odd pickles warn before failing
             warnings.simplefilter("ignore", UserWarning)
             if is_safetensors(path):
-                return load_file(str(path), device="cpu"), "safetensors"
-            # Zip-format pickles are memory-mapped: fp32 tensors are used in place, never copied.
-            mmap = zipfile.is_zipfile(path)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), "pickle"
+                # safetensors maps the file; models take these tensors as their weights (assign), so they are
+                # copied: a user file rewritten in place must not change (or, truncated, crash) a loaded model.
+                return {k: v.clone() for k, v in load_file(str(path), device="cpu").items()}, "safetensors"
+            return torch.load(path, map_location="cpu", weights_only=True), "pickle"
     except Exception as e:  # torch.load on a broken file raises anything from EOFError to KeyError
         message = str(e)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)

@@ -1,15 +1,17 @@
 """fp32 copies of TorchScript checkpoints in the cache, so that OpenAI's CLIP archives load without conversion.
 
-OpenAI ships CLIP as TorchScript archives of fp16 weights (``ViT-B-16.pt``). Reading one means compiling
-its code (``torch.jit.load``) and converting every tensor to fp32: about a third of a second for ViT-B/16 on
-two CPU cores, at every run, a sixth of a one-photo ``ovss segment``. The first read stores the converted
-state dict as one safetensors file under ``<cache>/prepared/``; later reads map that file (no copy, no
-conversion: 0.05 s). The file's name hashes the archive's absolute path, size and modification time, and
-its metadata repeats them, so a replaced archive is read afresh. A prepared file that cannot be read is
-ignored and rewritten; one that cannot be written costs nothing but the speed (a warning says why).
+OpenAI ships CLIP as TorchScript archives of fp16 weights (``ViT-B-16.pt``). Reading one means compiling its
+code (``torch.jit.load``) and converting every tensor to fp32: about a third of a second for ViT-B/16 on two
+CPU cores, at every run, a sixth of a one-photo ``ovss segment``. The first read stores the converted state
+dict as one safetensors file under ``<cache>/prepared/``; later reads map that file (no copy, no conversion:
+0.05 s). The file's name hashes the archive's absolute path (one copy per archive); its metadata holds the
+archive's size, modification time and inode, so a replaced archive is read afresh and its copy replaced.
+Copies are only ever replaced by an atomic rename, so a model mapped from one never changes. A prepared file
+that cannot be read is ignored and rewritten; one that cannot be written costs nothing but the speed (a
+warning says why).
 
-``OVSS_PREPARED_CACHE=0`` turns this off; ``ovss cache clear`` deletes the files (and the text cache's).
-Only reading and writing copies needs torch (``ovss cache info`` imports this module without it).
+``OVSS_PREPARED_CACHE=0`` turns this off; ``ovss cache clear`` deletes the files (and the text cache's). Only
+reading and writing copies needs torch (``ovss cache info`` imports this module without it).
 """
 
 from __future__ import annotations
@@ -43,20 +45,31 @@ def cache_folder() -> Path:
 
 
 def _identity(source: Path) -> dict[str, str]:
-    """What names one version of a source file: absolute path, size and modification time (ns)."""
+    """What names one version of a source file: absolute path, size, modification time (ns) and inode."""
     stat = source.stat()
-    return {"source": str(source.resolve()), "size": str(stat.st_size), "mtime_ns": str(stat.st_mtime_ns)}
+    return {
+        "source": str(source.resolve()),
+        "size": str(stat.st_size),
+        "mtime_ns": str(stat.st_mtime_ns),
+        "inode": str(stat.st_ino),
+    }
 
 
 def prepared_path(source: Path) -> Path:
-    """Where the fp32 copy of ``source`` (this version of it) lives."""
-    key = json.dumps([VERSION, _identity(source)], sort_keys=True)
+    """Where the fp32 copy of ``source`` lives: one file per archive path, replaced when the archive changes."""
+    key = json.dumps([VERSION, str(source.resolve())])
     return cache_folder() / f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:24]}.safetensors"
 
 
 def fp32_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Floating tensors as contiguous fp32, the others as contiguous copies (own storage each)."""
-    return {k: (v.float() if v.is_floating_point() else v.clone()).contiguous() for k, v in state_dict.items()}
+    """Floating tensors as fp32 and the others as they are, each a contiguous copy with its own storage (tied or
+    view tensors of the archive would otherwise share memory, which safetensors refuses to store)."""
+    import torch
+
+    return {
+        k: (v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone()).contiguous()
+        for k, v in state_dict.items()
+    }
 
 
 def read_torchscript(source: Path) -> dict[str, Tensor]:
@@ -97,8 +110,10 @@ def _read(target: Path, source: Path) -> dict[str, Tensor] | None:
     try:
         meta = read_metadata(target)
         expected = {"format": FORMAT, "version": str(VERSION), **_identity(source)}
-        if any(meta.get(k) != v for k, v in expected.items()):
-            raise ValueError("written for another file or version")
+        if meta.get("format") == FORMAT and any(meta.get(k) != v for k, v in expected.items()):
+            return None  # the copy of an earlier version of the archive (or of ovss): replaced quietly
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} file")
         state_dict = load_file(str(target), device="cpu")
         if json.loads(meta["keys"]) != sorted(state_dict):
             raise ValueError("its tensors are not the ones listed")
@@ -119,7 +134,7 @@ def _write(target: Path, source: Path, state_dict: dict[str, Tensor]) -> None:
     metadata = {"format": FORMAT, "version": str(VERSION), "keys": json.dumps(sorted(state_dict)), **_identity(source)}
     try:
         atomic_write(target, lambda temp: save_file(state_dict, str(temp), metadata=metadata))
-    except (OSError, OvssError, SafetensorError) as error:
+    except (OSError, OvssError, SafetensorError, RuntimeError, ValueError) as error:
         message = getattr(error, "strerror", None) or error
         warnings.warn(
             f"cannot store a prepared copy of {source} in {target.parent} ({message}); it is converted again at "

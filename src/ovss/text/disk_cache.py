@@ -209,7 +209,7 @@ class TextEmbeddingShard:
         truncated = set(json.loads(meta["truncated"]))
         try:
             tensors = load_file(str(self.path))
-        except SafetensorError as error:
+        except (SafetensorError, RuntimeError) as error:  # e.g. "smaller than the required mapping size"
             raise ValueError(str(error)) from error
         rows = tensors[_TENSOR]  # (N, E)
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
