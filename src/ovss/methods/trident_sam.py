@@ -109,7 +109,7 @@ def valid_attention(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         (H, R, n_s) fp32: softmax over all 4096 keys, then the padded columns dropped (rows sum to <= 1).
     """
     with full_precision():
-        return logits.float().softmax(dim=-1)[:, :, valid]  # (H, n_s, n_s)
+        return logits.float().softmax(dim=-1)[:, :, valid]  # (H, R, n_s)
 
 
 def value_thresholds(values: torch.Tensor, cos_fac: float, refine_neg_cos: bool) -> torch.Tensor:
