@@ -29,6 +29,7 @@ from ovss.methods.trident_sam import (
 from ovss.models.dino import build_vfm, convert_vfm_state_dict
 from ovss.pipeline.image import resize_short_side
 from ovss.pipeline.windows import Padding, Window, sliding_windows
+from ovss.precision import full_precision
 from test_dino import dino_state_dict
 
 
@@ -186,11 +187,12 @@ def _aggregation_by_hand(probs: Tensor, values: Tensor, phi: float, neg: bool) -
 @pytest.mark.parametrize(("phi", "neg"), [(1.2, True), (3.0, False), (0.0, True), (-2.0, False), (-2.0, True)])
 def test_aggregation_weights_equal_the_formula(phi, neg):
     g = torch.Generator().manual_seed(4)
-    H, n, d = 3, 12, 5
+    H, n, d, N = 3, 12, 5, 16
     values = torch.randn(H, n, d, generator=g) + 0.3
-    probs = torch.rand(H, n, n, generator=g)
-    probs = probs / probs.sum(-1, keepdim=True) * 0.8  # padded columns dropped: rows sum to < 1
-    got = aggregation_weights(probs, values, phi, neg)
+    logits = torch.randn(H, n, N, generator=g) * 2  # valid query rows against all N keys
+    valid = torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14])  # 4 padded keys dropped: rows sum to < 1
+    probs = logits.double().softmax(-1)[:, :, valid]  # (H, n, n)
+    got = aggregation_weights(logits, values, valid, phi, neg, rows_per_slab=5)
     torch.testing.assert_close(got.double(), _aggregation_by_hand(probs, values, phi, neg), atol=1e-6, rtol=0)
     assert (got.diagonal() > 0).all()  # the diagonal always survives
     t = value_thresholds(values, phi, neg)
@@ -199,6 +201,53 @@ def test_aggregation_weights_equal_the_formula(phi, neg):
     if not neg:
         assert (raw < 0).any()  # the case is exercised
         torch.testing.assert_close(t, torch.where(raw < 0, torch.full_like(raw, 0.6), raw))
+
+
+def full_map_weights(attn, q, k, grid, rows, values, phi: float, neg: bool) -> Tensor:
+    """The previous path, kept here as the reference: the (H, n_s, n_s) probabilities built whole per head
+    (in the caller's precision), then masked and accumulated head by head in fp32."""
+    H, n = q.shape[1], rows.shape[0]
+    probs = torch.empty(H, n, n, dtype=torch.float32)  # (H, n_s, n_s)
+    for h in range(H):
+        logits = attn.logits(q[:, h : h + 1], k[:, h : h + 1], grid, rows)  # (1, 1, n_s, N)
+        probs[h] = valid_attention(logits[0], rows)[0]  # (n_s, n_s)
+    with full_precision():
+        t = value_thresholds(values, phi, neg)  # (n_s,)
+        v = F.normalize(values.float(), dim=-1)  # (H, n_s, d)
+        b = torch.zeros(n, n, dtype=torch.float32)
+        for h in range(H):
+            keep = (v[h] @ v[h].T) > t[:, None]  # (n_s, n_s)
+            b += probs[h].float() * keep
+        b /= H
+        return b / b.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slabbed_aggregation_is_bit_identical_to_the_full_probability_map(dtype):
+    """SAM's global-block geometry (64 x 64 keys, VOC's 48 x 64 valid rows): any slab size, torch.equal."""
+    from ovss.methods.trident_sam import AGGREGATION_ROWS, BlockLogits
+    from ovss.models.sam.image_encoder import SamAttention
+
+    g = torch.Generator().manual_seed(6)
+    attn = SamAttention(128, 2, 64)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    x = torch.randn(1, 64, 64, 128, generator=g)
+    rows = sam_geometry(375, 500).valid_rows  # 48 x 64 = 3072 rows; slabs of 7 leave a last one of 6
+    reduced = dtype != torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=reduced):
+        q, k, v = attn.qkv(x)  # (1, 2, 4096, 64) each, bf16 under autocast
+        values = v[0, :, rows]  # (2, n_s, 64)
+        want = full_map_weights(attn, q, k, (64, 64), rows, values, 1.2, False)
+        logits = BlockLogits(attn, q, k, (64, 64), rows, torch.bfloat16 if reduced else None)
+    assert values.dtype == dtype and want.dtype == torch.float32
+    assert 7 < AGGREGATION_ROWS < 3072  # the default slab splits the map too
+    with torch.no_grad():  # outside autocast, as in sam_aggregate: the logits keep the encoder's precision
+        for slab in (1, 7, None, 0, 5000):  # one row, a ragged last slab, the default, the whole map
+            got = aggregation_weights(logits, values, rows, 1.2, False, rows_per_slab=slab)
+            assert torch.equal(got, want), slab
+    assert torch.allclose(got.sum(-1), torch.ones(3072))
 
 
 def test_valid_rows_softmax_over_all_keys_then_dropped():

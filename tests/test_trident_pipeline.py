@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import ovss
 from ovss.errors import OvssError
 from ovss.methods.trident_refine import sam_decoder
-from ovss.methods.trident_sam import aggregate, aggregation_weights, encode_sam, sam_geometry
+from ovss.methods.trident_sam import aggregate, aggregation_weights, encode_sam, sam_geometry, valid_attention
 from ovss.models.dino import build_vfm, convert_vfm_state_dict
 from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
@@ -61,7 +61,8 @@ def _load(tiny_clip, dino16, sam, bpe_path, method: str = "trident", **kw):
 
 def test_only_the_valid_rows_of_the_last_block_are_computed(sam, image):
     """encode_sam's restricted probabilities = the full 64 x 64-token softmax map, then cropped."""
-    emb, probs, values, g = encode_sam(sam, image)
+    emb, logits, values, g = encode_sam(sam, image)
+    probs = torch.stack([valid_attention(logits[h][None], logits.rows)[0] for h in range(len(logits))])
     assert g.grid == (5, 8) and probs.shape == (2, 40, 40) and values.shape == (2, 40, 16)  # 80 x 112 -> 91 x 128
     enc = sam.image_encoder
     last = enc.block(2)
@@ -80,6 +81,21 @@ def test_only_the_valid_rows_of_the_last_block_are_computed(sam, image):
     torch.testing.assert_close(values, v[0][:, rows])
     torch.testing.assert_close(emb, embedding)
     handle.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_sam_then_slabbed_weights_equal_the_full_map(sam, image, dtype):
+    """The shipped path (encode_sam in the backbone precision, weights outside it) = the full-map reference."""
+    from ovss.precision import backbone_precision
+    from test_trident import full_map_weights
+
+    with torch.no_grad(), backbone_precision(torch.device("cpu"), dtype):
+        _, logits, values, g = encode_sam(sam, image)
+        want = full_map_weights(logits.attn, logits.q, logits.k, logits.grid, logits.rows, values, 1.2, True)
+    assert logits.q.dtype == dtype and g.tokens == 40
+    for slab in (1, 7, 0, 40):  # one row, a ragged last slab (40 = 5 x 7 + 5), the whole map twice
+        got = aggregation_weights(logits, values, g.valid_rows, 1.2, True, rows_per_slab=slab)
+        assert torch.equal(got, want), slab
 
 
 def _sam_pixels(sam: SamModel, rgb: np.ndarray) -> torch.Tensor:
@@ -113,8 +129,8 @@ def test_predict_equals_the_stages_composed_by_hand(tiny_clip, dino16, sam, bpe_
     y = seg.method.run(Backbones(seg.clip.visual, dino16), WindowBatch(crops, windows, Padding(0, 0, 0, 0), canvas),
                        seg.options).tokens  # fmt: skip
     Y = splice(y, windows, (7, 7), canvas)
-    _, probs, values, g = encode_sam(sam, image)
-    Z = aggregate(aggregation_weights(probs, values, 1.2, True), Y, g.grid)
+    _, logits, values, g = encode_sam(sam, image)
+    Z = aggregate(aggregation_weights(logits, values, g.valid_rows, 1.2, True), Y, g.grid)
     f = F.normalize(seg.clip.visual.head(Z[None]).float(), dim=-1)[0]
     text = seg.encode_names(["background", "cat", "dog", "puppy"])
     logits = F.interpolate((f @ text.T).T.reshape(4, 5, 8)[None], size=(75, 100), mode="bilinear",

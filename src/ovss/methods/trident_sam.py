@@ -8,7 +8,9 @@ values v_h over its 64 x 64 token grid. Restricted to the valid (unpadded) token
     W   = rownorm( mean_h Pi_h * [C_h > t_i] )
 
 and the spliced CLIP features X (resized to SAM's valid grid) are aggregated as Z = W X. Only the
-valid query rows of Pi are computed (12 x n_s x 4096 instead of 12 x 4096 x 4096).
+valid query rows of Pi are computed (n_s x 4096 logits instead of 4096 x 4096), one head at a time, and
+softmax, column selection, mask and accumulation run per slab of :data:`AGGREGATION_ROWS` query rows, so
+the (12, n_s, n_s) probabilities are never held (805 MB at n_s = 4096).
 
 This module holds the geometry of SAM's input and the aggregation math on given tensors; the SAM
 model itself comes from ``ovss.models.sam``.
@@ -31,6 +33,7 @@ SAM_SIZE = 1024  # SAM's input side (long side resized to it, then zero-padded t
 SAM_PATCH = 16  # SAM ViT-B patch size: 64 x 64 tokens
 THRESHOLD_CAP = 0.9  # t_i never exceeds this
 NEGATIVE_FALLBACK = 0.6  # t_i when it is negative and refine_neg_cos is False
+AGGREGATION_ROWS = 512  # query rows per softmax / mask / accumulation slab; <= 0: a head's n_s rows at once
 
 
 @dataclass(frozen=True)
@@ -98,15 +101,15 @@ def valid_attention(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Probabilities of the valid query rows restricted to the valid key columns (spec §4.12.3 step 2).
 
     Args:
-        logits: (H, n_s, 4096) block-11 logits of the valid query rows against all keys (scaled, with
-            the relative position terms).
+        logits: (H, R, 4096) block-11 logits of valid query rows against all keys (scaled, with the
+            relative position terms).
         valid: (n_s,) long indices of the valid keys.
 
     Returns:
-        (H, n_s, n_s) fp32: softmax over all 4096 keys, then the padded columns dropped (rows sum to <= 1).
+        (H, R, n_s) fp32: softmax over all 4096 keys, then the padded columns dropped (rows sum to <= 1).
     """
     with full_precision():
-        return logits.float().softmax(dim=-1)[:, :, valid]  # (H, n_s, n_s)
+        return logits.float().softmax(dim=-1)[:, :, valid]  # (H, R, n_s)
 
 
 def value_thresholds(values: torch.Tensor, cos_fac: float, refine_neg_cos: bool) -> torch.Tensor:
@@ -132,32 +135,76 @@ def value_thresholds(values: torch.Tensor, cos_fac: float, refine_neg_cos: bool)
         return t.clamp(max=THRESHOLD_CAP)  # (n_s,)
 
 
-def aggregation_weights(
-    probs: torch.Tensor, values: torch.Tensor, cos_fac: float, refine_neg_cos: bool
-) -> torch.Tensor:
-    """Trident's global affinity W = rownorm(mean_h Pi_h * [C_h > t]) (spec §4.12.3 steps 3-4), in fp32.
+@dataclass(frozen=True)
+class BlockLogits:
+    """Block 11's logits of the valid query rows, made one head at a time: ``logits[h]`` is (n_s, N).
 
-    Heads are processed one at a time, so the peak is two n_s x n_s matrices beyond the inputs.
+    Indexes like an (H, n_s, N) tensor without holding it; each head is computed in the autocast
+    precision that was on when this was made (:func:`encode_sam`), also when indexed outside it.
+    """
+
+    attn: Any  # the block's ``SamAttention``
+    q: torch.Tensor  # (1, H, N, d) queries of every token
+    k: torch.Tensor  # (1, H, N, d) keys of every token
+    grid: tuple[int, int]  # the encoder's token grid (64, 64)
+    rows: torch.Tensor  # (n_s,) long: the valid query rows
+    autocast: torch.dtype | None  # the autocast dtype at creation, None when autocast was off
+
+    def __len__(self) -> int:
+        return int(self.q.shape[1])
+
+    def __getitem__(self, h: int) -> torch.Tensor:
+        """(n_s, N) logits of head ``h``: row r is query ``rows[r]`` against every key."""
+        device = self.q.device.type
+        with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            logits = self.attn.logits(self.q[:, h : h + 1], self.k[:, h : h + 1], self.grid, self.rows)
+        return logits[0, 0]  # (n_s, N)
+
+
+def aggregation_weights(
+    logits: BlockLogits | torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    cos_fac: float,
+    refine_neg_cos: bool,
+    rows_per_slab: int | None = None,
+) -> torch.Tensor:
+    """Trident's global affinity W = rownorm(mean_h Pi_h * [C_h > t]) (spec §4.12.3 steps 2-4), in fp32.
+
+    One head at a time, and per slab of query rows: softmax over all N keys, the valid columns, the mask
+    [C_h > t] and the accumulation into W, so no (H, n_s, n_s) probability map is built. Every operation
+    acts row by row on the same head-wide products (logits, C_h), so the result does not depend on the
+    slab size: it is bit-identical to building Pi_h whole (checked by ``tests/test_trident.py``).
 
     Args:
-        probs: (H, n_s, n_s) attention probabilities of the valid tokens (:func:`valid_attention`).
+        logits: (H, n_s, N) logits of the valid query rows against all keys (a tensor, or a
+            :class:`BlockLogits` that makes each head on demand).
         values: (H, n_s, d) values of the valid tokens.
+        valid: (n_s,) long indices of the valid keys among the N.
         cos_fac: phi.
         refine_neg_cos: see :func:`value_thresholds`.
+        rows_per_slab: query rows per slab; None: :data:`AGGREGATION_ROWS`; <= 0: all n_s rows at once.
 
     Returns:
         (n_s, n_s) fp32 row-stochastic weights (each row keeps at least its diagonal: C_h[i, i] = 1 > t_i).
     """
+    slab = AGGREGATION_ROWS if rows_per_slab is None else rows_per_slab
     with full_precision():
         t = value_thresholds(values, cos_fac, refine_neg_cos)  # (n_s,)
         v = F.normalize(values.float(), dim=-1)  # (H, n_s, d)
-        H, n, _ = v.shape
-        b = torch.zeros(n, n, dtype=torch.float32, device=v.device)  # (n_s, n_s)
-        for h in range(H):
-            keep = (v[h] @ v[h].T) > t[:, None]  # (n_s, n_s) bool
-            b += probs[h].float() * keep  # (n_s, n_s)
-        b /= H
-        return b / b.sum(dim=-1, keepdim=True)  # (n_s, n_s) rows sum to 1
+    H, n, _ = v.shape
+    slab = n if slab <= 0 else slab
+    b = torch.zeros(n, n, dtype=torch.float32, device=v.device)  # (n_s, n_s)
+    for h in range(H):
+        head = logits[h]  # (n_s, N) in the encoder's precision
+        with full_precision():
+            cos = v[h] @ v[h].T  # (n_s, n_s) C_h, whole: a row-slab product may round differently
+            for s in range(0, n, slab):
+                e = min(s + slab, n)
+                probs = valid_attention(head[None, s:e], valid)[0]  # (R, n_s) fp32 Pi_h rows s:e
+                b[s:e] += probs * (cos[s:e] > t[s:e, None])  # (R, n_s)
+    b /= H
+    return b / b.sum(dim=-1, keepdim=True)  # (n_s, n_s) rows sum to 1
 
 
 def resize_features(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -183,8 +230,8 @@ def aggregate(weights: torch.Tensor, features: torch.Tensor, grid: tuple[int, in
 
 def encode_sam(
     sam: Any, rgb: np.ndarray, round_to_patch: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
-    """One pass of SAM's image encoder: neck embedding plus the last block's valid-row attention and values.
+) -> tuple[torch.Tensor, BlockLogits, torch.Tensor, SamGeometry]:
+    """One pass of SAM's image encoder: neck embedding plus the last block's valid-row logits and values.
 
     Args:
         sam: an ``ovss.models.sam.SamModel`` (its encoder runs in the caller's autocast precision).
@@ -192,7 +239,8 @@ def encode_sam(
         round_to_patch: resize the image to multiples of 16 first (cv2 bilinear), as for the whole image.
 
     Returns:
-        embedding (1, 256, 64, 64), probabilities (H, n_s, n_s) fp32, values (H, n_s, d) and the geometry.
+        embedding (1, 256, 64, 64), the valid rows' logits (H, n_s, 4096), made per head when indexed,
+        values (H, n_s, d) and the geometry.
 
     Raises:
         OvssError: the encoder's last block is windowed (Trident needs its global attention, block 11 of ViT-B).
@@ -212,13 +260,9 @@ def encode_sam(
     embedding, x_in = encoder.forward_with_block_input(pixels, cfg.depth - 1)  # (1, 256, 64, 64), (1, 64, 64, C)
     q, k, v = last.attn.qkv(last.norm1(x_in))  # (1, H, 4096, d) each
     rows = geometry.valid_rows.to(device)  # (n_s,)
-    # One head at a time: the peak is one (n_s, 4096) logit map beyond the (H, n_s, n_s) result.
-    H, n = q.shape[1], rows.shape[0]
-    probs = torch.empty(H, n, n, dtype=torch.float32, device=device)  # (H, n_s, n_s)
-    for h in range(H):
-        logits = last.attn.logits(q[:, h : h + 1], k[:, h : h + 1], (cfg.grid, cfg.grid), rows)  # (1, 1, n_s, 4096)
-        probs[h] = valid_attention(logits[0], rows)[0]  # (n_s, n_s)
-    return embedding, probs, v[0, :, rows], geometry  # values (H, n_s, d)
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    logits = BlockLogits(last.attn, q, k, (cfg.grid, cfg.grid), rows, autocast)  # (H, n_s, 4096) on demand
+    return embedding, logits, v[0, :, rows], geometry  # values (H, n_s, d)
 
 
 def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, opts: Any) -> tuple[
@@ -240,17 +284,17 @@ def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, op
     from ovss.methods.trident_refine import SamImage
     from ovss.precision import backbone_precision
 
-    def encode(part: np.ndarray, whole: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SamGeometry]:
+    def encode(part: np.ndarray, whole: bool = True) -> tuple[torch.Tensor, BlockLogits, torch.Tensor, SamGeometry]:
         with backbone_precision(seg.device, seg.dtype):
             return encode_sam(sam, part, round_to_patch=whole)
 
-    def aggregated(probs: torch.Tensor, values: torch.Tensor, y: torch.Tensor, g: SamGeometry) -> torch.Tensor:
-        w = aggregation_weights(probs, values, opts.cos_fac, opts.refine_neg_cos)  # (n_s, n_s)
+    def aggregated(logits: BlockLogits, values: torch.Tensor, y: torch.Tensor, g: SamGeometry) -> torch.Tensor:
+        w = aggregation_weights(logits, values, logits.rows, opts.cos_fac, opts.refine_neg_cos)  # (n_s, n_s)
         return aggregate(w, y, g.grid).T.reshape(-1, *g.grid)  # (D, h_s, w_s)
 
     if not opts.split_halves:
-        embedding, probs, values, geometry = encode(rgb)
-        z = aggregated(probs, values, spliced, geometry)  # (D, h_s, w_s)
+        embedding, logits, values, geometry = encode(rgb)
+        z = aggregated(logits, values, spliced, geometry)  # (D, h_s, w_s)
         info = {"sam_grid": list(geometry.grid), "sam_passes": 1}
     else:
         # The release splits the 16-rounded image (H~ x W~) at W~ // 2 and hands each half to SAM as it is.
@@ -258,8 +302,8 @@ def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, op
         half, col = rounded.shape[1] // 2, spliced.shape[-1] // 2
         parts = []
         for image, y in ((rounded[:, :half], spliced[..., :col]), (rounded[:, half:], spliced[..., col:])):
-            _, probs, values, g = encode(np.ascontiguousarray(image), whole=False)
-            parts.append(aggregated(probs, values, y, g))  # (D, h_s, w_s')
+            _, logits, values, g = encode(np.ascontiguousarray(image), whole=False)
+            parts.append(aggregated(logits, values, y, g))  # (D, h_s, w_s')
         if parts[0].shape[1] != parts[1].shape[1]:
             raise OvssError(f"split_halves: the two halves have different SAM grids {parts[0].shape[1:]} and "
                             f"{parts[1].shape[1:]}; use split_halves=False for this image size")  # fmt: skip
