@@ -16,10 +16,11 @@ from PIL import Image
 import ovss
 from ovss.errors import OvssError
 from ovss.eval import distributed
+from ovss.eval.checkpoint import load_checkpoint
 from ovss.eval.datasets import FolderDataset
 from ovss.eval.names import load_names
 from ovss.eval.presets import ResolvedSetting, resolve
-from ovss.eval.runner import build_segmenter, evaluate, load_checkpoint
+from ovss.eval.runner import build_segmenter, evaluate
 
 # With short side 64 the 513 x 513 samples are processed at 64 x 64; windows 32 / 24 start at 0, 24, 32 and
 # end at 32, 56, 64, so the seams are at 24, 32, 56, i.e. floor(b * 513 / 64 + 0.5) = 192, 257, 449.

@@ -10,10 +10,8 @@ writes ``result.json``, ``result.md`` and (at the start) ``config.json``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,31 +23,26 @@ import torch
 
 from ovss.errors import OvssError
 from ovss.eval.ber import BoundaryErrorAccumulator, boundary_error_counts, boundary_lines
+from ovss.eval.checkpoint import (
+    CHECKPOINT_DIR,
+    RunState,
+    checkpoint_path,
+    fresh_state,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from ovss.eval.datasets import FolderDataset, SegDataset
 from ovss.eval.distributed import DistContext, all_reduce_max, all_reduce_sum, current_context
 from ovss.eval.metrics import ConfusionAccumulator
 from ovss.eval.names import DATASETS, load_names
 from ovss.eval.presets import ResolvedSetting
 from ovss.eval.report import result_markdown, run_config, summarise
-from ovss.io_utils import atomic_write, save_text
+from ovss.io_utils import save_text
 from ovss.methods.options import option_value
 from ovss.prediction import Prediction
 from ovss.predictor import Segmenter
 from ovss.viz import save_label_png
-
-CHECKPOINT_DIR = "checkpoint"  # sub-folder of out_dir holding one checkpoint file per rank
-_CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class RunState:
-    """What one rank has done so far (runtime state, checkpointed)."""
-
-    done: set[int]  # dataset indices already predicted and counted by this rank
-    confusion: ConfusionAccumulator  # intersection / prediction / label areas per class
-    boundary: BoundaryErrorAccumulator  # BER numerator and denominator
-    predict_seconds: float  # time spent predicting, over every session of this run
-
 
 # -------------------------------------------------------------------------------------------- segmenter
 
@@ -96,62 +89,6 @@ def check_segmenter(segmenter: Segmenter, setting: ResolvedSetting) -> None:
         )
 
 
-def _run_identity(
-    config: Mapping[str, Any], setting: ResolvedSetting, classes: list[list[str]], dataset: SegDataset, band: int
-) -> str:
-    """Everything that must not change between an interrupted run and its resumption, as JSON."""
-    samples = hashlib.sha256("\n".join(dataset.sample_names).encode()).hexdigest()
-    keys = ("method", "options", "pipeline", "pad_multiple", "dtype", "clip_fingerprint")
-    identity = {key: config.get(key) for key in keys}
-    identity.update(dataset=setting.dataset, classes=classes, samples=samples, ber_band=band)
-    return json.dumps(identity, sort_keys=True, default=str)
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoint_path(out_dir: Path, context: DistContext) -> Path:
-    return out_dir / CHECKPOINT_DIR / f"rank{context.rank}-of-{context.world_size}.pt"
-
-
-def _fresh_state(num_classes: int, band: int) -> RunState:
-    return RunState(set(), ConfusionAccumulator(num_classes), BoundaryErrorAccumulator(band), 0.0)
-
-
-def save_checkpoint(path: Path, state: RunState, identity: str) -> None:
-    """Write one rank's state atomically (a crash leaves the previous checkpoint intact)."""
-    payload = {
-        "version": _CHECKPOINT_VERSION,
-        "identity": identity,
-        "done": sorted(state.done),
-        "confusion": state.confusion.state_dict(),
-        "boundary": state.boundary.state_dict(),
-        "predict_seconds": state.predict_seconds,
-    }
-    atomic_write(path, lambda temp: torch.save(payload, temp))
-
-
-def load_checkpoint(path: Path, identity: str, num_classes: int, band: int) -> RunState:
-    """Read one rank's state; a checkpoint of another configuration raises an OvssError."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise OvssError(f"checkpoint {path} is unreadable ({error}); drop --resume to start again") from error
-    if payload.get("version") != _CHECKPOINT_VERSION or payload.get("identity") != identity:
-        old, new = json.loads(payload.get("identity", "{}")), json.loads(identity)
-        differ = sorted(key for key in new if old.get(key) != new[key])
-        raise OvssError(
-            f"checkpoint {path} belongs to another configuration (differs in: {', '.join(differ) or 'version'}); "
-            "evaluate into a new --out folder or drop --resume to start again"
-        )
-    state = _fresh_state(num_classes, band)
-    state.done = set(payload["done"])
-    state.confusion.load_state_dict(payload["confusion"])
-    state.boundary.load_state_dict(payload["boundary"])
-    state.predict_seconds = float(payload["predict_seconds"])
-    return state
-
-
 def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool, context: DistContext) -> None:
     """Refuse, on every rank alike, to replace the run in ``out_dir`` (config, result or checkpoints) unless
     ``overwrite``; ``resume`` continues it when checkpoints are there (checked when loaded) or no result is."""
@@ -178,7 +115,7 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool, context: DistCo
 def _start_state(
     out_dir: Path, context: DistContext, resume: bool, identity: str, num_classes: int, band: int
 ) -> RunState:
-    path = _checkpoint_path(out_dir, context)
+    path = checkpoint_path(out_dir, context)
     suffix = f"-of-{context.world_size}.pt"
     others = [p for p in (out_dir / CHECKPOINT_DIR).glob("rank*-of-*.pt") if not p.name.endswith(suffix)]
     if resume and path.is_file():
@@ -192,7 +129,7 @@ def _start_state(
     if context.is_main:
         for stale in [*others, out_dir / "result.json", out_dir / "result.md"]:
             stale.unlink(missing_ok=True)
-    return _fresh_state(num_classes, band)
+    return fresh_state(num_classes, band)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -334,7 +271,7 @@ def evaluate(
         model = segmenter
     else:
         model = build_segmenter(setting, segmenter)
-    identity = _run_identity(model.config, setting, names, dataset, ber_band)
+    identity = run_identity(model.config, setting, names, dataset, ber_band)
     state = _start_state(out, context, resume, identity, dataset.num_classes, ber_band)
     if context.is_main:  # after _start_state: a refused resume leaves the run's config.json as it was
         record = run_config(model, setting, dataset, names, context, root=None if root is None else str(root))
@@ -344,7 +281,7 @@ def evaluate(
     mine = [i for i in range(count) if i % context.world_size == context.rank]
     todo = [i for i in mine if i not in state.done]
     predict = _predictor(model, names)
-    checkpoint = _checkpoint_path(out, context)
+    checkpoint = checkpoint_path(out, context)
     from tqdm import tqdm
 
     bar = tqdm(
