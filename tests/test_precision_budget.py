@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ovss.gla.config import GLAConfig
 from ovss.gla.reference import dense_attention_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from precision_agreement import _flips, cutoffs
 from precision_tamed import tamed_text

@@ -2,13 +2,13 @@
 
 Real weights (the evidence that counts):
 
-    python benchmarks/precision_agreement.py IMAGES... --labels-file classes.txt \
+    python tools/precision_agreement.py IMAGES... --labels-file classes.txt \
         --method proxyclip --method proxyclip+gla [--clip ViT-B/16] [--vfm dino-vitb8] [--dtype bf16]
 
 A "tamed" random ViT-B/16 + DINO-B/8 (``precision_tamed.py``: attention entropies, DINO similarity structure
 and logit margins brought to trained-model levels; the text embeddings are built from the first image):
 
-    python benchmarks/precision_agreement.py --tamed IMAGES... --method clearclip --method proxyclip+gla \
+    python tools/precision_agreement.py --tamed IMAGES... --method clearclip --method proxyclip+gla \
         --short-side 336 --crop 224 --stride 112 [--device cuda] [--dtype fp16]
 
 Per method and image it reports the error budget, fp32 vs reduced on the same windows:
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/common.py
 
 from common import vocab_path
 

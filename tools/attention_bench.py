@@ -5,7 +5,7 @@ folding of the position terms switched, and the ViTs' attention (DINO ViT-B/8 78
 tokens, 12 heads of 64): fused ``scaled_dot_product_attention`` against explicit products with a softmax,
 with each route's max abs error against float64 attention of the same (rounded) inputs.
 
-    python benchmarks/attention_bench.py [--repeats 5] [--threads 2]
+    python tools/attention_bench.py [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations
