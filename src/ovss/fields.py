@@ -21,6 +21,14 @@ _FALSE = ("false", "0", "no", "off")
 _NONE = ("none", "null")
 
 
+def switched_on(variable: str) -> bool:
+    """An on/off environment switch (``OVSS_TEXT_CACHE``, ``OVSS_PREPARED_CACHE``, ``OVSS_FAST_EXIT``): on unless
+    set to false/0/no/off (any case, surrounding spaces ignored)."""
+    import os
+
+    return os.environ.get(variable, "1").strip().lower() not in _FALSE
+
+
 class _Mismatch(Exception):
     """A value does not fit one alternative of an annotation."""
 

@@ -54,12 +54,12 @@ def _prepared_info() -> None:
     import json
 
     from ovss.models import prepared
-    from ovss.text.disk_cache import read_metadata
+    from ovss.text.disk_cache import cache_files, read_metadata
 
     folder = prepared.cache_folder()
     state = "on" if prepared.enabled() else f"off ({prepared.ENV_VAR}=0)"
     print(f"prepared checkpoints: {folder} ({state})")
-    files = _visible(folder)
+    files = cache_files(folder)
     total = 0
     for path in files:
         size = path.stat().st_size
@@ -71,10 +71,6 @@ def _prepared_info() -> None:
             what = f"unreadable ({error}); ignored and rewritten"
         print(f"  {path.name}  {size / 2**20:7.0f} MiB  {what}")
     print(f"{len(files)} files, {total / 2**20:.0f} MiB")
-
-
-def _visible(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def clear(args: argparse.Namespace) -> int:

@@ -68,7 +68,9 @@ def entry() -> None:
     exit (coverage or profilers that report at exit need it).
     """
     global _ONE_SHOT
-    _ONE_SHOT = sys.argv[1:2] == ["segment"] and os.environ.get("OVSS_FAST_EXIT", "1") != "0"
+    from ovss.fields import switched_on
+
+    _ONE_SHOT = sys.argv[1:2] == ["segment"] and switched_on("OVSS_FAST_EXIT")
     code = main()
     if _ONE_SHOT:
         for stream in (sys.stdout, sys.stderr):

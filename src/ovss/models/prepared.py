@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +33,9 @@ VERSION = 1  # bump when what is stored changes
 
 def enabled() -> bool:
     """Whether prepared copies are used: ``OVSS_PREPARED_CACHE`` unset, or not one of 0/false/no/off."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    from ovss.fields import switched_on
+
+    return switched_on(ENV_VAR)
 
 
 def cache_folder() -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,7 +42,9 @@ _MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
 
 def enabled() -> bool:
     """Whether the persistent cache is on: ``OVSS_TEXT_CACHE`` unset, or not one of 0/false/no/off."""
-    return os.environ.get(CACHE_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    from ovss.fields import switched_on
+
+    return switched_on(CACHE_ENV_VAR)
 
 
 def cache_folder() -> Path:
@@ -99,14 +100,21 @@ class ShardInfo:
     problem: str | None  # why the file would be ignored (corrupt, foreign, older text path); None: fine
 
 
+def cache_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a cache folder by name, without hidden ones (writes in progress); none when
+    the folder is missing. Shared with the prepared-checkpoint folder (``ovss cache info``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.glob("*.safetensors") if not path.name.startswith("."))
+
+
 def shard_infos(folder: Path) -> list[ShardInfo]:
     """One :class:`ShardInfo` per ``*.safetensors`` file in ``folder`` (none when it is missing), by name.
 
     Hidden files (``.<name>.<pid>.<random>.tmp.safetensors``: writes in progress) are left out.
     """
     infos = []
-    files = sorted(path for path in folder.glob("*.safetensors") if not path.name.startswith("."))
-    for path in files if folder.is_dir() else []:
+    for path in cache_files(folder):
         size = 0
         try:
             size = path.stat().st_size
