@@ -20,6 +20,7 @@ from ovss.models.sam.image_encoder import SamEncoderConfig, SamImageEncoder
 from ovss.models.sam.mask_decoder import MaskDecoder
 from ovss.models.sam.prompt_encoder import PromptEncoder
 from ovss.models.sam.transformer import TwoWayTransformer
+from ovss.models.vit_build import load_frozen
 
 __all__ = ["SAM_DECODER_HEADS", "SamConfig", "SamModel", "build_sam", "sam_config"]
 
@@ -172,5 +173,5 @@ def build_sam(sd: dict[str, Tensor], decoder_heads: int = SAM_DECODER_HEADS) -> 
             if keys
         ]
         raise ValueError("; ".join(parts))
-    model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
-    return model.eval()
+    load_frozen(model, {k: v.to(torch.float32) for k, v in sd.items()})  # frozen, the checkpoint's own tensors
+    return model
