@@ -282,7 +282,7 @@ def _global_similarity_mean(k: Tensor, queries: Tensor, num_windows: int, cfg: G
         rows = torch.arange(start, min(start + chunk_rows, m), device=k.device)  # (R,)
         own = None if cfg.kve else _own_window(rows, m, n)  # (R, M)
         q, _ = _anchors_and_counts(queries[rows], k, rows, cfg, own)  # (R, D)
-        row_means[rows] = _row_mean(_unit(q) @ k.T, own)  # (R,) mean of each row's block
+        row_means[rows] = _row_mean(_similarities(q, k, None), own)  # (R,) mean of each row's block
     if cfg.kve:
         return row_means.mean().expand(m).clone()  # (M,) every row has M entries
     return row_means.view(num_windows, n).mean(dim=1).repeat_interleave(n)  # (M,) each window's N x N mean
