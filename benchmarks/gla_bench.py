@@ -118,7 +118,7 @@ def bench_precision(args: argparse.Namespace) -> list[str]:
         for method in methods:
             res = {}
             geo = dict(geometry)
-            if get_method(method).needs_sam and args.quick:
+            if get_method(method).needs("sam") and args.quick:
                 geo.update(crop=64, stride=32)  # trident's windows are multiples of 16 pixels
             for dtype in ("fp32", "bf16"):
                 out = str(Path(tmp) / f"{method}-{dtype}.npy")
@@ -148,7 +148,7 @@ def _sam_based(args: argparse.Namespace) -> bool:
     from ovss.methods import available_methods, get_method
 
     methods = (args.methods or available_methods()) if args.mode in ("precision", "all") else []
-    return any(get_method(m).needs_sam for m in methods)
+    return any(get_method(m).needs("sam") for m in methods)
 
 
 MODES = {"memory": bench_memory, "latency": bench_latency, "precision": bench_precision}

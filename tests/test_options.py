@@ -182,7 +182,7 @@ def test_gla_methods_know_their_base_and_cover_every_adapter():
             # X+gla, or a variant of it with an option part of its own (proxyclip+gla+mlf)
             assert spec.name.startswith(f"{base.name}+gla") and spec.options.base == base.options
             pad = 56 if base.name == "cass" else base.pad_multiple  # cass+gla's DINO keys: padded like proxyclip
-            assert (spec.logit_scale, spec.pad_multiple, spec.needs_vfm) == (base.logit_scale, pad, base.needs_vfm)
+            assert (spec.logit_scale, spec.pad_multiple, spec.weights) == (base.logit_scale, pad, base.weights)
     assert with_gla("naclip").name == "naclip+gla" and with_gla("naclip+gla").name == "naclip+gla"
     assert with_gla("naclip", False).name == "naclip"
 

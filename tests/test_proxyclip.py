@@ -138,7 +138,7 @@ def reference_window(clip, vfm, window: Tensor, beta: float, gamma: float) -> tu
 
 def test_registered_spec():
     spec = get_method("proxyclip")
-    assert spec.run.resolve() is run_proxyclip and spec.needs_vfm  # imported on first use
+    assert spec.run.resolve() is run_proxyclip and spec.needs("vfm")  # imported on first use
     assert (spec.logit_scale, spec.pad_multiple) == (40.0, 56)
     assert (spec.geometry.short_side, spec.geometry.crop, spec.geometry.stride) == (336, 336, 112)
     assert spec.options == ProxyCLIPOptions(beta=1.2, gamma=3.0)

@@ -187,7 +187,7 @@ def test_names_route_through_with_gla_and_load(tiny_clip, bpe_path):
     assert with_gla("proxyclip").name == "proxyclip+gla"  # the variant does not take over --gla
     assert with_gla("proxyclip+gla+mlf").name == "proxyclip+gla+mlf"
     mlf = get_method("proxyclip+gla+mlf")
-    assert mlf.base == "proxyclip" and mlf.needs_vfm and mlf.joint_windows and mlf.pad_multiple == 56
+    assert mlf.base == "proxyclip" and mlf.needs("vfm") and mlf.joint_windows and mlf.pad_multiple == 56
     assert get_method("scclip+gla").base == "scclip" and get_method("scclip+gla").pad_multiple == 1
     seg = ovss.load("scclip", gla=True, clip=tiny_clip, tokenizer=bpe_path, scclip_gla_kk="window", gla_rho=0.5)
     assert seg.method.name == "scclip+gla"

@@ -155,7 +155,7 @@ def test_trident_gla_replaces_only_the_sub_image_attention(tiny_clip, dino16):
     backbones = Backbones(tiny_clip.visual, dino16)
     batch = _batch(112, 176, 112, 32)
     spec = get_method("trident+gla")
-    assert spec.image_path == get_method("trident").image_path and spec.needs_sam
+    assert spec.image_path == get_method("trident").image_path and spec.needs("sam")
     got = spec.run(backbones, batch, spec.options).tokens  # (L, N, D)
     parts = ADAPTERS["trident"](backbones, batch, spec.options.base)
     L, N, C = parts.values.shape
@@ -274,7 +274,7 @@ def test_aggregate_is_w_times_the_resized_spliced_map():
 
 def test_registry_and_options():
     spec = get_method("trident")
-    assert spec.needs_vfm and spec.needs_sam and spec.logit_scale == 40.0
+    assert spec.weights == (("vfm", "dino-vitb16"), ("sam", "sam-vitb")) and spec.logit_scale == 40.0
     opts = spec.options
     assert (opts.refine, opts.mask_prompt, opts.failed, opts.shift_mean) == (True, "release", "release", "image")
     assert (opts.iou_thresh, opts.min_area, opts.mask_coef) == (0.8, 225, 0.005)

@@ -199,7 +199,7 @@ def budget(seg32: Segmenter, seg16: Segmenter, image: Any, classes: list, text: 
     out: dict[str, Any] = {}
     x, y = _both(seg32, dtype, lambda: tokens_before_last_block(clip, batch.pixels)[0][:, clip.num_prefix_tokens :])
     out["cos_clip_x11"] = _cos_stats(x, y)
-    if vfm is not None and seg32.method.needs_vfm:
+    if vfm is not None and seg32.method.needs("vfm"):
         x, y = _both(seg32, dtype, lambda: vfm_features(vfm, batch.pixels, clip)[0])
         out["cos_vfm"] = _cos_stats(x, y)
     out["cos_dense"] = _cos_stats(seg32._current().features, seg16._current().features)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from ovss.config import PIPELINE_KEYS, pipeline_config
 from ovss.errors import OvssError
 from ovss.methods.options import resolve_options
-from ovss.methods.registry import with_gla
+from ovss.methods.registry import MethodSpec, with_gla
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
@@ -122,37 +122,76 @@ def load_clip(
     return model, record
 
 
-DEFAULT_SAM = "sam-vitb"  # SAM weights of SAM-based methods (Trident)
-
-
-def load_sam_weights(sam: Any, download: bool) -> tuple[Any, dict[str, Any]]:
-    """Load SAM (default ``sam-vitb``) for SAM-based methods: a registry name, a local checkpoint, or a model."""
-    from torch import nn
-
-    if isinstance(sam, nn.Module):
-        return sam, {"sam": "<in-memory model>"}
+def load_sam_weights(sam: str | os.PathLike[str], download: bool) -> tuple[Any, dict[str, Any]]:
+    """Load SAM for SAM-based methods (Trident): a registry name or a local official / Hugging Face checkpoint."""
     from ovss import hub
     from ovss.models.sam import load_sam
 
-    name = str(sam or DEFAULT_SAM)
+    name = str(sam)
     model = load_sam(name, download=download)
     return model, {"sam": name, "sam_path": str(hub.resolve(name, kind="sam", download=False, progress=False))}
 
 
-def load_vfm(
-    vfm: str | os.PathLike[str] | VisionTransformer | None, download: bool, default: str | None = None
-) -> tuple[Any, dict[str, Any]]:
-    """Load the vision foundation model of a DINO-guided method (default ``default`` or ``dino-vitb8``)."""
+def load_vfm(vfm: str | os.PathLike[str], download: bool) -> tuple[Any, dict[str, Any]]:
+    """Load the vision foundation model of a DINO-guided method: a registry name or a local checkpoint."""
+    from ovss.models.dino import load_vfm as load_vfm_weights
     from ovss.models.dino import position_record
 
-    if isinstance(vfm, VisionTransformer):
-        return vfm, {"vfm": "<in-memory model>", "vfm_positions": position_record(vfm)}
-    from ovss import hub
-    from ovss.models.dino import load_vfm as load_vfm_weights
-
-    model, rec = load_vfm_weights(str(vfm or default or hub.DEFAULT_VFM), download=download)
+    model, rec = load_vfm_weights(str(vfm), download=download)
     record = {"vfm": rec.get("name"), "vfm_path": rec.get("path"), "vfm_format": rec.get("format")}
     return model, {**record, "vfm_heads": model.cfg.heads, "vfm_positions": position_record(model)}
+
+
+def _in_memory_record(role: str, model: Any) -> dict[str, Any]:
+    """The record of a model passed in built (no file was read)."""
+    record: dict[str, Any] = {role: "<in-memory model>"}
+    if role == "vfm":
+        from ovss.models.dino import position_record
+
+        record["vfm_positions"] = position_record(model)
+    return record
+
+
+# role -> loader(weights name or path, download) -> (model, record); the roles of MethodSpec.weights
+ROLE_LOADERS: dict[str, Callable[[str | os.PathLike[str], bool], tuple[Any, dict[str, Any]]]] = {
+    "vfm": load_vfm,
+    "sam": load_sam_weights,
+}
+
+
+def load_role_models(
+    spec: MethodSpec, given: Mapping[str, Any], download: bool, device: torch.device | str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The models a method needs beyond CLIP (``spec.weights``), each given or its default, on ``device``.
+
+    Args:
+        spec: the method.
+        given: role -> what the caller passed (None: the method's default weights; a name or path; a built model).
+
+    Returns:
+        role -> model, and the merged record of where each came from.
+    """
+    models: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    for role, default in spec.weights:
+        source = given.get(role)
+        if isinstance(source, torch.nn.Module):
+            model, rec = source, _in_memory_record(role, source)
+        else:
+            model, rec = ROLE_LOADERS[role](source if source is not None else default, download)
+        models[role] = model.to(device=device)
+        record.update(rec)
+    return models, record
+
+
+def wanted_files(spec: MethodSpec, clip: Any, given: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(weights name or path, role) of every file ``load`` would read: CLIP's and each role's, given or default."""
+    wanted = [] if isinstance(clip, CLIP) else [(str(clip), "clip")]
+    for role, default in spec.weights:
+        source = given.get(role)
+        if not isinstance(source, torch.nn.Module):
+            wanted.append((str(source if source is not None else default), role))
+    return wanted
 
 
 def load(
@@ -220,34 +259,22 @@ def load(
     torch_dtype = resolve_dtype(dtype)
     from ovss import hub
 
-    wanted = [] if isinstance(clip, CLIP) else [(str(clip), "clip")]
-    if spec.needs_vfm and not isinstance(vfm, VisionTransformer):
-        wanted.append((str(vfm or spec.default_vfm or hub.DEFAULT_VFM), "vfm"))
-    if spec.needs_sam and (sam is None or isinstance(sam, (str, os.PathLike))):
-        wanted.append((str(sam or DEFAULT_SAM), "sam"))
-    hub.check_offline(wanted, download=download, vocabulary=tokenizer is None)  # every missing file, at once
+    given = {"vfm": vfm, "sam": sam}
+    hub.check_offline(wanted_files(spec, clip, given), download=download, vocabulary=tokenizer is None)  # all at once
     model, record = load_clip(clip, act=act, download=download)
     if model.text is not None and not isinstance(tokenizer, Tokenizer):  # at load: fail before any image is read
         # Found and checked now, parsed only when a name misses the text-embedding cache.
         tokenizer = resolve_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
-    vfm_model = None
-    if spec.needs_vfm:
-        vfm_model, vfm_record = load_vfm(vfm, download, spec.default_vfm)
-        vfm_model = vfm_model.to(device=device)
-        record.update(vfm_record)
-    sam_model = None
-    if spec.needs_sam:
-        sam_model, sam_record = load_sam_weights(sam, download)
-        sam_model = sam_model.to(device=device)
-        record.update(sam_record)
+    models, role_record = load_role_models(spec, given, download, device)
+    record.update(role_record)
     return Segmenter(
         model,
         spec,
         opts,
         config,
-        vfm=vfm_model,
-        sam=sam_model,
+        vfm=models.get("vfm"),
+        sam=models.get("sam"),
         tokenizer=tokenizer,
         device=device,
         dtype=torch_dtype,

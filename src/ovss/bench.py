@@ -228,7 +228,7 @@ def _load(job: dict[str, Any], method: str) -> Any:
     import ovss
     from ovss.methods.registry import get_method
 
-    sam_based = get_method(method).needs_sam  # Trident: DINO ViT-B/16 (``vfm16``) and SAM
+    sam_based = get_method(method).needs("sam")  # Trident: DINO ViT-B/16 (``vfm16``) and SAM
     return ovss.load(
         method,
         clip=job["clip"],

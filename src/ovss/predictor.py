@@ -82,8 +82,8 @@ class Segmenter:
         self.pipeline = config
         self.vfm = vfm
         # DINO-guided methods pad to a multiple of the VFM's patch (56 for DINO-B/8, 16 for DINOv3; spec §2.3).
-        self.pad_multiple = window_pad_multiple(method.pad_multiple, vfm if method.needs_vfm else None)
-        self.sam = sam  # SAM model of methods with needs_sam (Trident)
+        self.pad_multiple = window_pad_multiple(method.pad_multiple, vfm if method.needs("vfm") else None)
+        self.sam = sam  # SAM model of methods whose weights include the "sam" role (Trident)
         self.device = torch.device(device)
         self.dtype = dtype
         self._tokenizer_source = tokenizer

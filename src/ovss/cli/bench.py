@@ -132,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         from ovss.methods.registry import get_method
 
-        weights = _weights(args, folder, sam=any(get_method(m).needs_sam for m in methods))
+        weights = _weights(args, folder, sam=any(get_method(m).needs("sam") for m in methods))
         roles = ("clip", "vfm", "vfm16", "sam")
         base = {"threads": args.threads, "tokenizer": args.tokenizer, **{k: weights.get(k) for k in roles}}
         print(f"weights: {weights['kind']}; {args.threads} threads; image {size} (random pixels)", flush=True)
@@ -146,7 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 for precision in precisions:
                     job = {**base, "kind": "image", "method": method, "dtype": precision, "image": size}
                     own = settings
-                    if args.quick and get_method(method).needs_sam:  # Trident's windows: multiples of 16 pixels
+                    if args.quick and get_method(method).needs("sam"):  # Trident's windows: multiples of 16 pixels
                         own = {**settings, "crop": 64, "stride": 32}
                     r = measure({**job, "repeats": args.repeats, "settings": own})
                     r["flop_bound_seconds"] = bound = flop_bound_seconds(r["flops"], peaks)

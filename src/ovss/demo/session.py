@@ -71,47 +71,77 @@ def image_key(rgb: np.ndarray) -> str:
 
 
 class ModelPool:
-    """One segmenter per method, built on first use; all share one CLIP, one VFM and one tokenizer.
+    """One segmenter per method, built on first use; models are shared where methods name the same weights.
+
+    Each method asks for its own models (``MethodSpec.weights``: roles such as "vfm" and "sam" with their
+    defaults). A model is built once per (role, weights) and handed to every later method that names the same
+    weights: ``proxyclip`` and ``cass`` share DINO ViT-B/8, while ``trident`` gets its own DINO ViT-B/16 and SAM.
+    A model given here for a role (``vfm=``, ``sam=``) is used by every method that needs that role.
 
     Args:
         clip: CLIP weights as ``ovss.load`` takes them (registry name, local file, or built model).
-        vfm: the VFM of DINO-guided methods (name, file, or built ViT; None: the default, loaded when needed).
+        vfm: the VFM of every DINO-guided method (name, file, or built ViT; None: each method's default).
+        sam: the SAM of every SAM-based method (name, file, or built model; None: each method's default).
         loader: builds a segmenter (default ``ovss.load``).
         **load_kwargs: further keywords of ``ovss.load`` for every method (tokenizer, device, dtype, download,
             pipeline settings such as short_side).
     """
 
-    def __init__(self, clip: Any, *, vfm: Any = None, loader: Loader | None = None, **load_kwargs: Any) -> None:
+    def __init__(
+        self, clip: Any, *, vfm: Any = None, sam: Any = None, loader: Loader | None = None, **load_kwargs: Any
+    ) -> None:
         if loader is None:
             from ovss.api import load
 
             loader = load
         self._loader: Loader = loader
         self._clip = clip
-        self._vfm = vfm
+        self._given: dict[str, Any] = {"vfm": vfm, "sam": sam}  # role -> the user's choice (None: method default)
         self._kwargs = load_kwargs
         self._segmenters: dict[str, Segmenter] = {}
         self._postprocess: dict[str, Any] = {}  # method -> its own PipelineConfig, as loaded
-        self._weights: dict[str, Any] = {}  # where the shared weights came from (the first load's record)
+        self._clip_record: dict[str, Any] = {}  # where CLIP came from (the first load's record)
+        self._models: dict[tuple[str, str], Any] = {}  # (role, weights) -> the model built for them
+        self._records: dict[tuple[str, str], dict[str, Any]] = {}  # (role, weights) -> where it came from
         self._text_owner: dict[tuple[str, str], Segmenter] = {}  # (CLIP fingerprint, templates) -> whose cache
+
+    def _weights_key(self, role: str, default: str) -> tuple[str, str]:
+        """(role, weights) of the model a method gets in ``role``: the given one, else the method's default."""
+        given = self._given.get(role)
+        if given is None:
+            return role, default
+        if isinstance(given, torch.nn.Module):
+            return role, f"<in-memory model {id(given)}>"
+        return role, str(given)
 
     def get(self, method: str) -> Segmenter:
         """The segmenter of ``method``, built on first use (OvssError: unknown method, missing weights...)."""
-        name = get_method(method).name
+        spec = get_method(method)
+        name = spec.name
         if name in self._segmenters:
             return self._segmenters[name]
-        seg = self._loader(name, clip=self._clip, vfm=self._vfm, **self._kwargs)
+        keys = {role: self._weights_key(role, default) for role, default in spec.weights}
+        models = {}  # role -> a model built for an earlier method, else what to load (the given weights or default)
+        for role, key in keys.items():
+            given = self._given.get(role)
+            models[role] = self._models.get(key, given if given is not None else key[1])
+        seg = self._loader(name, clip=self._clip, **models, **self._kwargs)
         record = seg.config
         if not self._segmenters:  # the first load read the files: share its models and remember their record
             self._clip = seg.clip
             self._kwargs = {**self._kwargs, "tokenizer": seg.tokenizer if seg.clip.text is not None else None}
-            self._weights.update({k: v for k, v in record.items() if k.startswith("clip") and k != "clip_fingerprint"})
-        if seg.vfm is not None and "vfm" not in self._weights:
-            self._vfm = seg.vfm
-            self._weights.update({k: v for k, v in record.items() if k.startswith("vfm")})
+            self._clip_record = {k: v for k, v in record.items() if k.startswith("clip") and k != "clip_fingerprint"}
+        for role, key in keys.items():
+            if key not in self._models:
+                self._models[key] = getattr(seg, role)
+                self._records[key] = {k: v for k, v in record.items() if k.startswith(role)}
         self._segmenters[name] = seg
         self._postprocess[name] = seg.pipeline
         return seg
+
+    def models(self) -> dict[tuple[str, str], Any]:
+        """The models built so far beyond CLIP, by (role, weights)."""
+        return dict(self._models)
 
     def loaded(self) -> list[str]:
         """The methods built so far."""
@@ -140,7 +170,11 @@ class ModelPool:
 
     def config(self, method: str) -> dict[str, Any]:
         """The resolved configuration of ``method``'s segmenter, naming the weight files actually read."""
-        return {**self.get(method).config, **self._weights}
+        seg = self.get(method)
+        record = {**seg.config, **self._clip_record}
+        for role, default in seg.method.weights:
+            record.update(self._records[self._weights_key(role, default)])
+        return record
 
 
 @dataclass

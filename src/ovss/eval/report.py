@@ -227,7 +227,8 @@ def _other_vfm(method: str, config: Mapping[str, Any]) -> str | None:
     if not name or not isinstance(vfm, dict):
         return None
     try:
-        default = get_method(method).default_vfm or hub.DEFAULT_VFM
+        spec = get_method(method)
+        default = spec.default_weights("vfm") if spec.needs("vfm") else hub.DEFAULT_VFM
     except OvssError:  # a method this version does not know
         default = hub.DEFAULT_VFM
     if name in hub.REGISTRY:

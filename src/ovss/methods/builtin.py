@@ -28,6 +28,7 @@ GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident", "c
 
 _S336 = Geometry(336, 224, 112)  # resize 336, window 224, stride 112
 _S448 = Geometry(448, 448, 224)  # ClearCLIP's setting
+_DINO_B8 = ("vfm", "dino-vitb8")  # the VFM of DINO-guided methods (ProxyCLIP, CASS)
 
 for _spec in (
     MethodSpec(
@@ -109,7 +110,7 @@ for _spec in (
         logit_scale=40.0,
         pad_multiple=56,
         geometry=Geometry(336, 336, 112),
-        needs_vfm=True,
+        weights=(_DINO_B8,),
         description="ProxyCLIP: CLIP values attended with normalised DINO self-similarity, on the DINO grid",
     ),
     MethodSpec(
@@ -128,11 +129,9 @@ for _spec in (
         logit_scale=40.0,
         pad_multiple=16,
         geometry=Geometry(448, 336, 224),
-        needs_vfm=True,
+        weights=(("vfm", "dino-vitb16"), ("sam", "sam-vitb")),
         description="Trident: spliced CLIP+DINO sub-images, SAM block-11 affinity, SAM mask refinement",
         image_path=LazyRun("ovss.methods.trident:TRIDENT_PATH"),
-        needs_sam=True,
-        default_vfm="dino-vitb16",
     ),
     MethodSpec(
         name="cass",
@@ -141,7 +140,7 @@ for _spec in (
         logit_scale=40.0,
         pad_multiple=1,
         geometry=_S336,
-        needs_vfm=True,
+        weights=(_DINO_B8,),
         description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
         score=LazyRun("ovss.methods.cass_text:cass_scores"),
     ),
@@ -180,7 +179,7 @@ register(
         logit_scale=_proxyclip.logit_scale,
         pad_multiple=_proxyclip.pad_multiple,
         geometry=_S336,
-        needs_vfm=True,
+        weights=_proxyclip.weights,
         joint_windows=True,
         description="proxyclip+gla plus SC-CLIP-style multi-layer fusion: values of the sum of blocks 3-9",
         base="proxyclip",

@@ -64,18 +64,31 @@ class MethodSpec:
     logit_scale: float  # temperature tau of the name softmax (spec §5.1)
     pad_multiple: int  # windows are zero-padded symmetrically to a multiple of this (1 = no padding)
     geometry: Geometry  # default resize / crop / stride for generic images
-    needs_vfm: bool = False  # whether the method needs a vision foundation model (DINO)
+    # The models a method needs beyond CLIP, as data: (role, default weights) pairs, e.g. ("vfm", "dino-vitb8"),
+    # ("sam", "sam-vitb"). ovss.load, the demo's model pool, ovss bench and ovss download read them.
+    weights: tuple[tuple[str, str], ...] = ()
     joint_windows: bool = False  # all windows of an image must be processed in one call (GLA)
     description: str = ""  # one line for `ovss methods` and the README table
     base: str | None = None  # the method GLA is attached to ("proxyclip" for "proxyclip+gla"); None: none
     # A method that owns its image path (Trident): an object with encode(segmenter, rgb, progress) -> ImageState
     # (run by set_image) and maps(segmenter, state, text, rule) -> FullResolutionMaps (run by predict).
     image_path: LazyRun | None = None
-    needs_sam: bool = False  # whether the method needs SAM weights (ovss.load(..., sam=...))
-    default_vfm: str | None = None  # VFM loaded when none is given (None: ovss.hub.DEFAULT_VFM)
     # Image- and text-dependent scoring at predict time (CASS): (MethodOutput.extras, features, text, options)
     # -> (L, N, Q) window logits; None: the plain cosine similarity features @ text.T.
     score: ScoreFn | None = None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The model roles the method needs beyond CLIP, e.g. ("vfm", "sam")."""
+        return tuple(role for role, _ in self.weights)
+
+    def needs(self, role: str) -> bool:
+        """Whether the method needs a model in ``role`` ("vfm", "sam")."""
+        return role in self.roles
+
+    def default_weights(self, role: str) -> str:
+        """The weights loaded for ``role`` when the caller names none (KeyError: the method has no such role)."""
+        return dict(self.weights)[role]
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -107,13 +120,11 @@ def register_gla(base: str, geometry: Geometry | None = None, pad_multiple: int 
             logit_scale=spec.logit_scale,
             pad_multiple=pad_multiple or spec.pad_multiple,
             geometry=geometry or spec.geometry,
-            needs_vfm=spec.needs_vfm,
+            weights=spec.weights,
             joint_windows=True,
             description=f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
             base=base,
             image_path=spec.image_path,
-            needs_sam=spec.needs_sam,
-            default_vfm=spec.default_vfm,
             score=spec.score,
         )
     )
