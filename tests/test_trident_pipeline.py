@@ -113,8 +113,9 @@ def test_predict_equals_the_stages_composed_by_hand(tiny_clip, dino16, sam, bpe_
     st = seg._state
     assert st is not None and st.grid == (5, 8)
     # By hand: spliced sub-image outputs -> SAM affinity -> dense head -> scores -> bilinear -> §2.6.
-    from ovss.methods.trident import canvas_size, resize_canvas, splice
+    from ovss.methods.trident import splice
     from ovss.pipeline.image import clip_normalize, resize_short_side
+    from ovss.pipeline.windows import canvas_size, resize_canvas
 
     px = clip_normalize(resize_short_side(image, 112), mean=seg.clip.input_norm.pixel_statistics()[0],
                         std=seg.clip.input_norm.pixel_statistics()[1])  # fmt: skip

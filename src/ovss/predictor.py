@@ -16,7 +16,7 @@ from PIL import Image
 from ovss.config import PipelineConfig
 from ovss.errors import OvssError
 from ovss.labels import UNLABELLED, flatten_labels, normalize_labels
-from ovss.methods.common import Backbones, WindowBatch
+from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.methods.proxyclip import window_pad_multiple
 from ovss.methods.registry import MethodSpec
 from ovss.models.clip import CLIP
@@ -25,7 +25,7 @@ from ovss.pipeline.image import clip_normalize, read_image, resize_short_side
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.pipeline.merge import StitchedLogits
 from ovss.pipeline.pamr import pamr
-from ovss.pipeline.windows import Padding, Window, pad_windows, sliding_windows, symmetric_padding
+from ovss.pipeline.windows import WINDOWINGS, Layout, Padding, Window, pad_windows, symmetric_padding
 from ovss.precision import backbone_precision
 from ovss.prediction import Prediction
 from ovss.text.embeddings import EmbeddingCache
@@ -40,19 +40,19 @@ WINDOW_TOKENS = 1024  # token budget of one backbone forward over a batch of win
 
 @dataclass
 class ImageState:
-    """What :meth:`Segmenter.set_image` keeps: per-window dense features and the geometry to stitch them."""
+    """What :meth:`Segmenter.set_image` keeps: the image stage's dense features and the geometry to stitch them."""
 
     rgb: np.ndarray  # (H0, W0, 3) uint8 original image
-    pixels: torch.Tensor  # (3, H, W) CLIP-normalised processing image
+    pixels: torch.Tensor  # (3, H, W) CLIP-normalised image the windows were cut from (Trident: the canvas)
     windows: list[Window]  # L windows in processing pixels
     padding: Padding  # symmetric padding of every window
     padded_size: tuple[int, int]  # size of each window as fed to the backbone
-    features: torch.Tensor  # (L, gr * gc, E) fp32 L2-normalised dense features
+    features: torch.Tensor  # (L', gr * gc, E) fp32 L2-normalised dense features on ``layout``'s windows
     grid: tuple[int, int]  # (gr, gc) token grid of the features
     info: dict[str, Any]  # method diagnostics, per image
     window_info: dict[str, list[Any]]  # method diagnostics, one entry per window (all sub-batches)
-    owned: Any = None  # what a method with its own image path keeps beyond these (MethodSpec.image_path)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # method tensors for MethodSpec.score, (L, ...)
+    layout: Layout  # where the features live: the input windows, or the method's own (Trident: SAM's grid)
+    extras: dict[str, Any] = field(default_factory=dict)  # what MethodSpec.score / .post read (MethodOutput.extras)
 
 
 class Segmenter:
@@ -93,11 +93,8 @@ class Segmenter:
         self._state: ImageState | None = None
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
-        # A method that owns its image path (Trident): resolved once; its errors that hold for every image first.
-        self._image_path: Any = None
-        if method.image_path is not None:
-            self._image_path = method.image_path.resolve()
-            self._image_path.check(self)
+        if method.check is not None:  # errors that hold for every image, before any is read
+            method.check(self.backbones(), config, options, method.name)
 
     def __repr__(self) -> str:
         cfg = self.pipeline
@@ -114,6 +111,10 @@ class Segmenter:
             f"logit_scale={cfg.logit_scale}, bg_threshold={cfg.bg_threshold}, templates={cfg.templates!r},\n"
             f"          image: {image})"
         )
+
+    def backbones(self) -> Backbones:
+        """The frozen models the method runs on, with the device and backbone precision."""
+        return Backbones(self.clip.visual, self.vfm, self.sam, self.device, self.dtype)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -155,15 +156,12 @@ class Segmenter:
                 with ``done = 0`` before the first window and after every batch of windows.
         """
         rgb = read_image(image)  # (H0, W0, 3) uint8
-        if self._image_path is not None:  # the method owns its image path (Trident)
-            self._state = self._image_path.encode(self, rgb, progress)
-            return
         cfg = self.pipeline
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = self.clip.input_norm.pixel_statistics()  # 0-255 scale (OpenAI: mmseg's rounded values)
         pixels = clip_normalize(processed, device=self.device, mean=mean, std=std)  # (3, H, W) fp32
+        pixels, windows = WINDOWINGS[self.method.windowing](pixels, cfg.crop, cfg.stride)  # Trident: the canvas
         H, W = pixels.shape[-2:]
-        windows = sliding_windows(H, W, cfg.crop, cfg.stride)
         h, w = windows[0].height, windows[0].width  # every window has the same size (spec §2.3)
         padding = symmetric_padding(h, w, self.pad_multiple)
         padded = (h + padding.top + padding.bottom, w + padding.left + padding.right)
@@ -175,9 +173,10 @@ class Segmenter:
             )
         crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
         crops = pad_windows(crops, padding)  # (L, 3, h', w')
-        features, grid, info, window_info, extras = self._dense_features(crops, windows, padding, pixels, progress)
+        out, features = self._dense_features(crops, windows, padding, pixels, rgb, progress)
+        layout = out.layout or Layout(tuple(windows), padding, padded, (int(H), int(W)))
         self._state = ImageState(
-            rgb, pixels, windows, padding, padded, features, grid, info, window_info, extras=extras
+            rgb, pixels, windows, padding, padded, features, out.grid, out.info, out.window_info, layout, out.extras
         )
 
     def _current(self, hint: str = "") -> ImageState:
@@ -225,32 +224,38 @@ class Segmenter:
         windows: list[Window],
         padding: Padding,
         pixels: torch.Tensor,
+        rgb: np.ndarray,
         progress: Progress | None = None,
-    ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]], dict[str, torch.Tensor]]:
-        backbones = Backbones(self.clip.visual, self.vfm)
-        step = len(windows) if self.method.joint_windows else self._windows_per_forward(crops.shape[-2:])
+    ) -> tuple[MethodOutput, torch.Tensor]:
+        """The image stage: ``run`` over batches of windows (all at once for joint methods), then ``finish``.
+
+        Returns:
+            The stage's output (grid, diagnostics, extras, layout; per-window diagnostics and tensor extras
+            gathered over the batches) and its dense features (L', N, E) fp32, unit rows.
+        """
+        backbones = self.backbones()
+        method = self.method
+        step = len(windows) if method.joint_windows else self._windows_per_forward(crops.shape[-2:])
         chunks: list[torch.Tensor] = []
-        grid: tuple[int, int] = (0, 0)
-        info: dict[str, Any] = {}
-        window_info: dict[str, list[Any]] = {}
-        extras: dict[str, list[torch.Tensor]] = {}
+        outputs: list[MethodOutput] = []
         size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         if progress is not None:
             progress(0, len(windows))
         for start in range(0, len(windows), step):
-            batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size, pixels)
+            batch = WindowBatch(
+                crops[start : start + step], windows[start : start + step], padding, size, pixels, rgb
+            )
             with backbone_precision(self.device, self.dtype):
-                out = self.method.run(backbones, batch, self.options)
+                out = method.run(backbones, batch, self.options)
+            if method.finish is not None:  # over all windows (joint methods): outside autocast
+                out = method.finish(backbones, batch, out, self.options)
+            with backbone_precision(self.device, self.dtype):
                 f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
             chunks.append(F.normalize(f, dim=-1))
-            grid, info = out.grid, {**info, **out.info}  # per-image facts: every sub-batch says the same
-            for key, values in out.window_info.items():
-                window_info[key] = window_info.get(key, []) + list(values)
-            for key, tensor in out.extras.items():
-                extras.setdefault(key, []).append(tensor)
+            outputs.append(out)
             if progress is not None:
                 progress(min(start + step, len(windows)), len(windows))
-        return torch.cat(chunks), grid, info, window_info, {k: torch.cat(v) for k, v in extras.items()}  # (L, N, E)
+        return _gathered(outputs), torch.cat(chunks)  # (L', N, E)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -299,10 +304,10 @@ class Segmenter:
             cfg.area_threshold,
             UNLABELLED if background is None else background,
         )
-        if self._image_path is not None:
-            maps = self._image_path.maps(self, st, text, rule)
-        else:
-            maps = self._full_resolution_maps(st, text, rule)
+        maps = self._full_resolution_maps(st, text, rule)
+        if self.method.post is not None:  # Trident's SAM refinement
+            maps, info = self.method.post(self.backbones(), st.extras, maps, rule, self.options)
+            st.info = {**st.info, **info}  # a new dict: earlier predictions keep their record
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
         return Prediction(maps.labels(), classes, record, maps, st.rgb)
 
@@ -316,9 +321,9 @@ class Segmenter:
         score = self.method.score  # CASS: image- and text-dependent scoring
         scores = st.features @ text.T if score is None else score(st.extras, st.features, text, self.options)
         window_logits = scores.transpose(1, 2).reshape(L, -1, *st.grid)  # (L, N, Q) -> (L, Q, gr, gc)
-        H, W = st.pixels.shape[-2:]
         H0, W0 = st.rgb.shape[:2]
-        stitched = StitchedLogits(window_logits, st.windows, st.padding, st.padded_size, (H, W), (H0, W0))
+        lay = st.layout
+        stitched = StitchedLogits(window_logits, lay.windows, lay.padding, lay.padded_size, lay.image_size, (H0, W0))
         maps = FullResolutionMaps(stitched.rows, (H0, W0), rule, device=stitched.device)
         cfg = self.pipeline
         if cfg.pamr_steps == 0:
@@ -341,3 +346,22 @@ class Segmenter:
         if not torch.isfinite(text).all() or (text.norm(dim=-1) == 0).any():
             raise OvssError("text_embeddings contain NaN/inf or all-zero rows")
         return F.normalize(text, dim=-1)
+
+
+def _gathered(outputs: list[MethodOutput]) -> MethodOutput:
+    """One output from the image stage's window batches: per-window diagnostics and tensor extras concatenated.
+
+    Per-image facts (grid, info, layout) are the same in every batch; the last batch's are kept.
+    """
+    last = outputs[-1]
+    window_info: dict[str, list[Any]] = {}
+    extras: dict[str, list[Any]] = {}
+    info: dict[str, Any] = {}
+    for out in outputs:
+        info.update(out.info)
+        for key, values in out.window_info.items():
+            window_info[key] = window_info.get(key, []) + list(values)
+        for key, value in out.extras.items():
+            extras.setdefault(key, []).append(value)
+    joined = {key: values[0] if len(values) == 1 else torch.cat(values) for key, values in extras.items()}  # (L, ...)
+    return MethodOutput(last.tokens, last.grid, info, window_info, joined, last.layout)

@@ -131,7 +131,11 @@ for _spec in (
         geometry=Geometry(448, 336, 224),
         weights=(("vfm", "dino-vitb16"), ("sam", "sam-vitb")),
         description="Trident: spliced CLIP+DINO sub-images, SAM block-11 affinity, SAM mask refinement",
-        image_path=LazyRun("ovss.methods.trident:TRIDENT_PATH"),
+        joint_windows=True,
+        windowing="canvas",
+        finish=LazyRun("ovss.methods.trident:finish_trident"),
+        post=LazyRun("ovss.methods.trident:refine_trident"),
+        check=LazyRun("ovss.methods.trident:check_trident"),
     ),
     MethodSpec(
         name="cass",

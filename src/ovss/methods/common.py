@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ovss.models.vit import ResidualAttentionBlock, VisionTransformer
-from ovss.pipeline.windows import Padding, Window
+from ovss.pipeline.windows import Layout, Padding, Window
 from ovss.precision import full_precision
 
 
@@ -22,6 +23,9 @@ class Backbones:
 
     clip: VisionTransformer  # CLIP image tower
     vfm: VisionTransformer | None = None  # vision foundation model (DINO) for DINO-guided methods
+    sam: Any = None  # SAM (ovss.models.sam.SamModel) of SAM-based methods (Trident)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the models run
+    dtype: torch.dtype = torch.float32  # backbone precision (bf16 / fp16: autocast, ovss.precision)
 
 
 @dataclass
@@ -33,6 +37,7 @@ class WindowBatch:
     padding: Padding  # symmetric padding applied to every window
     image_size: tuple[int, int]  # processing image (H, W)
     image: torch.Tensor | None = None  # (3, H, W) CLIP-normalised processing image, unpadded (CASS's global view)
+    rgb: np.ndarray | None = None  # (H0, W0, 3) uint8 original image (Trident's SAM view)
 
 
 @dataclass
@@ -43,7 +48,10 @@ class MethodOutput:
     grid: tuple[int, int]  # (gr, gc) token grid of the logits (CLIP grid, or the DINO grid)
     info: dict[str, Any] = field(default_factory=dict)  # per-image diagnostics (e.g. GCLIP's CS start block)
     window_info: dict[str, list[Any]] = field(default_factory=dict)  # per-window diagnostics, one entry per window
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-window tensors (L, ...) for MethodSpec.score
+    # What the text stage or the post step reads (MethodSpec.score / .post): per-window tensors (L, ...), concatenated
+    # over window batches (CASS), or per-image objects of joint-window methods (Trident's SAM view of the image).
+    extras: dict[str, Any] = field(default_factory=dict)
+    layout: Layout | None = None  # where the tokens live when not on the input windows (Trident: SAM's grid)
 
 
 def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -18,10 +18,17 @@ if TYPE_CHECKING:
     import torch
 
     from ovss.methods.common import Backbones, MethodOutput, WindowBatch
+    from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 
 MethodFn = Callable[["Backbones", "WindowBatch", Any], "MethodOutput"]
 # (extras, features (L, N, E), text (Q, E), options) -> per-window logits (L, N, Q); see MethodSpec.score
-ScoreFn = Callable[[dict[str, "torch.Tensor"], "torch.Tensor", "torch.Tensor", Any], "torch.Tensor"]
+ScoreFn = Callable[[dict[str, Any], "torch.Tensor", "torch.Tensor", Any], "torch.Tensor"]
+# (backbones, all windows, the image stage's output, options) -> the output the segmenter keeps; MethodSpec.finish
+FinishFn = Callable[["Backbones", "WindowBatch", "MethodOutput", Any], "MethodOutput"]
+# (backbones, extras, maps, label rule, options) -> (maps, diagnostics); see MethodSpec.post
+PostFn = Callable[["Backbones", dict[str, Any], "FullResolutionMaps", "LabelRule", Any], tuple[Any, dict[str, Any]]]
+# (backbones, pipeline config, options, method name) -> None, raising OvssError; see MethodSpec.check
+CheckFn = Callable[["Backbones", Any, Any, str], None]
 
 GLA_SUFFIX = "+gla"  # name of GLA attached to a base: "<base>+gla"
 
@@ -56,10 +63,16 @@ class LazyRun:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: what its last block computes and the defaults that come with it."""
+    """A registered method: its image stage, text stage and optional steps, and the defaults that come with it.
+
+    Every method is an *image stage* (``run`` over batches of windows, then ``finish`` over all of them: the
+    features ``set_image`` keeps) and a *text stage* (``score``: features + text embeddings -> window logits,
+    cosine by default), plus an optional ``post`` step on the full-resolution maps. The segmenter runs the same
+    code for every method; what differs is data here: the weights it needs, its windowing and these functions.
+    """
 
     name: str  # registry name, e.g. "clearclip"
-    run: MethodFn  # (backbones, windows, options) -> last-block output tokens on the method's grid
+    run: MethodFn  # image stage: (backbones, windows, options) -> last-block output tokens on the method's grid
     options: Any  # frozen dataclass instance with the method's own options and their defaults
     logit_scale: float  # temperature tau of the name softmax (spec §5.1)
     pad_multiple: int  # windows are zero-padded symmetrically to a multiple of this (1 = no padding)
@@ -70,9 +83,13 @@ class MethodSpec:
     joint_windows: bool = False  # all windows of an image must be processed in one call (GLA)
     description: str = ""  # one line for `ovss methods` and the README table
     base: str | None = None  # the method GLA is attached to ("proxyclip" for "proxyclip+gla"); None: none
-    # A method that owns its image path (Trident): an object with encode(segmenter, rgb, progress) -> ImageState
-    # (run by set_image) and maps(segmenter, state, text, rule) -> FullResolutionMaps (run by predict).
-    image_path: LazyRun | None = None
+    windowing: str = "sliding"  # how windows are cut: a key of ovss.pipeline.windows.WINDOWINGS ("canvas": Trident)
+    # Image stage over all windows (joint-window methods; Trident's splice + SAM aggregation), after ``run``.
+    finish: FinishFn | None = None
+    # Post step on the full-resolution maps, after the labels rule (Trident's SAM refinement).
+    post: PostFn | None = None
+    # Errors that hold for every image, raised when the segmenter is built (Trident: SAM, patch, crop, PAMR).
+    check: CheckFn | None = None
     # Image- and text-dependent scoring at predict time (CASS): (MethodOutput.extras, features, text, options)
     # -> (L, N, Q) window logits; None: the plain cosine similarity features @ text.T.
     score: ScoreFn | None = None
@@ -124,7 +141,10 @@ def register_gla(base: str, geometry: Geometry | None = None, pad_multiple: int 
             joint_windows=True,
             description=f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
             base=base,
-            image_path=spec.image_path,
+            windowing=spec.windowing,
+            finish=spec.finish,
+            post=spec.post,
+            check=spec.check,
             score=spec.score,
         )
     )

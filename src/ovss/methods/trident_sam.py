@@ -265,14 +265,13 @@ def encode_sam(
     return embedding, logits, v[0, :, rows], geometry  # values (H, n_s, d)
 
 
-def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, opts: Any) -> tuple[
+def sam_aggregate(backbones: Any, rgb: np.ndarray, spliced: torch.Tensor, opts: Any) -> tuple[
     torch.Tensor, tuple[int, int], Any, dict[str, Any]
 ]:  # fmt: skip
     """SAM global aggregation of the spliced map (spec §4.12.3), whole image or two halves (Cityscapes).
 
     Args:
-        seg: the segmenter (device and backbone dtype).
-        sam: the SAM model.
+        backbones: :class:`~ovss.methods.common.Backbones` with SAM, the device and the backbone dtype.
         rgb: (H0, W0, 3) uint8 original image.
         spliced: (D, Gr, Gc) spliced sub-image features Y.
         opts: :class:`~ovss.methods.options.TridentOptions`.
@@ -284,8 +283,10 @@ def sam_aggregate(seg: Any, sam: Any, rgb: np.ndarray, spliced: torch.Tensor, op
     from ovss.methods.trident_refine import SamImage
     from ovss.precision import backbone_precision
 
+    sam = backbones.sam
+
     def encode(part: np.ndarray, whole: bool = True) -> tuple[torch.Tensor, BlockLogits, torch.Tensor, SamGeometry]:
-        with backbone_precision(seg.device, seg.dtype):
+        with backbone_precision(backbones.device, backbones.dtype):
             return encode_sam(sam, part, round_to_patch=whole)
 
     def aggregated(logits: BlockLogits, values: torch.Tensor, y: torch.Tensor, g: SamGeometry) -> torch.Tensor:
