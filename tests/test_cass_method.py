@@ -102,6 +102,22 @@ def test_dino_keys_on_a_non_square_window_use_the_square_resize(tiny_dino) -> No
     torch.testing.assert_close(release, (u8 / 255 - mean) / std)
 
 
+def test_the_release_switches_match_on_float32_costs(tiny_clip, tiny_dino, monkeypatch) -> None:
+    import ovss.methods.cass_graph as cass_graph
+    from ovss.eval.presets import _CASS_RELEASE_SWITCHES
+
+    seen: list[bool] = []
+    match_heads = cass_graph.match_heads
+    monkeypatch.setattr(cass_graph, "match_heads", lambda c, p, t, r: seen.append(r) or match_heads(c, p, t, r))
+    opts = get_method("cass").options
+    backbones = Backbones(tiny_clip.visual, tiny_dino)
+    run_cass(backbones, _batch(), opts)
+    run_cass(backbones, _batch(), dataclasses.replace(opts, **_CASS_RELEASE_SWITCHES))
+    run_cass(backbones, _batch(), dataclasses.replace(opts, match_tolerance=0.0))
+    # one matching per window; float32 costs with the release's raw Hungarian (match_tolerance 0) only
+    assert seen == [False, False, True, True, True, True]
+
+
 def test_cass_never_pads_a_whole_image_whose_sides_are_not_multiples_of_8(
     tiny_clip, tiny_dino, bpe_path, monkeypatch
 ) -> None:

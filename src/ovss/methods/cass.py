@@ -155,6 +155,7 @@ def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> Met
                 pairing=opts.pairing,
                 rank=opts.rank,
                 tolerance=opts.match_tolerance,
+                release_costs=opts.match_tolerance == 0,  # the release's raw Hungarian: its float32 costs
             )  # (H, N, N) float64
             attn.append((fused.float() + omega).softmax(dim=-1))  # (H, N, N)
             window_info["cass_dino_head"].append(list(match.dino_head))
