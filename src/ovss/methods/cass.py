@@ -6,6 +6,7 @@ the CLIP grid and min-max mapped into the CLIP keys' range. :mod:`ovss.methods.c
 graphs head by head; the attention is ``softmax(fused + Omega)`` (NACLIP's Gaussian prior), no residual, no
 FFN. The text side (object-guided adjustment, global logit blend) runs at predict time:
 :mod:`ovss.methods.cass_text`, fed by the global image embeddings returned in ``MethodOutput.extras``.
+Windows are never padded (spec §2.3): CLIP's patch embedding floors, and so does DINO's on its square.
 """
 
 from __future__ import annotations
