@@ -78,8 +78,8 @@ def match_heads(
 
     ``release_costs``: the costs are rounded to float32 before the assignment and the weights are
     ``1 - cost`` in float32, as the release does (its cost matrix is a float32 tensor filled with float64
-    values, handed to SciPy as a float32 array). Costs that differ by float64 noise then tie exactly, and
-    SciPy breaks the tie as it does for the release.
+    values, handed to SciPy as a float32 array). Costs closer than float32's resolution then tie exactly,
+    and SciPy breaks the tie as it does for the release.
 
     ``paper``: DINO head i is fused into the CLIP head j it is matched to, with w = 1 - cost[i, j].
     ``release``: the release reads the pair the other way round: CLIP head i receives DINO head j = col(i)

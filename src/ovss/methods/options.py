@@ -161,8 +161,9 @@ class CASSOptions(CheckedFields):
     ``pairing``, ``rank`` and ``dino_input`` = ``release`` and ``match_tolerance`` = 0. With
     ``match_tolerance`` 0 (the release's raw Hungarian) the matching costs and weights are float32, as the
     release stores them, so exactly tied float32 costs break as in the release. Always, whatever the
-    switches: windows are never padded, and the low-rank step is an exact truncated SVD (the release's
-    ``torch.svd_lowrank`` is randomised). See docs/decisions.md, CASS.
+    switches: ``cass`` never pads its windows (``cass+gla`` pads to 56, as ``proxyclip+gla``), and the
+    low-rank step is an exact truncated SVD (the release's ``torch.svd_lowrank`` is randomised). See
+    docs/decisions.md, CASS.
     """
 
     sigma: float = 5.0  # std of NACLIP's Gaussian neighbourhood prior, in patches
