@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 from scipy.stats import wasserstein_distance
 
 from ovss.methods.cass_graph import (
@@ -257,3 +258,58 @@ def test_tied_costs_keep_heads_on_their_own_index_with_the_tolerance() -> None:
     gap[0, 1] -= 1e-3
     gap[1, 0] -= 1e-3
     assert match_heads(gap, "paper", 1e-6).dino_head == (1, 0, 2, 3)
+
+
+def _release_assignment(cost: torch.Tensor) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The release's matching (CASS clip/model.py, _apply_spectral_strategy), replayed step by step.
+
+    It fills a float32 ``torch.zeros(H, H)`` with the float64 costs, hands ``.numpy()`` of it to SciPy, and
+    reads CLIP head i <- DINO head col(i) with ``w_d = 1 - cost_matrix[i, j]`` computed on the float32 tensor.
+    """
+    H = cost.shape[0]
+    cost_matrix = torch.zeros(H, H)
+    for i in range(H):
+        for j in range(H):
+            cost_matrix[i, j] = cost[i, j]  # the release stores its float64 1 - W1 here, rounded to float32
+    rows, cols = linear_sum_assignment(cost_matrix.numpy())
+    return tuple(int(j) for j in cols), tuple(float(1 - cost_matrix[i, j]) for i, j in zip(rows, cols, strict=True))
+
+
+def test_release_costs_break_exact_float32_ties_as_the_release() -> None:
+    # A 3-cycle cheaper by 1e-9 in float64; in float32 every cost is exactly 0.5, a nine-way tie that the
+    # release's SciPy call resolves to the identity.
+    cost = torch.full((3, 3), 0.5, dtype=torch.float64)
+    cost[0, 1] = cost[1, 2] = cost[2, 0] = 0.5 - 1e-9
+    assert match_heads(cost, "release", 0.0).dino_head == (1, 2, 0)  # float64: the cycle wins by 1e-9
+    release = match_heads(cost, "release", 0.0, release_costs=True)
+    assert release.dino_head == (0, 1, 2) and release.weight == (0.5, 0.5, 0.5)
+    assert (release.dino_head, release.weight) == _release_assignment(cost)
+    assert match_heads(cost, "paper", 0.0, release_costs=True).dino_head == (0, 1, 2)
+
+
+def test_release_costs_follow_the_release_on_partial_ties_and_weights_are_float32() -> None:
+    # Heads 0 and 1 tie in float32 (their float64 costs differ by 2e-10, which favours swapping them);
+    # head 2's costs are far apart, so it keeps its own clear optimum.
+    cost = torch.tensor([[0.3, 0.3 - 1e-10, 0.9], [0.3 - 1e-10, 0.3, 0.9], [0.9, 0.9, 0.1 + 1e-3]], dtype=torch.float64)
+    assert match_heads(cost, "release", 0.0).dino_head == (1, 0, 2)
+    release = match_heads(cost, "release", 0.0, release_costs=True)
+    assert (release.dino_head, release.weight) == _release_assignment(cost)
+    assert release.dino_head == (0, 1, 2)
+    assert release.weight[2] == float(np.float32(1.0) - np.float32(0.1 + 1e-3)) != 1.0 - (0.1 + 1e-3)
+    rng = np.random.default_rng(1)
+    for _ in range(10):  # without ties the float32 costs pick the float64 optimum; weights are float32 values
+        random = torch.as_tensor(rng.random((4, 4)))
+        got = match_heads(random, "release", 0.0, release_costs=True)
+        assert got.dino_head == match_heads(random, "release", 0.0).dino_head
+        assert (got.dino_head, got.weight) == _release_assignment(random)
+        assert all(float(np.float32(w)) == w for w in got.weight)
+
+
+def test_spectral_fusion_passes_release_costs_to_the_matching() -> None:
+    k_c, k_d = _keys(4)
+    fused64, match64, _ = spectral_fusion(k_c, k_d, 8**-0.5, pairing="release")
+    fused32, match32, _ = spectral_fusion(k_c, k_d, 8**-0.5, pairing="release", release_costs=True)
+    assert match32.dino_head == match64.dino_head  # no tie here: the same pairs
+    assert all(float(np.float32(w)) == w for w in match32.weight)
+    assert match32.weight != match64.weight
+    torch.testing.assert_close(fused32, fused64, rtol=1e-6, atol=1e-6)  # only the weights' rounding differs

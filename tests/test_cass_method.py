@@ -102,6 +102,49 @@ def test_dino_keys_on_a_non_square_window_use_the_square_resize(tiny_dino) -> No
     torch.testing.assert_close(release, (u8 / 255 - mean) / std)
 
 
+def test_the_release_switches_match_on_float32_costs(tiny_clip, tiny_dino, monkeypatch) -> None:
+    import ovss.methods.cass_graph as cass_graph
+    from ovss.eval.presets import _CASS_RELEASE_SWITCHES
+
+    seen: list[bool] = []
+    match_heads = cass_graph.match_heads
+    monkeypatch.setattr(cass_graph, "match_heads", lambda c, p, t, r: seen.append(r) or match_heads(c, p, t, r))
+    opts = get_method("cass").options
+    backbones = Backbones(tiny_clip.visual, tiny_dino)
+    run_cass(backbones, _batch(), opts)
+    run_cass(backbones, _batch(), dataclasses.replace(opts, **_CASS_RELEASE_SWITCHES))
+    run_cass(backbones, _batch(), dataclasses.replace(opts, match_tolerance=0.0))
+    # one matching per window; float32 costs with the release's raw Hungarian (match_tolerance 0) only
+    assert seen == [False, False, True, True, True, True]
+
+
+def test_cass_never_pads_a_whole_image_whose_sides_are_not_multiples_of_8(
+    tiny_clip, tiny_dino, bpe_path, monkeypatch
+) -> None:
+    # spec §2.3: CASS does not pad; CLIP's patch embedding floors and DINO sees the window resized to a square
+    image = (np.random.default_rng(3).random((45, 67, 3)) * 255).astype(np.uint8)
+    seg = _load(tiny_clip, tiny_dino, bpe_path, short_side=None, crop=0)
+    assert seg.pad_multiple == 1 and seg.config["pad_multiple"] == 1
+    fed: dict[str, list[tuple[int, ...]]] = {"clip": [], "dino": []}
+    for role, vit in (("clip", tiny_clip.visual), ("dino", tiny_dino)):
+        embed = vit.embed
+        monkeypatch.setattr(vit, "embed", lambda x, _e=embed, _r=role: fed[_r].append(tuple(x.shape)) or _e(x))
+    seg.set_image(image)
+    state = seg.image_state()
+    assert state.padding == Padding(0, 0, 0, 0) and state.padded_size == (45, 67)
+    assert [w.height for w in state.windows] == [45] and [w.width for w in state.windows] == [67]
+    # the window as is (and the whole image for the global embedding) to CLIP; a 45x45 square to DINO
+    assert fed["clip"] == [(1, 3, 45, 67), (1, 3, 45, 67)] and fed["dino"] == [(1, 3, 45, 45)]
+    assert state.grid == (2, 4)  # 45 // 16, 67 // 16: floored, not the (3, 4) of a 48x72 padded window
+    # equal to CASS run by hand on the unpadded image
+    batch = WindowBatch(state.pixels[None], state.windows, Padding(0, 0, 0, 0), (45, 67), state.pixels)
+    out = run_cass(Backbones(tiny_clip.visual, tiny_dino), batch, seg.options)
+    expected = F.normalize(tiny_clip.visual.head(out.tokens).float(), dim=-1)  # (1, N, E)
+    torch.testing.assert_close(state.features, expected, rtol=0, atol=0)
+    # cass+gla keeps ProxyCLIP's DINO-token keys and their padding to 56 (spec §2.3, decisions CASS + GLA)
+    assert _load(tiny_clip, tiny_dino, bpe_path, "cass+gla", short_side=None, crop=0).pad_multiple == 56
+
+
 def test_vfm_head_mismatch_and_missing_vfm_are_one_line_errors(tiny_clip, tiny_dino) -> None:
     with pytest.raises(OvssError, match="needs DINO ViT-B/8"):
         check_vfm(tiny_clip.visual, None, "cass")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -203,7 +203,7 @@ def load(
     gla: bool | Mapping[str, Any] = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
-    tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+    tokenizer: str | os.PathLike[str] | Tokenizer | Literal[False] | None = None,
     act: str | None = None,
     download: bool = True,
     **settings: Any,
@@ -229,6 +229,8 @@ def load(
             ``vocab.json`` + ``merges.txt``, else ``OVSS_BPE_PATH``, else downloaded once and cached. It is
             found and checked by its file names here, so a missing vocabulary fails at load, not at the first
             prediction; it is parsed when a name first misses the text cache (a corrupt file fails then).
+            ``False``: no tokenizer, for callers who pass ``text_embeddings=`` to every ``predict``; nothing
+            is looked for, and a ``predict`` (or ``encode_names``) without ``text_embeddings`` fails.
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
         **settings: pipeline settings and method options, checked against their declared types.
@@ -246,6 +248,8 @@ def load(
             that cannot be loaded. Settings and options are checked before any weights are read.
     """
     check_device(device)
+    if tokenizer is True:
+        raise OvssError("tokenizer=True is not a tokenizer; give a vocabulary path, None (the default) or False (none)")
     spec = with_gla(method, isinstance(gla, Mapping) or bool(gla))
     options = {key: value for key, value in settings.items() if key not in PIPELINE_KEYS}
     if isinstance(gla, Mapping):
@@ -262,7 +266,7 @@ def load(
     given = {"vfm": vfm, "sam": sam}
     hub.check_offline(wanted_files(spec, clip, given), download=download, vocabulary=tokenizer is None)  # all at once
     model, record = load_clip(clip, act=act, download=download)
-    if model.text is not None and not isinstance(tokenizer, Tokenizer):  # at load: fail before any image is read
+    if model.text is not None and tokenizer is not False and not isinstance(tokenizer, Tokenizer):  # fail at load
         # Found and checked now, parsed only when a name misses the text-embedding cache.
         tokenizer = resolve_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ from ovss.text.tokenizer import Tokenizer, load_tokenizer
 ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
 LabelsLike = Sequence[str | Sequence[str]]
 Progress = Callable[[int, int], None]  # progress(windows_done, windows_total), called from set_image
+NO_TOKENIZER = (
+    "this segmenter was loaded with tokenizer=False, so it cannot encode label names: pass "
+    "text_embeddings=(Q, E) to predict(), or load it with a vocabulary (tokenizer=None, the default, or a path)"
+)
 WINDOW_TOKENS = 1024  # token budget of one backbone forward over a batch of windows (<= 0: window_batch alone)
 
 
@@ -71,7 +75,7 @@ class Segmenter:
         *,
         vfm: VisionTransformer | None = None,
         sam: Any = None,
-        tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+        tokenizer: str | os.PathLike[str] | Tokenizer | Literal[False] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         record: dict[str, Any] | None = None,
@@ -136,12 +140,16 @@ class Segmenter:
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             source = self._tokenizer_source
+            if source is False:
+                raise OvssError(NO_TOKENIZER)
             self._tokenizer = load_tokenizer(None if source is None else str(source))
         return self._tokenizer
 
     def encode_names(self, names: Sequence[str]) -> torch.Tensor:
         """Text embeddings of names with the configured templates (spec §3): (Q, E) fp32, unit rows."""
         self.clip.require_text()  # a vision-only checkpoint fails here, before a tokenizer is looked for
+        if self._tokenizer_source is False:  # even for names already in the text cache: the same run every time
+            raise OvssError(NO_TOKENIZER)
         templates = TEMPLATE_SETS[self.pipeline.templates]
         key = f"{self.clip.fingerprint}:{self.pipeline.templates}"
         return self._cache.get(key, self.clip.encode_text, lambda: self.tokenizer, list(names), templates)

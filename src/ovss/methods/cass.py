@@ -6,6 +6,7 @@ the CLIP grid and min-max mapped into the CLIP keys' range. :mod:`ovss.methods.c
 graphs head by head; the attention is ``softmax(fused + Omega)`` (NACLIP's Gaussian prior), no residual, no
 FFN. The text side (object-guided adjustment, global logit blend) runs at predict time:
 :mod:`ovss.methods.cass_text`, fed by the global image embeddings returned in ``MethodOutput.extras``.
+Windows are never padded (spec §2.3): CLIP's patch embedding floors, and so does DINO's on its square.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> Met
                 pairing=opts.pairing,
                 rank=opts.rank,
                 tolerance=opts.match_tolerance,
+                release_costs=opts.match_tolerance == 0,  # the release's raw Hungarian: its float32 costs
             )  # (H, N, N) float64
             attn.append((fused.float() + omega).softmax(dim=-1))  # (H, N, N)
             window_info["cass_dino_head"].append(list(match.dino_head))

@@ -6,7 +6,8 @@ by the 1-Wasserstein distance between their top eigenvalue distributions (Hungar
 matched DINO graph is replaced by a low-rank approximation, its diagonal zeroed and min-max mapped into the
 CLIP graph's range, and the two are blended with a weight taken from the matching cost.
 
-Everything here is computed in float64 (the eigen- and singular-value problems are small: N <= a few hundred).
+Everything here is computed in float64 (the eigen- and singular-value problems are small: N <= a few hundred),
+except, with ``release_costs``, the Hungarian costs and the weights: float32, as the release stores them.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def spectral_cost(dino_graphs: torch.Tensor, clip_graphs: torch.Tensor, k: int) 
     return 1.0 - w1
 
 
-def match_heads(cost: torch.Tensor, pairing: str = "paper", tolerance: float = 0.0) -> HeadMatch:
+def match_heads(
+    cost: torch.Tensor, pairing: str = "paper", tolerance: float = 0.0, release_costs: bool = False
+) -> HeadMatch:
     """Hungarian matching of DINO heads (rows) to CLIP heads (columns) minimising the total cost.
 
     Exact ties are common: when, position by position, the sorted DINO distributions all lie on the same side
@@ -72,6 +75,11 @@ def match_heads(cost: torch.Tensor, pairing: str = "paper", tolerance: float = 0
     ``tolerance > 0`` every off-diagonal cost is raised by ``tolerance`` before the assignment, so among
     assignments within that margin the one keeping most heads on their own index wins (deterministic,
     independent of batching); the weights use the raw costs.
+
+    ``release_costs``: the costs are rounded to float32 before the assignment and the weights are
+    ``1 - cost`` in float32, as the release does (its cost matrix is a float32 tensor filled with float64
+    values, handed to SciPy as a float32 array). Costs closer than float32's resolution then tie exactly,
+    and SciPy breaks the tie as it does for the release.
 
     ``paper``: DINO head i is fused into the CLIP head j it is matched to, with w = 1 - cost[i, j].
     ``release``: the release reads the pair the other way round: CLIP head i receives DINO head j = col(i)
@@ -81,19 +89,20 @@ def match_heads(cost: torch.Tensor, pairing: str = "paper", tolerance: float = 0
         cost: (H, H) cost matrix (``spectral_cost``).
         pairing: ``paper`` or ``release``.
         tolerance: tie margin on the cost (0: plain Hungarian on the raw costs).
+        release_costs: match on the costs rounded to float32, weights in float32 (the release).
 
     Returns:
         The DINO head and weight for every CLIP head.
     """
-    c = cost.detach().cpu().double().numpy()
+    dtype = np.float32 if release_costs else np.float64
+    c = cost.detach().cpu().double().numpy().astype(dtype)  # (H, H) float64 -> float32: round to nearest
     H = c.shape[0]
-    rows, cols = linear_sum_assignment(
-        c + tolerance * (1.0 - np.eye(H))
-    )  # rows = arange(H): DINO rows[t] <-> CLIP cols[t]
+    biased = c if tolerance == 0 else c + tolerance * (1.0 - np.eye(H))  # (H, H)
+    rows, cols = linear_sum_assignment(biased)  # rows = arange(H): DINO rows[t] <-> CLIP cols[t]
     dino_head = [0] * H
     weight = [0.0] * H
     for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-        w = float(1.0 - c[i, j])
+        w = float(dtype(1.0) - c[i, j])  # in the costs' dtype
         if pairing == "paper":
             dino_head[j], weight[j] = i, w
         else:
@@ -161,6 +170,7 @@ def spectral_fusion(
     pairing: str = "paper",
     rank: str = "energy",
     tolerance: float = 0.0,
+    release_costs: bool = False,
 ) -> tuple[torch.Tensor, HeadMatch, list[int]]:
     """The fused key graph of one window, per CLIP head (before the prior and the softmax).
 
@@ -168,6 +178,7 @@ def spectral_fusion(
         clip_keys: (H, N, d) CLIP last-block keys of the patches.
         dino_keys: (H, N, d) DINO keys on the CLIP grid, already in the CLIP keys' range.
         scale: 1 / sqrt(d).
+        release_costs: Hungarian costs and weights in float32, as the release (:func:`match_heads`).
 
     Returns:
         fused (H, N, N) float64 ``(s w G_d' + G_c) / (s w + 1)``, the head match, and the rank per CLIP head.
@@ -176,7 +187,7 @@ def spectral_fusion(
     k_d = dino_keys.double()
     g_c = (k_c @ k_c.transpose(-2, -1)) * scale  # (H, N, N)
     g_d = (k_d @ k_d.transpose(-2, -1)) * scale  # (H, N, N)
-    match = match_heads(spectral_cost(g_d, g_c, eigenvalues), pairing, tolerance)
+    match = match_heads(spectral_cost(g_d, g_c, eigenvalues), pairing, tolerance, release_costs)
     fused = torch.empty_like(g_c)  # (H, N, N)
     ranks = []
     for c in range(g_c.shape[0]):

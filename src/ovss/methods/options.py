@@ -157,7 +157,13 @@ class CASSOptions(CheckedFields):
     """Options of ``cass`` (spec §4.10; defaults = the paper, and the release's VOC21 hyper-parameters).
 
     The per-dataset values (global_weight, text_shift, cluster_threshold, rescale_singular_values,
-    global_embedding) come from the ``cass`` preset; ``cass-release`` also sets the two release switches.
+    global_embedding) come from the ``cass`` preset; ``cass-release`` also sets the four release switches:
+    ``pairing``, ``rank`` and ``dino_input`` = ``release`` and ``match_tolerance`` = 0. With
+    ``match_tolerance`` 0 (the release's raw Hungarian) the matching costs and weights are float32, as the
+    release stores them, so exactly tied float32 costs break as in the release. Always, whatever the
+    switches: ``cass`` never pads its windows (``cass+gla`` pads to 56, as ``proxyclip+gla``), and the
+    low-rank step is an exact truncated SVD (the release's ``torch.svd_lowrank`` is randomised). See
+    docs/decisions.md, CASS.
     """
 
     sigma: float = 5.0  # std of NACLIP's Gaussian neighbourhood prior, in patches

@@ -59,13 +59,14 @@ def window_pad_multiple(multiple: int, vfm: VisionTransformer | None) -> int:
 
     ProxyCLIP's 56 (spec §2.3) is the lcm of DINO-B/8's and DINOv2's patches; a VFM whose patch does not
     divide it (DINOv3 and DINO ViT-B/16: 16) pads to its patch instead (spec §4.7.1), which leaves full
-    224 / 336 / 448 windows unpadded as before.
+    224 / 336 / 448 windows unpadded as before. A method that does not pad (``multiple`` 1: CASS, whose
+    DINO sees the window resized to a square, spec §2.3) is never padded, whatever its VFM.
 
     Args:
         multiple: the method's ``pad_multiple``.
         vfm: the method's VFM; None for methods without one (the multiple is returned unchanged).
     """
-    if vfm is None or multiple % vfm.cfg.patch == 0:
+    if vfm is None or multiple == 1 or multiple % vfm.cfg.patch == 0:
         return multiple
     return vfm.cfg.patch
 
