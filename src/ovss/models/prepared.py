@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ovss.file_cache import SafetensorsCache
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -29,20 +31,17 @@ ENV_VAR = "OVSS_PREPARED_CACHE"  # "0" / "false" / "no" / "off": read TorchScrip
 SUBFOLDER = "prepared"  # inside hub.cache_dir()
 FORMAT = "ovss-prepared-checkpoint"  # metadata tag
 VERSION = 1  # bump when what is stored changes
+PREPARED_CACHE = SafetensorsCache(SUBFOLDER, ENV_VAR, FORMAT)
 
 
 def enabled() -> bool:
     """Whether prepared copies are used: ``OVSS_PREPARED_CACHE`` unset, or not one of 0/false/no/off."""
-    from ovss.fields import switched_on
-
-    return switched_on(ENV_VAR)
+    return PREPARED_CACHE.enabled()
 
 
 def cache_folder() -> Path:
     """``<ovss cache folder>/prepared``; not created here."""
-    from ovss.hub import cache_dir
-
-    return cache_dir() / SUBFOLDER
+    return PREPARED_CACHE.folder()
 
 
 def _identity(source: Path) -> dict[str, str]:
@@ -103,23 +102,18 @@ def read_torchscript(source: Path) -> dict[str, Tensor]:
 
 def _read(target: Path, source: Path) -> dict[str, Tensor] | None:
     """The prepared copy's tensors (memory-mapped); None, with a warning, when it is not a valid copy of source."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ovss.text.disk_cache import read_metadata
+    from ovss.file_cache import read_metadata
 
     try:
         meta = read_metadata(target)
         expected = {"format": FORMAT, "version": str(VERSION), **_identity(source)}
         if meta.get("format") == FORMAT and any(meta.get(k) != v for k, v in expected.items()):
             return None  # the copy of an earlier version of the archive (or of ovss): replaced quietly
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"not an {FORMAT} file")
-        state_dict = load_file(str(target), device="cpu")
+        meta, state_dict = PREPARED_CACHE.read(target)
         if json.loads(meta["keys"]) != sorted(state_dict):
             raise ValueError("its tensors are not the ones listed")
         return state_dict
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError) as error:
         warnings.warn(f"ignoring the prepared checkpoint {target} ({error}); it will be rewritten", stacklevel=4)
         return None
 
@@ -127,14 +121,12 @@ def _read(target: Path, source: Path) -> dict[str, Tensor] | None:
 def _write(target: Path, source: Path, state_dict: dict[str, Tensor]) -> None:
     """Store the fp32 copy atomically; a warning (not an error) when the cache cannot be written."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     from ovss.errors import OvssError
-    from ovss.io_utils import atomic_write
 
-    metadata = {"format": FORMAT, "version": str(VERSION), "keys": json.dumps(sorted(state_dict)), **_identity(source)}
+    metadata = {"version": str(VERSION), "keys": json.dumps(sorted(state_dict)), **_identity(source)}
     try:
-        atomic_write(target, lambda temp: save_file(state_dict, str(temp), metadata=metadata))
+        PREPARED_CACHE.write(target, state_dict, metadata)
     except (OSError, OvssError, SafetensorError, RuntimeError, ValueError) as error:
         message = getattr(error, "strerror", None) or error
         warnings.warn(

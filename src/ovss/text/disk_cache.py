@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ovss.errors import OvssError
+from ovss.file_cache import SafetensorsCache, cache_files, read_metadata
 
 if TYPE_CHECKING:
     import torch
@@ -37,54 +37,24 @@ CACHE_ENV_VAR = "OVSS_TEXT_CACHE"  # "0" / "false" / "no" / "off": no persistent
 FORMAT = "ovss-text-embeddings"  # metadata tag of a shard
 SUBFOLDER = "text"  # inside hub.cache_dir()
 _TENSOR = "embeddings"  # the one tensor of a shard, (N, E) float32
-_MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
+TEXT_CACHE = SafetensorsCache(SUBFOLDER, CACHE_ENV_VAR, FORMAT)
+__all__ = ["TEXT_CACHE", "TextEmbeddingShard", "cache_files", "cache_folder", "enabled", "read_metadata", "shard_infos"]
 
 
 def enabled() -> bool:
     """Whether the persistent cache is on: ``OVSS_TEXT_CACHE`` unset, or not one of 0/false/no/off."""
-    from ovss.fields import switched_on
-
-    return switched_on(CACHE_ENV_VAR)
+    return TEXT_CACHE.enabled()
 
 
 def cache_folder() -> Path:
     """``<ovss cache folder>/text`` (``$OVSS_CACHE/text``, else ``~/.cache/ovss/text``); not created here."""
-    from ovss.hub import cache_dir
-
-    return cache_dir() / SUBFOLDER
+    return TEXT_CACHE.folder()
 
 
 def shard_name(model_key: str, templates: Sequence[str]) -> str:
     """File name of the shard of one (model, template set, text path version)."""
     key = json.dumps([TEXT_PATH_VERSION, model_key, list(templates)], ensure_ascii=False)
     return f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:24]}.safetensors"
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors ``__metadata__`` of a file, read from its JSON header alone (no torch).
-
-    Raises:
-        ValueError: not a safetensors file, or one without string metadata.
-        OSError: the file cannot be read.
-    """
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (size,) = struct.unpack("<Q", prefix)
-        if not 0 < size <= _MAX_HEADER_BYTES:
-            raise ValueError(f"header size {size} is not plausible")
-        raw = file.read(size)
-    if len(raw) != size:
-        raise ValueError("header cut short")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"header is not JSON ({error})") from error
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("no string metadata")
-    return metadata
 
 
 @dataclass(frozen=True)
@@ -98,14 +68,6 @@ class ShardInfo:
     names: int  # number of names embedded
     version: str  # TEXT_PATH_VERSION that wrote it
     problem: str | None  # why the file would be ignored (corrupt, foreign, older text path); None: fine
-
-
-def cache_files(folder: Path) -> list[Path]:
-    """The ``*.safetensors`` files of a cache folder by name, without hidden ones (writes in progress); none when
-    the folder is missing. Shared with the prepared-checkpoint folder (``ovss cache info``)."""
-    if not folder.is_dir():
-        return []
-    return sorted(path for path in folder.glob("*.safetensors") if not path.name.startswith("."))
 
 
 def shard_infos(folder: Path) -> list[ShardInfo]:
@@ -172,27 +134,19 @@ class TextEmbeddingShard:
         """
         import torch
         from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        from ovss.io_utils import atomic_write
 
         merged = {**(self._read_quietly()), **entries}
         names = list(merged)
         rows = torch.stack([merged[name][0].float().cpu() for name in names]).contiguous()  # (N, E)
         metadata = {
-            "format": FORMAT,
             "version": str(TEXT_PATH_VERSION),
             "model": self.model_key,
             "templates": json.dumps(self.templates, ensure_ascii=False),
             "names": json.dumps(names, ensure_ascii=False),
             "truncated": json.dumps([name for name in names if merged[name][1]], ensure_ascii=False),
         }
-
-        def write(temp_path: Path) -> None:
-            save_file({_TENSOR: rows}, str(temp_path), metadata=metadata)
-
         try:
-            atomic_write(self.path, write)
+            TEXT_CACHE.write(self.path, {_TENSOR: rows}, metadata)
         except (OSError, SafetensorError) as error:  # e.g. a full disk: the old file is untouched
             raise OvssError(f"cannot write '{self.path}': {getattr(error, 'strerror', None) or error}") from error
 
@@ -205,8 +159,6 @@ class TextEmbeddingShard:
     def _read(self) -> dict[str, Entry]:
         """Parse and check the shard; ValueError/KeyError/TypeError/OSError when it is not a valid one."""
         import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         meta = read_metadata(self.path)
         if meta.get("format") != FORMAT or meta.get("version") != str(TEXT_PATH_VERSION):
@@ -215,10 +167,7 @@ class TextEmbeddingShard:
             raise ValueError("written for another model or template set")
         names = json.loads(meta["names"])
         truncated = set(json.loads(meta["truncated"]))
-        try:
-            tensors = load_file(str(self.path))
-        except (SafetensorError, RuntimeError) as error:  # e.g. "smaller than the required mapping size"
-            raise ValueError(str(error)) from error
+        _, tensors = TEXT_CACHE.read(self.path)
         rows = tensors[_TENSOR]  # (N, E)
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise ValueError("the names are not a list of strings")
