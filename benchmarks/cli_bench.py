@@ -30,6 +30,8 @@ from pathlib import Path
 
 from common import REPO, vocab_path
 
+from ovss.cli.options import add_device_flags, add_method_flag, dtypes_of, method_of
+
 sys.path.insert(0, str(REPO / "tests"))  # tests/tiny.py: saving a TorchScript archive like OpenAI's
 
 NAMES = (
@@ -74,13 +76,14 @@ def run_once(args: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="clearclip")
-    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    add_method_flag(parser)
+    add_device_flags(parser, device=False, dtype_default="fp32,bf16", several=True)
     parser.add_argument("--runs", type=int, default=5, help="warm runs per precision (median reported)")
     parser.add_argument("--image", type=Path, default=IMAGE)
     parser.add_argument("--weights-dir", type=Path, default=None, help="keep the random archive here")
     parser.add_argument("--quick", action="store_true", help="tiny weights: a smoke test")
     args = parser.parse_args()
+    method, dtypes = method_of(args), dtypes_of(args)
     if not args.image.is_file():
         raise SystemExit(f"image {args.image} not found; pass --image PATH (the VOC samples live in ../shared)")
     tmp = Path(tempfile.mkdtemp(prefix="ovss-cli-bench-"))
@@ -94,16 +97,16 @@ def main() -> None:
         if vocab:
             env["OVSS_BPE_PATH"] = vocab
         extra = ["--short-side", "64", "--crop", "64", "--stride", "32"] if args.quick else []
-        print(f"`ovss segment` one {args.image.name} photo, 20 names, {args.method}, {os.cpu_count()} CPUs, "
+        print(f"`ovss segment` one {args.image.name} photo, 20 names, {method}, {os.cpu_count()} CPUs, "
               f"random ViT-B/16 {'(tiny) ' if args.quick else ''}as an fp16 TorchScript archive")
         print("| precision | first run (cold caches) | warm runs: median (min-max) | peak RSS |")
         print("|---|---|---|---|")
-        for dtype in args.dtype.split(","):
+        for dtype in dtypes:
             out = tmp / f"out-{dtype}"
 
             def once(out: Path = out, dtype: str = dtype) -> tuple[float, float]:
                 shutil.rmtree(out, ignore_errors=True)
-                base = [*command(), "segment", str(args.image), "--labels", NAMES, "--method", args.method]
+                base = [*command(), "segment", str(args.image), "--labels", NAMES, "--method", method]
                 flags = ["--clip", str(archive), "--dtype", dtype, "--out", str(out), "-q", *extra]
                 return run_once([*base, *flags], env)
 

@@ -34,6 +34,7 @@ from common import vocab_path
 
 from ovss.bench import GIB, MeasurementError, write_random_weights
 from ovss.bench import measure as measure_job
+from ovss.cli.options import add_methods_flag
 
 LABELS = 7  # classes of every measurement (random unit text embeddings)
 COMPARED = ("proxyclip", "proxyclip+gla", "cass", "cass+gla")  # the memory and latency modes' methods
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models and a small image (smoke test)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every measurement (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (median)")
-    parser.add_argument("--methods", nargs="*", help="precision: these methods (default: every registered one)")
+    add_methods_flag(parser, None)  # the precision mode's methods (default: every registered one)
     parser.add_argument("--weights-dir", help="write / reuse the random checkpoints here instead of a temp folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

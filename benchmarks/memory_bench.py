@@ -24,13 +24,14 @@ import torch
 from common import vocab_path
 
 from ovss.bench import MeasurementError, measure, random_clip_state_dict
+from ovss.cli.options import add_method_flag, method_of
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=2000, help="image side in pixels (square image)")
     parser.add_argument("--classes", type=int, default=171, help="number of classes (one name each)")
-    parser.add_argument("--method", default="clearclip")
+    add_method_flag(parser)
     parser.add_argument(
         "--logits",
         default="none",
@@ -53,7 +54,7 @@ def main() -> None:
         job = {
             "kind": "image",
             "threads": 2,
-            "method": args.method,
+            "method": method_of(args),
             "clip": str(clip_path),
             "tokenizer": vocab_path(),
             "image": str(image_path),
@@ -74,7 +75,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.method} | {args.size}x{args.size} | {args.classes} | {r['windows']} | {args.logits} "
+        f"| {method_of(args)} | {args.size}x{args.size} | {args.classes} | {r['windows']} | {args.logits} "
         f"| {load_peak:.0f} | {run_peak:.0f} | {r['peak_rss_bytes'] / mb:.0f} | {r['seconds']:.1f} |"
     )
 

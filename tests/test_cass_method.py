@@ -225,7 +225,7 @@ def test_eval_on_the_voc_samples(method, eval_files, assets_dir, bpe_path, tmp_p
     samples = assets_dir / "voc2012-val-samples"
     out = tmp_path / "run"
     args = [
-        "eval", "--dataset", "folder", "--images", str(samples / "images"), "--labels", str(samples / "labels"),
+        "eval", "--dataset", "folder", "--images", str(samples / "images"), "--masks", str(samples / "labels"),
         "--names", str(names), "--image-suffix", "_image", "--label-suffix", "_label", "--has-background",
         "--method", method, "--preset", "cass", "--clip", str(clip_file), "--vfm", str(dino_file),
         "--tokenizer", str(bpe_path), "--templates", "imagenet7", "--short-side", "112", "--crop", "56",

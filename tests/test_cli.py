@@ -156,3 +156,122 @@ def test_the_command_in_its_own_process_exits_with_its_code(weights, bpe_path, i
     assert json.loads((tmp_path / "out" / "config.json").read_text())["inputs"] == ["1_image", "23_image"]
     again = subprocess.run([*args, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stderr.startswith("ovss: error:") and "--overwrite" in again.stderr
+
+
+# ------------------------------------------------------------------ one flag builder: segment, eval, demo, bench
+COMMON = ["--clip", "clip.pt", "--vfm", "dino.pth", "--sam", "sam.pth", "--tokenizer", "bpe.txt.gz",
+          "--short-side", "none", "--crop", "224", "--pamr-dilations", "4,8", "--opt", "sigma=3",
+          "--set", "templates=imagenet7", "--opt", "stride=112"]  # fmt: skip
+RESOLVED_PIPELINE = {"short_side": None, "crop": 224, "pamr_dilations": (4, 8), "templates": "imagenet7", "stride": 112}
+WEIGHTS = {"clip": "clip.pt", "vfm": "dino.pth", "sam": "sam.pth", "tokenizer": "bpe.txt.gz"}
+
+
+def _parse(*argv: str):
+    from ovss.cli.main import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+OWN = {  # each command's own flags
+    "segment": ["segment", "--labels", "a, b", "--out", "o", "--method", "naclip"],
+    "eval": ["eval", "--dataset", "folder", "--out", "o", "--method", "naclip"],
+    "demo": ["demo", "--methods", "naclip,clearclip"],
+    "bench": ["bench", "--methods", "naclip,clearclip"],
+}
+
+
+def _command_lines() -> dict[str, list[str]]:
+    return {command: [*own, *COMMON] for command, own in OWN.items()}
+
+
+def test_one_setting_resolves_alike_in_segment_eval_demo_and_bench():
+    from ovss.cli.demo import pool_kwargs
+    from ovss.cli.options import load_kwargs, options_of, pipeline_of, weights_of
+
+    for command, argv in _command_lines().items():
+        args = _parse(*argv)
+        assert pipeline_of(args) == RESOLVED_PIPELINE, command
+        assert options_of(args, "naclip", ["naclip", "clearclip"]) == {"sigma": 3.0}, command
+        assert {key: weights_of(args)[key] for key in WEIGHTS} == WEIGHTS, command
+    segment = load_kwargs(_parse(*_command_lines()["segment"]))
+    assert segment == {**RESOLVED_PIPELINE, "sigma": 3.0, **WEIGHTS, "act": None, "download": True, "gla": False,
+                       "device": "cpu", "dtype": "fp32"}  # fmt: skip
+    assert load_kwargs(_parse(*_command_lines()["eval"])) == segment
+    demo = pool_kwargs(_parse(*_command_lines()["demo"]))
+    assert demo == {**RESOLVED_PIPELINE, **WEIGHTS, "act": None, "download": True, "device": "cpu", "dtype": "fp32"}
+
+
+def test_a_pipeline_setting_has_one_value_whatever_its_spelling():
+    from ovss.cli.options import pipeline_of
+    from ovss.errors import OvssError
+
+    later_wins = ["--set", "crop=3", "--opt", "crop=224"]
+    spellings = [["--crop", "224"], ["--opt", "crop=224"], ["--set", "crop=224"], later_wins]
+    for command, plain in OWN.items():
+        for spelling in spellings:
+            assert pipeline_of(_parse(*plain, *spelling)) == {"crop": 224}, (command, spelling)
+        with pytest.raises(OvssError, match="crop is given twice, as --crop and as --opt crop"):
+            pipeline_of(_parse(*plain, "--crop", "224", "--set", "crop=336"))
+
+
+def test_several_methods_each_get_the_options_they_declare():
+    from ovss.cli.options import methods_of, options_of
+    from ovss.errors import OvssError
+
+    args = _parse("bench", "--methods", "naclip", "--method", "proxyclip+gla", "--opt", "sigma=5", "--set", "gla_rho=1")
+    methods = methods_of(args)
+    assert methods == ["naclip", "proxyclip+gla"]
+    assert options_of(args, "naclip", methods) == {"sigma": 5.0}
+    assert options_of(args, "proxyclip+gla", methods) == {"gla_rho": 1.0}
+    with pytest.raises(OvssError, match="has no option gla_rho"):
+        options_of(args, "naclip")  # alone, naclip has no such option
+    nobody = _parse("bench", "--methods", "clearclip,naclip", "--opt", "gla_rho=0.5")
+    with pytest.raises(OvssError, match=r"gla_rho is not an option of clearclip, naclip.* GLA attached"):
+        options_of(nobody, "clearclip", methods_of(nobody))
+
+
+def test_bench_precisions_are_the_dtype_flag():
+    from ovss.cli.options import dtypes_of
+
+    assert dtypes_of(_parse("bench")) == ["fp32", "bf16"]
+    assert dtypes_of(_parse("bench", "--precision", "bf16, fp16")) == ["bf16", "fp16"]
+    assert dtypes_of(_parse("bench", "--dtype", "fp16,fp32,fp16")) == ["fp16", "fp32"]
+
+
+def test_demo_passes_sam_and_its_options_to_loading():
+    from ovss.cli.demo import model_pool
+
+    class Loaded(Exception):
+        """Raised by the recording loader: carries what the page would load a method with."""
+
+    def record(method: str, **kwargs):
+        raise Loaded(method, kwargs)
+
+    args = _parse("demo", "--methods", "trident", *COMMON)
+    pool = model_pool(args, loader=record)
+    with pytest.raises(Loaded) as trident:
+        pool.get("trident")
+    method, kwargs = trident.value.args
+    assert method == "trident" and kwargs["sam"] == "sam.pth" and kwargs["vfm"] == "dino.pth"
+    assert {key: kwargs[key] for key in RESOLVED_PIPELINE} == RESOLVED_PIPELINE and "sigma" not in kwargs
+    with pytest.raises(Loaded) as naclip:
+        pool.get("naclip")
+    assert naclip.value.args[1]["sigma"] == 3.0  # the option goes to the method that declares it
+
+
+def test_demo_refuses_an_option_no_method_has(capsys):
+    assert main(["demo", "--opt", "bogus=1", "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ovss: error: --opt bogus is not an option of any method, nor a pipeline setting")
+    assert err.count("\n") == 1
+
+
+def test_demo_fills_the_label_box_from_a_class_file(tmp_path):
+    from ovss.cli.demo import initial_labels
+
+    names = tmp_path / "classes.txt"
+    names.write_text("\ufeffsky ; heaven\nperson|pedestrian\ncar, automobile\n", encoding="utf-8")
+    text = initial_labels(_parse("demo", "--labels-file", str(names)))
+    assert text == "sky|heaven, person|pedestrian, car|automobile"
+    assert initial_labels(_parse("demo", "--labels", "sky, road")) == "sky, road"
+    assert initial_labels(_parse("demo")) == ""

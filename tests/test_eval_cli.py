@@ -40,7 +40,7 @@ def folder_args(
         "eval",
         "--dataset", "folder",
         "--images", str(samples / "images"),
-        "--labels", str(samples / "labels"),
+        "--masks", str(samples / "labels"),
         "--names", str(names),
         "--image-suffix", "_image",
         "--label-suffix", "_label",
@@ -119,9 +119,42 @@ def test_eval_user_errors_exit_2(folder_args: list[str], tmp_path: Path, capsys:
     assert main(["eval", "--dataset", "voc21", "--out", str(tmp_path), "--method", "clearclip"]) == 2
     assert "ovss: error: --dataset voc21 needs --root DIR" in capsys.readouterr().err
     assert main(["eval", "--dataset", "folder", "--out", str(tmp_path)]) == 2
-    assert "needs --images, --labels, --names" in capsys.readouterr().err
+    assert "needs --images, --masks, --names" in capsys.readouterr().err
     assert main([*folder_args, "--out", str(tmp_path), "--preset", "gla", "--opt", "nonsense=1"]) == 2
     assert "has no option nonsense" in capsys.readouterr().err
+
+
+def test_eval_old_labels_flag_names_its_new_spelling(
+    folder_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``eval --labels`` (a folder of PNG masks, unlike ``segment --labels``) is now ``--masks``: one line, no run."""
+    masks = folder_args[folder_args.index("--masks") + 1]
+    old = list(folder_args)
+    old[old.index("--masks")] = "--labels"
+    out = tmp_path / "run"
+    assert main([*old, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ovss: error: eval --labels is now --masks (the folder of label PNGs): --masks {masks}\n"
+    assert not out.exists()
+
+
+def test_eval_names_file_is_read_as_segment_reads_a_labels_file(
+    folder_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A '|' synonym in ``eval --names`` is a synonym (as in ``segment --labels-file``), not part of one name."""
+    from ovss.cli.evaluate import _open
+    from ovss.cli.main import build_parser
+    from ovss.labels import read_labels_file
+
+    names = tmp_path / "voc21.txt"
+    lines = [", ".join(n) for n in load_names("voc21", "plain")]
+    lines[15] = "person|pedestrian ; human"
+    names.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    argv = [*folder_args, "--out", str(tmp_path / "run")]
+    argv[argv.index("--names") + 1] = str(names)
+    dataset = _open(build_parser().parse_args(argv))  # what `ovss eval` evaluates on
+    assert dataset.names == read_labels_file(names)
+    assert dataset.names[15] == ["person", "pedestrian", "human"] and dataset.names[0] == ["background"]
 
 
 def _voc_tree(root: Path, samples: Path, ids: list[str]) -> Path:

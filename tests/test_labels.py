@@ -209,3 +209,82 @@ def test_flatten_labels_inverts_grouping() -> None:
         regrouped[class_index].append(name)
     assert regrouped == classes
     assert len(names) == 6
+
+
+# ----------------------------------------------------------------------------------------------------
+# one reader: segment --labels-file, eval --names, the demo's box and the packaged name files
+
+MIXED_FILE = (
+    "\ufeff# a class file written by hand\n"
+    "background ; sky\n"
+    "person|pedestrian   # synonyms with a pipe\n"
+    "car, automobile\n"
+    "road\n"
+)
+MIXED_CLASSES = [["background", "sky"], ["person", "pedestrian"], ["car", "automobile"], ["road"]]
+
+
+def test_segment_and_eval_read_a_class_file_alike(tmp_path: Path) -> None:
+    """The file that ``ovss segment --labels-file`` reads gives ``ovss eval --names`` the same classes."""
+    from ovss.eval.datasets import FolderDataset
+    from ovss.eval.names import read_names_file
+
+    names = tmp_path / "classes.txt"
+    names.write_text(MIXED_FILE, encoding="utf-8")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")  # paired by stem; not read when the dataset is opened
+    (tmp_path / "masks" / "a.png").write_bytes(b"")
+    segment = read_labels_file(names)
+    assert segment == MIXED_CLASSES  # byte order mark dropped; ',', '|' and ';' all separate synonyms
+    assert read_names_file(names) == segment
+    assert FolderDataset(tmp_path / "images", tmp_path / "masks", names).names == segment
+
+
+def test_the_demo_label_box_round_trips_a_class_file(tmp_path: Path) -> None:
+    """``ovss demo --labels-file`` fills the box with text the box parses back into the file's classes."""
+    from ovss.demo.session import parse_label_box
+    from ovss.labels import format_labels
+
+    names = tmp_path / "classes.txt"
+    names.write_text(MIXED_FILE, encoding="utf-8")
+    text = format_labels(read_labels_file(names))
+    assert text == "background|sky, person|pedestrian, car|automobile, road"
+    assert parse_labels(text) == MIXED_CLASSES
+    assert parse_label_box(text) == MIXED_CLASSES
+
+
+def _release_format(text: str) -> list[list[str]]:
+    """The SCLIP/NACLIP release files' own rule: one class per line, synonyms separated by ", "."""
+    return [[name.strip() for name in line.split(",")] for line in text.splitlines() if line.strip()]
+
+
+def test_packaged_name_files_read_as_the_release_format() -> None:
+    """Every benchmark name file gives the same classes through the one reader as by the release's comma rule."""
+    import warnings
+    from importlib import resources
+
+    from ovss.eval.names import DATASETS, NAME_SETS, load_names
+
+    folder = resources.files("ovss") / "data" / "names"
+    seen = 0
+    for dataset in DATASETS:
+        for name_set in NAME_SETS:
+            per_set = folder / f"{dataset}-{name_set}.txt"
+            entry = per_set if per_set.is_file() else folder / f"{dataset}.txt"
+            text = entry.read_text(encoding="utf-8")
+            assert not any(sep in text for sep in "|;#\ufeff")  # release files: commas only
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # release-format lines of many synonyms do not warn here
+                classes = load_names(dataset, name_set)
+            assert classes == _release_format(text)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # segment's reader warns about lines of 3+ comma synonyms
+                assert read_labels_file(Path(str(entry)), allow_duplicates=True) == classes
+            seen += 1
+    assert seen == len(DATASETS) * len(NAME_SETS)
+    coco = load_names("coco_object", "bg-rename")
+    assert "bed" in coco[0] and ["bed"] in coco  # a background synonym that is also a class: allowed here
+    with pytest.raises(OvssError, match="'bed' is used in classes 0 and"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        read_labels_file(Path(str(folder / "coco_object-bg-rename.txt")))  # segment refuses it, naming both

@@ -237,7 +237,7 @@ def test_eval_on_the_voc_samples_and_report_beside_the_papers(weights, bpe_path,
 
     names.write_text("".join(", ".join(n) + "\n" for n in load_names("voc21", "full-rename")))
     samples = assets_dir / "voc2012-val-samples"
-    common = ["eval", "--dataset", "folder", "--images", str(samples / "images"), "--labels",
+    common = ["eval", "--dataset", "folder", "--images", str(samples / "images"), "--masks",
               str(samples / "labels"), "--names", str(names), "--image-suffix", "_image", "--label-suffix",
               "_label", "--has-background", "--clip", str(weights["clip"]), "--vfm", str(weights["dino"]),
               "--tokenizer", str(bpe_path), "--templates", "imagenet7", "--short-side", "112", "--limit", "2",

@@ -121,7 +121,7 @@ def test_eval_on_the_voc_samples_folder(weights, bpe_path, assets_dir, tmp_path)
     names.write_text("".join(", ".join(n) + "\n" for n in load_names("voc21", "bg-rename")))
     samples = assets_dir / "voc2012-val-samples"
     out = tmp_path / "run"
-    args = ["eval", "--dataset", "folder", "--images", str(samples / "images"), "--labels", str(samples / "labels"),
+    args = ["eval", "--dataset", "folder", "--images", str(samples / "images"), "--masks", str(samples / "labels"),
             "--names", str(names), "--image-suffix", "_image", "--label-suffix", "_label", "--has-background",
             "--method", "trident", "--preset", "trident", "--short-side", "64", "--crop", "64", "--stride", "48",
             "--limit", "4", "--templates", "imagenet7", "--out", str(out), *_model_args(weights, bpe_path)]  # fmt: skip

@@ -47,7 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # b
 from common import vocab_path
 
 import ovss
-from ovss.cli.options import parse_method_options
+from ovss.cli.options import (
+    add_device_flags,
+    add_methods_flag,
+    add_setting_flags,
+    add_weight_flags,
+    methods_of,
+    options_of,
+    pipeline_of,
+    weights_of,
+)
 from ovss.cli.segment import collect_inputs
 from ovss.gla.bases import ADAPTERS
 from ovss.gla.method import initial_queries
@@ -221,9 +230,8 @@ def budget(seg32: Segmenter, seg16: Segmenter, image: Any, classes: list, text: 
 
 
 def segmenters(method: str, args: argparse.Namespace, models: dict[str, Any]) -> tuple[Segmenter, Segmenter]:
-    settings = {k: getattr(args, k) for k in ("short_side", "crop", "stride") if getattr(args, k) is not None}
-    kw = dict(device=args.device, tokenizer=args.tokenizer or vocab_path(), **models, **settings)
-    kw.update(parse_method_options(args.opt, method))
+    kw = {**weights_of(args), "tokenizer": args.tokenizer or vocab_path(), **models, "device": args.device}
+    kw.update(**pipeline_of(args), **options_of(args, method, methods_of(args)))
     return ovss.load(method, **kw), ovss.load(method, dtype=args.dtype, **kw)
 
 
@@ -231,23 +239,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--labels-file", help="class names (required with real weights)")
-    parser.add_argument("--method", action="append", help="repeat for several (default proxyclip+gla)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--clip", default="ViT-B/16")
-    parser.add_argument("--vfm", default=None)
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--opt", action="append", default=[], help="method option key=value")
-    parser.add_argument("--short-side", type=int, default=None, help="pipeline setting (default: the method's)")
-    parser.add_argument("--crop", type=int, default=None, help="pipeline setting (default: the method's)")
-    parser.add_argument("--stride", type=int, default=None, help="pipeline setting (default: the method's)")
+    add_methods_flag(parser, ["proxyclip+gla"])
+    add_weight_flags(parser)
+    add_device_flags(parser, dtype_default="bf16")  # the reduced precision compared with fp32
+    add_setting_flags(parser)
     default_cache = Path(tempfile.gettempdir()) / "ovss-tamed-models.pt"
     parser.add_argument("--cache", default=str(default_cache), help="--tamed: where the tamed models are kept")
     parser.add_argument("--tamed", action="store_true", help="tamed random ViT-B/16 + DINO-B/8 (precision_tamed.py)")
     parser.add_argument("--classes", type=int, default=8, help="--tamed: number of classes")
     parser.add_argument("--margin", type=float, default=1.0, help="--tamed: median fp32 top-2 scaled-logit margin")
     args = parser.parse_args()
-    methods = args.method or ["proxyclip+gla"]
+    if args.dtype == "fp32":
+        parser.error("--dtype is the reduced precision compared with fp32: bf16 or fp16")
+    methods = methods_of(args)
     images = collect_inputs(args.images)
     report: dict[str, Any] = {"dtype": args.dtype, "tamed": args.tamed}
     if args.tamed:
@@ -260,7 +264,7 @@ def main() -> None:
     else:
         if not args.labels_file:
             parser.error("--labels-file is required with real weights")
-        models = {"clip": args.clip, "vfm": args.vfm}
+        models = {}
         classes = read_labels_file(args.labels_file, allow_duplicates=True)
     for method in methods:
         seg32, seg16 = segmenters(method, args, models)

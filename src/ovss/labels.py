@@ -128,18 +128,66 @@ def parse_labels(text: str, allow_duplicates: bool = False) -> list[list[str]]:
     return normalize_labels(classes, allow_duplicates=allow_duplicates)
 
 
-def read_labels_file(path: str | os.PathLike[str], allow_duplicates: bool = False) -> list[list[str]]:
-    """Read a class list from a UTF-8 text file: one class per line, in label order.
+def parse_labels_text(
+    text: str, source: str, allow_duplicates: bool = False, warn_comma_lists: bool = True
+) -> list[list[str]]:
+    """Parse the content of a labels file: one class per line, in label order.
 
-    Synonyms on a line are separated by ``,`` (as in the SCLIP/NACLIP release name files), ``|`` or ``;``.
-    Everything after ``#`` is a comment; lines that are blank after removing comments are skipped.
-    A line of three or more comma-separated names without ``|`` or ``;`` (``sky, road, car``) is read as
-    one class with synonyms, as in the release files, but raises a ``UserWarning`` (a user likely meant
-    several classes); write synonyms with ``|`` to silence it.
+    The one reader of class files: ``ovss segment --labels-file``, ``ovss demo --labels-file``, ``ovss eval
+    --names`` and the benchmarks' packaged name files all come through here, so one file means one class list
+    everywhere. Synonyms on a line are separated by ``,`` (as in the SCLIP/NACLIP release name files), ``|``
+    or ``;``. Everything after ``#`` is a comment; lines that are blank after removing comments are skipped.
+    A leading byte order mark is dropped.
+
+    Args:
+        text: the file's content.
+        source: what to call the text in messages (``labels file 'classes.txt'``).
+        allow_duplicates: see ``normalize_labels``.
+        warn_comma_lists: a line of three or more comma-separated names without ``|`` or ``;``
+            (``sky, road, car``) is read as one class with synonyms, as in the release files, but raises a
+            ``UserWarning`` (a user likely meant several classes); write synonyms with ``|`` to silence it.
+            False for files known to be in the release format (``ovss eval --names``, packaged names).
+
+    Returns:
+        One list of names per class, in file order.
+
+    Raises:
+        OvssError: a line with an empty name; no class; a duplicate name (unless ``allow_duplicates``).
+    """
+    classes: list[list[str]] = []
+    for line_number, raw_line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+        line = raw_line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        names = [name.strip() for name in _FILE_SYNONYM_SEPARATORS.split(line)]
+        if not all(names):
+            raise OvssError(
+                f"line {line_number} of {source} has an empty name ({raw_line.strip()!r}); "
+                "remove the stray separator"
+            )
+        if warn_comma_lists and len(names) >= COMMA_LIST_WARNING_PARTS and not re.search(r"[|;]", line):
+            warnings.warn(
+                f"line {line_number} of {source} ({line!r}) is one class with {len(names)} "
+                "synonyms; if these are different classes put one per line (write synonyms as 'a | b' to "
+                "silence this warning)",
+                UserWarning,
+                stacklevel=3,
+            )
+        classes.append(names)
+    if not classes:
+        raise OvssError(f"{source} contains no class names; write one class per line")
+    return normalize_labels(classes, allow_duplicates=allow_duplicates)
+
+
+def read_labels_file(
+    path: str | os.PathLike[str], allow_duplicates: bool = False, warn_comma_lists: bool = True
+) -> list[list[str]]:
+    """Read a class list from a UTF-8 text file (format: :func:`parse_labels_text`).
 
     Args:
         path: the text file.
         allow_duplicates: see ``normalize_labels``.
+        warn_comma_lists: see :func:`parse_labels_text`.
 
     Returns:
         One list of names per class, in file order.
@@ -148,37 +196,27 @@ def read_labels_file(path: str | os.PathLike[str], allow_duplicates: bool = Fals
         OvssError: missing or non-UTF-8 file; a line with an empty name; no class; a duplicate name.
     """
     file_path = Path(path)
+    source = f"labels file '{file_path}'"
     try:
-        text = file_path.read_text(encoding="utf-8-sig")
+        text = file_path.read_text(encoding="utf-8")
     except FileNotFoundError as error:
-        raise OvssError(f"labels file '{file_path}' not found; check the path") from error
+        raise OvssError(f"{source} not found; check the path") from error
+    except IsADirectoryError as error:
+        raise OvssError(f"{source} is a folder; give a text file with one class per line") from error
     except UnicodeDecodeError as error:
-        raise OvssError(f"labels file '{file_path}' is not UTF-8 text; save it as UTF-8") from error
+        raise OvssError(f"{source} is not UTF-8 text; save it as UTF-8") from error
     except OSError as error:
-        raise OvssError(f"cannot read labels file '{file_path}': {error.strerror}") from error
-    classes: list[list[str]] = []
-    for line_number, raw_line in enumerate(text.splitlines(), start=1):
-        line = raw_line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        names = [name.strip() for name in _FILE_SYNONYM_SEPARATORS.split(line)]
-        if not all(names):
-            raise OvssError(
-                f"line {line_number} of labels file '{file_path}' has an empty name ({raw_line.strip()!r}); "
-                "remove the stray separator"
-            )
-        if len(names) >= COMMA_LIST_WARNING_PARTS and not re.search(r"[|;]", line):
-            warnings.warn(
-                f"line {line_number} of labels file '{file_path}' ({line!r}) is one class with {len(names)} "
-                "synonyms; if these are different classes put one per line (write synonyms as 'a | b' to "
-                "silence this warning)",
-                UserWarning,
-                stacklevel=2,
-            )
-        classes.append(names)
-    if not classes:
-        raise OvssError(f"labels file '{file_path}' contains no class names; write one class per line")
-    return normalize_labels(classes, allow_duplicates=allow_duplicates)
+        raise OvssError(f"cannot read {source}: {error.strerror}") from error
+    return parse_labels_text(text, source, allow_duplicates=allow_duplicates, warn_comma_lists=warn_comma_lists)
+
+
+def format_labels(classes: Sequence[Sequence[str]]) -> str:
+    """The ``--labels`` text of a class list: classes joined by ``", "``, synonyms by ``"|"``.
+
+    ``parse_labels(format_labels(c)) == c`` for every class list read from a file (a name read from a file
+    holds no ``,`` or ``|``, which are separators there).
+    """
+    return ", ".join("|".join(synonyms) for synonyms in classes)
 
 
 def flatten_labels(classes: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:

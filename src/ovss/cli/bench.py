@@ -12,9 +12,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ovss.cli.options import (
+    add_device_flags,
+    add_methods_flag,
+    add_setting_flags,
+    add_weight_flags,
+    dtypes_of,
+    methods_of,
+    options_of,
+    pipeline_of,
+)
 from ovss.errors import OvssError
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def add_parser(sub: Any) -> None:
@@ -29,58 +37,28 @@ def add_parser(sub: Any) -> None:
             "of the same shapes (said in the output; time and memory do not depend on the values)."
         ),
     )
-    p.add_argument("--methods", help="comma-separated methods (default: every registered one); see `ovss methods`")
-    p.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (default fp32,bf16)")
+    g = p.add_argument_group("methods and weights")
+    add_methods_flag(g, None)
+    add_weight_flags(g, clip_default=None, act=False, offline=False)  # the jobs never download
+    add_device_flags(g, device=False, dtype_default="fp32,bf16", several=True)  # CPU measurements
     p.add_argument("--size", default="512x512", metavar="HxW", help="random test image size (default 512x512)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every measurement (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the median is reported")
     p.add_argument("--quick", action="store_true", help="tiny random models and a small image (a smoke test)")
     p.add_argument("--random", action="store_true", help="full-size random weights even when real ones are cached")
-    p.add_argument("--clip", help="CLIP weights to use (name or file) instead of the cached ViT-B/16 / random ones")
-    p.add_argument("--vfm", help="VFM weights for DINO-guided methods (name or file)")
-    p.add_argument("--tokenizer", help="CLIP BPE vocabulary (.txt.gz) or HF tokenizer folder (default: cached)")
     p.add_argument("--no-text", action="store_true", help="skip the text-encoder timing")
     p.add_argument("--weights-dir", help="write / reuse the random checkpoints here instead of a temporary folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="pipeline setting for every method, e.g. --set crop=224 --set short_side=none")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="also write the full record as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_setting_flags(p)  # every method gets the pipeline settings and the --opt options it declares
     p.set_defaults(func=run_bench)
 
 
-def _methods(text: str | None) -> list[str]:
-    from ovss.methods import available_methods
-    from ovss.methods.registry import get_method
-
-    if not text:
-        return available_methods()
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        get_method(name)  # an unknown name fails here, with the closest names
-    return names
-
-
-def _settings(pairs: list[str]) -> dict[str, Any]:
-    from ovss.config import PIPELINE_KEYS, PipelineConfig
-    from ovss.fields import field_types, parse_text
-
-    hints = field_types(PipelineConfig)
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in PIPELINE_KEYS:
-            raise OvssError(f"--set expects KEY=VALUE with KEY one of {', '.join(PIPELINE_KEYS)}; got {pair!r}")
-        out[key] = parse_text(f"--set {key}", raw, hints[key])
-    return out
-
-
-def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, Any], Path | None]:
+def _check_args(
+    args: argparse.Namespace,
+) -> tuple[list[str], list[str], dict[str, Any], dict[str, dict[str, Any]], Path | None]:
     """Every argument error, raised before any measurement starts."""
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad or not precisions:
-        raise OvssError(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}; got {args.precision!r}")
+    precisions = dtypes_of(args)
     parts = args.size.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise OvssError(f"--size must be HEIGHTxWIDTH in pixels, e.g. 512x683; got {args.size!r}")
@@ -94,13 +72,14 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str], dict[st
             raise OvssError(f"--json {out} is a folder; give a file path")
         if not out.parent.is_dir():
             raise OvssError(f"--json {out}: the folder {out.parent} does not exist")
-    methods = _methods(args.methods)
-    settings = _settings(args.set)
+    methods = methods_of(args)
+    settings = pipeline_of(args)
+    options = {method: options_of(args, method, methods) for method in methods}  # each method: the ones it has
     if not args.clip or args.tokenizer is not None:  # the jobs load the vocabulary: a missing one fails here, once
         from ovss.text.tokenizer import load_tokenizer
 
         load_tokenizer(args.tokenizer, download=False)  # parsed once here: a corrupt file fails before any job
-    return methods, precisions, settings, out
+    return methods, precisions, settings, options, out
 
 
 def _weights(args: argparse.Namespace, folder: Path, sam: bool) -> dict[str, Any]:
@@ -110,20 +89,21 @@ def _weights(args: argparse.Namespace, folder: Path, sam: bool) -> dict[str, Any
 
     cached = all((hub.cache_dir() / hub.REGISTRY[n].filename).is_file() for n in (hub.DEFAULT_CLIP, hub.DEFAULT_VFM))
     if args.clip:
-        return {"clip": args.clip, "vfm": args.vfm, "kind": f"given ({args.clip})"}
+        return {"clip": args.clip, "vfm": args.vfm, "sam": args.sam, "kind": f"given ({args.clip})"}
     if cached and not (args.random or args.quick):
-        return {"clip": hub.DEFAULT_CLIP, "vfm": args.vfm, "kind": "real (cached ViT-B/16, dino-vitb8)"}
+        kind = "real (cached ViT-B/16, dino-vitb8)"
+        return {"clip": hub.DEFAULT_CLIP, "vfm": args.vfm, "sam": args.sam, "kind": kind}
     paths = write_random_weights(folder, quick=args.quick, sam=sam)
     kind = "random tiny (--quick)" if args.quick else "random full-size ViT-B/16 + DINO ViT-B/8 (not cached)"
     if sam and not args.quick:
         kind = kind.replace(" (not", " + DINO ViT-B/16 + SAM ViT-B (not")
-    return {**paths, "vfm": args.vfm or paths["vfm"], "kind": kind}
+    return {**paths, "vfm": args.vfm or paths["vfm"], "sam": args.sam or paths.get("sam"), "kind": kind}
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from ovss.bench import MeasurementError, flop_bound_seconds, measure
 
-    methods, precisions, settings, out = _check_args(args)
+    methods, precisions, settings, options, out = _check_args(args)
     if args.quick:
         settings = {"short_side": 112, "crop": 56, "stride": 28, **settings}
     size = "112x112" if args.quick and args.size == "512x512" else args.size
@@ -145,9 +125,9 @@ def run_bench(args: argparse.Namespace) -> int:
             for method in methods:
                 for precision in precisions:
                     job = {**base, "kind": "image", "method": method, "dtype": precision, "image": size}
-                    own = settings
+                    own = {**settings, **options[method]}
                     if args.quick and get_method(method).needs("sam"):  # Trident's windows: multiples of 16 pixels
-                        own = {**settings, "crop": 64, "stride": 32}
+                        own = {**own, "crop": 64, "stride": 32}
                     r = measure({**job, "repeats": args.repeats, "settings": own})
                     r["flop_bound_seconds"] = bound = flop_bound_seconds(r["flops"], peaks)
                     r["bound_ratio"] = r["seconds"] / bound if bound > 0 else None
@@ -161,6 +141,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "image": size,
         "settings": settings,
+        "options": {method: own for method, own in options.items() if own},  # --opt options, per method
         "machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version()},
         "versions": _versions(),
         "peak_gflops": peaks,

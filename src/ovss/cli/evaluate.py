@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from ovss.cli.options import PIPELINE_KEYS, add_model_flags, method_of, model_kwargs, parse_method_options
+from ovss.cli.options import add_model_flags, method_of, model_kwargs, options_of, pipeline_of
 from ovss.errors import OvssError
 
 _FOLDER = "folder"  # --dataset value for a user's own folder of images and labels
@@ -57,8 +57,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     f = p.add_argument_group("--dataset folder (your own data)")
     f.add_argument("--images", help="folder of images")
-    f.add_argument("--labels", help="folder of label PNGs (class ids, 255 = ignore), paired by file stem")
-    f.add_argument("--names", help="class-name file: one class per line, synonyms separated by ', '")
+    f.add_argument("--masks", help="folder of label PNGs (class ids, 255 = ignore), paired by file stem")
+    f.add_argument("--labels", dest="old_labels", help=argparse.SUPPRESS)  # renamed --masks: a one-line error
+    f.add_argument(
+        "--names",
+        help="class file, read as `ovss segment --labels-file` reads it: one class per line, synonyms separated "
+        "by ',', '|' or ';'",
+    )
     f.add_argument("--image-suffix", "--image_suffix", dest="image_suffix", default="", help="e.g. _image")
     f.add_argument("--label-suffix", "--label_suffix", dest="label_suffix", default="", help="e.g. _label")
     f.add_argument(
@@ -97,12 +102,12 @@ def _open(args: argparse.Namespace) -> Any:
     from ovss.eval.datasets import FolderDataset, open_dataset
 
     if args.dataset == _FOLDER:
-        missing = [flag for flag in ("images", "labels", "names") if not getattr(args, flag)]
+        missing = [flag for flag in ("images", "masks", "names") if not getattr(args, flag)]
         if missing:
             raise OvssError(f"--dataset folder needs {', '.join('--' + m for m in missing)}")
         return FolderDataset(
             args.images,
-            args.labels,
+            args.masks,
             args.names,
             reduce_zero_label=args.reduce_zero_label,
             image_suffix=args.image_suffix,
@@ -117,11 +122,12 @@ def _open(args: argparse.Namespace) -> Any:
 def _setting(args: argparse.Namespace) -> Any:
     from ovss.eval.presets import CUSTOM, SETTING_PIPELINE_KEYS, resolve
 
-    overrides: dict[str, Any] = {key: getattr(args, key) for key in SETTING_PIPELINE_KEYS if hasattr(args, key)}
+    pipeline = pipeline_of(args)
+    overrides: dict[str, Any] = {key: value for key, value in pipeline.items() if key in SETTING_PIPELINE_KEYS}
     if args.name_set is not None:
         overrides["name_set"] = args.name_set
     method = method_of(args)
-    options = parse_method_options(args.opt, method)
+    options = options_of(args, method)
     if options:
         overrides["method_options"] = options
     dataset = CUSTOM if args.dataset == _FOLDER else args.dataset
@@ -133,11 +139,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from ovss.eval.presets import SETTING_PIPELINE_KEYS
     from ovss.eval.runner import evaluate
 
+    if args.old_labels is not None:
+        raise OvssError(f"eval --labels is now --masks (the folder of label PNGs): --masks {args.old_labels}")
     with distributed_session(args.device) as context:
         setting = _setting(args)
         dataset = _open(args)
         load_kwargs: dict[str, Any] = {
-            key: getattr(args, key) for key in PIPELINE_KEYS if key not in SETTING_PIPELINE_KEYS and hasattr(args, key)
+            key: value for key, value in pipeline_of(args).items() if key not in SETTING_PIPELINE_KEYS
         }
         load_kwargs.update(model_kwargs(args), device=rank_device(args.device, context))
         result = evaluate(

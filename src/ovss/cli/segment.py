@@ -50,7 +50,8 @@ def add_parser(sub: Any) -> None:
         "--labels-file",
         "--labels_file",
         dest="labels_file",
-        help="one class per line; synonyms separated by '|' (or ',' as in the release name files)",
+        help="one class per line; synonyms separated by '|', ';' or ',' (as in the release name files); "
+        "the same reader as `ovss eval --names`",
     )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --out")

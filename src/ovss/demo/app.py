@@ -116,7 +116,13 @@ def pixel(results: list[MethodResult] | None, slot: int, x: int, y: int) -> str:
 
 
 def build_app(
-    session: DemoSession, methods: Sequence[str] = DEFAULT_METHODS, *, title: str = "ovss demo", note: str = ""
+    session: DemoSession,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    title: str = "ovss demo",
+    note: str = "",
+    labels: str = "",
+    bg_threshold: float = 0.0,
 ) -> gr.Blocks:
     """The page: inputs on the left, one overlay + legend per method side by side, timings and configuration.
 
@@ -126,6 +132,8 @@ def build_app(
         methods: the methods ticked at first (default: clearclip and clearclip+gla).
         title: the browser tab's title.
         note: a line shown under the introduction (e.g. that the weights are tiny random ones).
+        labels: the labels box's first text (``ovss demo --labels`` / ``--labels-file``).
+        bg_threshold: the background threshold slider's first value (``ovss demo --bg-threshold``).
     """
     import ovss
 
@@ -166,7 +174,8 @@ def build_app(
                 photos = example_files(examples_dir)
                 if photos:
                     gr.Examples(photos, inputs=[image], label="example photos (scikit-image)")
-                labels = gr.Textbox(
+                label_box = gr.Textbox(
+                    labels,
                     label="labels",
                     placeholder="sky, road, person|pedestrian",
                     info="classes separated by commas, synonyms by '|' (as in ovss segment --labels)",
@@ -183,10 +192,10 @@ def build_app(
                     logit_scale = gr.Number(
                         0, label="logit scale", minimum=0.0, info="0: each method's own", elem_id="ovss-logit-scale"
                     )
-                    bg_threshold = gr.Slider(
+                    threshold = gr.Slider(
                         0.0,
                         1.0,
-                        value=0.0,
+                        value=bg_threshold,
                         step=0.01,
                         label="background threshold",
                         info="below it: class 'background' if listed, else unlabelled",
@@ -220,7 +229,7 @@ def build_app(
         one_queue: dict[str, Any] = {"concurrency_id": "ovss-models", "concurrency_limit": 1}  # one at a time
         button.click(
             on_segment,
-            inputs=[image, labels, chosen, logit_scale, bg_threshold, show_windows],
+            inputs=[image, label_box, chosen, logit_scale, threshold, show_windows],
             outputs=[*slots, timings, config, results_state, pixel_box],
             **one_queue,
         )

@@ -2,7 +2,8 @@
 
 Name files live in the package under ``ovss/data/names/`` and use the format of the public releases:
 one line per class in label order; a class with several names (the "rename trick" synonyms) lists them
-separated by ``", "``. Files:
+separated by ``", "``; they are read by the one labels-file reader (:func:`ovss.labels.parse_labels_text`).
+Files:
 
 * ``<dataset>-<name_set>.txt`` for VOC21, VOC20 and COCO-Object, whose names differ per name set
   (``plain``, ``bg-rename``, ``full-rename``);
@@ -19,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from ovss.errors import OvssError
+from ovss.labels import parse_labels_text, read_labels_file
 
 DATASETS: tuple[str, ...] = (
     "voc21",
@@ -36,11 +38,12 @@ _PER_NAME_SET: frozenset[str] = frozenset({"voc21", "voc20", "coco_object"})
 
 
 def parse_names(text: str, source: str = "<text>") -> list[list[str]]:
-    """Parse the content of a name file into synonym lists.
+    """Parse the content of a name file into synonym lists (:func:`ovss.labels.parse_labels_text`).
 
-    Each non-empty line is one class; names on a line are separated by commas (the release files use
-    ``", "``) and stripped of surrounding whitespace. Everything after a ``#`` is a comment; lines that
-    are empty after removing the comment are skipped.
+    The reader of ``ovss segment --labels-file``: one class per line; synonyms separated by commas (the
+    release files use ``", "``), ``|`` or ``;``; ``#`` starts a comment. A name may serve two classes (the
+    reference COCO-Object name sets list ``bed`` as a background synonym and as a class), and a line of many
+    comma-separated synonyms does not warn (it is the release format).
 
     Args:
         text: file content.
@@ -52,30 +55,14 @@ def parse_names(text: str, source: str = "<text>") -> list[list[str]]:
     Raises:
         OvssError: a line has an empty name (e.g. ``"cat, , dog"``) or the text has no class at all.
     """
-    classes: list[list[str]] = []
-    for line_number, raw_line in enumerate(text.splitlines(), start=1):
-        line = raw_line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        names = [name.strip() for name in line.split(",")]
-        if any(not name for name in names):
-            raise OvssError(
-                f"{source}:{line_number}: empty class name in {raw_line.strip()!r}; "
-                "separate synonyms with ', ' and remove stray commas"
-            )
-        classes.append(names)
-    if not classes:
-        raise OvssError(
-            f"{source} lists no class names; write one class per line (synonyms separated by ', ')"
-        )
-    return classes
+    return parse_labels_text(text, source, allow_duplicates=True, warn_comma_lists=False)
 
 
 def read_names_file(path: str | Path) -> list[list[str]]:
-    """Read a custom class-name file (same format as the packaged files, see :func:`parse_names`).
+    """Read a custom class-name file (``ovss eval --names``), as ``ovss segment --labels-file`` reads it.
 
     Args:
-        path: a UTF-8 text file, one class per line in label order.
+        path: a UTF-8 text file, one class per line in label order (format: :func:`parse_names`).
 
     Returns:
         One synonym list per class.
@@ -83,12 +70,7 @@ def read_names_file(path: str | Path) -> list[list[str]]:
     Raises:
         OvssError: the file does not exist or is malformed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise OvssError(
-            f"class-name file {path} not found; pass an existing text file with one class per line"
-        )
-    return parse_names(path.read_text(encoding="utf-8"), source=str(path))
+    return read_labels_file(path, allow_duplicates=True, warn_comma_lists=False)
 
 
 def _check_dataset(dataset: str) -> None:
@@ -117,7 +99,7 @@ def load_names(dataset: str, name_set: str = "plain") -> list[list[str]]:
     if name_set not in NAME_SETS:
         raise OvssError(f"unknown name set {name_set!r}; choose one of {', '.join(NAME_SETS)}")
     file_name = f"{dataset}-{name_set}.txt" if dataset in _PER_NAME_SET else f"{dataset}.txt"
-    return parse_names(_packaged_text(file_name), source=f"ovss/data/names/{file_name}")
+    return parse_names(_packaged_text(file_name), source=f"name file 'ovss/data/names/{file_name}'")
 
 
 def class_names(dataset: str) -> list[str]:
