@@ -157,7 +157,7 @@ def test_trident_gla_replaces_only_the_sub_image_attention(tiny_clip, dino16):
     spec = get_method("trident+gla")
     assert spec.image_path == get_method("trident").image_path and spec.needs("sam")
     got = spec.run(backbones, batch, spec.options).tokens  # (L, N, D)
-    parts = ADAPTERS["trident"](backbones, batch, spec.options.base)
+    parts = ADAPTERS["trident+gla"](backbones, batch, spec.options)
     L, N, C = parts.values.shape
     keys = [parts.key_sets[0].reshape(L * N, -1)]
     y = dense_cross_window_attention(keys, keys, parts.values.reshape(L * N, C), L, spec.options.gla)

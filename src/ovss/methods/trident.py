@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend
-from ovss.methods.options import TridentOptions
+from ovss.methods.options import TridentOptions, base_options
 from ovss.methods.proxyclip import clip_values_on_grid, masked_softmax, proxy_attention, vfm_features
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
@@ -63,11 +63,6 @@ def resize_canvas(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(pixels.shape[-2:]) == size:
         return pixels
     return F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False)[0]  # (3, H', W')
-
-
-def trident_options(options: Any) -> TridentOptions:
-    """The Trident part of ``trident`` or ``trident+gla`` options."""
-    return options if isinstance(options, TridentOptions) else options.base
 
 
 def check_patch(backbones: Backbones, name: str) -> VisionTransformer:
@@ -157,8 +152,8 @@ class TridentPath:
             raise OvssError(f"{name} needs a crop that is a multiple of {PATCH} (or 0), got {seg.pipeline.crop}")
         if seg.pipeline.pamr_steps:
             raise OvssError(f"{name} refines its labels with SAM and does not run PAMR; use pamr_steps=0")
-        if not trident_options(seg.options).gamma > 0:
-            raise OvssError(f"{name} gamma must be > 0, got {trident_options(seg.options).gamma}")
+        if not base_options(seg.options).gamma > 0:
+            raise OvssError(f"{name} gamma must be > 0, got {base_options(seg.options).gamma}")
 
     def encode(self, seg: Segmenter, rgb: np.ndarray, progress: Progress | None) -> ImageState:
         """Sub-image stage, splice and SAM aggregation: unit dense features on SAM's valid grid."""
@@ -167,7 +162,7 @@ class TridentPath:
         from ovss.precision import backbone_precision
         from ovss.predictor import ImageState
 
-        cfg, opts = seg.pipeline, trident_options(seg.options)
+        cfg, opts = seg.pipeline, base_options(seg.options)
         self.check(seg)
         processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = seg.clip.input_norm.pixel_statistics()
@@ -201,7 +196,7 @@ class TridentPath:
         """Text scores on SAM's grid, bilinear to H0 x W0, §2.6 labels, then SAM refinement when on."""
         from ovss.methods.trident_refine import refine_labels
 
-        opts = trident_options(seg.options)
+        opts = base_options(seg.options)
         H0, W0 = st.rgb.shape[:2]
         h, w = st.grid
         coarse = (st.features[0] @ text.T).T.reshape(-1, h, w)  # (Q, h_s, w_s)
