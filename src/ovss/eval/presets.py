@@ -59,7 +59,7 @@ class Preset:
 
     name: str  # preset name, e.g. "gla"
     description: str  # one line for listings
-    table: Table  # method key -> dataset key -> settings (see resolve for the order of the merge)
+    table: Table  # method key -> dataset key -> settings (table_settings gives the order of the merge)
 
 
 def _merge(*tables: dict[str, Settings]) -> dict[str, Settings]:
