@@ -11,12 +11,12 @@ import torch
 import ovss
 from ovss.gla.bases import ADAPTERS, gaussian_prior_rows, token_origins
 from ovss.gla.config import GLAConfig
-from ovss.gla.method import GLAMethodOptions
 from ovss.gla.reference import dense_cross_window_attention
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.methods.naclip import gaussian_prior
+from ovss.methods.options import ComposedOptions
 from ovss.models.clip import build_clip
 from ovss.pipeline.windows import pad_windows, sliding_windows, symmetric_padding
 from ovss.predictor import Segmenter
@@ -68,7 +68,7 @@ def test_sclip_gla_sums_two_independent_maps(tiny_clip):
     from ovss.gla.bases import sclip_parts
     from ovss.gla.method import cross_window_tokens
 
-    parts = sclip_parts(backbones, batch, reduced.base)
+    parts = sclip_parts(backbones, batch, reduced)
     outs = []
     for keys in parts.key_sets:
         single = dataclasses.replace(parts, key_sets=[keys])
@@ -108,7 +108,7 @@ def test_load_routes_options_and_gla_flag(tiny_clip, tiny_dino, bpe_path):
         beta=1.3,
         gla_clamp_mean=True,
     )
-    assert seg.method.name == "proxyclip+gla" and isinstance(seg.options, GLAMethodOptions)
+    assert seg.method.name == "proxyclip+gla" and isinstance(seg.options, ComposedOptions)
     assert seg.options.gla == GLAConfig(rho=0.55, clamp_mean=True)  # beta is ProxyCLIP's, gla_beta GLA's
     assert seg.options.base.beta == 1.3
     assert seg.pipeline.logit_scale == 40.0 and (seg.pipeline.crop, seg.pipeline.stride) == (224, 112)
@@ -136,7 +136,7 @@ def test_gclip_gla_fuses_own_window_maps(bpe_path):
     batch = _batch(96, 160, 96, 64, 16)
     spec = get_method("gclip+gla")
     out = spec.run(backbones, batch, spec.options)
-    parts = gclip_parts(backbones, batch, spec.options.base)
+    parts = gclip_parts(backbones, batch, spec.options)
     L, N = len(batch.windows), 36
     assert parts.local_maps is not None
     assert parts.local_maps.shape == (L, N, N) and parts.local_count == 2
@@ -168,8 +168,8 @@ def _prior_by_hand(batch: WindowBatch, grid: tuple[int, int], patch: int, sigma:
 def _adapter_and_dense_reference(base: str):
     """A method run: the base's adapter, Eq. 17 smoothing and the float64 dense reference, written out here."""
 
-    def run(backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
-        parts = ADAPTERS[base](backbones, batch, opts.base)
+    def run(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> MethodOutput:
+        parts = ADAPTERS[base + "+gla"](backbones, batch, opts)
         L, N, C = parts.values.shape
         keys = [k.reshape(L * N, -1) for k in parts.key_sets]  # S x (M, D)
         mode = resolve_smoothing(opts.gla.smoothing, parts.clip_internal)

@@ -20,10 +20,17 @@ from ovss.cli.options import add_model_flags, load_kwargs, parse_method_options
 from ovss.config import PIPELINE_KEYS, PipelineConfig
 from ovss.errors import OvssError
 from ovss.fields import parse_text
-from ovss.gla.config import GLAConfig, GLAMethodOptions
-from ovss.methods.builtin import GLA_BASES
-from ovss.methods.options import NACLIPOptions, option_fields, option_value, resolve_options
-from ovss.methods.registry import available_methods, get_method, with_gla
+from ovss.gla.config import GLAConfig
+from ovss.methods.options import (
+    ComposedOptions,
+    MLFOptions,
+    NACLIPOptions,
+    base_options,
+    option_fields,
+    option_value,
+    resolve_options,
+)
+from ovss.methods.registry import LazyRun, MethodSpec, available_methods, get_method, with_gla
 
 MISSING_CLIP = "/nonexistent/clip.pt"  # loading these weights would fail: errors must come before
 
@@ -109,10 +116,11 @@ def test_gla_dict_and_flag_attach_gla(tiny_clip, tiny_dino, bpe_path):
     by_keywords = ovss.load("proxyclip+gla", gla_rho=0.55, gla_clamp_mean=True, beta=1.3, **kw)
     assert by_dict.method.name == by_keywords.method.name == "proxyclip+gla"
     assert by_dict.options == by_keywords.options
-    assert isinstance(by_dict.options, GLAMethodOptions)
+    assert isinstance(by_dict.options, ComposedOptions)
     record = by_dict.config["options"]  # base and GLA recorded separately
     assert record["base"] == {"beta": 1.3, "gamma": 3.0}
     assert record["gla"] == dataclasses.asdict(GLAConfig(rho=0.55, clamp_mean=True))
+    assert record["extra"] is None  # plain X+gla: no part of its own
     assert ovss.load("proxyclip", gla=True, **kw).method.name == "proxyclip+gla"
     with pytest.raises(OvssError, match="gla_rho given both"):
         ovss.load("proxyclip", gla={"rho": 0.5}, gla_rho=0.55, **kw)
@@ -174,7 +182,8 @@ def test_load_docstring_names_every_pipeline_setting():
 def test_gla_methods_know_their_base_and_cover_every_adapter():
     from ovss.gla.bases import ADAPTERS
 
-    assert set(GLA_BASES) == set(ADAPTERS)
+    composed = {name for name in available_methods() if get_method(name).base is not None}
+    assert composed == set(ADAPTERS)  # one adapter per composed method, and every adapter registered
     for name in available_methods():
         spec = get_method(name)
         if spec.base is not None:
@@ -185,6 +194,38 @@ def test_gla_methods_know_their_base_and_cover_every_adapter():
             assert (spec.logit_scale, spec.pad_multiple, spec.weights) == (base.logit_scale, pad, base.weights)
     assert with_gla("naclip").name == "naclip+gla" and with_gla("naclip+gla").name == "naclip+gla"
     assert with_gla("naclip", False).name == "naclip"
+
+
+# Fields a composed method sets itself; it takes every other MethodSpec field from its base.
+_COMPOSED_OWN = {"name", "run", "options", "pad_multiple", "geometry", "joint_windows", "description", "base"}
+
+
+def test_every_composed_method_has_one_options_type_one_run_and_the_rest_of_its_base():
+    for name in available_methods():
+        spec = get_method(name)
+        if spec.base is None:
+            assert not isinstance(spec.options, ComposedOptions) and base_options(spec.options) is spec.options
+            continue
+        base = get_method(spec.base)
+        assert type(spec.options) is ComposedOptions and base_options(spec.options) is base.options
+        assert spec.options.gla == GLAConfig() and spec.joint_windows
+        assert spec.run == LazyRun("ovss.gla.method:run_composed", (name,))
+        for f in dataclasses.fields(MethodSpec):
+            if f.name not in _COMPOSED_OWN:
+                assert getattr(spec, f.name) == getattr(base, f.name), (name, f.name)
+
+
+def test_composed_keywords_are_the_parts_with_their_prefixes():
+    options = ComposedOptions(NACLIPOptions(sigma=3.0), GLAConfig(rho=0.5), MLFOptions(res_cls=0.3))
+    fields = option_fields(options)
+    assert [k for k in fields if k in ("sigma", "attn", "arch")] == ["sigma", "attn", "arch"]  # base: plain names
+    assert (fields["sigma"].part, fields["sigma"].default) == ("base", 3.0)
+    assert (fields["gla_rho"].part, fields["gla_rho"].name, fields["gla_rho"].default) == ("gla", "rho", 0.5)
+    assert (fields["mlf_res_cls"].part, fields["mlf_res_cls"].name) == ("extra", "res_cls")
+    assert len(fields) == 3 + len(dataclasses.fields(GLAConfig)) + 3  # one keyword per option of every part
+    changed = resolve_options("x", options, {"sigma": 4, "gla_steps": 3, "mlf_blocks": [3, 4]})
+    assert changed == ComposedOptions(NACLIPOptions(sigma=4.0), GLAConfig(rho=0.5, steps=3), MLFOptions((3, 4), 0.3))
+    assert option_fields(ComposedOptions(NACLIPOptions(), GLAConfig())).keys().isdisjoint({"mlf_blocks", "extra"})
 
 
 # ------------------------------------------------------------------ item 5: --opt parsed by the declared type

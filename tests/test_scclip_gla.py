@@ -4,7 +4,6 @@ CLI, eval and report."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,11 +16,12 @@ from PIL import Image
 import ovss
 from ovss.cli.main import main
 from ovss.errors import OvssError
+from ovss.gla.config import GLAConfig
 from ovss.gla.reference import dense_attention_map
 from ovss.gla.smoothing import smooth_queries, smoothing_index
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, WindowBatch
-from ovss.methods.options import resolve_options
+from ovss.methods.options import ComposedOptions, MLFOptions, SCCLIPGLAOptions, resolve_options
 from ovss.methods.registry import with_gla
 from ovss.methods.scclip import scclip_streams
 from ovss.models.clip import build_clip
@@ -191,7 +191,7 @@ def test_names_route_through_with_gla_and_load(tiny_clip, bpe_path):
     assert get_method("scclip+gla").base == "scclip" and get_method("scclip+gla").pad_multiple == 1
     seg = ovss.load("scclip", gla=True, clip=tiny_clip, tokenizer=bpe_path, scclip_gla_kk="window", gla_rho=0.5)
     assert seg.method.name == "scclip+gla"
-    assert seg.options.scclip_gla.kk == "window" and seg.options.gla.rho == 0.5
+    assert seg.options.extra == SCCLIPGLAOptions(kk="window") and seg.options.gla.rho == 0.5
     seg = ovss.load("scclip", clip=tiny_clip, tokenizer=bpe_path, anomaly="topk_norm")
     out = seg.predict(np.zeros((40, 56, 3), np.uint8), ["a", "b"])
     assert out.labels.shape == (40, 56)
@@ -228,7 +228,7 @@ def test_segment_the_example_photo(weights, bpe_path, tmp_path, method, extra, r
     labels = np.asarray(Image.open(out / "astronaut.png"))
     assert labels.shape == (512, 512) and labels.max() <= 2
     if method == "proxyclip+gla+mlf":
-        assert config["options"]["mlf"]["res_cls"] == 0.3
+        assert config["options"]["extra"]["res_cls"] == 0.3  # the variant's own part
 
 
 def test_eval_on_the_voc_samples_and_report_beside_the_papers(weights, bpe_path, assets_dir, tmp_path, capsys):
@@ -270,8 +270,8 @@ def test_eval_on_the_voc_samples_and_report_beside_the_papers(weights, bpe_path,
 
 
 def test_gla_variant_options_keep_their_base_defaults():
-    for name, part in (("scclip+gla", "scclip_gla"), ("proxyclip+gla+mlf", "mlf")):
+    for name, extra in (("scclip+gla", SCCLIPGLAOptions()), ("proxyclip+gla+mlf", MLFOptions())):
         spec = get_method(name)
         base = get_method(spec.base)
-        assert spec.options.base == base.options and spec.logit_scale == base.logit_scale
-        assert dataclasses.is_dataclass(getattr(spec.options, part))
+        assert spec.options == ComposedOptions(base.options, GLAConfig(), extra)  # one composed type, one part more
+        assert spec.logit_scale == base.logit_scale

@@ -159,7 +159,7 @@ def test_trident_gla_replaces_only_the_sub_image_attention(tiny_clip, dino16):
         trident.windowing, trident.finish, trident.post, trident.check
     ) and spec.needs("sam")
     got = spec.run(backbones, batch, spec.options).tokens  # (L, N, D)
-    parts = ADAPTERS["trident"](backbones, batch, spec.options.base)
+    parts = ADAPTERS["trident+gla"](backbones, batch, spec.options)
     L, N, C = parts.values.shape
     keys = [parts.key_sets[0].reshape(L * N, -1)]
     y = dense_cross_window_attention(keys, keys, parts.values.reshape(L * N, C), L, spec.options.gla)

@@ -176,7 +176,7 @@ def gla_flips(seg: Segmenter, batch: WindowBatch, dtype: torch.dtype) -> dict[st
     if not cfg.kve or cfg.norm != "dynamic" or not cfg.proxy:
         return {"skipped": "the diagnostic covers the default GLA (KVE, proxies, dynamic normalisation)"}
     backbones = Backbones(seg.clip.visual, seg.vfm)
-    full, reduced = _both(seg, dtype, lambda: ADAPTERS[spec.base](backbones, batch, opts.base))
+    full, reduced = _both(seg, dtype, lambda: ADAPTERS[spec.name](backbones, batch, opts))
     L = len(batch.windows)
     result: dict[str, Any] = {}
     with torch.inference_mode(), full_precision():

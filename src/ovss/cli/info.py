@@ -36,9 +36,8 @@ def list_methods(args: argparse.Namespace) -> int:
             print("\n".join(_option_lines(spec.options)) or "    (no options)")
         else:
             print(f"    the options of {spec.base}, and the GLA options gla_* below")
-            for part in vars(spec.options):  # a variant's own part (proxyclip+gla+mlf: mlf_*)
-                if part not in ("base", "gla"):
-                    print("\n".join(_option_lines(spec.options, part)))
+            if spec.options.extra is not None:  # a variant's own part (proxyclip+gla+mlf: mlf_*)
+                print("\n".join(_option_lines(spec.options, "extra")))
             gla_options = spec.options
     if gla_options is not None:
         print("\nGLA options of every X+gla method (keyword prefix gla_, e.g. --opt gla_rho=0.55):")

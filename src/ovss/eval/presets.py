@@ -1,9 +1,12 @@
-"""Named evaluation settings (spec §5) as data, and their resolution for one (preset, dataset, method).
+"""Named evaluation settings (spec §5) as one table, and their resolution for one (preset, dataset, method).
 
 A *preset* fixes, per benchmark, the resize short side S, window c and stride s, the background threshold
-θ_bg and the name set (§5.2); the *method* brings its logit scale τ and extras (§5.1): SCLIP's per-dataset
-τ, SCLIP's VOC21 area filter in the SCLIP setting, GLA's release options, CASS's per-dataset
-hyper-parameters. :func:`resolve` combines both into one :class:`ResolvedSetting`; every value can be overridden.
+θ_bg and the name set (§5.2); methods bring their logit scale τ (``MethodSpec.logit_scale``) and extras
+(§5.1): SCLIP's and SC-CLIP's per-dataset τ, their VOC21 area filter in the SCLIP settings, GLA's release
+options, Trident's and CASS's per-dataset options. All of it is data in one table,
+preset -> method key -> dataset key -> settings (:data:`PRESETS`, and :data:`ALL_PRESETS` for what holds in
+every preset); :func:`resolve` merges the entries that apply, names no method, and every value can be
+overridden.
 
 A method with GLA attached (``MethodSpec.base``, e.g. ``proxyclip+gla``) takes the values of its base.
 """
@@ -11,25 +14,25 @@ A method with GLA attached (``MethodSpec.base``, e.g. ``proxyclip+gla``) takes t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ovss.config import PIPELINE_KEYS
 from ovss.errors import OvssError
 from ovss.eval.names import DATASETS, NAME_SETS
-from ovss.methods.registry import Geometry, MethodSpec, get_method
+from ovss.methods.registry import GLA_SUFFIX, MethodSpec, get_method
 
-CUSTOM = "custom"  # dataset key of a user's own folder dataset (geometry of the preset's generic row)
-_GENERIC_ROW = "pc59"  # the preset row used for custom datasets: the 59-class PASCAL Context setting
-_BACKGROUND_DATASETS = ("voc21", "pc60", "coco_object")  # the only datasets with θ_bg (§5.2, §10 #27)
+CUSTOM = "custom"  # dataset key of a user's own folder dataset (the preset's generic row)
+_GENERIC_ROW = "pc59"  # the preset row used for custom datasets: the 59-class PASCAL Context setting (θ_bg 0)
 _WHOLE = 0  # crop 0 = whole-image mode (§2.2)
 
-# §5.1: a method's τ is its MethodSpec.logit_scale; SCLIP's release uses other values on three datasets.
-SCLIP_LOGIT_SCALES: dict[str, float] = {"voc21": 65.0, "pc60": 50.0, "coco_object": 50.0}
-SCCLIP_LOGIT_SCALES: dict[str, float] = {"voc21": 50.0, "coco_object": 55.0}  # SC-CLIP release configs
-DATASET_LOGIT_SCALES: dict[str, dict[str, float]] = {"sclip": SCLIP_LOGIT_SCALES, "scclip": SCCLIP_LOGIT_SCALES}
-AREA_FILTER_METHODS = ("sclip", "scclip")  # methods (and their +gla) with the VOC21 area filter (§2.8, §4.11.3)
-SCLIP_AREA_THRESHOLD = 0.1  # §2.8: area_thd of the SCLIP release, VOC21 only
+ANY = "*"  # table key: every method, every dataset (or, as a preset, every preset)
+ANY_COMPOSED = ANY + GLA_SUFFIX  # method key: every method with GLA attached (X+gla and its variants)
+
+# ResolvedSetting field -> value; "method_options" (ovss.load option keywords) merges key by key.
+Settings = dict[str, Any]
+# method key (ANY, ANY_COMPOSED, a base, a method) -> dataset key (ANY, a dataset) -> settings
+Table = dict[str, dict[str, Settings]]
 
 # Which preset reproduces a method's own published setting (used when no preset is named).
 HOME_PRESETS: dict[str, str] = {
@@ -52,27 +55,50 @@ HOME_PRESETS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """One named setting of spec §5.2."""
+    """One named setting of spec §5.2: its rows of the settings table."""
 
     name: str  # preset name, e.g. "gla"
-    geometry: dict[str, Geometry]  # per dataset: short side S / window c / stride s (c = 0: whole image)
-    bg_thresholds: dict[str, float]  # θ_bg for voc21, pc60, coco_object (0 for every other dataset)
-    name_set: str  # plain | bg-rename | full-rename (§6.3)
-    pamr_steps: int = 0  # PAMR iterations on the logits (naclip-pamr: 10; 0 = off)
-    sclip_area_filter: bool = False  # SCLIP setting: VOC21 area filter 0.1 for sclip, scclip and their +gla (§2.8)
-    gla_options: dict[str, Any] = field(default_factory=dict)  # GLA option keywords (gla_rho, ...) of X+gla
-    trident_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset, for trident(+gla)
-    cass_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: options of cass, cass+gla
-    description: str = ""  # one line for listings
+    description: str  # one line for listings
+    table: Table  # method key -> dataset key -> settings (table_settings gives the order of the merge)
 
 
-def _rows(default: tuple[int, int, int], **exceptions: tuple[int, int, int]) -> dict[str, Geometry]:
-    """Geometry of the eight datasets: ``default`` S/c/s everywhere except the named datasets."""
-    return {dataset: Geometry(*exceptions.get(dataset, default)) for dataset in DATASETS}
+def _merge(*tables: dict[str, Settings]) -> dict[str, Settings]:
+    """Dataset -> settings tables combined dataset by dataset (later tables win)."""
+    out: dict[str, Settings] = {}
+    for table in tables:
+        for dataset, settings in table.items():
+            out[dataset] = {**out.get(dataset, {}), **settings}
+    return out
 
 
-def _thresholds(voc21: float, pc60: float, coco_object: float) -> dict[str, float]:
-    return {"voc21": voc21, "pc60": pc60, "coco_object": coco_object}
+def _rows(default: tuple[int, int, int], **exceptions: tuple[int, int, int]) -> dict[str, Settings]:
+    """S / c / s of the eight datasets: ``default`` everywhere except the named datasets."""
+    return {
+        dataset: dict(zip(("short_side", "crop", "stride"), exceptions.get(dataset, default), strict=True))
+        for dataset in DATASETS
+    }
+
+
+def _thresholds(voc21: float, pc60: float, coco_object: float) -> dict[str, Settings]:
+    """θ_bg of the only datasets with a background class (§5.2, §10 #27); 0 elsewhere."""
+    return {
+        ANY: {"bg_threshold": 0.0},
+        "voc21": {"bg_threshold": voc21},
+        "pc60": {"bg_threshold": pc60},
+        "coco_object": {"bg_threshold": coco_object},
+    }
+
+
+def _setting(
+    rows: dict[str, Settings], bg: dict[str, Settings], name_set: str, pamr_steps: int = 0
+) -> dict[str, Settings]:
+    """The part of a preset every method gets: geometry and θ_bg per dataset, name set (§6.3) and PAMR."""
+    return _merge({ANY: {"name_set": name_set, "pamr_steps": pamr_steps}}, rows, bg)
+
+
+def _options(per_dataset: dict[str, dict[str, Any]]) -> dict[str, Settings]:
+    """Per-dataset method options (``ovss.load`` keywords) as table rows."""
+    return {dataset: {"method_options": options} for dataset, options in per_dataset.items()}
 
 
 _CLEARCLIP_ROWS = _rows((448, 448, 224))
@@ -83,6 +109,16 @@ _TRIDENT_ROWS = _rows(
     (576, 336, 224), voc21=(448, 336, 224), coco_object=(448, 336, 224), voc20=(336, 336, 112),
     coco_stuff=(448, 336, 224), cityscapes=(688, 336, 224),
 )  # fmt: skip
+_CASS_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0))
+_CLEARCLIP_BG = _thresholds(0.5, 0.15, 0.4)
+_PROXYCLIP_BG = _thresholds(0.2, 0.15, 0.25)
+_SCLIP_BG = _thresholds(0.1, 0.1, 0.1)
+
+# §2.8: the SCLIP release's VOC21 area filter (area_thd 0.1), in the SCLIP settings, for sclip and scclip (and
+# through their base, sclip+gla and scclip+gla; §4.11.3).
+_AREA_FILTER = {"voc21": {"area_threshold": 0.1}}
+_SCLIP_EXTRAS: Table = {"sclip": _AREA_FILTER, "scclip": _AREA_FILTER}
+
 # §4.12.5: theta_c (coarse_thresh), phi (cos_fac), refine_neg_cos per dataset; Cityscapes: SAM on two halves.
 _TRIDENT_OPTIONS: dict[str, dict[str, Any]] = {
     "voc21": {"coarse_thresh": 0.2, "cos_fac": 1.2},
@@ -94,9 +130,6 @@ _TRIDENT_OPTIONS: dict[str, dict[str, Any]] = {
     "cityscapes": {"coarse_thresh": 0.1, "cos_fac": 3.0, "refine_neg_cos": False, "split_halves": True},
     "ade20k": {"coarse_thresh": 0.05, "cos_fac": 1.2, "refine_neg_cos": False},
 }
-_CASS_ROWS = _rows((336, 224, 112), cityscapes=(560, 224, 112), voc21=(336, _WHOLE, 0))
-_CLEARCLIP_BG = _thresholds(0.5, 0.15, 0.4)
-_SCLIP_BG = _thresholds(0.1, 0.1, 0.1)
 
 
 def _cass(g_w: float, m: float, h: float, rescale: bool = True, view: str = "image") -> dict[str, Any]:
@@ -125,110 +158,99 @@ _CASS_OPTIONS: dict[str, dict[str, Any]] = {
 _CASS_RELEASE_SWITCHES = {"pairing": "release", "rank": "release", "dino_input": "release", "match_tolerance": 0.0}
 _CASS_RELEASE_OPTIONS = {dataset: {**o, **_CASS_RELEASE_SWITCHES} for dataset, o in _CASS_OPTIONS.items()}
 
-
-def _preset(name: str, rows: dict[str, Geometry], bg: dict[str, float], name_set: str, **extra: Any) -> Preset:
-    return Preset(name=name, geometry=rows, bg_thresholds=bg, name_set=name_set, **extra)
-
+# What holds in every preset: a method's τ is its MethodSpec.logit_scale (§5.1), except SCLIP's and SC-CLIP's
+# release values on some datasets (and through their base, sclip+gla's and scclip+gla's).
+ALL_PRESETS = Preset(
+    ANY,
+    "method properties that hold in every preset (spec §5.1)",
+    {
+        "sclip": {d: {"logit_scale": tau} for d, tau in {"voc21": 65.0, "pc60": 50.0, "coco_object": 50.0}.items()},
+        "scclip": {d: {"logit_scale": tau} for d, tau in {"voc21": 50.0, "coco_object": 55.0}.items()},
+    },
+)
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
-        _preset("clip-dinoiser", _CLEARCLIP_ROWS, _CLEARCLIP_BG, "plain", description="GLA App. B.1 setting"),
-        _preset("clearclip", _CLEARCLIP_ROWS, _CLEARCLIP_BG, "plain", description="ClearCLIP setting (App. B.2)"),
-        _preset(
+        Preset("clip-dinoiser", "GLA App. B.1 setting", {ANY: _setting(_CLEARCLIP_ROWS, _CLEARCLIP_BG, "plain")}),
+        Preset("clearclip", "ClearCLIP setting (App. B.2)", {ANY: _setting(_CLEARCLIP_ROWS, _CLEARCLIP_BG, "plain")}),
+        Preset(
             "clearclip-release",
-            {**_CLEARCLIP_ROWS, "cityscapes": Geometry(448, 224, 224)},
-            _CLEARCLIP_BG,
-            "plain",
-            description="ClearCLIP release: Cityscapes window 224/224",
+            "ClearCLIP release: Cityscapes window 224/224",
+            {ANY: _setting(_rows((448, 448, 224), cityscapes=(448, 224, 224)), _CLEARCLIP_BG, "plain")},
         ),
-        _preset(
+        Preset(
             "proxyclip",
-            _PROXYCLIP_ROWS,
-            _thresholds(0.2, 0.15, 0.25),
-            "bg-rename",
-            description="ProxyCLIP setting (App. B.3)",
+            "ProxyCLIP setting (App. B.3)",
+            {ANY: _setting(_PROXYCLIP_ROWS, _PROXYCLIP_BG, "bg-rename")},
         ),
-        _preset(
+        Preset(
             "proxyclip-release",
-            {**_PROXYCLIP_ROWS, "cityscapes": Geometry(448, 224, 112)},
-            _thresholds(0.2, 0.15, 0.25),
-            "bg-rename",
-            description="ProxyCLIP release: Cityscapes window 224/112",
+            "ProxyCLIP release: Cityscapes window 224/112",
+            {
+                ANY: _setting(
+                    _rows((336, 336, 112), cityscapes=(448, 224, 112), ade20k=(448, 336, 112)),
+                    _PROXYCLIP_BG,
+                    "bg-rename",
+                )
+            },
         ),
-        _preset(
+        Preset(
             "sclip",
-            _SCLIP_ROWS,
-            _SCLIP_BG,
-            "full-rename",
-            sclip_area_filter=True,
-            description="SCLIP setting (App. B.4)",
+            "SCLIP setting (App. B.4)",
+            {ANY: _setting(_SCLIP_ROWS, _SCLIP_BG, "full-rename"), **_SCLIP_EXTRAS},
         ),
-        _preset(
+        Preset(
             "sclip-release",
-            {**_SCLIP_ROWS, "coco_stuff": Geometry(448, 224, 112)},
-            _SCLIP_BG,
-            "full-rename",
-            sclip_area_filter=True,
-            description="SCLIP release: COCO-Stuff short side 448",
+            "SCLIP release: COCO-Stuff short side 448",
+            {
+                ANY: _setting(
+                    _rows((336, 224, 112), cityscapes=(560, 224, 112), coco_stuff=(448, 224, 112)),
+                    _SCLIP_BG,
+                    "full-rename",
+                ),
+                **_SCLIP_EXTRAS,
+            },
         ),
-        _preset(
+        Preset(
             "gla",
-            _SCLIP_ROWS,
-            _SCLIP_BG,
-            "full-rename",
-            sclip_area_filter=True,
-            description="GLA-CLIP default = SCLIP setting (App. L)",
+            "GLA-CLIP default = SCLIP setting (App. L)",
+            {ANY: _setting(_SCLIP_ROWS, _SCLIP_BG, "full-rename"), **_SCLIP_EXTRAS},
         ),
-        _preset(
+        Preset(
             "gla-release",
-            _SCLIP_ROWS,
-            _SCLIP_BG,
-            "full-rename",
-            sclip_area_filter=True,
-            gla_options={"gla_rho": 0.55, "gla_clamp_mean": True},
-            description="GLA-CLIP release: rho 0.55, row mean clamped at 0",
+            "GLA-CLIP release: rho 0.55, row mean clamped at 0",
+            {
+                ANY: _setting(_SCLIP_ROWS, _SCLIP_BG, "full-rename"),
+                **_SCLIP_EXTRAS,
+                ANY_COMPOSED: {ANY: {"method_options": {"gla_rho": 0.55, "gla_clamp_mean": True}}},
+            },
         ),
-        _preset(
+        Preset(
             "scclip",
-            _SCLIP_ROWS,
-            _thresholds(0.15, 0.15, 0.35),
-            "full-rename",
-            sclip_area_filter=True,
-            description="SC-CLIP release configs (§4.11.3)",
+            "SC-CLIP release configs (§4.11.3)",
+            {ANY: _setting(_SCLIP_ROWS, _thresholds(0.15, 0.15, 0.35), "full-rename"), **_SCLIP_EXTRAS},
         ),
-        _preset("naclip", _NACLIP_ROWS, _SCLIP_BG, "full-rename", description="NACLIP release configuration"),
-        _preset(
+        Preset("naclip", "NACLIP release configuration", {ANY: _setting(_NACLIP_ROWS, _SCLIP_BG, "full-rename")}),
+        Preset(
             "naclip-pamr",
-            _NACLIP_ROWS,
-            _SCLIP_BG,
-            "full-rename",
-            pamr_steps=10,
-            description="NACLIP + PAMR (10 iterations, dilations 8, 16)",
+            "NACLIP + PAMR (10 iterations, dilations 8, 16)",
+            {ANY: _setting(_NACLIP_ROWS, _SCLIP_BG, "full-rename", pamr_steps=10)},
         ),
-        _preset(
+        Preset(
             "trident",
-            _TRIDENT_ROWS,
-            _thresholds(0.2, 0.15, 0.25),
-            "bg-rename",
-            trident_options=_TRIDENT_OPTIONS,
-            description="Trident release configs (§4.12.5): SAM thresholds per dataset",
+            "Trident release configs (§4.12.5): SAM thresholds per dataset",
+            {ANY: _setting(_TRIDENT_ROWS, _PROXYCLIP_BG, "bg-rename"), "trident": _options(_TRIDENT_OPTIONS)},
         ),
-        _preset(
+        Preset(
             "cass",
-            _CASS_ROWS,
-            _SCLIP_BG,
-            "full-rename",
-            cass_options=_CASS_OPTIONS,
-            description="CASS release configuration with its per-dataset hyper-parameters",
+            "CASS release configuration with its per-dataset hyper-parameters",
+            {ANY: _setting(_CASS_ROWS, _SCLIP_BG, "full-rename"), "cass": _options(_CASS_OPTIONS)},
         ),
-        _preset(
+        Preset(
             "cass-release",
-            _CASS_ROWS,
-            _SCLIP_BG,
-            "full-rename",
-            cass_options=_CASS_RELEASE_OPTIONS,
-            description="CASS release: head pairs indexed as in its code, rank-10 DINO graphs, 8-bit DINO input",
+            "CASS release: head pairs indexed as in its code, rank-10 DINO graphs, 8-bit DINO input",
+            {ANY: _setting(_CASS_ROWS, _SCLIP_BG, "full-rename"), "cass": _options(_CASS_RELEASE_OPTIONS)},
         ),
     )
 }
@@ -293,23 +315,30 @@ def default_preset(method: str) -> str:
     return home
 
 
-def method_logit_scale(method: str, dataset: str) -> float:
-    """τ of a method on a dataset (§5.1): the registry value, SCLIP's and SC-CLIP's per-dataset exceptions included."""
-    spec = get_method(method)
-    return DATASET_LOGIT_SCALES.get(spec.base or spec.name, {}).get(dataset, spec.logit_scale)
+def method_keys(spec: MethodSpec) -> tuple[str, ...]:
+    """The method keys of the settings table that apply to a method, most general first: every method, every
+    composed method and its base (``X+gla`` takes the values of ``X``), the method itself."""
+    keys = [ANY]
+    if spec.base is not None:
+        keys += [ANY_COMPOSED, spec.base]
+    return (*keys, spec.name)
 
 
-def method_options(preset: Preset, spec: MethodSpec, dataset: str = _GENERIC_ROW) -> dict[str, Any]:
-    """Method options a preset implies on a dataset: its GLA options for methods with GLA attached, and the
-    per-dataset options of Trident (``trident``, ``trident+gla``) and CASS (``cass``, ``cass+gla``; the generic
-    row for custom data)."""
-    options = dict(preset.gla_options) if spec.base is not None else {}
-    base = spec.base or spec.name
-    if base == "trident":
-        options.update(preset.trident_options.get(dataset, {}))
-    if base == "cass":
-        options.update(preset.cass_options.get(dataset, {}))
-    return options
+def table_settings(preset: Preset, spec: MethodSpec, dataset: str) -> Settings:
+    """What the table says for one (preset, method, dataset): every entry that applies, merged in order.
+
+    The order: :data:`ALL_PRESETS` before the preset; within one, method keys from :func:`method_keys`
+    (general to specific); within one method key, ``ANY`` before the dataset. A later value replaces an
+    earlier one, except ``method_options``, which merge keyword by keyword.
+    """
+    merged: Settings = {"method_options": {}}
+    for table in (ALL_PRESETS.table, preset.table):
+        for method_key in method_keys(spec):
+            rows = table.get(method_key, {})
+            for dataset_key in (ANY, dataset):
+                for key, value in rows.get(dataset_key, {}).items():
+                    merged[key] = {**merged[key], **value} if key == "method_options" else value
+    return merged
 
 
 def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> ResolvedSetting:
@@ -337,19 +366,11 @@ def resolve(preset: str | None, dataset: str, method: str, **overrides: Any) -> 
     if unknown:
         raise OvssError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
     row = dataset if dataset != CUSTOM else _GENERIC_ROW
-    geometry = chosen.geometry[row]
-    filtered = chosen.sclip_area_filter and (spec.base or spec.name) in AREA_FILTER_METHODS
-    area = SCLIP_AREA_THRESHOLD if filtered else None
+    # τ is the method's own and the area filter off unless the table says otherwise
     values: dict[str, Any] = {
-        "short_side": geometry.short_side,
-        "crop": geometry.crop,
-        "stride": geometry.stride,
-        "logit_scale": method_logit_scale(method, row),
-        "bg_threshold": chosen.bg_thresholds.get(dataset, 0.0),
-        "area_threshold": area if dataset == "voc21" else None,
-        "pamr_steps": chosen.pamr_steps,
-        "name_set": chosen.name_set,
-        "method_options": method_options(chosen, spec, row),
+        "logit_scale": spec.logit_scale,
+        "area_threshold": None,
+        **table_settings(chosen, spec, row),
     }
     changed = sorted(key for key, value in overrides.items() if key != "method_options" and values[key] != value)
     extra_options = dict(overrides.pop("method_options", None) or {})

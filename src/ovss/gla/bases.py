@@ -5,6 +5,10 @@ replaces the base's per-window attention by the one cross-window operator of :mo
 built from those parts. Each base's difference stays in its own short function here: ProxyCLIP and ClearCLIP
 give one key set, SCLIP two, NACLIP adds an image-space prior, GCLIP its own-window AMF maps. The adapters
 reuse the bases' own functions, so no method code is copied.
+
+Every adapter has one signature, ``(backbones, batch, options) -> CrossWindowParts``, with the method's
+:class:`~ovss.methods.options.ComposedOptions` (``options.base``: the base's options, ``options.extra``: a
+variant's own part), and sits in :data:`ADAPTERS` under the composed method's name.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from ovss.errors import OvssError
 from ovss.gla.cross_window import PriorFn
 from ovss.methods.common import Backbones, WindowBatch, residual_ffn, tokens_before_last_block
+from ovss.methods.options import ComposedOptions, NACLIPOptions
 from ovss.methods.scclip import aggregate, clip_block_outputs, kk_attention, scale_blocks, scclip_streams
 from ovss.models.vit import VisionTransformer
 from ovss.precision import full_precision
@@ -69,7 +74,7 @@ def heads_concat(t: torch.Tensor, prefix: int) -> torch.Tensor:
     return t.transpose(1, 2).reshape(L, N, H * d)  # (L, N, D)
 
 
-def proxyclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def proxyclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """ProxyCLIP base: DINO last-layer normed tokens as keys, CLIP values up-sampled to the DINO grid."""
     from ovss.methods.proxyclip import clip_values_on_grid, vfm_features
 
@@ -82,9 +87,9 @@ def proxyclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> Cros
     return CrossWindowParts([features], values, grid, backbones.vfm.cfg.patch, False, block.attn.out_proj, _identity)
 
 
-def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """ClearCLIP base: last-block queries (heads concatenated) as keys, CLIP values, no residual/FFN."""
-    if getattr(opts, "last_n_layers", 1) != 1:
+    if opts.base.last_n_layers != 1:
         raise OvssError("clearclip+gla supports last_n_layers = 1 only (GLA replaces the last block)")
     clip = backbones.clip
     _, q, _, v, grid = _clip_qkv(clip, batch.pixels)
@@ -95,7 +100,7 @@ def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> Cros
     )
 
 
-def sclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def sclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """SCLIP base [ovss construction]: two maps with keys q and k, summed; SCLIP's residual and FFN kept."""
     clip = backbones.clip
     x, q, k, v, grid = _clip_qkv(clip, batch.pixels)
@@ -104,7 +109,7 @@ def sclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
     x_patches = x[:, p:]  # (L, N, D) each token's own window input for the residual
 
     def finish(a: torch.Tensor) -> torch.Tensor:
-        return a if opts.reduced else residual_ffn(block, x_patches, a)  # (L, N, D)
+        return a if opts.base.reduced else residual_ffn(block, x_patches, a)  # (L, N, D)
 
     keys = [heads_concat(q, p), heads_concat(k, p)]
     return CrossWindowParts(keys, heads_concat(v, p), grid, clip.cfg.patch, True, block.attn.out_proj, finish)
@@ -146,9 +151,10 @@ def gaussian_prior_rows(origins: torch.Tensor, sigma_px: float, weight: float) -
     return prior
 
 
-def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """NACLIP base [ovss design]: keys k plus an image-space Gaussian prior of sigma * p pixels."""
-    if opts.attn != "naclip":
+    nac = opts.base
+    if nac.attn != "naclip":
         raise OvssError("naclip+gla uses NACLIP's k-k attention with its prior; attn must be 'naclip'")
     clip = backbones.clip
     x, _, k, v, grid = _clip_qkv(clip, batch.pixels)
@@ -157,32 +163,33 @@ def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     x_patches = x[:, p:]  # (L, N, D)
 
     def finish(a: torch.Tensor) -> torch.Tensor:
-        return a if opts.arch == "reduced" else residual_ffn(block, x_patches, a)  # (L, N, D)
+        return a if nac.arch == "reduced" else residual_ffn(block, x_patches, a)  # (L, N, D)
 
-    sigma_px = float(opts.sigma) * clip.cfg.patch  # sigma * p pixels
+    sigma_px = float(nac.sigma) * clip.cfg.patch  # sigma * p pixels
     prior = gaussian_prior_rows(token_origins(batch, grid, clip.cfg.patch), sigma_px, NACLIP_PRIOR_WEIGHT)
     return CrossWindowParts(
         [heads_concat(k, p)], heads_concat(v, p), grid, clip.cfg.patch, True, block.attn.out_proj, finish, prior
     )
 
 
-def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """GCLIP base [ovss design]: clean-stream q as keys, values from the channel-suppressed stream, and the
     within-window AMF maps (patches only, renormalised) fused with the cross-window map: (sum AMF + alpha) / (l + 2).
     """
     from ovss.methods.gclip import gclip_streams
 
-    if opts.fuse_heads == "per_head":
+    gc = opts.base
+    if gc.fuse_heads == "per_head":
         raise OvssError("gclip+gla shares one attention map across heads; use fuse_heads='mixed' or 'averaged'")
     clip = backbones.clip
-    st = gclip_streams(backbones, batch, opts, patch_maps=True)
+    st = gclip_streams(backbones, batch, gc, patch_maps=True)
     last = clip.blocks[-1]
     q, _, v = last.attn.qkv(last.ln_1(st.x))  # (L, H, n, d) clean stream
     if st.xs is not None:
         _, _, v = last.attn.qkv(last.ln_1(st.xs))  # (L, H, n, d) values from the suppressed stream
     p = clip.num_prefix_tokens
     local = None if st.early is None else st.early[:, 0]  # (L, N, N) rows sum to l + 1
-    count = 0 if st.early is None else opts.fuse_layers + 1
+    count = 0 if st.early is None else gc.fuse_layers + 1
     return CrossWindowParts(
         [heads_concat(q, p)],
         heads_concat(v, p),
@@ -198,7 +205,7 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWin
     )
 
 
-def trident_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def trident_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """Trident base (spec §4.12.6): DINO ViT-B/16 keys of all sub-images, CLIP values on the same grid."""
     from ovss.methods.trident import check_patch
 
@@ -206,19 +213,18 @@ def trident_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossW
     return proxyclip_parts(backbones, batch, opts)  # grids agree (patch 16): the values are not resampled
 
 
-def cass_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def cass_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """CASS base [ovss design, GLA App. I]: GLA-CLIP's attention (DINO keys, CLIP values on the DINO grid, as
     ProxyCLIP + GLA), or with ``cross_window_keys = naclip`` NACLIP + GLA's (CLIP k + image-space prior);
     CASS adds the global image embeddings its predict-time text adjustment and logit blend need (``extras``).
     """
     from ovss.methods.cass import check_vfm, global_embeddings
-    from ovss.methods.options import NACLIPOptions
     from ovss.methods.proxyclip import clip_values_on_grid, vfm_features
 
-    clip = backbones.clip
+    cass, clip = opts.base, backbones.clip
     x: torch.Tensor | None = None  # input of the last block, when computed here
-    if opts.cross_window_keys == "naclip":
-        parts = naclip_parts(backbones, batch, NACLIPOptions(sigma=opts.sigma))
+    if cass.cross_window_keys == "naclip":
+        parts = naclip_parts(backbones, batch, ComposedOptions(NACLIPOptions(sigma=cass.sigma), opts.gla))
     else:
         vfm = check_vfm(clip, backbones.vfm, "cass+gla")
         features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
@@ -226,35 +232,25 @@ def cass_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWind
         block = clip.blocks[-1]
         values = heads_concat(v, 0)  # (L, N, C)
         parts = CrossWindowParts([features], values, grid, vfm.cfg.patch, False, block.attn.out_proj, _identity)
-    parts.extras = {"global": global_embeddings(clip, batch, opts.global_embedding, x)}  # (L, E)
+    parts.extras = {"global": global_embeddings(clip, batch, cass.global_embedding, x)}  # (L, E)
     return parts
 
 
-ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
-    "proxyclip": proxyclip_parts,
-    "clearclip": clearclip_parts,
-    "sclip": sclip_parts,
-    "naclip": naclip_parts,
-    "gclip": gclip_parts,
-    "trident": trident_parts,
-    "cass": cass_parts,
-}
-
-
-def proxyclip_mlf_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def proxyclip_mlf_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """ProxyCLIP + multi-layer fusion [ovss construction, spec §4.11.4]: the GLA map of the DINO keys applied
     to two value streams in one operator call (channels concatenated), then one OutProj each, summed:
     ``OutProj(alpha V) + OutProj(alpha V')`` with V' from ``ln_1`` of the sum of the fused blocks' outputs.
     ``mlf_res_cls`` adds ``res_cls (c11 + m_c)`` of the token's window. No fused blocks: ``proxyclip+gla``.
 
     Args:
-        opts: :class:`~ovss.gla.config.MLFMethodOptions` (``opts.mlf``: blocks, res_cls, scale_blocks).
+        opts: composed options whose ``extra`` is :class:`~ovss.methods.options.MLFOptions` (blocks, res_cls,
+            scale_blocks).
     """
     from ovss.methods.proxyclip import resize_values, vfm_features
 
     if backbones.vfm is None:
         raise OvssError("proxyclip+gla+mlf needs a vision foundation model; load it with vfm='dino-vitb8'")
-    mlf, clip = opts.mlf, backbones.clip
+    mlf, clip = opts.extra, backbones.clip
     fuse = scale_blocks(mlf.blocks, len(clip.blocks), mlf.scale_blocks, "mlf_blocks entry")
     features, grid = vfm_features(backbones.vfm, batch.pixels, clip)  # (L, N, D_v)
     out = clip_block_outputs(clip, batch.pixels, (), fuse)  # x11 (L, n, D), fused sum (L, n, D)
@@ -284,7 +280,7 @@ def proxyclip_mlf_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> 
     return CrossWindowParts([features], values, grid, backbones.vfm.cfg.patch, False, out_proj, finish, info=info)
 
 
-def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWindowParts:
+def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """SC-CLIP base [ovss design, spec §4.11.5]: SC-CLIP's steps 1-5 per window, then three cross-window maps
     shared by all heads: alpha8 (keys: repaired block-8 features), alpha_k (k of x_b), alpha_k' (k of m_P).
     ``y1 = OutProj(1/2 (alpha8 + alpha_k) V) + 0.3 c11``, ``y2 = OutProj(1/2 (alpha8 + alpha_k') V') + 0.3 m_c``,
@@ -292,7 +288,7 @@ def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     ``scclip_gla_kk = window``: the k-k halves are SC-CLIP's own per-head maps inside the window.
 
     Args:
-        opts: :class:`~ovss.gla.config.SCCLIPGLAMethodOptions` (``opts.base``: SC-CLIP's options).
+        opts: composed options: ``base`` SC-CLIP's, ``extra`` :class:`~ovss.methods.options.SCCLIPGLAOptions`.
     """
     sc, clip = opts.base, backbones.clip
     st = scclip_streams(clip, batch.pixels, sc)
@@ -303,7 +299,7 @@ def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     channels = values.shape[-1]
     res1, res2 = sc.res_cls * st.cls, sc.res_cls * st.fused_cls  # (L, 1, D) each
     extra: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if opts.scclip_gla.kk == "cross":
+    if opts.extra.kk == "cross":
         extra = [(heads_concat(k1, 0), values), (heads_concat(k2, 0), values2)]
         own: tuple[torch.Tensor, ...] = ()
     else:
@@ -334,8 +330,17 @@ def scclip_parts(backbones: Backbones, batch: WindowBatch, opts: Any) -> CrossWi
     )
 
 
-# Variants of X+gla with an option part of their own: called with the whole composed options.
-VARIANT_ADAPTERS: dict[str, Callable[[Backbones, WindowBatch, Any], CrossWindowParts]] = {
+Adapter = Callable[[Backbones, WindowBatch, ComposedOptions], CrossWindowParts]
+
+# composed method name -> its adapter (every method registered with ovss.methods.registry.register_gla)
+ADAPTERS: dict[str, Adapter] = {
+    "proxyclip+gla": proxyclip_parts,
+    "clearclip+gla": clearclip_parts,
+    "sclip+gla": sclip_parts,
+    "naclip+gla": naclip_parts,
+    "gclip+gla": gclip_parts,
+    "trident+gla": trident_parts,
+    "cass+gla": cass_parts,
     "scclip+gla": scclip_parts,
     "proxyclip+gla+mlf": proxyclip_mlf_parts,
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from ovss.errors import OvssError
 from ovss.fields import check_fields
@@ -53,29 +53,3 @@ class GLAConfig:
 
 
 GLA_RELEASE = GLAConfig(rho=0.55, clamp_mean=True)  # preset `gla-release` (spec §10 rows 1-2)
-
-
-@dataclass(frozen=True)
-class GLAMethodOptions:
-    """Options of a ``X+gla`` method: the base's own options and the GLA hyper-parameters.
-
-    As ``ovss.load`` keywords the base's options keep their names (``beta``) and GLA's carry the prefix
-    ``gla_`` (``gla_rho``, ``gla_beta``): see :func:`ovss.methods.options.option_fields`.
-    """
-
-    base: Any  # the base method's options dataclass (e.g. ProxyCLIPOptions)
-    gla: GLAConfig  # rho, T, lambda1, lambda2, ablation switches, chunking
-
-
-@dataclass(frozen=True)
-class MLFMethodOptions(GLAMethodOptions):
-    """Options of ``proxyclip+gla+mlf``: ProxyCLIP's, GLA's and the multi-layer fusion's (keywords ``mlf_*``)."""
-
-    mlf: Any  # ovss.methods.options.MLFOptions: fused blocks and [CLS] residual (spec §4.11.4)
-
-
-@dataclass(frozen=True)
-class SCCLIPGLAMethodOptions(GLAMethodOptions):
-    """Options of ``scclip+gla``: SC-CLIP's, GLA's and ``scclip_gla_kk`` (spec §4.11.5)."""
-
-    scclip_gla: Any  # ovss.methods.options.SCCLIPGLAOptions: cross-window or own-window k-k halves

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ovss.gla.bases import ADAPTERS, VARIANT_ADAPTERS, CrossWindowParts
+from ovss.gla.bases import ADAPTERS, CrossWindowParts
 from ovss.gla.chunking import resolve_chunk_rows
-from ovss.gla.config import GLAConfig, GLAMethodOptions
+from ovss.gla.config import GLAConfig
 from ovss.gla.cross_window import cross_window_attention, dynamic_shift
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
+from ovss.methods.options import ComposedOptions
 from ovss.precision import full_precision
 
 
@@ -68,18 +69,23 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
     return tokens, info
 
 
-def run_gla(base: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
-    parts = ADAPTERS[base](backbones, batch, opts.base)  # backbone passes (autocast if reduced precision)
+def run_composed(name: str, backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> MethodOutput:
+    """Run the composed method ``name`` (``X+gla``, ``proxyclip+gla+mlf``) on all windows of one image.
+
+    Args:
+        name: the composed method's registry name, the key of its adapter in ``ovss.gla.bases.ADAPTERS``.
+        backbones: CLIP (and the VFM where the base needs one).
+        batch: all L windows of the image (GLA attends across them).
+        opts: the method's composed options (base, GLA and an optional extra part).
+
+    Returns:
+        The tokens (L, N, D) for the dense head on the base's grid, with diagnostics.
+    """
+    parts = ADAPTERS[name](backbones, batch, opts)  # backbone passes (autocast if reduced precision)
     return gla_output(parts, batch, opts)
 
 
-def run_gla_variant(name: str, backbones: Backbones, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
-    """``scclip+gla``, ``proxyclip+gla+mlf``: adapters that read an option part of their own (spec §4.11)."""
-    parts = VARIANT_ADAPTERS[name](backbones, batch, opts)  # backbone passes (autocast if reduced precision)
-    return gla_output(parts, batch, opts)
-
-
-def gla_output(parts: CrossWindowParts, batch: WindowBatch, opts: GLAMethodOptions) -> MethodOutput:
+def gla_output(parts: CrossWindowParts, batch: WindowBatch, opts: ComposedOptions) -> MethodOutput:
     """The GLA tokens of an adapter's parts, with diagnostics."""
     with full_precision():  # similarities, proxies, normalisation and softmax in fp32 (spec §2.9)
         tokens, info = cross_window_tokens(parts, batch, opts.gla)

@@ -1,12 +1,11 @@
 """The built-in methods: name, run function (imported on first use), options and defaults (spec §4, §5.1).
 
-Torch-free, so that listing methods or parsing options never loads a backbone library. Bases first, then
-GLA attached to every base that ``ovss.gla.bases.ADAPTERS`` supports.
+Torch-free, so that listing methods or parsing options never loads a backbone library. Bases first, then the
+composed methods (GLA on a base, each with its adapter in ``ovss.gla.bases.ADAPTERS``).
 """
 
 from __future__ import annotations
 
-from ovss.gla.config import GLAConfig, MLFMethodOptions, SCCLIPGLAMethodOptions
 from ovss.methods.options import (
     CASSOptions,
     ClearCLIPOptions,
@@ -21,10 +20,7 @@ from ovss.methods.options import (
     TridentOptions,
     VanillaOptions,
 )
-from ovss.methods.registry import METHODS, Geometry, LazyRun, MethodSpec, register, register_gla
-
-# the keys of ovss.gla.bases.ADAPTERS
-GLA_BASES = ("proxyclip", "clearclip", "sclip", "naclip", "gclip", "trident", "cass")
+from ovss.methods.registry import Geometry, LazyRun, MethodSpec, register, register_gla
 
 _S336 = Geometry(336, 224, 112)  # resize 336, window 224, stride 112
 _S448 = Geometry(448, 448, 224)  # ClearCLIP's setting
@@ -151,41 +147,26 @@ for _spec in (
 ):
     register(_spec)
 
-for _base in GLA_BASES:
-    # The flagship's default setting is GLA-CLIP's own (spec §5.2 `gla`: 336 / 224 / 112).
-    # cass+gla's default keys are DINO tokens, like proxyclip+gla's: windows padded to a multiple of 56.
-    register_gla(_base, _S336 if _base == "proxyclip" else None, 56 if _base == "cass" else None)
-
-
-# X+gla variants with an option part of their own (spec §4.11.4-4.11.5): GLA through the same operator, their
-# adapters in ovss.gla.bases.VARIANT_ADAPTERS. `with_gla("scclip")` is scclip+gla; proxyclip+gla+mlf is
-# proxyclip+gla with a second value stream (keywords mlf_*), so its base is proxyclip too.
-_scclip = METHODS["scclip"]
-_proxyclip = METHODS["proxyclip"]
-register(
-    MethodSpec(
-        name="scclip+gla",
-        run=LazyRun("ovss.gla.method:run_gla_variant", ("scclip+gla",)),
-        options=SCCLIPGLAMethodOptions(_scclip.options, GLAConfig(), SCCLIPGLAOptions()),
-        logit_scale=_scclip.logit_scale,
-        pad_multiple=_scclip.pad_multiple,
-        geometry=_scclip.geometry,
-        joint_windows=True,
-        description="GLA on SC-CLIP: three cross-window maps (block-8 features, k, fused k'), two passes",
-        base="scclip",
-    )
+# Composed methods: GLA on a base (spec §4.8-4.9), and variants with an option part of their own (§4.11.4-4.11.5).
+# The flagship's default setting is GLA-CLIP's own (spec §5.2 `gla`: 336 / 224 / 112).
+register_gla("proxyclip", _S336)
+register_gla("clearclip")
+register_gla("sclip")
+register_gla("naclip")
+register_gla("gclip")
+register_gla("trident")
+register_gla("cass", pad_multiple=56)  # DINO tokens as keys, like proxyclip+gla's: windows padded to 56
+register_gla(
+    "scclip",
+    extra=SCCLIPGLAOptions(),  # scclip_gla_kk
+    description="GLA on SC-CLIP: three cross-window maps (block-8 features, k, fused k'), two passes",
 )
-register(
-    MethodSpec(
-        name="proxyclip+gla+mlf",
-        run=LazyRun("ovss.gla.method:run_gla_variant", ("proxyclip+gla+mlf",)),
-        options=MLFMethodOptions(_proxyclip.options, GLAConfig(), MLFOptions()),
-        logit_scale=_proxyclip.logit_scale,
-        pad_multiple=_proxyclip.pad_multiple,
-        geometry=_S336,
-        weights=_proxyclip.weights,
-        joint_windows=True,
-        description="proxyclip+gla plus SC-CLIP-style multi-layer fusion: values of the sum of blocks 3-9",
-        base="proxyclip",
-    )
+# proxyclip+gla with a second value stream (keywords mlf_*): its base is proxyclip, `--gla` on proxyclip stays
+# proxyclip+gla.
+register_gla(
+    "proxyclip",
+    _S336,
+    extra=MLFOptions(),
+    suffix="+mlf",
+    description="proxyclip+gla plus SC-CLIP-style multi-layer fusion: values of the sum of blocks 3-9",
 )

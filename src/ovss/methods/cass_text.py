@@ -21,7 +21,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from ovss.errors import OvssError
-from ovss.methods.options import CASSOptions
+from ovss.methods.options import CASSOptions, base_options
 
 TOP_PATCHES = 2  # patches averaged into the shift vector
 
@@ -91,7 +91,7 @@ def cass_scores(
     Returns:
         (L, N, Q) fp32 logits.
     """
-    opts = getattr(options, "base", options)
+    opts = base_options(options)
     if not isinstance(opts, CASSOptions):
         raise OvssError(f"the CASS score needs CASS options, got {type(opts).__name__}")
     if "global" not in extras:

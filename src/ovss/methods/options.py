@@ -4,9 +4,9 @@ Each field's annotation is the one declaration of what it accepts (``ovss.fields
 when built, ``ovss.load`` keywords and ``--opt KEY=VALUE`` are checked and parsed by it, and ``ovss methods``
 lists it. The method modules import their class from here, so the registry can be read without torch.
 
-Composed options (``X+gla``: :class:`~ovss.gla.config.GLAMethodOptions`) hold a dataclass per part: the
-field ``base`` keeps its option names (``beta``), every other part prefixes them with its field name
-(``gla_rho``), so one keyword sets exactly one option.
+Composed options (``X+gla``, ``proxyclip+gla+mlf``: :class:`ComposedOptions`) hold a dataclass per part: the
+base's keep their option names (``beta``), GLA's carry ``gla_`` (``gla_rho``) and a variant's own part its
+class's ``keyword_prefix`` (``mlf_blocks``), so one keyword sets exactly one option.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ovss.errors import OvssError
 from ovss.fields import CheckedFields, check_value, field_types
 
 BASE_PART = "base"  # the part of composed options whose names are not prefixed
+GLA_PREFIX = "gla_"  # keyword prefix of the GLA part of composed options
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class SCCLIPOptions(CheckedFields):
 class MLFOptions(CheckedFields):
     """Multi-layer fusion on ``proxyclip+gla`` (``proxyclip+gla+mlf``, spec §4.11.4); keywords ``mlf_*``."""
 
+    keyword_prefix: ClassVar[str] = "mlf_"  # as the extra part of ComposedOptions
     blocks: tuple[int, ...] = SCCLIP_FUSION_BLOCKS  # fused values from ln_1 of the sum of these blocks' outputs
     res_cls: float = 0.0  # 0.3 adds 0.3 (c11 + m_c) of the token's window, SC-CLIP's [CLS] residual
     scale_blocks: bool = True  # other depths: block indices scaled from 12 blocks (False: used as given)
@@ -130,6 +132,7 @@ class MLFOptions(CheckedFields):
 class SCCLIPGLAOptions(CheckedFields):
     """GLA-side option of ``scclip+gla`` (spec §4.11.5); keyword ``scclip_gla_kk``."""
 
+    keyword_prefix: ClassVar[str] = "scclip_gla_"  # as the extra part of ComposedOptions
     kk: Literal["cross", "window"] = "cross"  # k-k halves: cross-window GLA maps, or SC-CLIP's own per head
 
 
@@ -199,11 +202,37 @@ class CASSOptions(CheckedFields):
 
 
 @dataclass(frozen=True)
+class ComposedOptions:
+    """Options of a composed method (``X+gla`` and its variants): the base's, GLA's and an optional own part.
+
+    As ``ovss.load`` keywords the base's options keep their names (``beta``), GLA's carry the prefix ``gla_``
+    (``gla_rho``, ``gla_beta``) and the extra part's its class's ``keyword_prefix`` (``mlf_blocks``,
+    ``scclip_gla_kk``): see :func:`option_fields`.
+    """
+
+    base: Any  # the base method's options dataclass (e.g. ProxyCLIPOptions)
+    gla: Any  # ovss.gla.config.GLAConfig: rho, T, lambda1, lambda2, ablation switches, chunking
+    extra: Any = None  # a variant's own part (MLFOptions, SCCLIPGLAOptions); None: plain X+gla
+
+    def parts(self) -> list[tuple[str, str, Any]]:
+        """(field name, keyword prefix, options dataclass) of every part present, base first."""
+        found = [(BASE_PART, "", self.base), ("gla", GLA_PREFIX, self.gla)]
+        if self.extra is not None:
+            found.append(("extra", type(self.extra).keyword_prefix, self.extra))
+        return found
+
+
+def base_options(options: Any) -> Any:
+    """The base method's options: the ``base`` part of composed options, else the options themselves."""
+    return options.base if isinstance(options, ComposedOptions) else options
+
+
+@dataclass(frozen=True)
 class OptionField:
     """Where one option keyword lives in a (possibly composed) options dataclass."""
 
     keyword: str  # the ovss.load keyword / --opt name, e.g. "gla_rho"
-    part: str | None  # field of the composed options holding it ("base", "gla"), None for plain options
+    part: str | None  # field of the composed options holding it ("base", "gla", "extra"), None for plain options
     name: str  # field name inside its dataclass, e.g. "rho"
     type: Any  # resolved annotation
     default: Any  # value in the given options instance
@@ -212,16 +241,15 @@ class OptionField:
 def option_fields(options: Any) -> dict[str, OptionField]:
     """Every option keyword of an options instance, in declaration order (composed options: every part)."""
     out: dict[str, OptionField] = {}
-    hints = field_types(type(options))
-    for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            prefix = "" if f.name == BASE_PART else f"{f.name}_"
+    if isinstance(options, ComposedOptions):
+        for part, prefix, value in options.parts():
             for inner in option_fields(value).values():
                 keyword = prefix + inner.name
-                out[keyword] = OptionField(keyword, f.name, inner.name, inner.type, inner.default)
-        else:
-            out[f.name] = OptionField(f.name, None, f.name, hints[f.name], value)
+                out[keyword] = OptionField(keyword, part, inner.name, inner.type, inner.default)
+        return out
+    hints = field_types(type(options))
+    for f in dataclasses.fields(options):
+        out[f.name] = OptionField(f.name, None, f.name, hints[f.name], getattr(options, f.name))
     return out
 
 
@@ -239,7 +267,7 @@ def unknown_option_message(method: str, options: Any, keyword: str) -> str:
     prefixed = [k for k, f in fields.items() if f.part not in (None, BASE_PART) and f.name == keyword]
     if prefixed:
         hint = f"; options of an attached part carry its prefix: {prefixed[0]}"
-    elif keyword.startswith("gla_"):
+    elif keyword.startswith(GLA_PREFIX):
         hint = f"; GLA options need GLA attached: use {method}+gla or gla=True"
     return f"method {method!r} has no option {keyword}{hint}; its options are: {listing}"
 

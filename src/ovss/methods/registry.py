@@ -119,33 +119,50 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def register_gla(base: str, geometry: Geometry | None = None, pad_multiple: int | None = None) -> MethodSpec:
-    """Register ``<base>+gla``: GLA's cross-window attention on a registered base (spec §4.8, §4.9).
+def register_gla(
+    base: str,
+    geometry: Geometry | None = None,
+    pad_multiple: int | None = None,
+    *,
+    extra: Any = None,
+    suffix: str = "",
+    description: str | None = None,
+) -> MethodSpec:
+    """Register a composed method ``<base>+gla<suffix>``: GLA's cross-window attention on a registered base
+    (spec §4.8, §4.9), with an optional option part of its own (``scclip+gla``, ``proxyclip+gla+mlf``: §4.11).
 
-    The composed method keeps the base's logit scale, padding and VFM needs (spec §5.1); its options are
-    the base's plus GLA's (keywords ``gla_<name>``), its predict-time ``score`` the base's. The base needs an
-    adapter in ``ovss.gla.bases.ADAPTERS``; ``pad_multiple`` overrides the base's when the adapter's keys need it.
+    The composed method keeps everything of the base's spec (logit scale, padding, weights it needs, image
+    path, predict-time ``score``; spec §5.1) except what is named here. Its options are
+    :class:`~ovss.methods.options.ComposedOptions`: the base's, GLA's (keywords ``gla_<name>``) and ``extra``
+    (keywords with its class's ``keyword_prefix``). The method needs an adapter under its name in
+    ``ovss.gla.bases.ADAPTERS``.
+
+    Args:
+        base: a registered method.
+        geometry: the default geometry (None: the base's).
+        pad_multiple: padding multiple when the adapter's keys need another one (None: the base's).
+        extra: the variant's own options dataclass (with a ``keyword_prefix``), or None.
+        suffix: appended to ``<base>+gla`` to name a variant (``"+mlf"``).
+        description: one line for ``ovss methods`` (None: GLA on the base).
     """
-    from ovss.gla.config import GLAConfig, GLAMethodOptions
+    import dataclasses
+
+    from ovss.gla.config import GLAConfig
+    from ovss.methods.options import ComposedOptions
 
     spec = METHODS[base]
+    name = base + GLA_SUFFIX + suffix
     return register(
-        MethodSpec(
-            name=base + GLA_SUFFIX,
-            run=LazyRun("ovss.gla.method:run_gla", (base,)),
-            options=GLAMethodOptions(spec.options, GLAConfig()),
-            logit_scale=spec.logit_scale,
+        dataclasses.replace(
+            spec,
+            name=name,
+            run=LazyRun("ovss.gla.method:run_composed", (name,)),
+            options=ComposedOptions(spec.options, GLAConfig(), extra),
             pad_multiple=pad_multiple or spec.pad_multiple,
             geometry=geometry or spec.geometry,
-            weights=spec.weights,
             joint_windows=True,
-            description=f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
+            description=description or f"GLA (cross-window proxy attention, dynamic normalisation) on {base}",
             base=base,
-            windowing=spec.windowing,
-            finish=spec.finish,
-            post=spec.post,
-            check=spec.check,
-            score=spec.score,
         )
     )
 

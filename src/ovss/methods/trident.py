@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend
-from ovss.methods.options import TridentOptions
+from ovss.methods.options import TridentOptions, base_options
 from ovss.methods.proxyclip import clip_values_on_grid, masked_softmax, proxy_attention, vfm_features
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
@@ -33,11 +33,6 @@ from ovss.pipeline.windows import Layout, Window
 from ovss.precision import full_precision
 
 PATCH = 16  # CLIP ViT-B/16, DINO ViT-B/16 and SAM ViT-B patch side
-
-
-def trident_options(options: Any) -> TridentOptions:
-    """The Trident part of ``trident`` or ``trident+gla`` options."""
-    return options if isinstance(options, TridentOptions) else options.base
 
 
 def check_patch(backbones: Backbones, name: str) -> VisionTransformer:
@@ -116,8 +111,8 @@ def check_trident(backbones: Backbones, pipeline: Any, options: Any, name: str) 
         raise OvssError(f"{name} needs a crop that is a multiple of {PATCH} (or 0), got {pipeline.crop}")
     if pipeline.pamr_steps:
         raise OvssError(f"{name} refines its labels with SAM and does not run PAMR; use pamr_steps=0")
-    if not trident_options(options).gamma > 0:
-        raise OvssError(f"{name} gamma must be > 0, got {trident_options(options).gamma}")
+    if not base_options(options).gamma > 0:
+        raise OvssError(f"{name} gamma must be > 0, got {base_options(options).gamma}")
 
 
 def finish_trident(backbones: Backbones, batch: WindowBatch, out: MethodOutput, options: Any) -> MethodOutput:
@@ -130,7 +125,7 @@ def finish_trident(backbones: Backbones, batch: WindowBatch, out: MethodOutput, 
     assert batch.rgb is not None  # the predictor hands every method the original image
     canvas = batch.image_size
     spliced = splice(out.tokens, batch.windows, out.grid, canvas)  # (D, Gr, Gc)
-    z, grid, sam_image, sam_info = sam_aggregate(backbones, batch.rgb, spliced, trident_options(options))  # (n_s, D)
+    z, grid, sam_image, sam_info = sam_aggregate(backbones, batch.rgb, spliced, base_options(options))  # (n_s, D)
     info = {**out.info, "trident_sam": sam_info}
     return MethodOutput(z[None], grid, info, out.window_info, {"sam_image": sam_image}, Layout.whole(grid))
 
@@ -141,7 +136,7 @@ def refine_trident(
     """SAM refinement of the coarse labels when ``refine`` is on (the post step); the maps and diagnostics."""
     from ovss.methods.trident_refine import refine_labels
 
-    opts = trident_options(options)
+    opts = base_options(options)
     if not opts.refine:
         return maps, {}
     probs = maps.probs()  # (C, H0, W0), kept by the maps
