@@ -17,6 +17,7 @@ from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
 from ovss.text.tokenizer import Tokenizer, resolve_tokenizer
+from ovss.tuning import Tuning, resolve_tuning
 
 DTYPES = {
     "fp32": torch.float32,
@@ -167,6 +168,7 @@ def load(
     tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     act: str | None = None,
     download: bool = True,
+    tuning: Tuning | Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Segmenter:
     """Build a segmenter.
@@ -192,6 +194,8 @@ def load(
             prediction; it is parsed when a name first misses the text cache (a corrupt file fails then).
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
+        tuning: speed / memory switches (:class:`~ovss.tuning.Tuning`, or a dict of its fields; default
+            ``Tuning()``); none changes results beyond floating-point rounding. Recorded in ``config``.
         **settings: pipeline settings and method options, checked against their declared types.
             Pipeline settings are the fields of :class:`~ovss.config.PipelineConfig` (unset: the method's
             default): short_side (None keeps the image size), crop (0: whole image), stride, logit_scale,
@@ -207,6 +211,7 @@ def load(
             that cannot be loaded. Settings and options are checked before any weights are read.
     """
     check_device(device)
+    tuned = resolve_tuning(tuning)
     spec = with_gla(method, isinstance(gla, Mapping) or bool(gla))
     options = {key: value for key, value in settings.items() if key not in PIPELINE_KEYS}
     if isinstance(gla, Mapping):
@@ -252,4 +257,5 @@ def load(
         device=device,
         dtype=torch_dtype,
         record=record,
+        tuning=tuned,
     )

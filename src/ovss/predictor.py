@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ from ovss.prediction import Prediction
 from ovss.text.embeddings import EmbeddingCache
 from ovss.text.templates import TEMPLATE_SETS
 from ovss.text.tokenizer import Tokenizer, load_tokenizer
+from ovss.tuning import DEFAULT_TUNING, Tuning
 
 ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
 LabelsLike = Sequence[str | Sequence[str]]
 Progress = Callable[[int, int], None]  # progress(windows_done, windows_total), called from set_image
-WINDOW_TOKENS = 1024  # token budget of one backbone forward over a batch of windows (<= 0: window_batch alone)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Segmenter:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         record: dict[str, Any] | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> None:
         self.clip = clip
         self.method = method
@@ -86,6 +88,7 @@ class Segmenter:
         self.sam = sam  # SAM model of methods with needs_sam (Trident)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.tuning = tuning  # speed / memory switches (ovss.tuning), passed explicitly to the code that uses them
         self._tokenizer_source = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._cache = EmbeddingCache()
@@ -118,7 +121,7 @@ class Segmenter:
     # ------------------------------------------------------------------ configuration
     @property
     def config(self) -> dict[str, Any]:
-        """The fully resolved configuration (method, options, pipeline, weights, device, dtype)."""
+        """The fully resolved configuration (method, options, pipeline, weights, device, dtype, tuning)."""
         return {
             "method": self.method.name,
             "options": dataclasses.asdict(self.options),
@@ -126,6 +129,7 @@ class Segmenter:
             "pad_multiple": self.pad_multiple,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "tuning": self.tuning.to_dict(),
             "clip_fingerprint": self.clip.fingerprint,
             **self._record,
         }
@@ -143,7 +147,8 @@ class Segmenter:
         self.clip.require_text()  # a vision-only checkpoint fails here, before a tokenizer is looked for
         templates = TEMPLATE_SETS[self.pipeline.templates]
         key = f"{self.clip.fingerprint}:{self.pipeline.templates}"
-        return self._cache.get(key, self.clip.encode_text, lambda: self.tokenizer, list(names), templates)
+        encode = functools.partial(self.clip.encode_text, block_tokens=self.tuning.block_tokens)
+        return self._cache.get(key, encode, lambda: self.tokenizer, list(names), templates)
 
     # ------------------------------------------------------------------ image
     def set_image(self, image: ImageLike, *, progress: Progress | None = None) -> None:
@@ -204,7 +209,7 @@ class Segmenter:
         return st.windows, (int(st.pixels.shape[-2]), int(st.pixels.shape[-1]))
 
     def _windows_per_forward(self, size: tuple[int, int] | torch.Size) -> int:
-        """Windows per backbone forward: ``window_batch`` at most, and at most WINDOW_TOKENS tokens in all.
+        """Windows per backbone forward: ``window_batch`` at most, and at most ``tuning.window_tokens`` tokens in all.
 
         Batching windows gives the matrix products no more speed once a window has hundreds of tokens,
         while the element-wise work on the larger batch spills the caches and faults in fresh pages.
@@ -214,9 +219,10 @@ class Segmenter:
             for vit in (self.clip.visual, self.vfm)
             if vit is not None
         )  # tokens per window of the largest backbone grid
-        if WINDOW_TOKENS <= 0:
+        budget = self.tuning.window_tokens
+        if budget <= 0:
             return self.pipeline.window_batch
-        return max(1, min(self.pipeline.window_batch, WINDOW_TOKENS // tokens))
+        return max(1, min(self.pipeline.window_batch, budget // tokens))
 
     @torch.inference_mode()
     def _dense_features(
@@ -227,7 +233,7 @@ class Segmenter:
         pixels: torch.Tensor,
         progress: Progress | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int], dict[str, Any], dict[str, list[Any]], dict[str, torch.Tensor]]:
-        backbones = Backbones(self.clip.visual, self.vfm)
+        backbones = Backbones(self.clip.visual, self.vfm, self.tuning)
         step = len(windows) if self.method.joint_windows else self._windows_per_forward(crops.shape[-2:])
         chunks: list[torch.Tensor] = []
         grid: tuple[int, int] = (0, 0)
@@ -239,7 +245,7 @@ class Segmenter:
             progress(0, len(windows))
         for start in range(0, len(windows), step):
             batch = WindowBatch(crops[start : start + step], windows[start : start + step], padding, size, pixels)
-            with backbone_precision(self.device, self.dtype):
+            with backbone_precision(self.device, self.dtype, keep_reduced_copies=self.tuning.keep_reduced_copies):
                 out = self.method.run(backbones, batch, self.options)
                 f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
             chunks.append(F.normalize(f, dim=-1))

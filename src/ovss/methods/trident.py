@@ -102,9 +102,9 @@ def run_trident(backbones: Backbones, batch: WindowBatch, opts: TridentOptions) 
     vfm = check_patch(backbones, "trident")
     if not opts.gamma > 0:
         raise OvssError(f"trident gamma must be > 0, got {opts.gamma}")
-    clip = backbones.clip
-    features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
-    v, _ = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d), CLIP grid = VFM grid
+    clip, block_tokens = backbones.clip, backbones.tuning.block_tokens
+    features, grid = vfm_features(vfm, batch.pixels, clip, block_tokens=block_tokens)  # (L, N, D_v)
+    v, _ = clip_values_on_grid(clip, batch.pixels, grid, block_tokens=block_tokens)  # (L, H, N, d) on the VFM grid
     if opts.shift_mean == "window":
         attn = proxy_attention(features, opts.beta, opts.gamma)  # (L, N, N)
     else:
@@ -180,12 +180,12 @@ class TridentPath:
         if progress is not None:
             progress(0, len(windows))
         with torch.inference_mode():
-            backbones = Backbones(seg.clip.visual, seg.vfm)
-            with backbone_precision(seg.device, seg.dtype):
+            backbones = Backbones(seg.clip.visual, seg.vfm, seg.tuning)
+            with backbone_precision(seg.device, seg.dtype, keep_reduced_copies=seg.tuning.keep_reduced_copies):
                 out = seg.method.run(backbones, WindowBatch(crops, windows, no_pad, canvas), seg.options)
             spliced = splice(out.tokens, windows, out.grid, canvas)  # (D, Gr, Gc)
             z, grid, sam_image, sam_info = sam_aggregate(seg, seg.sam, rgb, spliced, opts)  # (n_s, D)
-            with backbone_precision(seg.device, seg.dtype):
+            with backbone_precision(seg.device, seg.dtype, keep_reduced_copies=seg.tuning.keep_reduced_copies):
                 f = seg.clip.visual.head(z[None]).float()  # (1, n_s, E)
         if progress is not None:
             progress(len(windows), len(windows))
