@@ -42,8 +42,9 @@ def test_sliced_text_tower_equals_whole_batch(tiny_clip) -> None:
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_segmenter_text_tower_uses_its_block_tokens(tiny_clip, bpe_path: Path) -> None:
+def test_segmenter_text_tower_uses_its_block_tokens(tiny_clip, bpe_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """encode_names passes the Segmenter's block_tokens to the text tower: sliced and whole agree."""
+    monkeypatch.setenv("OVSS_TEXT_CACHE", "0")  # the second segmenter encodes too, it does not read the first's
     names = ["sky", "road", "person"]  # 3 names x 80 templates: 240 prompts, many slices at 160 tokens
     kw = dict(clip=tiny_clip, tokenizer=bpe_path)
     whole = ovss.load("clearclip", tuning=Tuning(block_tokens=0), **kw).encode_names(names)
@@ -58,9 +59,10 @@ def test_window_cap_counts_tokens_of_the_largest_grid(tiny_clip, tiny_dino, bpe_
     assert clip_only._windows_per_forward((64, 64)) == 16  # 17 tokens: window_batch bounds it
     with_dino = ovss.load("proxyclip", clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, window_batch=16)
     assert with_dino._windows_per_forward((224, 224)) == 1  # DINO /8: 785 tokens
-    wider = ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path, window_batch=16, tuning=Tuning(window_tokens=600))
+    kw = dict(clip=tiny_clip, tokenizer=bpe_path, window_batch=16)
+    wider = ovss.load("clearclip", tuning=Tuning(window_tokens=600), **kw)
     assert wider._windows_per_forward((224, 224)) == 3  # 600 // 197
-    uncapped = ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path, window_batch=16, tuning=Tuning(window_tokens=0))
+    uncapped = ovss.load("clearclip", tuning=Tuning(window_tokens=0), **kw)
     assert uncapped._windows_per_forward((448, 448)) == 16  # window_batch alone
 
 

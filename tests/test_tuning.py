@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def test_tuning_is_a_frozen_dataclass_or_a_mapping() -> None:
     assert resolve_tuning({"block_tokens": 0, "fold_positions": False}) == Tuning(block_tokens=0, fold_positions=False)
     with pytest.raises(dataclasses.FrozenInstanceError):
         Tuning().block_tokens = 0  # type: ignore[misc]
-    with pytest.raises(OvssError, match="tuning must be an ovss.Tuning or a dict of its fields, got list"):
+    with pytest.raises(OvssError, match=r"tuning must be an ovss\.Tuning or a dict of its fields, got list"):
         resolve_tuning([("block_tokens", 0)])  # type: ignore[arg-type]
     assert ovss.Tuning is Tuning
 
@@ -154,6 +155,6 @@ def test_window_tokens_reach_the_window_batches(tiny_clip, bpe_path: Path) -> No
             "maskclip", clip=tiny_clip, tokenizer=bpe_path, short_side=32, crop=32, stride=32, window_batch=16,
             tuning=Tuning(window_tokens=budget),
         )  # fmt: skip
-        seg.set_image(image, progress=lambda done, total: seen.append(done))
-        steps[budget] = [b - a for a, b in zip(seen, seen[1:], strict=False)]
+        seg.set_image(image, progress=lambda done, total, seen=seen: seen.append(done))
+        steps[budget] = [b - a for a, b in itertools.pairwise(seen)]
     assert steps == {10: [2, 2, 1], 5: [1, 1, 1, 1, 1], 0: [5]}  # 0: window_batch alone
