@@ -287,7 +287,8 @@ def test_demo_command_without_weights_still_serves_and_warns(monkeypatch, capsys
 def test_a_label_set_is_encoded_once_for_all_methods(session, tiny_clip, photos, monkeypatch):
     calls = []
     encode = tiny_clip.encode_text
-    monkeypatch.setattr(tiny_clip, "encode_text", lambda tokens: calls.append(len(tokens)) or encode(tokens))
+    spy = lambda tokens, **kw: calls.append(len(tokens)) or encode(tokens, **kw)  # noqa: E731
+    monkeypatch.setattr(tiny_clip, "encode_text", spy)
     session.run(photos[0], "tree, car", METHODS)
     assert calls == [2 * 7]  # two names x seven templates, once for both methods (one CLIP, one template set)
     session.run(photos[0], "car, tree", METHODS, bg_threshold=0.3)

@@ -358,20 +358,27 @@ def test_config_validation_and_release_preset() -> None:
             GLAConfig(**kwargs)  # type: ignore[arg-type]
 
 
-def test_sparse_and_dense_proxy_means_agree() -> None:
+def test_sparse_and_dense_proxy_means_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """Few selected keys take the sparse CSR product, many the dense one: the same means either way."""
-    from ovss.gla.cross_window import SPARSE_BELOW, _mean_of_selected
+    from ovss.gla.cross_window import _mean_of_selected
+    from ovss.tuning import Tuning
 
+    made: list[int] = []  # one entry per sparse CSR mask built
+    real_csr = torch.sparse_csr_tensor
+    monkeypatch.setattr(torch, "sparse_csr_tensor", lambda *a, **kw: (made.append(1), real_csr(*a, **kw))[1])
     g = torch.Generator().manual_seed(4)
     k = F.normalize(torch.randn(64, D, generator=g), dim=-1)  # (M, D)
     for density in (0.02, 0.5):
         selected = torch.rand(10, 64, generator=g) < density  # (R, M)
         selected[:, 0] = True  # every row non-empty
         counts = selected.sum(dim=1)  # (R,)
-        sparse = bool(int(counts.sum()) * SPARSE_BELOW <= selected.numel())
-        assert sparse == (density < 0.1)
         expected = (selected.double() @ k.double()) / counts[:, None]  # (R, D)
-        torch.testing.assert_close(_mean_of_selected(selected, k, counts).double(), expected)
+        # the default picks by density (sparse at <= 1/8 selected); 1: always sparse; 0: always dense
+        for sparse_below, sparse in ((Tuning().sparse_below, density < 0.1), (1, True), (0, False)):
+            made.clear()
+            got = _mean_of_selected(selected, k, counts, sparse_below)  # (R, D)
+            assert bool(made) == sparse, (density, sparse_below)
+            torch.testing.assert_close(got.double(), expected)
 
 
 @pytest.mark.parametrize("base", BASES)

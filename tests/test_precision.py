@@ -11,7 +11,7 @@ import torch
 
 import ovss
 import ovss.gla.cross_window as cross_window
-import ovss.precision as precision
+from ovss.tuning import Tuning
 
 LABELS = ["sky", "road", ["person", "pedestrian"], "tree"]
 GEOMETRY = {"short_side": 96, "crop": 64, "stride": 32}
@@ -65,13 +65,17 @@ def test_bf16_runs_products_reduced_and_statistics_fp32(
 
 @pytest.mark.parametrize("method", ["proxyclip+gla", "gclip"])
 def test_reduced_weight_copies_equal_plain_autocast_bit_for_bit(
-    method: str, tiny_clip, tiny_dino, bpe_path: Path, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    method: str, tiny_clip, tiny_dino, bpe_path: Path, image: np.ndarray
 ) -> None:
-    seg = ovss.load(method, clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, dtype="bf16", **GEOMETRY)
+    kw = dict(clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, dtype="bf16", **GEOMETRY)
     text = torch.nn.functional.normalize(torch.randn(5, tiny_clip.visual.cfg.output_dim), dim=-1)
-    monkeypatch.setattr(precision, "KEEP_REDUCED_COPIES", False)
-    plain = seg.predict(image, LABELS, text_embeddings=text)
-    monkeypatch.setattr(precision, "KEEP_REDUCED_COPIES", True)
+    modules = [*tiny_clip.visual.modules(), *tiny_dino.modules()]
+    for module in modules:  # copies left by earlier tests on these shared models
+        module.__dict__.pop("_reduced_weight_copies", None)
+    plain_seg = ovss.load(method, tuning=Tuning(keep_reduced_copies=False), **kw)
+    plain = plain_seg.predict(image, LABELS, text_embeddings=text)
+    assert not any("_reduced_weight_copies" in module.__dict__ for module in modules)  # autocast cast every call
+    seg = ovss.load(method, **kw)
     cached = seg.predict(image, LABELS, text_embeddings=text)
     torch.testing.assert_close(cached.logits, plain.logits, rtol=0, atol=0)
     fc = tiny_clip.visual.blocks[0].mlp.c_fc

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from ovss.models.sam import image_encoder
 from ovss.models.sam.image_encoder import SamAttention
 
 WIDTH, HEADS = 32, 2  # head width d = 16
@@ -47,34 +46,29 @@ def official(attn: SamAttention, x: Tensor) -> Tensor:
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("rows", [0, 7, 1])  # query rows per pass: the whole map, 7 (a partial last slab), 1
 @pytest.mark.parametrize("size", [3, 9])  # a window (6 position columns <= d: folded) and a grid (18 > d: added)
-def test_attention_equals_the_official_formula(
-    monkeypatch: pytest.MonkeyPatch, size: int, rows: int, fold: bool
-) -> None:
-    monkeypatch.setattr(image_encoder, "ATTENTION_CHUNK", rows * 2 * size * size)  # batch 2
-    monkeypatch.setattr(image_encoder, "FOLD_POSITIONS", fold)
+def test_attention_equals_the_official_formula(size: int, rows: int, fold: bool) -> None:
+    switches = {"attention_chunk": rows * 2 * size * size, "fold_positions": fold}  # batch 2
     attn = _attention(size).double()
     x = torch.randn(2, size, size, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        got, want = attn(x), official(attn, x)
+        got, want = attn(x, **switches), official(attn, x)
     assert got.shape == (2, size, size, WIDTH)
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
     attn.float()
     with torch.no_grad():
-        got32, want32 = attn(x.float()), official(attn, x.float())
+        got32, want32 = attn(x.float(), **switches), official(attn, x.float())
     assert (got32 - want32).abs().max() <= 1e-5 * want32.abs().max()
 
 
 @pytest.mark.parametrize("size", [3, 9])
-def test_logits_fold_and_add_agree(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+def test_logits_fold_and_add_agree(size: int) -> None:
     """Both ways to apply the position terms give the same logits, and the terms are really there."""
     attn = _attention(size).double()
     q, k, _ = attn.qkv(torch.randn(2, size, size, WIDTH, dtype=torch.float64))
     rows = torch.tensor([0, size * size - 1, size + 1])
     with torch.no_grad():
-        monkeypatch.setattr(image_encoder, "FOLD_POSITIONS", True)
-        folded = attn.logits(q, k, (size, size), rows)  # (2, h, 3, N)
-        monkeypatch.setattr(image_encoder, "FOLD_POSITIONS", False)
-        added = attn.logits(q, k, (size, size), rows)
+        folded = attn.logits(q, k, (size, size), rows, fold_positions=True)  # (2, h, 3, N)
+        added = attn.logits(q, k, (size, size), rows, fold_positions=False)
     assert (folded - added).abs().max() <= 1e-12 * added.abs().max()
     plain = (q[:, :, rows] * attn.scale) @ k.transpose(-2, -1)
     assert (added - plain).abs().max() > 0.1
@@ -82,19 +76,16 @@ def test_logits_fold_and_add_agree(monkeypatch: pytest.MonkeyPatch, size: int) -
 
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("size", [3, 9])
-def test_bf16_autocast_is_as_close_to_fp64_as_the_official_formula(
-    monkeypatch: pytest.MonkeyPatch, size: int, fold: bool
-) -> None:
+def test_bf16_autocast_is_as_close_to_fp64_as_the_official_formula(size: int, fold: bool) -> None:
     """Under bf16 autocast the slabs and the folded product err no more than the official code does."""
-    monkeypatch.setattr(image_encoder, "ATTENTION_CHUNK", 2 * size * size)  # several rows, not the whole map
-    monkeypatch.setattr(image_encoder, "FOLD_POSITIONS", fold)
+    switches = {"attention_chunk": 2 * size * size, "fold_positions": fold}  # several rows, not the whole map
     attn = _attention(size)
     x = torch.randn(2, size, size, WIDTH, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         exact = official(attn.double(), x.double())
         attn.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = attn(x).double()
+            got = attn(x, **switches).double()
             baseline = official(attn, x).double()
     err, baseline_err = (got - exact).abs().max(), (baseline - exact).abs().max()
     assert 0 < err <= 1.5 * baseline_err

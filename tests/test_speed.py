@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import ovss
-import ovss.models.vit as vit
-import ovss.predictor as predictor
+from ovss.tuning import Tuning
 
 LABELS = ["sky", "road", ["person", "pedestrian"], "tree"]
 GEOMETRY = {"short_side": 96, "crop": 64, "stride": 32}
@@ -23,36 +22,48 @@ def image() -> np.ndarray:
 
 @pytest.mark.parametrize("method", ["proxyclip+gla", "clearclip+gla", "sclip"])
 def test_sliced_block_passes_equal_whole_batch(
-    method: str, tiny_clip, tiny_dino, bpe_path: Path, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+    method: str, tiny_clip, tiny_dino, bpe_path: Path, image: np.ndarray
 ) -> None:
-    seg = ovss.load(method, clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, window_batch=16, **GEOMETRY)
     text = torch.nn.functional.normalize(torch.randn(5, tiny_clip.visual.cfg.output_dim), dim=-1)
-    monkeypatch.setattr(vit, "BLOCK_TOKENS", 0)
-    whole = seg.predict(image, LABELS, text_embeddings=text)
-    monkeypatch.setattr(vit, "BLOCK_TOKENS", 40)  # one or two windows per slice for these tiny grids
-    sliced = seg.predict(image, LABELS, text_embeddings=text)
+    kw = dict(clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, window_batch=16, **GEOMETRY)
+    whole = ovss.load(method, tuning=Tuning(block_tokens=0), **kw).predict(image, LABELS, text_embeddings=text)
+    # one or two windows per slice for these tiny grids
+    sliced = ovss.load(method, tuning=Tuning(block_tokens=40), **kw).predict(image, LABELS, text_embeddings=text)
     torch.testing.assert_close(sliced.logits, whole.logits, rtol=1e-6, atol=1e-6)
     assert torch.equal(sliced.labels, whole.labels)
 
 
-def test_sliced_text_tower_equals_whole_batch(tiny_clip, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sliced_text_tower_equals_whole_batch(tiny_clip) -> None:
     tokens = torch.randint(1, 1000, (7, 77), generator=torch.Generator().manual_seed(0))  # (B, 77)
     tokens[:, 9] = tokens.max() + 1  # EOT (argmax) at position 9
     with torch.inference_mode():
-        monkeypatch.setattr(vit, "BLOCK_TOKENS", 0)
-        whole = tiny_clip.encode_text(tokens)
-        monkeypatch.setattr(vit, "BLOCK_TOKENS", 160)  # two prompts per slice, a remainder of one
-        sliced = tiny_clip.encode_text(tokens)
+        whole = tiny_clip.encode_text(tokens, block_tokens=0)
+        sliced = tiny_clip.encode_text(tokens, block_tokens=160)  # two prompts per slice, a remainder of one
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_segmenter_text_tower_uses_its_block_tokens(tiny_clip, bpe_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_names passes the Segmenter's block_tokens to the text tower: sliced and whole agree."""
+    monkeypatch.setenv("OVSS_TEXT_CACHE", "0")  # the second segmenter encodes too, it does not read the first's
+    names = ["sky", "road", "person"]  # 3 names x 80 templates: 240 prompts, many slices at 160 tokens
+    kw = dict(clip=tiny_clip, tokenizer=bpe_path)
+    whole = ovss.load("clearclip", tuning=Tuning(block_tokens=0), **kw).encode_names(names)
+    sliced = ovss.load("clearclip", tuning={"block_tokens": 160}, **kw).encode_names(names)
     torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_window_cap_counts_tokens_of_the_largest_grid(tiny_clip, tiny_dino, bpe_path: Path) -> None:
     clip_only = ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path, window_batch=16)
     assert clip_only._windows_per_forward((448, 448)) == 1  # 785 tokens
-    assert clip_only._windows_per_forward((224, 224)) == predictor.WINDOW_TOKENS // 197  # 5
+    assert clip_only._windows_per_forward((224, 224)) == 5  # 197 tokens: 5 fit the default 1024
     assert clip_only._windows_per_forward((64, 64)) == 16  # 17 tokens: window_batch bounds it
     with_dino = ovss.load("proxyclip", clip=tiny_clip, vfm=tiny_dino, tokenizer=bpe_path, window_batch=16)
     assert with_dino._windows_per_forward((224, 224)) == 1  # DINO /8: 785 tokens
+    kw = dict(clip=tiny_clip, tokenizer=bpe_path, window_batch=16)
+    wider = ovss.load("clearclip", tuning=Tuning(window_tokens=600), **kw)
+    assert wider._windows_per_forward((224, 224)) == 3  # 600 // 197
+    uncapped = ovss.load("clearclip", tuning=Tuning(window_tokens=0), **kw)
+    assert uncapped._windows_per_forward((448, 448)) == 16  # window_batch alone
 
 
 def test_values_projection_equals_fused_qkv(tiny_clip) -> None:

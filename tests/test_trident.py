@@ -227,8 +227,9 @@ def full_map_weights(attn, q, k, grid, rows, values, phi: float, neg: bool) -> T
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slabbed_aggregation_is_bit_identical_to_the_full_probability_map(dtype):
     """SAM's global-block geometry (64 x 64 keys, VOC's 48 x 64 valid rows): any slab size, torch.equal."""
-    from ovss.methods.trident_sam import AGGREGATION_ROWS, BlockLogits
+    from ovss.methods.trident_sam import BlockLogits
     from ovss.models.sam.image_encoder import SamAttention
+    from ovss.tuning import Tuning
 
     g = torch.Generator().manual_seed(6)
     attn = SamAttention(128, 2, 64)
@@ -244,9 +245,10 @@ def test_slabbed_aggregation_is_bit_identical_to_the_full_probability_map(dtype)
         want = full_map_weights(attn, q, k, (64, 64), rows, values, 1.2, False)
         logits = BlockLogits(attn, q, k, (64, 64), rows, torch.bfloat16 if reduced else None)
     assert values.dtype == dtype and want.dtype == torch.float32
-    assert 7 < AGGREGATION_ROWS < 3072  # the default slab splits the map too
+    default = Tuning().aggregation_rows
+    assert 7 < default < 3072  # the default slab splits the map too
     with torch.no_grad():  # outside autocast, as in sam_aggregate: the logits keep the encoder's precision
-        for slab in (1, 7, None, 0, 5000):  # one row, a ragged last slab, the default, the whole map
+        for slab in (1, 7, default, 0, 5000):  # one row, a ragged last slab, the default, the whole map
             got = aggregation_weights(logits, values, rows, 1.2, False, rows_per_slab=slab)
             assert torch.equal(got, want), slab
     assert torch.allclose(got.sum(-1), torch.ones(3072))

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ovss.models.sam import image_encoder
 from ovss.models.sam.image_encoder import SamAttention
+from ovss.tuning import Tuning
 
 
 def best_ms(fns: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -44,15 +44,17 @@ def sam_routes(size: int, batch: int, reduced: bool, repeats: int) -> None:
 
     def run(chunk: int, fold: bool) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
-            image_encoder.ATTENTION_CHUNK, image_encoder.FOLD_POSITIONS = chunk, fold
-            return attn(x)
+            return attn(x, attention_chunk=chunk, fold_positions=fold)
 
         return fn
 
-    fns = {"slabs+fold (default)": run(1 << 21, True), "whole map, added": run(0, False)}
+    default = Tuning()
+    fns = {
+        "slabs+fold (default)": run(default.attention_chunk, default.fold_positions),
+        "whole map, added": run(0, False),
+    }
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=reduced):
         ms = best_ms(fns, repeats)
-    image_encoder.ATTENTION_CHUNK, image_encoder.FOLD_POSITIONS = 1 << 21, True
     for name, t in ms.items():
         print(f"sam {size}x{size} x{batch} {'bf16' if reduced else 'fp32'} {name:22s} {t:8.1f} ms")
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     "available_methods": "ovss.methods",
     "Prediction": "ovss.prediction",
     "Segmenter": "ovss.predictor",
+    "Tuning": "ovss.tuning",
     "evaluate": "ovss.eval.runner",
 }
 
@@ -29,6 +30,7 @@ __all__ = [
     "OvssError",
     "Prediction",
     "Segmenter",
+    "Tuning",
     "__version__",
     "available_methods",
     "available_models",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from ovss.methods import available_methods
     from ovss.prediction import Prediction
     from ovss.predictor import Segmenter
+    from ovss.tuning import Tuning
 
 
 def __getattr__(name: str) -> Any:

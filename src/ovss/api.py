@@ -17,6 +17,7 @@ from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
 from ovss.text.tokenizer import Tokenizer, resolve_tokenizer
+from ovss.tuning import Tuning, resolve_tuning
 
 DTYPES = {
     "fp32": torch.float32,
@@ -206,6 +207,7 @@ def load(
     tokenizer: str | os.PathLike[str] | Tokenizer | Literal[False] | None = None,
     act: str | None = None,
     download: bool = True,
+    tuning: Tuning | Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Segmenter:
     """Build a segmenter.
@@ -233,6 +235,8 @@ def load(
             is looked for, and a ``predict`` (or ``encode_names``) without ``text_embeddings`` fails.
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
+        tuning: speed / memory switches (:class:`~ovss.tuning.Tuning`, or a dict of its fields; default
+            ``Tuning()``); none changes results beyond floating-point rounding. Recorded in ``config``.
         **settings: pipeline settings and method options, checked against their declared types.
             Pipeline settings are the fields of :class:`~ovss.config.PipelineConfig` (unset: the method's
             default): short_side (None keeps the image size), crop (0: whole image), stride, logit_scale,
@@ -250,6 +254,7 @@ def load(
     check_device(device)
     if tokenizer is True:
         raise OvssError("tokenizer=True is not a tokenizer; give a vocabulary path, None (the default) or False (none)")
+    tuned = resolve_tuning(tuning)
     spec = with_gla(method, isinstance(gla, Mapping) or bool(gla))
     options = {key: value for key, value in settings.items() if key not in PIPELINE_KEYS}
     if isinstance(gla, Mapping):
@@ -283,4 +288,5 @@ def load(
         device=device,
         dtype=torch_dtype,
         record=record,
+        tuning=tuned,
     )

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 REDUCED = (torch.bfloat16, torch.float16)
+# Whether autocast_weights keeps reduced copies, for the `backbone_precision` block that is running (a context
+# variable: scoped to that block and thread, set from the Segmenter's Tuning; nn.Module calls carry no keywords).
+_KEEP_COPIES: contextvars.ContextVar[bool] = contextvars.ContextVar("ovss_keep_reduced_copies", default=True)
 
 
 @contextlib.contextmanager
-def backbone_precision(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+def backbone_precision(device: torch.device, dtype: torch.dtype, *, keep_reduced_copies: bool = True) -> Iterator[None]:
     """Autocast matrix products to ``dtype`` on ``device`` (no-op for fp32).
 
     Only autocast-eligible ops (linear, conv, matmul, attention) run in reduced precision, as in the
@@ -21,12 +25,20 @@ def backbone_precision(device: torch.device, dtype: torch.dtype) -> Iterator[Non
     is added to that fp32 stream (type promotion gives fp32). LayerNorms compute in fp32 and return the
     stream's fp32. Similarities, softmax and statistics are wrapped in :func:`full_precision`.
     Checked end to end by ``tests/test_precision.py``.
+
+    ``keep_reduced_copies`` (:attr:`ovss.tuning.Tuning.keep_reduced_copies`): inside this block, whether
+    :func:`autocast_weights` casts the weights once per dtype (True) or leaves the casts to autocast (False);
+    bit-identical either way.
     """
     if dtype not in REDUCED:
         yield
         return
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
+    token = _KEEP_COPIES.set(keep_reduced_copies)
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+    finally:
+        _KEEP_COPIES.reset(token)
 
 
 @contextlib.contextmanager
@@ -36,7 +48,6 @@ def full_precision() -> Iterator[None]:
         yield
 
 
-KEEP_REDUCED_COPIES = True  # False: autocast re-casts the fp32 weights on every call (the plain autocast path)
 _COPIES = "_reduced_weight_copies"  # module attribute: {dtype: (versions, device, copies)}
 
 
@@ -47,7 +58,8 @@ def autocast_weights(module: torch.nn.Module, *weights: torch.Tensor | None) -> 
     only leaves that require grad, which frozen weights do not). Under autocast this returns copies cast
     once per dtype with the same ``.to(dtype)`` rounding, kept on ``module`` and made again if a weight
     changes (in-place update, another device), so results are bit-identical to plain autocast. Outside
-    autocast, for weights that require grad, or with :data:`KEEP_REDUCED_COPIES` off: ``weights`` unchanged.
+    autocast, for weights that require grad, or inside ``backbone_precision(..., keep_reduced_copies=False)``:
+    ``weights`` unchanged.
 
     Args:
         module: the layer that owns the weights (holds the copies).
@@ -55,7 +67,7 @@ def autocast_weights(module: torch.nn.Module, *weights: torch.Tensor | None) -> 
     """
     first = next(w for w in weights if w is not None)
     device = first.device.type
-    if not (KEEP_REDUCED_COPIES and torch.is_autocast_enabled(device)):
+    if not (_KEEP_COPIES.get() and torch.is_autocast_enabled(device)):
         return weights
     if any(w is not None and w.requires_grad for w in weights) and torch.is_grad_enabled():
         return weights

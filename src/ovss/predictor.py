@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ovss.prediction import Prediction
 from ovss.text.embeddings import EmbeddingCache
 from ovss.text.templates import TEMPLATE_SETS
 from ovss.text.tokenizer import Tokenizer, load_tokenizer
+from ovss.tuning import DEFAULT_TUNING, Tuning
 
 ImageLike = str | os.PathLike[str] | np.ndarray | Image.Image
 LabelsLike = Sequence[str | Sequence[str]]
@@ -39,7 +41,6 @@ NO_TOKENIZER = (
     "this segmenter was loaded with tokenizer=False, so it cannot encode label names: pass "
     "text_embeddings=(Q, E) to predict(), or load it with a vocabulary (tokenizer=None, the default, or a path)"
 )
-WINDOW_TOKENS = 1024  # token budget of one backbone forward over a batch of windows (<= 0: window_batch alone)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Segmenter:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         record: dict[str, Any] | None = None,
+        tuning: Tuning = DEFAULT_TUNING,
     ) -> None:
         self.clip = clip
         self.method = method
@@ -90,6 +92,7 @@ class Segmenter:
         self.sam = sam  # SAM model of methods whose weights include the "sam" role (Trident)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.tuning = tuning  # speed / memory switches (ovss.tuning), passed explicitly to the code that uses them
         self._tokenizer_source = tokenizer
         self._tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self._cache = EmbeddingCache()
@@ -118,12 +121,16 @@ class Segmenter:
 
     def backbones(self) -> Backbones:
         """The frozen models the method runs on, with the device and backbone precision."""
-        return Backbones(self.clip.visual, self.vfm, self.sam, self.device, self.dtype)
+        return Backbones(self.clip.visual, self.vfm, self.sam, self.device, self.dtype, self.tuning)
+
+    def _precision(self) -> Any:
+        """The backbones' precision context (autocast for bf16 / fp16), with the tuning's weight copies."""
+        return backbone_precision(self.device, self.dtype, keep_reduced_copies=self.tuning.keep_reduced_copies)
 
     # ------------------------------------------------------------------ configuration
     @property
     def config(self) -> dict[str, Any]:
-        """The fully resolved configuration (method, options, pipeline, weights, device, dtype)."""
+        """The fully resolved configuration (method, options, pipeline, weights, device, dtype, tuning)."""
         return {
             "method": self.method.name,
             "options": dataclasses.asdict(self.options),
@@ -131,6 +138,7 @@ class Segmenter:
             "pad_multiple": self.pad_multiple,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "tuning": self.tuning.to_dict(),
             "clip_fingerprint": self.clip.fingerprint,
             **self._record,
         }
@@ -152,7 +160,8 @@ class Segmenter:
             raise OvssError(NO_TOKENIZER)
         templates = TEMPLATE_SETS[self.pipeline.templates]
         key = f"{self.clip.fingerprint}:{self.pipeline.templates}"
-        return self._cache.get(key, self.clip.encode_text, lambda: self.tokenizer, list(names), templates)
+        encode = functools.partial(self.clip.encode_text, block_tokens=self.tuning.block_tokens)
+        return self._cache.get(key, encode, lambda: self.tokenizer, list(names), templates)
 
     # ------------------------------------------------------------------ image
     def set_image(self, image: ImageLike, *, progress: Progress | None = None) -> None:
@@ -211,7 +220,7 @@ class Segmenter:
         return st.windows, (int(st.pixels.shape[-2]), int(st.pixels.shape[-1]))
 
     def _windows_per_forward(self, size: tuple[int, int] | torch.Size) -> int:
-        """Windows per backbone forward: ``window_batch`` at most, and at most WINDOW_TOKENS tokens in all.
+        """Windows per backbone forward: ``window_batch`` at most, and at most ``tuning.window_tokens`` tokens in all.
 
         Batching windows gives the matrix products no more speed once a window has hundreds of tokens,
         while the element-wise work on the larger batch spills the caches and faults in fresh pages.
@@ -221,9 +230,10 @@ class Segmenter:
             for vit in (self.clip.visual, self.vfm)
             if vit is not None
         )  # tokens per window of the largest backbone grid
-        if WINDOW_TOKENS <= 0:
+        budget = self.tuning.window_tokens
+        if budget <= 0:
             return self.pipeline.window_batch
-        return max(1, min(self.pipeline.window_batch, WINDOW_TOKENS // tokens))
+        return max(1, min(self.pipeline.window_batch, budget // tokens))
 
     @torch.inference_mode()
     def _dense_features(
@@ -253,11 +263,11 @@ class Segmenter:
             batch = WindowBatch(
                 crops[start : start + step], windows[start : start + step], padding, size, pixels, rgb
             )
-            with backbone_precision(self.device, self.dtype):
+            with self._precision():
                 out = method.run(backbones, batch, self.options)
             if method.finish is not None:  # over all windows (joint methods): outside autocast
                 out = method.finish(backbones, batch, out, self.options)
-            with backbone_precision(self.device, self.dtype):
+            with self._precision():
                 f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
             chunks.append(F.normalize(f, dim=-1))
             outputs.append(out)

@@ -26,6 +26,7 @@ from ovss.methods.options import ComposedOptions, NACLIPOptions
 from ovss.methods.scclip import aggregate, clip_block_outputs, kk_attention, scale_blocks, scclip_streams
 from ovss.models.vit import VisionTransformer
 from ovss.precision import full_precision
+from ovss.tuning import DEFAULT_TUNING
 
 
 @dataclass
@@ -58,10 +59,10 @@ def _identity(a: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_qkv(
-    clip: VisionTransformer, pixels: torch.Tensor
+    clip: VisionTransformer, pixels: torch.Tensor, *, block_tokens: int = DEFAULT_TUNING.block_tokens
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
     """x11 (L, n, D) and the last block's q, k, v (L, H, n, d)."""
-    x, grid = tokens_before_last_block(clip, pixels)  # (L, n, D)
+    x, grid = tokens_before_last_block(clip, pixels, block_tokens=block_tokens)  # (L, n, D)
     block = clip.blocks[-1]
     q, k, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d) each
     return x, q, k, v, grid
@@ -80,8 +81,9 @@ def proxyclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOpti
 
     if backbones.vfm is None:
         raise OvssError("proxyclip+gla needs a vision foundation model; load it with vfm='dino-vitb8'")
-    features, grid = vfm_features(backbones.vfm, batch.pixels, backbones.clip)  # (L, N, D_v)
-    v, _ = clip_values_on_grid(backbones.clip, batch.pixels, grid)  # (L, H, N, d)
+    block_tokens = backbones.tuning.block_tokens
+    features, grid = vfm_features(backbones.vfm, batch.pixels, backbones.clip, block_tokens=block_tokens)  # (L, N, D_v)
+    v, _ = clip_values_on_grid(backbones.clip, batch.pixels, grid, block_tokens=block_tokens)  # (L, H, N, d)
     block = backbones.clip.blocks[-1]
     values = heads_concat(v, 0)  # (L, N, C)
     return CrossWindowParts([features], values, grid, backbones.vfm.cfg.patch, False, block.attn.out_proj, _identity)
@@ -92,7 +94,7 @@ def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOpti
     if opts.base.last_n_layers != 1:
         raise OvssError("clearclip+gla supports last_n_layers = 1 only (GLA replaces the last block)")
     clip = backbones.clip
-    _, q, _, v, grid = _clip_qkv(clip, batch.pixels)
+    _, q, _, v, grid = _clip_qkv(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)
     p = clip.num_prefix_tokens
     block = clip.blocks[-1]
     return CrossWindowParts(
@@ -103,7 +105,7 @@ def clearclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOpti
 def sclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """SCLIP base [ovss construction]: two maps with keys q and k, summed; SCLIP's residual and FFN kept."""
     clip = backbones.clip
-    x, q, k, v, grid = _clip_qkv(clip, batch.pixels)
+    x, q, k, v, grid = _clip_qkv(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)
     p = clip.num_prefix_tokens
     block = clip.blocks[-1]
     x_patches = x[:, p:]  # (L, N, D) each token's own window input for the residual
@@ -157,7 +159,7 @@ def naclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions
     if nac.attn != "naclip":
         raise OvssError("naclip+gla uses NACLIP's k-k attention with its prior; attn must be 'naclip'")
     clip = backbones.clip
-    x, _, k, v, grid = _clip_qkv(clip, batch.pixels)
+    x, _, k, v, grid = _clip_qkv(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)
     p = clip.num_prefix_tokens
     block = clip.blocks[-1]
     x_patches = x[:, p:]  # (L, N, D)
@@ -221,18 +223,18 @@ def cass_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) 
     from ovss.methods.cass import check_vfm, global_embeddings
     from ovss.methods.proxyclip import clip_values_on_grid, vfm_features
 
-    cass, clip = opts.base, backbones.clip
+    cass, clip, block_tokens = opts.base, backbones.clip, backbones.tuning.block_tokens
     x: torch.Tensor | None = None  # input of the last block, when computed here
     if cass.cross_window_keys == "naclip":
         parts = naclip_parts(backbones, batch, ComposedOptions(NACLIPOptions(sigma=cass.sigma), opts.gla))
     else:
         vfm = check_vfm(clip, backbones.vfm, "cass+gla")
-        features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
-        v, x = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d), (L, n, D)
+        features, grid = vfm_features(vfm, batch.pixels, clip, block_tokens=block_tokens)  # (L, N, D_v)
+        v, x = clip_values_on_grid(clip, batch.pixels, grid, block_tokens=block_tokens)  # (L, H, N, d), (L, n, D)
         block = clip.blocks[-1]
         values = heads_concat(v, 0)  # (L, N, C)
         parts = CrossWindowParts([features], values, grid, vfm.cfg.patch, False, block.attn.out_proj, _identity)
-    parts.extras = {"global": global_embeddings(clip, batch, cass.global_embedding, x)}  # (L, E)
+    parts.extras = {"global": global_embeddings(clip, batch, cass.global_embedding, x, block_tokens=block_tokens)}
     return parts
 
 
@@ -252,7 +254,7 @@ def proxyclip_mlf_parts(backbones: Backbones, batch: WindowBatch, opts: Composed
         raise OvssError("proxyclip+gla+mlf needs a vision foundation model; load it with vfm='dino-vitb8'")
     mlf, clip = opts.extra, backbones.clip
     fuse = scale_blocks(mlf.blocks, len(clip.blocks), mlf.scale_blocks, "mlf_blocks entry")
-    features, grid = vfm_features(backbones.vfm, batch.pixels, clip)  # (L, N, D_v)
+    features, grid = vfm_features(backbones.vfm, batch.pixels, clip, block_tokens=backbones.tuning.block_tokens)
     out = clip_block_outputs(clip, batch.pixels, (), fuse)  # x11 (L, n, D), fused sum (L, n, D)
     block, p = clip.blocks[-1], clip.num_prefix_tokens
     dtype = out.last_in.dtype

@@ -30,10 +30,10 @@ from torch import Tensor
 from ovss.errors import OvssError
 from ovss.gla.chunking import Scratch, resolve_chunk_rows
 from ovss.gla.config import GLAConfig
+from ovss.tuning import DEFAULT_TUNING
 
 PriorFn = Callable[[Tensor], Tensor]  # rows (R,) long -> additive attention logits (R, M)
-
-SPARSE_BELOW = 8  # proxy sets are averaged with a sparse product when <= 1/8 of the (R, M) mask is selected
+_SPARSE = DEFAULT_TUNING.sparse_below  # default of the sparse_below keywords (Tuning.sparse_below; 0: always dense)
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,14 @@ def _high_confidence(
     return selected
 
 
-def _mean_of_selected(selected: Tensor, k: Tensor, counts: Tensor) -> Tensor:
+def _mean_of_selected(selected: Tensor, k: Tensor, counts: Tensor, sparse_below: int) -> Tensor:
     """(R, D) mean of the selected unit keys of every row: (selected @ k) / counts.
 
     Proxy sets are small (a few keys above rho among M), so a sparse CSR product replaces the dense
-    (R, M) @ (M, D) one when at most 1 / SPARSE_BELOW of the entries are selected: same sums up to
-    floating-point summation order, about 3x faster on CPU at M = 4,704, and no fp32 copy of the mask.
+    (R, M) @ (M, D) one when at most 1 / ``sparse_below`` of the entries are selected (0: never): same
+    sums up to floating-point summation order, about 3x faster on CPU at M = 4,704, and no fp32 copy of the mask.
     """
-    if int(counts.sum()) * SPARSE_BELOW > selected.numel():
+    if sparse_below <= 0 or int(counts.sum()) * sparse_below > selected.numel():
         return (selected.float() @ k) / counts[:, None]  # (R, D)
     crow = torch.zeros(selected.shape[0] + 1, dtype=torch.long, device=k.device)  # (R + 1,) row starts
     torch.cumsum(counts, 0, out=crow[1:])
@@ -139,6 +139,8 @@ def _proxy_anchors(
     self_index: Tensor,
     key_mask: Tensor | None,
     scratch: Scratch | None = None,
+    *,
+    sparse_below: int,
 ) -> tuple[Tensor, Tensor]:
     """`proxy_anchors` on unit keys k (M, D) fp32."""
     q = q0.float()  # (R, D)
@@ -146,12 +148,19 @@ def _proxy_anchors(
     for _ in range(steps):
         selected = _high_confidence(q, k, rho, self_index, key_mask, scratch)  # (R, M) bool
         counts = selected.sum(dim=1)  # (R,)
-        q = _mean_of_selected(selected, k, counts)  # (R, D)
+        q = _mean_of_selected(selected, k, counts, sparse_below)  # (R, D)
     return q, counts
 
 
 def proxy_anchors(
-    q0: Tensor, keys: Tensor, rho: float, steps: int, self_index: Tensor, *, key_mask: Tensor | None = None
+    q0: Tensor,
+    keys: Tensor,
+    rho: float,
+    steps: int,
+    self_index: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+    sparse_below: int = _SPARSE,
 ) -> tuple[Tensor, Tensor]:
     """Proxy anchors Q^(T) of a set of query rows (Eq. 10-12, §4.8.2, §9.2).
 
@@ -166,6 +175,7 @@ def proxy_anchors(
         steps: T >= 1.
         self_index: (R,) long, index in 0..M-1 of each row's own key (the empty-set fallback).
         key_mask: optional (R, M) bool, the keys a row may select (own window without KVE).
+        sparse_below: :attr:`ovss.tuning.Tuning.sparse_below` (sparse or dense product for the means).
 
     Returns:
         q: (R, D) fp32, Q^(T), un-normalised (a mean of unit vectors, norm <= 1).
@@ -173,14 +183,21 @@ def proxy_anchors(
     """
     if steps < 1:
         raise OvssError(f"proxy anchors need steps >= 1, got {steps}")
-    return _proxy_anchors(q0, _unit(keys), rho, steps, self_index, key_mask)
+    return _proxy_anchors(q0, _unit(keys), rho, steps, self_index, key_mask, sparse_below=sparse_below)
 
 
 def _anchors_and_counts(
-    queries: Tensor, k: Tensor, rows: Tensor, cfg: GLAConfig, own: Tensor | None, scratch: Scratch | None = None
+    queries: Tensor,
+    k: Tensor,
+    rows: Tensor,
+    cfg: GLAConfig,
+    own: Tensor | None,
+    scratch: Scratch | None = None,
+    *,
+    sparse_below: int,
 ) -> tuple[Tensor, Tensor]:
     if cfg.proxy:
-        return _proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, own, scratch)  # (R, D), (R,)
+        return _proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, own, scratch, sparse_below=sparse_below)
     # No-proxy ablation: S = q_hat K^T itself; |P_i| for w_i is the size of the first set
     # {j : s_ij > rho} (with the same {i} fallback), i.e. what T = 1 would average.
     selected = _high_confidence(queries, k, cfg.rho, rows, own, scratch)  # (R, M) bool
@@ -203,10 +220,12 @@ def _attention_rows(
     global_mean: Tensor | None,
     scratch: Scratch | None = None,
     out_name: str = "alpha",
+    *,
+    sparse_below: int,
 ) -> tuple[Tensor, RowStats]:
     """`attention_rows` on unit keys k (M, D) fp32; with ``scratch``, alpha is its buffer ``out_name``."""
     own = None if cfg.kve else _own_window(rows, k.shape[0], k.shape[0] // num_windows)  # (R, M)
-    q, counts = _anchors_and_counts(queries, k, rows, cfg, own, scratch)  # (R, D), (R,)
+    q, counts = _anchors_and_counts(queries, k, rows, cfg, own, scratch, sparse_below=sparse_below)  # (R, D), (R,)
     s = _similarities(q, k, scratch)  # (R, M) S^proxy rows, fp32 in [-1, 1]
     mean = _row_mean(s, own)  # (R,) mu_i
     if cfg.clamp_mean:
@@ -249,6 +268,7 @@ def attention_rows(
     *,
     prior: PriorFn | None = None,
     global_mean: Tensor | None = None,
+    sparse_below: int = _SPARSE,
 ) -> tuple[Tensor, RowStats]:
     """GLA attention weights of a chunk of query rows against all M keys of one key set (§4.8.2-4.8.5).
 
@@ -265,15 +285,18 @@ def attention_rows(
         cfg: GLA hyper-parameters.
         prior: optional additive logits, prior(rows) -> (R, M), added to Attn before the masking.
         global_mean: (M,) from `global_similarity_mean`; required iff ``cfg.norm == "global_mean"``.
+        sparse_below: :attr:`ovss.tuning.Tuning.sparse_below`.
 
     Returns:
         alpha: (R, M) fp32 in [0, 1], rows sum to 1; 0 at masked keys.
         stats: the rows' `RowStats`.
     """
-    return _attention_rows(_unit(keys), queries, rows, num_windows, cfg, prior, global_mean)
+    return _attention_rows(_unit(keys), queries, rows, num_windows, cfg, prior, global_mean, sparse_below=sparse_below)
 
 
-def _global_similarity_mean(k: Tensor, queries: Tensor, num_windows: int, cfg: GLAConfig, chunk_rows: int) -> Tensor:
+def _global_similarity_mean(
+    k: Tensor, queries: Tensor, num_windows: int, cfg: GLAConfig, chunk_rows: int, *, sparse_below: int
+) -> Tensor:
     """`global_similarity_mean` on unit keys k (M, D) fp32."""
     m = k.shape[0]
     n = m // num_windows
@@ -281,7 +304,7 @@ def _global_similarity_mean(k: Tensor, queries: Tensor, num_windows: int, cfg: G
     for start in range(0, m, chunk_rows):
         rows = torch.arange(start, min(start + chunk_rows, m), device=k.device)  # (R,)
         own = None if cfg.kve else _own_window(rows, m, n)  # (R, M)
-        q, _ = _anchors_and_counts(queries[rows], k, rows, cfg, own)  # (R, D)
+        q, _ = _anchors_and_counts(queries[rows], k, rows, cfg, own, sparse_below=sparse_below)  # (R, D)
         row_means[rows] = _row_mean(_similarities(q, k, None), own)  # (R,) mean of each row's block
     if cfg.kve:
         return row_means.mean().expand(m).clone()  # (M,) every row has M entries
@@ -289,7 +312,13 @@ def _global_similarity_mean(k: Tensor, queries: Tensor, num_windows: int, cfg: G
 
 
 def global_similarity_mean(
-    keys: Tensor, queries: Tensor, num_windows: int, cfg: GLAConfig, *, chunk_rows: int | None = None
+    keys: Tensor,
+    queries: Tensor,
+    num_windows: int,
+    cfg: GLAConfig,
+    *,
+    chunk_rows: int | None = None,
+    sparse_below: int = _SPARSE,
 ) -> Tensor:
     """Block mean m of S^proxy for ``norm = global_mean`` (a first pass over the row chunks).
 
@@ -302,13 +331,14 @@ def global_similarity_mean(
         num_windows: L.
         cfg: GLA hyper-parameters (``kve``, ``proxy``, ``rho``, ``steps`` are used).
         chunk_rows: rows per chunk; default from ``cfg``.
+        sparse_below: :attr:`ovss.tuning.Tuning.sparse_below`.
 
     Returns:
         (M,) fp32, m of the block each token's row belongs to.
     """
     m = keys.shape[0]
     chunk = chunk_rows or resolve_chunk_rows(cfg, m, m // num_windows)
-    return _global_similarity_mean(_unit(keys), queries, num_windows, cfg, chunk)
+    return _global_similarity_mean(_unit(keys), queries, num_windows, cfg, chunk, sparse_below=sparse_below)
 
 
 def _scatter_own_window(alpha: Tensor, local_maps: Tensor, rows: Tensor) -> None:
@@ -329,6 +359,7 @@ def cross_window_attention(
     prior: PriorFn | None = None,
     local_maps: Tensor | None = None,
     local_count: int = 0,
+    sparse_below: int = _SPARSE,
 ) -> Tensor:
     """GLA cross-window attention of all M tokens of one image, exact and row-chunked (§4.8, §4.9, §9.2).
 
@@ -350,6 +381,7 @@ def cross_window_attention(
         local_maps: optional (L, N, N) within-window maps, summed over ``local_count`` maps (rows sum to
             ``local_count``), fused with the cross-window map (GCLIP + GLA).
         local_count: number of maps summed in ``local_maps``.
+        sparse_below: :attr:`ovss.tuning.Tuning.sparse_below` (sparse or dense product for the proxy means).
 
     Returns:
         (M, C) attention output in the values' dtype (before OutProj); products accumulated in fp32.
@@ -370,7 +402,9 @@ def cross_window_attention(
     sets = []
     for k_raw, q_raw in zip(keys, queries, strict=True):
         k = _unit(k_raw)  # (M, D) normalised once for all chunks
-        mean = _global_similarity_mean(k, q_raw, num_windows, cfg, chunk) if cfg.norm == "global_mean" else None
+        mean = None
+        if cfg.norm == "global_mean":
+            mean = _global_similarity_mean(k, q_raw, num_windows, cfg, chunk, sparse_below=sparse_below)  # (M,)
         sets.append((k, q_raw, mean))
     v = values.float()  # (M, C)
     out = values.new_empty(m, c)  # (M, C)
@@ -380,9 +414,13 @@ def cross_window_attention(
     for start in range(0, m, chunk):
         rows = torch.arange(start, min(start + chunk, m), device=values.device)  # (R,)
         k0, q0, mean0 = sets[0]
-        alpha, _ = _attention_rows(k0, q0[rows], rows, num_windows, cfg, prior, mean0, scratch)  # (R, M)
+        sparse = sparse_below
+        alpha, _ = _attention_rows(k0, q0[rows], rows, num_windows, cfg, prior, mean0, scratch, sparse_below=sparse)
         for k, q, mean in sets[1:]:
-            alpha += _attention_rows(k, q[rows], rows, num_windows, cfg, prior, mean, scratch, "alpha_s")[0]  # (R, M)
+            more, _ = _attention_rows(
+                k, q[rows], rows, num_windows, cfg, prior, mean, scratch, "alpha_s", sparse_below=sparse
+            )  # (R, M)
+            alpha += more
         if local_maps is not None:
             _scatter_own_window(alpha, local_maps, rows)  # (R, M) rows sum to S + local_count
             alpha.div_(local_count + 1)  # (R, M)

@@ -16,6 +16,7 @@ from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_inde
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.methods.options import ComposedOptions
 from ovss.precision import full_precision
+from ovss.tuning import DEFAULT_TUNING
 
 
 def initial_queries(
@@ -38,8 +39,12 @@ def initial_queries(
     return [smooth_queries(k, index, smoothing) for k in keys], smoothing
 
 
-def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLAConfig) -> tuple[torch.Tensor, dict]:
+def cross_window_tokens(
+    parts: CrossWindowParts, batch: WindowBatch, cfg: GLAConfig, *, sparse_below: int = DEFAULT_TUNING.sparse_below
+) -> tuple[torch.Tensor, dict]:
     """Replace the base's per-window attention by GLA's cross-window attention (statistics in fp32).
+
+    ``sparse_below``: :attr:`ovss.tuning.Tuning.sparse_below` (how the proxy means are summed).
 
     Returns:
         tokens (L, N, D) for the dense head, and diagnostics (L, M, chunk rows, smoothing).
@@ -61,6 +66,7 @@ def cross_window_tokens(parts: CrossWindowParts, batch: WindowBatch, cfg: GLACon
             prior=parts.prior,
             local_maps=parts.local_maps if main else None,
             local_count=parts.local_count if main else 0,
+            sparse_below=sparse_below,
         )  # (M, C)
         outputs.append(y.view(L, N, -1))  # (L, N, C)
     tokens = parts.finish(parts.out_proj(*outputs))  # (L, N, D)
@@ -82,13 +88,15 @@ def run_composed(name: str, backbones: Backbones, batch: WindowBatch, opts: Comp
         The tokens (L, N, D) for the dense head on the base's grid, with diagnostics.
     """
     parts = ADAPTERS[name](backbones, batch, opts)  # backbone passes (autocast if reduced precision)
-    return gla_output(parts, batch, opts)
+    return gla_output(parts, batch, opts, sparse_below=backbones.tuning.sparse_below)
 
 
-def gla_output(parts: CrossWindowParts, batch: WindowBatch, opts: ComposedOptions) -> MethodOutput:
-    """The GLA tokens of an adapter's parts, with diagnostics."""
+def gla_output(
+    parts: CrossWindowParts, batch: WindowBatch, opts: ComposedOptions, *, sparse_below: int
+) -> MethodOutput:
+    """The GLA tokens of an adapter's parts, with diagnostics (``sparse_below``: the Segmenter's Tuning)."""
     with full_precision():  # similarities, proxies, normalisation and softmax in fp32 (spec §2.9)
-        tokens, info = cross_window_tokens(parts, batch, opts.gla)
+        tokens, info = cross_window_tokens(parts, batch, opts.gla, sparse_below=sparse_below)
     if opts.gla.norm == "dynamic":
         info["gla"]["u"] = dynamic_shift(len(batch.windows) if opts.gla.kve else 1, opts.gla.lam1)
     return MethodOutput(tokens, parts.grid, info, parts.window_info, parts.extras)

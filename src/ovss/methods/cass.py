@@ -23,6 +23,7 @@ from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.precision import full_precision
+from ovss.tuning import DEFAULT_TUNING
 
 # The release un-normalises the CLIP-normalised window with ImageNet statistics whose blue std is 0.255.
 RELEASE_UNNORM_STD = (0.229, 0.224, 0.255)
@@ -59,19 +60,22 @@ def dino_input(pixels: torch.Tensor, clip_norm: InputNorm, mode: str) -> torch.T
     return _square_resize(imagenet_from_clip(pixels.float(), clip_norm.mean, clip_norm.std), side)
 
 
-def dino_keys_on_grid(vfm: VisionTransformer, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def dino_keys_on_grid(
+    vfm: VisionTransformer, x: torch.Tensor, grid: tuple[int, int], *, block_tokens: int = DEFAULT_TUNING.block_tokens
+) -> torch.Tensor:
     """DINO's last-block keys of the patches, per head, bilinearly resized to the CLIP grid.
 
     Args:
         vfm: DINO-family ViT.
         x: (L, 3, s, s) DINO input.
         grid: CLIP grid (gr, gc).
+        block_tokens: tokens per pass through the blocks (:attr:`ovss.tuning.Tuning.block_tokens`).
 
     Returns:
         (L, H, gr * gc, d) keys (``align_corners=False``), fp32.
     """
     tokens, (hr, hc) = vfm.embed(x)  # (L, n_d, D_v)
-    tokens = vfm.forward_blocks(tokens, 0, len(vfm.blocks) - 1)  # input of DINO's last block
+    tokens = vfm.forward_blocks(tokens, 0, len(vfm.blocks) - 1, block_tokens=block_tokens)  # DINO's last block input
     block = vfm.blocks[-1]
     _, k, _ = block.attn.qkv(block.ln_1(tokens))  # (L, H, n_d, d)
     k = k[:, :, vfm.num_prefix_tokens :].float()  # (L, H, hr*hc, d)
@@ -82,7 +86,12 @@ def dino_keys_on_grid(vfm: VisionTransformer, x: torch.Tensor, grid: tuple[int, 
 
 
 def global_embeddings(
-    clip: VisionTransformer, batch: WindowBatch, mode: str, x11: torch.Tensor | None = None
+    clip: VisionTransformer,
+    batch: WindowBatch,
+    mode: str,
+    x11: torch.Tensor | None = None,
+    *,
+    block_tokens: int = DEFAULT_TUNING.block_tokens,
 ) -> torch.Tensor:
     """The global CLIP image embedding used by CASS's text side, one row per window.
 
@@ -92,6 +101,7 @@ def global_embeddings(
         mode: ``image`` ([CLS] of the unmodified tower on the whole processing image, repeated for every
             window) or ``window`` (each window's own [CLS], the release's Cityscapes setting).
         x11: (L, n, D) input of the last block for the windows, if already computed (``window`` mode).
+        block_tokens: tokens per pass through the blocks (:attr:`ovss.tuning.Tuning.block_tokens`).
 
     Returns:
         (L, E) fp32 L2-normalised.
@@ -99,13 +109,13 @@ def global_embeddings(
     L = len(batch.windows)
     if mode == "window":
         if x11 is None:
-            x11, _ = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
+            x11, _ = tokens_before_last_block(clip, batch.pixels, block_tokens=block_tokens)  # (L, n, D)
         cls = clip.blocks[-1](x11)[:, 0]  # (L, D) unmodified last block
     else:
         if batch.image is None:
             raise OvssError("CASS's global embedding needs the processing image (WindowBatch.image)")
         tokens, _ = clip.embed(batch.image[None])  # (1, n, D)
-        cls = clip.forward_blocks(tokens)[:, 0].expand(L, -1)  # (L, D)
+        cls = clip.forward_blocks(tokens, block_tokens=block_tokens)[:, 0].expand(L, -1)  # (L, D)
     return F.normalize(clip.head(cls[:, None])[:, 0].float(), dim=-1)  # (L, E)
 
 
@@ -132,12 +142,14 @@ def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> Met
     """
     clip = backbones.clip
     vfm = check_vfm(clip, backbones.vfm, "cass")
-    x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
+    block_tokens = backbones.tuning.block_tokens
+    x, grid = tokens_before_last_block(clip, batch.pixels, block_tokens=block_tokens)  # (L, n, D)
     block = clip.blocks[-1]
     _, k, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d)
     p = clip.num_prefix_tokens
     k, v = k[:, :, p:], v[:, :, p:]  # (L, H, N, d): CASS's q, k, v exclude [CLS]
-    dk = dino_keys_on_grid(vfm, dino_input(batch.pixels, clip.input_norm, opts.dino_input), grid)  # (L, H, N, d)
+    dino_pixels = dino_input(batch.pixels, clip.input_norm, opts.dino_input)  # (L, 3, s, s)
+    dk = dino_keys_on_grid(vfm, dino_pixels, grid, block_tokens=block_tokens)  # (L, H, N, d)
     omega = gaussian_prior(grid[0], grid[1], float(opts.sigma), 0).to(x.device)  # (N, N)
     attn = []
     window_info: dict[str, list] = {"cass_dino_head": [], "cass_weight": [], "cass_rank": []}
@@ -163,5 +175,5 @@ def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> Met
             window_info["cass_weight"].append([round(w, 6) for w in match.weight])
             window_info["cass_rank"].append(ranks)
     z = attend(block, torch.stack(attn), v)  # (L, N, D) no residual, no FFN
-    extras = {"global": global_embeddings(clip, batch, opts.global_embedding, x)}
+    extras = {"global": global_embeddings(clip, batch, opts.global_embedding, x, block_tokens=block_tokens)}
     return MethodOutput(z, grid, window_info=window_info, extras=extras)

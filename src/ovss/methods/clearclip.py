@@ -23,7 +23,7 @@ def run_clearclip(backbones: Backbones, batch: WindowBatch, opts: ClearCLIPOptio
         raise OvssError(f"clearclip last_n_layers must be in 1..{depth}, got {opts.last_n_layers}")
     x, grid = clip.embed(batch.pixels)  # (L, n, D)
     first = depth - opts.last_n_layers
-    x = clip.forward_blocks(x, 0, first)
+    x = clip.forward_blocks(x, 0, first, block_tokens=backbones.tuning.block_tokens)
     z = torch.zeros_like(x)
     for block in clip.blocks[first:-1]:
         z = z + qq_attention_output(block, x)  # (L, n, D)

@@ -15,17 +15,19 @@ import torch
 from ovss.models.vit import ResidualAttentionBlock, VisionTransformer
 from ovss.pipeline.windows import Layout, Padding, Window
 from ovss.precision import full_precision
+from ovss.tuning import DEFAULT_TUNING, Tuning
 
 
 @dataclass
 class Backbones:
-    """The frozen networks a method may use."""
+    """The frozen networks a method may use, and the Segmenter's speed switches for running them."""
 
     clip: VisionTransformer  # CLIP image tower
     vfm: VisionTransformer | None = None  # vision foundation model (DINO) for DINO-guided methods
     sam: Any = None  # SAM (ovss.models.sam.SamModel) of SAM-based methods (Trident)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the models run
     dtype: torch.dtype = torch.float32  # backbone precision (bf16 / fp16: autocast, ovss.precision)
+    tuning: Tuning = DEFAULT_TUNING  # speed / memory switches; methods pass its fields to the backbone calls
 
 
 @dataclass
@@ -54,18 +56,21 @@ class MethodOutput:
     layout: Layout | None = None  # where the tokens live when not on the input windows (Trident: SAM's grid)
 
 
-def tokens_before_last_block(clip: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def tokens_before_last_block(
+    clip: VisionTransformer, pixels: torch.Tensor, *, block_tokens: int = DEFAULT_TUNING.block_tokens
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Embed windows and run every block but the last, unchanged.
 
     Args:
         clip: the CLIP image tower.
         pixels: (L, 3, h, w) normalised windows.
+        block_tokens: tokens per pass through the blocks (:attr:`ovss.tuning.Tuning.block_tokens`).
 
     Returns:
         x (L, 1 + gr * gc, D), the input of the last block, and the grid (gr, gc).
     """
     x, grid = clip.embed(pixels)  # (L, n, D)
-    return clip.forward_blocks(x, 0, len(clip.blocks) - 1), grid
+    return clip.forward_blocks(x, 0, len(clip.blocks) - 1, block_tokens=block_tokens), grid
 
 
 def softmax_attention(a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:

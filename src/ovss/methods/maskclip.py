@@ -8,7 +8,7 @@ from ovss.methods.options import MaskCLIPOptions
 
 def run_maskclip(backbones: Backbones, batch: WindowBatch, opts: MaskCLIPOptions) -> MethodOutput:
     clip = backbones.clip
-    x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
+    x, grid = tokens_before_last_block(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)  # (L, n, D)
     block = clip.blocks[-1]
     v = block.attn.values(block.ln_1(x))  # (L, H, n, d): q and k are not used
     a = block.attn.merge_heads(v)  # (L, n, D) identity attention: OutProj(v)

@@ -38,7 +38,7 @@ def gaussian_prior(rows: int, cols: int, sigma: float, prefix: int = 1) -> torch
 
 def run_naclip(backbones: Backbones, batch: WindowBatch, opts: NACLIPOptions) -> MethodOutput:
     clip = backbones.clip
-    x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
+    x, grid = tokens_before_last_block(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)  # (L, n, D)
     block = clip.blocks[-1]
     q, k, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d) each
     scale = block.attn.scale

@@ -22,10 +22,15 @@ from ovss.models.normalization import InputNorm
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.precision import full_precision
+from ovss.tuning import DEFAULT_TUNING
 
 
 def vfm_features(
-    vfm: VisionTransformer, pixels: torch.Tensor, clip: VisionTransformer | None = None
+    vfm: VisionTransformer,
+    pixels: torch.Tensor,
+    clip: VisionTransformer | None = None,
+    *,
+    block_tokens: int = DEFAULT_TUNING.block_tokens,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """The VFM's last-block tokens after its final norm, [CLS] and registers dropped (spec §4.7 steps 1-2).
 
@@ -34,6 +39,7 @@ def vfm_features(
         pixels: (L, 3, h, w) CLIP-normalised, padded windows (``WindowBatch.pixels``); they are
             re-normalised with ImageNet statistics here, padding included (as the release does).
         clip: the CLIP tower whose ``input_norm`` normalised ``pixels`` (None: OpenAI's statistics).
+        block_tokens: tokens per pass through the blocks (:attr:`ovss.tuning.Tuning.block_tokens`).
 
     Returns:
         F (L, hr * hc, D_v) un-normalised features in the VFM's dtype, row-major, and the VFM grid (hr, hc).
@@ -50,7 +56,7 @@ def vfm_features(
         )
     norm = clip.input_norm if clip is not None else InputNorm()  # unrounded 0-1 statistics (spec §4.7 step 1)
     x, grid = vfm.embed(imagenet_from_clip(pixels, norm.mean, norm.std))  # (L, 1 + R + hr*hc, D_v)
-    x = vfm.ln_post(vfm.forward_blocks(x, grid=grid))  # (L, 1 + R + hr*hc, D_v); grid for RoPE (DINOv3)
+    x = vfm.ln_post(vfm.forward_blocks(x, grid=grid, block_tokens=block_tokens))  # (L, 1 + R + hr*hc, D_v); grid: RoPE
     return x[:, vfm.num_prefix_tokens :], grid  # (L, hr*hc, D_v)
 
 
@@ -72,7 +78,11 @@ def window_pad_multiple(multiple: int, vfm: VisionTransformer | None) -> int:
 
 
 def clip_values_on_grid(
-    clip: VisionTransformer, pixels: torch.Tensor, grid: tuple[int, int]
+    clip: VisionTransformer,
+    pixels: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    block_tokens: int = DEFAULT_TUNING.block_tokens,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's last-block values of the patches, per head, bilinearly resized to ``grid`` (spec §4.7 step 5).
 
@@ -80,6 +90,7 @@ def clip_values_on_grid(
         clip: the CLIP image tower.
         pixels: (L, 3, h, w) CLIP-normalised windows.
         grid: target token grid (hr, hc), usually the VFM grid of :func:`vfm_features`.
+        block_tokens: tokens per pass through the blocks (:attr:`ovss.tuning.Tuning.block_tokens`).
 
     Returns:
         v (L, H, hr * hc, d) values from ``ln_1(x11)`` with [CLS] dropped, resized with
@@ -87,7 +98,7 @@ def clip_values_on_grid(
         is the CLIP grid), and x11 (L, 1 + gr * gc, D),
         the input of the last block.
     """
-    x, clip_grid = tokens_before_last_block(clip, pixels)  # (L, 1 + gr*gc, D)
+    x, clip_grid = tokens_before_last_block(clip, pixels, block_tokens=block_tokens)  # (L, 1 + gr*gc, D)
     block = clip.blocks[-1]
     v = block.attn.values(block.ln_1(x))  # (L, H, 1 + gr*gc, d): q and k are not used
     return resize_values(v[:, :, clip.num_prefix_tokens :], clip_grid, grid).to(x.dtype), x
@@ -148,9 +159,9 @@ def run_proxyclip(backbones: Backbones, batch: WindowBatch, opts: ProxyCLIPOptio
         raise OvssError("proxyclip needs a vision foundation model; load it with vfm='dino-vitb8' (or --vfm NAME)")
     if not opts.gamma > 0:
         raise OvssError(f"proxyclip gamma must be > 0, got {opts.gamma}")
-    clip = backbones.clip
-    features, grid = vfm_features(backbones.vfm, batch.pixels, clip)  # (L, N, D_v), N = hr*hc
-    v, _ = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d)
+    clip, block_tokens = backbones.clip, backbones.tuning.block_tokens
+    features, grid = vfm_features(backbones.vfm, batch.pixels, clip, block_tokens=block_tokens)  # (L, N, D_v)
+    v, _ = clip_values_on_grid(clip, batch.pixels, grid, block_tokens=block_tokens)  # (L, H, N, d)
     block = clip.blocks[-1]
     # One window at a time: the (N, N) attention of a 336-px window on a /8 grid is 12 MB in fp32.
     z = torch.cat(

@@ -17,7 +17,7 @@ from ovss.methods.options import SCLIPOptions
 
 def run_sclip(backbones: Backbones, batch: WindowBatch, opts: SCLIPOptions) -> MethodOutput:
     clip = backbones.clip
-    x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
+    x, grid = tokens_before_last_block(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)  # (L, n, D)
     block = clip.blocks[-1]
     q, k, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d) each
     scale = block.attn.scale

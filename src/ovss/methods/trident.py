@@ -67,9 +67,9 @@ def run_trident(backbones: Backbones, batch: WindowBatch, opts: TridentOptions) 
     vfm = check_patch(backbones, "trident")
     if not opts.gamma > 0:
         raise OvssError(f"trident gamma must be > 0, got {opts.gamma}")
-    clip = backbones.clip
-    features, grid = vfm_features(vfm, batch.pixels, clip)  # (L, N, D_v)
-    v, _ = clip_values_on_grid(clip, batch.pixels, grid)  # (L, H, N, d), CLIP grid = VFM grid
+    clip, block_tokens = backbones.clip, backbones.tuning.block_tokens
+    features, grid = vfm_features(vfm, batch.pixels, clip, block_tokens=block_tokens)  # (L, N, D_v)
+    v, _ = clip_values_on_grid(clip, batch.pixels, grid, block_tokens=block_tokens)  # (L, H, N, d) on the VFM grid
     if opts.shift_mean == "window":
         attn = proxy_attention(features, opts.beta, opts.gamma)  # (L, N, N)
     else:

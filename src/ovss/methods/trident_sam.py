@@ -9,7 +9,7 @@ values v_h over its 64 x 64 token grid. Restricted to the valid (unpadded) token
 
 and the spliced CLIP features X (resized to SAM's valid grid) are aggregated as Z = W X. Only the
 valid query rows of Pi are computed (n_s x 4096 logits instead of 4096 x 4096), one head at a time, and
-softmax, column selection, mask and accumulation run per slab of :data:`AGGREGATION_ROWS` query rows, so
+softmax, column selection, mask and accumulation run per slab of ``Tuning.aggregation_rows`` query rows, so
 the (12, n_s, n_s) probabilities are never held (805 MB at n_s = 4096).
 
 This module holds the geometry of SAM's input and the aggregation math on given tensors; the SAM
@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 from ovss.errors import OvssError
 from ovss.precision import full_precision
+from ovss.tuning import DEFAULT_TUNING, Tuning
 
 SAM_SIZE = 1024  # SAM's input side (long side resized to it, then zero-padded to a square)
 SAM_PATCH = 16  # SAM ViT-B patch size: 64 x 64 tokens
 THRESHOLD_CAP = 0.9  # t_i never exceeds this
 NEGATIVE_FALLBACK = 0.6  # t_i when it is negative and refine_neg_cos is False
-AGGREGATION_ROWS = 512  # query rows per softmax / mask / accumulation slab; <= 0: a head's n_s rows at once
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,7 @@ class BlockLogits:
     grid: tuple[int, int]  # the encoder's token grid (64, 64)
     rows: torch.Tensor  # (n_s,) long: the valid query rows
     autocast: torch.dtype | None  # the autocast dtype at creation, None when autocast was off
+    fold_positions: bool = DEFAULT_TUNING.fold_positions  # Tuning.fold_positions of the encoder pass
 
     def __len__(self) -> int:
         return int(self.q.shape[1])
@@ -157,7 +158,8 @@ class BlockLogits:
         """(n_s, N) logits of head ``h``: row r is query ``rows[r]`` against every key."""
         device = self.q.device.type
         with torch.autocast(device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            logits = self.attn.logits(self.q[:, h : h + 1], self.k[:, h : h + 1], self.grid, self.rows)
+            q, k = self.q[:, h : h + 1], self.k[:, h : h + 1]  # (1, 1, N, d) each
+            logits = self.attn.logits(q, k, self.grid, self.rows, fold_positions=self.fold_positions)
         return logits[0, 0]  # (n_s, N)
 
 
@@ -167,7 +169,7 @@ def aggregation_weights(
     valid: torch.Tensor,
     cos_fac: float,
     refine_neg_cos: bool,
-    rows_per_slab: int | None = None,
+    rows_per_slab: int = DEFAULT_TUNING.aggregation_rows,
 ) -> torch.Tensor:
     """Trident's global affinity W = rownorm(mean_h Pi_h * [C_h > t]) (spec §4.12.3 steps 2-4), in fp32.
 
@@ -183,17 +185,16 @@ def aggregation_weights(
         valid: (n_s,) long indices of the valid keys among the N.
         cos_fac: phi.
         refine_neg_cos: see :func:`value_thresholds`.
-        rows_per_slab: query rows per slab; None: :data:`AGGREGATION_ROWS`; <= 0: all n_s rows at once.
+        rows_per_slab: query rows per slab (:attr:`ovss.tuning.Tuning.aggregation_rows`); 0: all n_s rows at once.
 
     Returns:
         (n_s, n_s) fp32 row-stochastic weights (each row keeps at least its diagonal: C_h[i, i] = 1 > t_i).
     """
-    slab = AGGREGATION_ROWS if rows_per_slab is None else rows_per_slab
     with full_precision():
         t = value_thresholds(values, cos_fac, refine_neg_cos)  # (n_s,)
         v = F.normalize(values.float(), dim=-1)  # (H, n_s, d)
     H, n, _ = v.shape
-    slab = n if slab <= 0 else slab
+    slab = n if rows_per_slab <= 0 else rows_per_slab
     b = torch.zeros(n, n, dtype=torch.float32, device=v.device)  # (n_s, n_s)
     for h in range(H):
         head = logits[h]  # (n_s, N) in the encoder's precision
@@ -229,7 +230,7 @@ def aggregate(weights: torch.Tensor, features: torch.Tensor, grid: tuple[int, in
 
 
 def encode_sam(
-    sam: Any, rgb: np.ndarray, round_to_patch: bool = True
+    sam: Any, rgb: np.ndarray, round_to_patch: bool = True, tuning: Tuning = DEFAULT_TUNING
 ) -> tuple[torch.Tensor, BlockLogits, torch.Tensor, SamGeometry]:
     """One pass of SAM's image encoder: neck embedding plus the last block's valid-row logits and values.
 
@@ -237,6 +238,7 @@ def encode_sam(
         sam: an ``ovss.models.sam.SamModel`` (its encoder runs in the caller's autocast precision).
         rgb: (H0, W0, 3) uint8 RGB image, or (``round_to_patch=False``) one half of the rounded image.
         round_to_patch: resize the image to multiples of 16 first (cv2 bilinear), as for the whole image.
+        tuning: the encoder's attention switches (``attention_chunk``, ``fold_positions``).
 
     Returns:
         embedding (1, 256, 64, 64), the valid rows' logits (H, n_s, 4096), made per head when indexed,
@@ -257,11 +259,14 @@ def encode_sam(
     device = next(encoder.parameters()).device
     x = torch.tensor(resized, device=device).permute(2, 0, 1)[None].float()  # (1, 3, h_in, w_in) 0-255
     pixels = preprocess(x, cfg.image_size)  # (1, 3, 1024, 1024) normalised, zero-padded
-    embedding, x_in = encoder.forward_with_block_input(pixels, cfg.depth - 1)  # (1, 256, 64, 64), (1, 64, 64, C)
+    chunk, fold = tuning.attention_chunk, tuning.fold_positions
+    embedding, x_in = encoder.forward_with_block_input(
+        pixels, cfg.depth - 1, attention_chunk=chunk, fold_positions=fold
+    )  # (1, 256, 64, 64), (1, 64, 64, C)
     q, k, v = last.attn.qkv(last.norm1(x_in))  # (1, H, 4096, d) each
     rows = geometry.valid_rows.to(device)  # (n_s,)
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    logits = BlockLogits(last.attn, q, k, (cfg.grid, cfg.grid), rows, autocast)  # (H, n_s, 4096) on demand
+    logits = BlockLogits(last.attn, q, k, (cfg.grid, cfg.grid), rows, autocast, fold)  # (H, n_s, 4096) on demand
     return embedding, logits, v[0, :, rows], geometry  # values (H, n_s, d)
 
 
@@ -284,13 +289,15 @@ def sam_aggregate(backbones: Any, rgb: np.ndarray, spliced: torch.Tensor, opts: 
     from ovss.precision import backbone_precision
 
     sam = backbones.sam
+    tuning: Tuning = backbones.tuning
 
     def encode(part: np.ndarray, whole: bool = True) -> tuple[torch.Tensor, BlockLogits, torch.Tensor, SamGeometry]:
-        with backbone_precision(backbones.device, backbones.dtype):
-            return encode_sam(sam, part, round_to_patch=whole)
+        with backbone_precision(backbones.device, backbones.dtype, keep_reduced_copies=tuning.keep_reduced_copies):
+            return encode_sam(sam, part, round_to_patch=whole, tuning=tuning)
 
     def aggregated(logits: BlockLogits, values: torch.Tensor, y: torch.Tensor, g: SamGeometry) -> torch.Tensor:
-        w = aggregation_weights(logits, values, logits.rows, opts.cos_fac, opts.refine_neg_cos)  # (n_s, n_s)
+        slab = tuning.aggregation_rows
+        w = aggregation_weights(logits, values, logits.rows, opts.cos_fac, opts.refine_neg_cos, slab)  # (n_s, n_s)
         return aggregate(w, y, g.grid).T.reshape(-1, *g.grid)  # (D, h_s, w_s)
 
     if not opts.split_halves:

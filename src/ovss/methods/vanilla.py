@@ -16,7 +16,7 @@ from ovss.methods.options import VanillaOptions
 
 def run_vanilla(backbones: Backbones, batch: WindowBatch, opts: VanillaOptions) -> MethodOutput:
     clip = backbones.clip
-    x, grid = tokens_before_last_block(clip, batch.pixels)  # (L, n, D)
+    x, grid = tokens_before_last_block(clip, batch.pixels, block_tokens=backbones.tuning.block_tokens)  # (L, n, D)
     block = clip.blocks[-1]
     if opts.reduced:
         q, k, v = block.attn.qkv(block.ln_1(x))  # (L, H, n, d) each

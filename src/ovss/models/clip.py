@@ -12,6 +12,7 @@ from ovss.errors import OvssError
 from ovss.models.normalization import InputNorm
 from ovss.models.vit import LayerNorm, Transformer, VisionTransformer
 from ovss.models.vit_build import build_vit, load_frozen, resolve_heads
+from ovss.tuning import DEFAULT_TUNING
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class TextTransformer(nn.Module):
         mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, block_tokens: int = DEFAULT_TUNING.block_tokens) -> torch.Tensor:
         """Encode token ids.
 
         The tower is causal and reads its output at [EOT], so padding after the last [EOT] of the batch
@@ -55,6 +56,7 @@ class TextTransformer(nn.Module):
 
         Args:
             tokens: (B, T) int64 ids, [SOT] ... [EOT] then zero padding, 1 <= T <= context_length.
+            block_tokens: tokens per pass through the blocks (:attr:`ovss.tuning.Tuning.block_tokens`).
 
         Returns:
             (B, E) features at the [EOT] token (the highest id in each row), after ln_final and the
@@ -68,7 +70,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"tokens must have 1..{self.cfg.context_length} positions, got {T}")
         x = self.token_embedding(tokens) + self.positional_embedding[:T]  # (B, T, W)
         mask = self.attn_mask[:T, :T].to(x.dtype)  # (T, T) causal: -inf above the diagonal
-        x = self.transformer(x, mask)  # (B, T, W)
+        x = self.transformer(x, mask, block_tokens=block_tokens)  # (B, T, W)
         x = self.ln_final(x)  # (B, T, W)
         eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
         return eot @ self.text_projection.to(eot.dtype)  # (B, E)
@@ -109,14 +111,14 @@ class CLIP(nn.Module):
             )
         return self.text
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, *, block_tokens: int = DEFAULT_TUNING.block_tokens) -> torch.Tensor:
         """(B, T) token ids, T <= 77 (see :meth:`TextTransformer.forward`) -> (B, E) un-normalised text features.
 
         Raises:
             OvssError: the checkpoint has no text tower (vision-only weights).
         """
         text = self.require_text()
-        return text(tokens.to(text.positional_embedding.device))
+        return text(tokens.to(text.positional_embedding.device), block_tokens=block_tokens)
 
 
 def state_dict_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:

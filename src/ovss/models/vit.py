@@ -23,9 +23,9 @@ from torch import nn
 from ovss.models.normalization import InputNorm
 from ovss.models.rope import apply_rope, rope_tables
 from ovss.precision import autocast_weights
+from ovss.tuning import DEFAULT_TUNING
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) fp32 tables of the patch tokens, each (P, head_dim)
-BLOCK_TOKENS = 1024  # tokens per pass through the blocks; larger batches run in slices (<= 0: the whole batch)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -187,12 +187,21 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, 4 * width, act, eps, layer_scale) for _ in range(layers)
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All blocks on tokens (B, n, D), at most :data:`BLOCK_TOKENS` tokens at a time (samples are independent)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        block_tokens: int = DEFAULT_TUNING.block_tokens,
+    ) -> torch.Tensor:
+        """All blocks on tokens (B, n, D), at most ``block_tokens`` tokens at a time (samples are independent).
+
+        ``block_tokens``: :attr:`ovss.tuning.Tuning.block_tokens` (0: the whole batch in one pass).
+        """
         B, n, _ = x.shape
-        step = B if BLOCK_TOKENS <= 0 else max(1, BLOCK_TOKENS // n)
+        step = B if block_tokens <= 0 else max(1, block_tokens // n)
         if step < B:
-            return torch.cat([self(x[i : i + step], attn_mask) for i in range(0, B, step)])  # (B, n, D)
+            return torch.cat([self(x[i : i + step], attn_mask, block_tokens=0) for i in range(0, B, step)])  # (B, n, D)
         for block in self.resblocks:
             x = block(x, attn_mask)
         return x
@@ -332,31 +341,38 @@ class VisionTransformer(nn.Module):
         return rope_tables(cast("torch.Tensor", self.rope_periods), *grid)  # (gr*gc, d) each, fp32
 
     def forward_blocks(
-        self, x: torch.Tensor, start: int = 0, end: int | None = None, grid: tuple[int, int] | None = None
+        self,
+        x: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+        grid: tuple[int, int] | None = None,
+        *,
+        block_tokens: int = DEFAULT_TUNING.block_tokens,
     ) -> torch.Tensor:
         """Run blocks ``start .. end - 1`` unchanged on tokens (B, n, D); ``grid`` (gr, gc) is needed by RoPE.
 
-        A large batch (more than :data:`BLOCK_TOKENS` tokens) runs through the blocks a few samples at a
-        time: every sample is independent, and the element-wise passes stay in cache (the products are
-        as efficient on hundreds of tokens as on thousands).
+        A large batch (more than ``block_tokens`` tokens, :attr:`ovss.tuning.Tuning.block_tokens`; 0: no
+        limit) runs through the blocks a few samples at a time: every sample is independent, and the
+        element-wise passes stay in cache (the products are as efficient on hundreds of tokens as on thousands).
         """
         B, n, _ = x.shape
-        step = B if BLOCK_TOKENS <= 0 else max(1, BLOCK_TOKENS // n)
+        step = B if block_tokens <= 0 else max(1, block_tokens // n)
         if step < B:
-            return torch.cat([self.forward_blocks(x[i : i + step], start, end, grid) for i in range(0, B, step)])
+            slices = [self.forward_blocks(x[i : i + step], start, end, grid, block_tokens=0) for i in range(0, B, step)]
+            return torch.cat(slices)  # (B, n, D)
         rope = self.rotary(grid)
         for block in self.blocks[start:end]:
             x = block(x, rope=rope)
         return x  # (B, n, D)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, *, block_tokens: int = DEFAULT_TUNING.block_tokens) -> torch.Tensor:
         """The unmodified tower: all blocks, then ln_post (and the projection if any) on every token.
 
         Returns:
             (B, n, E) with E = output_dim, or (B, n, D) without a projection.
         """
         x, grid = self.embed(pixels)
-        return self.head(self.forward_blocks(x, grid=grid))
+        return self.head(self.forward_blocks(x, grid=grid, block_tokens=block_tokens))
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """ln_post then the visual projection (if any): (B, n, D) -> (B, n, E). Not normalised."""

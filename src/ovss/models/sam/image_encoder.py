@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from ovss.errors import OvssError
 from ovss.models.sam.common import LayerNorm2d, MLPBlock
+from ovss.tuning import DEFAULT_TUNING
 
-ATTENTION_CHUNK = 1 << 21  # logits per attention pass (one head, a slab of query rows); <= 0: a head's whole map
-FOLD_POSITIONS = True  # relative position terms folded into the q.k product where they add <= d columns (windows)
+# Defaults of the two attention keywords, :class:`ovss.tuning.Tuning`'s (read once, when the functions are defined).
+_CHUNK = DEFAULT_TUNING.attention_chunk  # logits per attention pass (one head, a slab of query rows); 0: whole map
+_FOLD = DEFAULT_TUNING.fold_positions  # relative position terms folded into the q.k product (<= d columns)
 
 __all__ = ["SamAttention", "SamBlock", "SamEncoderConfig", "SamImageEncoder", "window_partition", "window_unpartition"]
 
@@ -148,7 +150,9 @@ class SamAttention(nn.Module):
         rel_w = all_w.gather(-1, offset_w.expand(B, h, R, W))  # (B, h, R, W)
         return rel_h, rel_w
 
-    def logits(self, q: Tensor, k: Tensor, grid: tuple[int, int], rows: Tensor | None = None) -> Tensor:
+    def logits(
+        self, q: Tensor, k: Tensor, grid: tuple[int, int], rows: Tensor | None = None, *, fold_positions: bool = _FOLD
+    ) -> Tensor:
         """Attention logits with the decomposed relative position terms, for all or some query rows.
 
         Args:
@@ -156,6 +160,7 @@ class SamAttention(nn.Module):
             k: (B, heads, N, d) keys.
             grid: (H, W) of the token square; both equal to this layer's ``size``.
             rows: optional (R,) int64 row-major indices of the query tokens wanted; None = all N.
+            fold_positions: see :meth:`row_logits`.
 
         Returns:
             (B, heads, R, N) logits (R = N when ``rows`` is None); row r equals row ``rows[r]`` of the full map.
@@ -166,20 +171,22 @@ class SamAttention(nn.Module):
         if rows is None:
             rows = torch.arange(q.shape[2], device=q.device)
         # a head sliced out of qkv() is strided: a contiguous k lets the product read k^T without a gather
-        return self.row_logits(q[:, :, rows], k.contiguous(), rows, grid)  # (B, h, R, N)
+        return self.row_logits(q[:, :, rows], k.contiguous(), rows, grid, fold_positions=fold_positions)  # (B, h, R, N)
 
-    def row_logits(self, qr: Tensor, k: Tensor, rows: Tensor, grid: tuple[int, int]) -> Tensor:
+    def row_logits(
+        self, qr: Tensor, k: Tensor, rows: Tensor, grid: tuple[int, int], *, fold_positions: bool = _FOLD
+    ) -> Tensor:
         """:meth:`logits` of the query rows ``rows`` given their queries ``qr`` (B, h, R, d): (B, h, R, N).
 
         The position terms are added to the q.k logits in place, or, when they add at most ``d`` columns
-        (the 14 x 14 windows: 28 <= 64) and :data:`FOLD_POSITIONS` is on, folded into one product: the
+        (the 14 x 14 windows: 28 <= 64) and ``fold_positions`` is on, folded into one product: the
         "augmented" query ``[q / sqrt(d), rel_h, rel_w]`` times the key ``[k, onehot(y_j), onehot(x_j)]``
         is exactly the logit (multiplications by 1 and 0), with one rounding in bf16 instead of three.
         """
         H, W = grid
         B, h, R, d = qr.shape
         rel_h, rel_w = self.relative_terms(qr, rows, grid)  # (B, h, R, H), (B, h, R, W)
-        if FOLD_POSITIONS and d >= H + W:
+        if fold_positions and d >= H + W:
             N = k.shape[2]
             keys = torch.arange(N, device=k.device)  # (N,) row-major key indices
             onehot = torch.zeros(N, H + W, dtype=k.dtype, device=k.device)  # (N, H + W)
@@ -194,17 +201,17 @@ class SamAttention(nn.Module):
         grid_view += rel_w[..., None, :]
         return attn  # (B, h, R, N)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, attention_chunk: int = _CHUNK, fold_positions: bool = _FOLD) -> Tensor:
         """(B, H, W, D) normalised tokens -> (B, H, W, D) attention output (after ``proj``).
 
-        One head and at most :data:`ATTENTION_CHUNK` logits at a time: the logit map is built, softmaxed
-        and multiplied by the values while it is in cache, with the same operations (hence the same
-        values) as the whole map at once.
+        One head and at most ``attention_chunk`` logits at a time (0: a head's whole map): the logit map is
+        built, softmaxed and multiplied by the values while it is in cache, with the same operations as the
+        whole map at once. ``fold_positions``: see :meth:`row_logits`.
         """
         B, H, W, D = x.shape
         q, k, v = self.qkv(x)  # (B, h, N, d) each
         N = H * W
-        rows_per_pass = N if ATTENTION_CHUNK <= 0 else max(1, ATTENTION_CHUNK // (B * N))
+        rows_per_pass = N if attention_chunk <= 0 else max(1, attention_chunk // (B * N))
         y = torch.empty_like(v)  # (B, h, N, d)
         for head in range(self.heads):
             # contiguous per-head keys: the products read k^T as a transposed matrix, not a strided gather
@@ -212,7 +219,8 @@ class SamAttention(nn.Module):
             for start in range(0, N, rows_per_pass):
                 rows = torch.arange(start, min(N, start + rows_per_pass), device=x.device)  # (R,)
                 qr = qh[:, :, start : start + rows_per_pass]  # (B, 1, R, d) a view
-                attn = self.row_logits(qr, kh, rows, (H, W)).softmax(dim=-1)  # (B, 1, R, N)
+                logits = self.row_logits(qr, kh, rows, (H, W), fold_positions=fold_positions)  # (B, 1, R, N)
+                attn = logits.softmax(dim=-1)  # (B, 1, R, N)
                 y[:, head : head + 1, start : start + rows_per_pass] = attn @ vh  # (B, 1, R, d)
         y = y.transpose(1, 2).reshape(B, H, W, D)  # (B, H, W, D), heads concatenated
         return self.proj(y)  # (B, H, W, D)
@@ -229,17 +237,17 @@ class SamBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = MLPBlock(cfg.width, cfg.mlp_dim, nn.GELU)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, Hg, Wg, D) -> (B, Hg, Wg, D)."""
+    def forward(self, x: Tensor, *, attention_chunk: int = _CHUNK, fold_positions: bool = _FOLD) -> Tensor:
+        """(B, Hg, Wg, D) -> (B, Hg, Wg, D); the switches as in :meth:`SamAttention.forward`."""
         shortcut = x
         x = self.norm1(x)  # (B, Hg, Wg, D)
         if self.window > 0:
             size = (x.shape[1], x.shape[2])
             x, padded = window_partition(x, self.window)  # (B * nW, w, w, D)
-            x = self.attn(x)  # (B * nW, w, w, D)
+            x = self.attn(x, attention_chunk=attention_chunk, fold_positions=fold_positions)  # (B * nW, w, w, D)
             x = window_unpartition(x, self.window, padded, size)  # (B, Hg, Wg, D)
         else:
-            x = self.attn(x)  # (B, Hg, Wg, D)
+            x = self.attn(x, attention_chunk=attention_chunk, fold_positions=fold_positions)  # (B, Hg, Wg, D)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))  # (B, Hg, Wg, D)
 
@@ -302,19 +310,25 @@ class SamImageEncoder(nn.Module):
             )
         return self.patch_embed(pixels) + self.pos_embed  # (B, Hg, Wg, D)
 
-    def forward(self, pixels: Tensor) -> Tensor:
-        """(B, 3, S, S) -> (B, out_chans, S/p, S/p) image embedding (neck output)."""
+    def forward(self, pixels: Tensor, *, attention_chunk: int = _CHUNK, fold_positions: bool = _FOLD) -> Tensor:
+        """(B, 3, S, S) -> (B, out_chans, S/p, S/p) image embedding (neck output).
+
+        ``attention_chunk`` and ``fold_positions`` are :class:`ovss.tuning.Tuning`'s (see :meth:`SamAttention.forward`).
+        """
         x = self.embed(pixels)  # (B, Hg, Wg, D)
         for block in self.blocks:
-            x = block(x)  # (B, Hg, Wg, D)
+            x = block(x, attention_chunk=attention_chunk, fold_positions=fold_positions)  # (B, Hg, Wg, D)
         return self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, Hg, Wg)
 
-    def forward_with_block_input(self, pixels: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    def forward_with_block_input(
+        self, pixels: Tensor, block: int, *, attention_chunk: int = _CHUNK, fold_positions: bool = _FOLD
+    ) -> tuple[Tensor, Tensor]:
         """The image embedding and the tokens entering block ``block`` (before its ``norm1``).
 
         Args:
             pixels: (B, 3, S, S) normalised, zero-padded images.
             block: index of the block whose input is returned, 0 <= block < depth.
+            attention_chunk, fold_positions: :class:`ovss.tuning.Tuning`'s (see :meth:`SamAttention.forward`).
 
         Returns:
             ``(embedding, x_in)``: (B, out_chans, Hg, Wg) and (B, Hg, Wg, D).
@@ -326,5 +340,5 @@ class SamImageEncoder(nn.Module):
         for i, b in enumerate(self.blocks):
             if i == block:
                 x_in = x
-            x = b(x)  # (B, Hg, Wg, D)
+            x = b(x, attention_chunk=attention_chunk, fold_positions=fold_positions)  # (B, Hg, Wg, D)
         return self.neck(x.permute(0, 3, 1, 2)), x_in  # (B, out_chans, Hg, Wg), (B, Hg, Wg, D)
