@@ -75,8 +75,9 @@ def test_a_module_fixture_leaves_the_home_cache_untouched(tmp_path: Path, shared
         PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "src"), env.get("PYTHONPATH", "")]),
     )
     basetemp = tmp_path / "basetemp"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "--rootdir",
-               str(tmp_path), "-c", os.devnull, "--basetemp", str(basetemp), str(tmp_path / "test_leaky.py")]  # fmt: skip
+    plugins = ["-p", "conftest", "-p", "no:cacheprovider"]  # tests/conftest.py, the file under test
+    where = ["--rootdir", str(tmp_path), "-c", os.devnull, "--basetemp", str(basetemp)]
+    command = [sys.executable, "-m", "pytest", "-q", *plugins, *where, str(tmp_path / "test_leaky.py")]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "1 passed" in run.stdout
