@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from ovss.cli.main import main
-from ovss.eval.names import load_names
 from test_dino import dino_state_dict
 from test_trident_pipeline import tiny_sam
 from tiny import save_openai_jit, tiny_clip_state_dict
@@ -114,18 +113,3 @@ def test_eval_and_report_print_table_six(weights, bpe_path, assets_dir, tmp_path
     assert "(38.6)" in rows["trident / trident"] and "(45.8)" in rows["trident / trident"]
     assert "(38.9)" in rows["trident+gla / trident"] and "(46.1)" in rows["trident+gla / trident"]
     assert "GLA-CLIP Table 6" in text
-
-
-def test_eval_on_the_voc_samples_folder(weights, bpe_path, assets_dir, tmp_path):
-    names = tmp_path / "voc21.txt"
-    names.write_text("".join(", ".join(n) + "\n" for n in load_names("voc21", "bg-rename")))
-    samples = assets_dir / "voc2012-val-samples"
-    out = tmp_path / "run"
-    args = ["eval", "--dataset", "folder", "--images", str(samples / "images"), "--labels", str(samples / "labels"),
-            "--names", str(names), "--image-suffix", "_image", "--label-suffix", "_label", "--has-background",
-            "--method", "trident", "--preset", "trident", "--short-side", "64", "--crop", "64", "--stride", "48",
-            "--limit", "4", "--templates", "imagenet7", "--out", str(out), *_model_args(weights, bpe_path)]  # fmt: skip
-    assert main(args) == 0
-    result = json.loads((out / "result.json").read_text())
-    assert result["images"] == 4
-    assert sum(result["counts"]["pred_area"]) == sum(result["counts"]["label_area"]) > 0
