@@ -226,9 +226,16 @@ def test_segment_the_example_photo(weights, bpe_path, tmp_path, method, extra, r
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == recorded
     labels = np.asarray(Image.open(out / "astronaut.png"))
-    assert labels.shape == (512, 512) and labels.max() <= 2
     if method == "proxyclip+gla+mlf":
         assert config["options"]["mlf"]["res_cls"] == 0.3
+    # the command's label map is the API's on the same files, image and settings
+    from skimage.data import astronaut
+
+    options = {"mlf_res_cls": 0.3} if method == "proxyclip+gla+mlf" else {}
+    seg = ovss.load(recorded, clip=str(weights["clip"]), vfm=str(weights["dino"]), tokenizer=str(bpe_path),
+                    short_side=112, crop=112, stride=56, **options)  # fmt: skip
+    want = seg.predict(astronaut(), [["sky"], ["person"], ["rocket"]]).labels.numpy()  # (512, 512)
+    np.testing.assert_array_equal(labels, want)
 
 
 def test_report_prints_full_split_runs_beside_the_papers(tmp_path, capsys):
