@@ -140,3 +140,18 @@ def test_precision_agreement_on_tiny_weight_files(tmp_path: Path, bpe_path: Path
     assert report["dtype"] == "bf16" and not report["tamed"]
     assert 50.0 <= budget["agree_pct_mean"] <= 100.0
     assert set(budget["per_image"]) == {"photo.png"}
+
+
+def test_precision_agreement_on_tamed_narrow_towers(tmp_path: Path, bpe_path: Path, assets_dir: Path) -> None:
+    rgb = np.asarray(Image.open(assets_dir / "voc2012-val-samples" / "images" / "1_image.png").convert("RGB"))
+    Image.fromarray(rgb[:240, :240]).save(tmp_path / "photo.png")
+    args = [str(tmp_path / "photo.png"), "--tamed", "--quick", "--cache", str(tmp_path / "tamed.pt"), "--classes",
+            "3", "--method", "clearclip", "--short-side", "112", "--crop", "56", "--stride", "28"]  # fmt: skip
+    out = run_script("tools/precision_agreement.py", *args, cwd=tmp_path, bpe_path=bpe_path)
+    report = json.loads(out[out.index("\n{") + 1 :])
+    assert report["tamed"] and (tmp_path / "tamed.pt").is_file()
+    clip, dino = report["clip_taming"], report["dino_taming"]
+    assert len(clip["entropy_per_block"]) == 3 and clip["query_scale"] in (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    assert abs(clip["entropy_after"] - 0.7) <= abs(clip["entropy_before"] - 0.7)  # the taming moved towards 0.70
+    assert 0 < dino["proxy_share_after"] < dino["proxy_share_before"]  # the DINO tokens were decorrelated
+    assert 50.0 <= report["clearclip"]["agree_pct_mean"] <= 100.0
