@@ -1,6 +1,7 @@
 """Peak memory of one ``predict`` on a large photo with many classes (issue 9, "Memory").
 
     python benchmarks/memory_bench.py [--size 2000] [--classes 171] [--method clearclip] [--logits none]
+    python benchmarks/memory_bench.py --quick    # tiny weights, 160 x 160, 5 classes: a smoke test in seconds
 
 Builds a random full-size CLIP ViT-B/16 (OpenAI layout, 12 + 12 blocks, 768 / 512 wide), saves it as a
 plain OpenAI ``.pt`` file in a temporary folder, writes a random ``size x size`` PNG, and measures with an
@@ -39,7 +40,13 @@ def main() -> None:
         help="also build the full-resolution logits in this dtype (as --save-logits does)",
     )
     parser.add_argument("--width", type=int, default=768, help="vision width (768 = ViT-B; smaller for a dry run)")
+    parser.add_argument("--quick", action="store_true", help="tiny weights and image unless given (smoke test)")
     args = parser.parse_args()
+    if args.quick:  # the defaults become tiny; explicit values stay
+        args.size = 160 if args.size == 2000 else args.size
+        args.classes = 5 if args.classes == 171 else args.classes
+        args.width = 128 if args.width == 768 else args.width
+    sizes = (args.width, 12, 128, 1, 64) if args.quick else (args.width, 12, 512, 12, 512)  # vision, text, E
 
     import numpy as np
     from PIL import Image
@@ -47,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         clip_path = folder / "ViT-B-16-random.pt"
-        torch.save(random_clip_state_dict(args.width, 12, 512, 12, 512), clip_path)
+        torch.save(random_clip_state_dict(*sizes), clip_path)
         rng = np.random.default_rng(0)
         image_path = folder / "photo.png"
         Image.fromarray(rng.integers(0, 256, size=(args.size, args.size, 3), dtype=np.uint8)).save(image_path)

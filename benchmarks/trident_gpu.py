@@ -1,17 +1,19 @@
 """Trident cost on a GPU, end to end through ``ovss.load(...).set_image(...)`` / ``predict``.
 
     python benchmarks/trident_gpu.py             # CUDA: VOC-size and Cityscapes-size images, fp32 and fp16
-    DEV=cpu python benchmarks/trident_gpu.py     # one VOC-size fp32 run on the CPU (a smoke test)
+    DEV=cpu python benchmarks/trident_gpu.py     # one VOC-size fp32 run on the CPU
+    python benchmarks/trident_gpu.py --quick     # tiny models, a small image, one fp32 run (CPU unless DEV)
 
-Weights are random and full size: CLIP ViT-B/16 (vision tower only, so no vocabulary is needed), DINO ViT-B/16
-and SAM ViT-B; time and memory do not depend on the values. Refinement is forced to prompt every region
-(``coarse_thresh=0``) and keep every mask (``iou_thresh=-1e9``): its worst case. Prints one line per run
+Weights are random and full size (tiny with ``--quick``): CLIP ViT-B/16 (vision tower only, so no vocabulary is
+needed), DINO ViT-B/16 and SAM ViT-B; time and memory do not depend on the values. Refinement is forced to prompt
+every region (``coarse_thresh=0``) and keep every mask (``iou_thresh=-1e9``): its worst case. Prints one line per run
 (set_image and predict seconds of the last of 3 runs, peak CUDA memory, SAM passes, regions) and the share of
 identical labels between fp16 and fp32; writes ``$OUT/trident_gpu.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,23 +22,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gla_bench import dino_state_dict
+
+from ovss.bench import random_dino_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py: CLIP weights
 
+EMBED = {False: 512, True: 64}  # joint embedding size E of the full-size / --quick CLIP
 
-def models() -> tuple[object, object, object]:
+
+def models(quick: bool = False) -> tuple[object, object, object]:
+    """Random CLIP ViT-B/16 (vision tower), DINO ViT-B/16 and SAM ViT-B; narrow ones with ``quick``."""
     from ovss.models.clip import build_clip
     from ovss.models.dino import build_vfm, convert_vfm_state_dict
     from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
     from tiny import tiny_clip_state_dict
 
-    sd = tiny_clip_state_dict(seed=0, width=768, layers=12, embed_dim=512, text_width=512, text_layers=1)
+    width, layers = (128, 3) if quick else (768, 12)
+    sd = tiny_clip_state_dict(seed=0, width=width, layers=layers, embed_dim=EMBED[quick], text_width=64, text_layers=1)
     clip = build_clip({k: v for k, v in sd.items() if k.startswith("visual.")})  # vision-only: no tokenizer
-    dino = build_vfm(*convert_vfm_state_dict(dino_state_dict(768, 12, patch=16, grid=14, seed=2)))
-    enc = SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256)  # SAM ViT-B
+    dino = build_vfm(*convert_vfm_state_dict(random_dino_state_dict(width, layers, patch=16, grid=14, seed=2)))
+    if quick:  # 128-pixel input, 3 blocks, the last one global (as ovss.bench's quick SAM)
+        config = SamConfig(SamEncoderConfig(16, 32, 3, 2, 8, 4, (2,), 64, 32), 32, 16, 1, 8, 64, 2, 3, 2, 32)
+    else:  # SAM ViT-B
+        config = SamConfig(SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256), 256, 16, 2, 8, 2048,
+                           2, 3, 3, 256)  # fmt: skip
     torch.manual_seed(3)
-    sam = SamModel(SamConfig(enc, 256, 16, 2, 8, 2048, 2, 3, 3, 256)).eval()
+    sam = SamModel(config).eval()
     with torch.no_grad():
         for p in sam.parameters():
             if p.dim() >= 2 and not p.abs().sum():  # zero-initialised projections: give attention some shape
@@ -47,14 +58,17 @@ def models() -> tuple[object, object, object]:
 def main() -> None:
     import ovss
 
-    dev = os.environ.get("DEV", "cuda")
-    cuda, quick = dev == "cuda", dev == "cpu"
-    clip, dino, sam = models()
-    text = torch.nn.functional.normalize(torch.randn(21, 512, generator=torch.Generator().manual_seed(0)))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models, a small image, one fp32 run (smoke test)")
+    args = parser.parse_args()
+    dev = os.environ.get("DEV", "cpu" if args.quick else "cuda")
+    cuda, quick = dev == "cuda", dev == "cpu" or args.quick
+    clip, dino, sam = models(args.quick)
+    text = torch.nn.functional.normalize(torch.randn(21, EMBED[args.quick], generator=torch.Generator().manual_seed(0)))
     labels = [f"c{i}" for i in range(21)]
     rng = np.random.default_rng(0)
     images = {
-        "voc": rng.integers(0, 256, (375, 500, 3), dtype=np.uint8),
+        "voc": rng.integers(0, 256, (94, 125, 3) if args.quick else (375, 500, 3), dtype=np.uint8),
         "city": rng.integers(0, 256, (1024, 2048, 3), dtype=np.uint8),
     }
     city = {"short_side": 688, "split_halves": True, "cos_fac": 3.0, "refine_neg_cos": False}
@@ -64,6 +78,8 @@ def main() -> None:
         preds = {}
         for dtype in ("fp32",) if quick else ("fp32", "fp16"):
             kw = {"short_side": 448, "crop": 336, "stride": 224, "coarse_thresh": 0.0, "iou_thresh": -1e9, **extra}
+            if args.quick:
+                kw.update(short_side=112, crop=64, stride=32)
             seg = ovss.load(method, clip=clip, vfm=dino, sam=sam, device=dev, dtype=dtype, **kw)
             times = []
             for _ in range(1 if quick else 3):

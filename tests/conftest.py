@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,24 @@ def _shared_dir() -> Path:
     return Path(override) if override else REPO.parent / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """OVSS_CACHE points into pytest's temp folder for the whole session, whatever the caller's environment set.
+
+    Session-scoped and autouse, so pytest sets it up before every module- or class-scoped fixture (fixtures are
+    instantiated highest scope first): a module fixture that loads a TorchScript file or encodes names writes its
+    prepared copy or text shard here, never into ``~/.cache/ovss`` nor into a CI cache folder (which would hide
+    the leak). ``tests/test_cache_isolation.py`` checks both.
+    """
+    root = tmp_path_factory.mktemp("ovss-session-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OVSS_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own empty OVSS_CACHE: the text-embedding cache never touches the user's."""
+    """Every test gets its own empty OVSS_CACHE on top of the session's: tests never see each other's files."""
     monkeypatch.setenv("OVSS_CACHE", str(tmp_path_factory.mktemp("ovss-cache")))
 
 

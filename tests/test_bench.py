@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovss.bench import MatmulFlops, flop_bound_seconds
+from ovss.bench import MatmulFlops, flop_bound_seconds, measure
 from ovss.cli.main import main
 
 RUN_KEYS = {
@@ -44,8 +44,19 @@ def test_quick_bench_writes_a_record_of_positive_numbers(
     text = record["text"]
     assert text["names"] == 20 and text["cold_seconds"] > text["warm_same_process_seconds"] >= 0
     assert text["warm_new_process_seconds"] > 0
-    shown = capsys.readouterr().out
-    assert "| clearclip | fp32 | 112x112 |" in shown and "text, 20 names" in shown
+    shown = capsys.readouterr()
+    assert "| clearclip | fp32 | 112x112 |" in shown.out and "text, 20 names" in shown.out
+    progress = [line for line in shown.err.splitlines() if line.startswith("ovss bench: [")]
+    assert progress == [
+        "ovss bench: [1/4] clearclip fp32 ...", "ovss bench: [2/4] clearclip bf16 ...",
+        "ovss bench: [3/4] proxyclip fp32 ...", "ovss bench: [4/4] proxyclip bf16 ...",
+    ]  # fmt: skip
+    # --quick runs the four in one process: the same job in a fresh process counts the same products
+    weights = {"clip": str(tmp_path / "w" / "clip-vitb16-tiny.pt"), "vfm": str(tmp_path / "w" / "dino-vitb8-tiny.pth")}
+    settings = {"short_side": 112, "crop": 56, "stride": 28}
+    job = {"kind": "image", "threads": 1, "method": "proxyclip", "dtype": "bf16", "image": "112x112", "repeats": 1}
+    alone = measure({**job, **weights, "tokenizer": str(bpe_path), "settings": settings})
+    assert alone["flops"] == record["runs"][3]["flops"] and alone["windows"] == record["runs"][3]["windows"]
 
 
 def test_existing_json_is_refused_before_any_measurement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 import ovss
 from ovss.cli.main import main
 from ovss.errors import OvssError
-from ovss.eval.names import load_names
 from ovss.methods import get_method
 from ovss.methods.cass import check_vfm, dino_input, dino_keys_on_grid, run_cass
 from ovss.methods.common import Backbones, WindowBatch
@@ -204,40 +203,6 @@ def test_cass_options_are_checked() -> None:
 
 
 # ----------------------------------------------------------------------------- ovss eval / report
-
-
-@pytest.fixture(scope="module")
-def eval_files(tiny_state_dict: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from test_dino import dino_state_dict
-    from tiny import save_openai_jit
-
-    folder = tmp_path_factory.mktemp("cass-models")
-    dino = folder / "tiny_dino_pretrain.pth"
-    torch.save(dino_state_dict(seed=2, grid=28), dino)
-    return save_openai_jit(tiny_state_dict, folder / "tiny-ViT.pt"), dino
-
-
-@pytest.mark.parametrize("method", ["cass", "cass+gla"])
-def test_eval_on_the_voc_samples(method, eval_files, assets_dir, bpe_path, tmp_path, capsys) -> None:
-    clip_file, dino_file = eval_files
-    names = tmp_path / "voc21.txt"
-    names.write_text("".join(", ".join(n) + "\n" for n in load_names("voc21", "full-rename")))
-    samples = assets_dir / "voc2012-val-samples"
-    out = tmp_path / "run"
-    args = [
-        "eval", "--dataset", "folder", "--images", str(samples / "images"), "--masks", str(samples / "labels"),
-        "--names", str(names), "--image-suffix", "_image", "--label-suffix", "_label", "--has-background",
-        "--method", method, "--preset", "cass", "--clip", str(clip_file), "--vfm", str(dino_file),
-        "--tokenizer", str(bpe_path), "--templates", "imagenet7", "--short-side", "112", "--crop", "56",
-        "--stride", "28", "--no-progress", "--out", str(out),
-    ]  # fmt: skip
-    assert main(args) == 0
-    result = json.loads((out / "result.json").read_text())
-    assert result["images"] == 14 and result["complete"] and 0 <= result["mIoU"] <= 100
-    config = json.loads((out / "config.json").read_text())
-    options = config["setting"]["method_options"]
-    assert options["global_weight"] == 0.25 and options["cluster_threshold"] == 0.09  # the generic (PC59) row
-    print(f"{method}: mIoU {result['mIoU']:.2f} BER {result['BER']:.2f}", file=__import__("sys").stderr)
 
 
 def test_report_prints_the_cass_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

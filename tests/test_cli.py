@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ovss
 from ovss.cli.main import main
 from test_dino import dino_state_dict
 from tiny import save_open_clip, save_openai_jit, tiny_clip_state_dict
@@ -72,9 +73,15 @@ def test_dino_and_global_methods_run_through_the_cli(weights, bpe_path, images, 
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method + ("+gla" if "--gla" in extra else "")
-    if "--gla" in extra:
+    options = {"gla_rho": 0.55} if "--gla" in extra else {}
+    if options:
         assert config["options"]["gla"]["rho"] == 0.55
-    assert np.asarray(Image.open(out / "1_image.png")).shape == (513, 513)
+    # the written label map is the API's on the same files, image and settings (no class named background:
+    # nothing falls below a threshold of 0, so every pixel has its best class)
+    seg = ovss.load(config["method"], clip=str(clip), vfm=str(weights["dino"]), tokenizer=str(bpe_path),
+                    short_side=112, crop=112, stride=56, **options)  # fmt: skip
+    want = seg.predict(str(images / "1_image.png"), ["sky", "person"]).labels.numpy()  # (513, 513)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "1_image.png")), want)
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def page(served):
 
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.fail("Debian's chromium is missing: apt-get install -y chromium (.ci/run installs it)")
+        pytest.fail("Debian's chromium is missing: apt-get install -y chromium (scripts/test.sh installs it)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])  # CI runs as root
         page = browser.new_page(viewport={"width": 1400, "height": 900})

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # the independent reference (pyproject [test] extra); the library never imports it
 from torch import Tensor
 
 import ovss
@@ -31,8 +32,6 @@ from ovss.models.rope import apply_rope, rope_periods, rope_tables
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.pipeline.windows import pad_windows, sliding_windows, symmetric_padding
-
-transformers = pytest.importorskip("transformers")  # a test dependency; the library never imports it
 
 WIDTH, HEADS = 64, 2  # head width 32: 8 RoPE periods
 

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # the independent reference (pyproject [test] extra); the library never imports it
 from torch import Tensor
 
 from ovss.errors import OvssError
 from ovss.models.sam import SamModel, load_sam
 from ovss.models.sam.transforms import ResizeLongestSide, get_preprocess_shape, postprocess_masks, preprocess
-
-transformers = pytest.importorskip("transformers")  # test-only dependency (pyproject [test] extra)
 
 TOL = 1e-5
 SIZE, GRID = 128, 8  # tiny SAM input and grid; low-resolution masks are 4 * GRID = 32 square

@@ -81,6 +81,23 @@ def test_lof_threshold_is_the_linear_quantile_and_flags_five_percent():
         assert np.array_equal(found[b].numpy(), scores > tau)
 
 
+def test_lof_sklearn_is_scikit_learns_local_outlier_factor():
+    """``lof_sklearn`` against scikit-learn itself: LocalOutlierFactor(30, contamination=0.05), Euclidean."""
+    from sklearn.neighbors import LocalOutlierFactor
+
+    p = torch.randn(3, 196, 64, generator=torch.Generator().manual_seed(3))  # (L, n, D): ViT-B/16's 14 x 14 window
+    p[0, 17] += 6.0  # one clear outlier, and a tight cluster of near-duplicates
+    p[1, 40:46] = p[1, 40] + 0.01 * torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+    scores = lof_scores(p, 30, "lof_sklearn")  # (L, n)
+    found = detect_anomalies(p, "lof_sklearn", 30, 0.05, 10)  # (L, n)
+    for b in range(3):
+        lof = LocalOutlierFactor(n_neighbors=30, contamination=0.05)  # default metric: Minkowski p = 2
+        labels = lof.fit_predict(p[b].double().numpy())  # -1 = outlier
+        np.testing.assert_allclose(scores[b].numpy(), -lof.negative_outlier_factor_, rtol=1e-5)
+        assert np.array_equal(found[b].numpy(), labels == -1)
+    assert found[0, 17] and found.sum(dim=1).tolist() == [10, 10, 10]
+
+
 def test_topk_norm_flags_the_largest_norms_and_small_windows_cap_k():
     p = torch.randn(2, 30, 8, generator=torch.Generator().manual_seed(2))
     found = detect_anomalies(p, "topk_norm", 30, 0.05, 4)

@@ -6,6 +6,7 @@ tokens, 12 heads of 64): fused ``scaled_dot_product_attention`` against explicit
 with each route's max abs error against float64 attention of the same (rounded) inputs.
 
     python tools/attention_bench.py [--repeats 5] [--threads 2]
+    python tools/attention_bench.py --quick    # small grids and token counts, one repeat: a smoke test
 """
 
 from __future__ import annotations
@@ -92,15 +93,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="small shapes, one repeat (a smoke test)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    repeats = 1 if args.quick else args.repeats
+    sam_shapes = ((8, 1), (4, 2)) if args.quick else ((64, 1), (14, 25))  # (grid side, batch)
+    vit_shapes = ((65, 1), (17, 2)) if args.quick else ((785, 1), (785, 4), (197, 4))  # (tokens, batch)
     for reduced in (False, True):
-        sam_routes(64, 1, reduced, args.repeats)
-        sam_routes(14, 25, reduced, args.repeats)
+        for size, batch in sam_shapes:
+            sam_routes(size, batch, reduced, repeats)
     for dtype in (torch.float32, torch.bfloat16):
-        for tokens, batch in ((785, 1), (785, 4), (197, 4)):
-            vit_routes(tokens, batch, dtype, args.repeats)
+        for tokens, batch in vit_shapes:
+            vit_routes(tokens, batch, dtype, repeats)
 
 
 if __name__ == "__main__":

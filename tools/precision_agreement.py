@@ -9,7 +9,7 @@ A "tamed" random ViT-B/16 + DINO-B/8 (``precision_tamed.py``: attention entropie
 and logit margins brought to trained-model levels; the text embeddings are built from the first image):
 
     python tools/precision_agreement.py --tamed IMAGES... --method clearclip --method proxyclip+gla \
-        --short-side 336 --crop 224 --stride 112 [--device cuda] [--dtype fp16]
+        --short-side 336 --crop 224 --stride 112 [--device cuda] [--dtype fp16] [--quick: narrow towers, a smoke test]
 
 Per method and image it reports the error budget, fp32 vs reduced on the same windows:
 
@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--tamed", action="store_true", help="tamed random ViT-B/16 + DINO-B/8 (precision_tamed.py)")
     parser.add_argument("--classes", type=int, default=8, help="--tamed: number of classes")
     parser.add_argument("--margin", type=float, default=1.0, help="--tamed: median fp32 top-2 scaled-logit margin")
+    parser.add_argument("--quick", action="store_true", help="--tamed: narrow towers (a smoke test)")
     args = parser.parse_args()
     if args.dtype == "fp32":
         parser.error("--dtype is the reduced precision compared with fp32: bf16 or fp16")
@@ -257,7 +258,7 @@ def main() -> None:
     if args.tamed:
         from precision_tamed import tamed_models, tamed_text
 
-        clip, dino, taming = tamed_models(images[0], Path(args.cache))
+        clip, dino, taming = tamed_models(images[0], Path(args.cache), quick=args.quick)
         report.update(taming)
         models: dict[str, Any] = {"clip": clip, "vfm": dino}
         classes: list = [f"class{c}" for c in range(args.classes)]

@@ -47,25 +47,28 @@ PROXY_SHARE_TARGET = 0.05  # median share of a window's patches with cosine > 0.
 QK_SCALES = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)  # candidate query-projection factors
 
 
-def random_clip(seed: int = 0) -> CLIP:
+QUICK = {"width": 128, "layers": 3}  # the narrow towers of ``--quick`` (a smoke test of the recipe)
+
+
+def random_clip(seed: int = 0, width: int = 768, layers: int = 12) -> CLIP:
     """A vision-only CLIP ViT-B/16 (width 768, 12 blocks, E = 512) with openai/CLIP's initialisation."""
     from tiny import tiny_clip_state_dict
 
-    sd = tiny_clip_state_dict(seed=seed, width=768, layers=12, embed_dim=512, text_width=64, text_layers=1)
+    sd = tiny_clip_state_dict(seed=seed, width=width, layers=layers, embed_dim=512, text_width=64, text_layers=1)
     return build_clip({k: v for k, v in sd.items() if k.startswith("visual.")})
 
 
-def random_dino(seed: int = 1) -> VisionTransformer:
+def random_dino(seed: int = 1, width: int = 768, layers: int = 12) -> VisionTransformer:
     """A DINO ViT-B/8 (width 768, 12 blocks, GELU, conv bias, eps 1e-6, ImageNet input statistics)."""
     from tiny import tiny_clip_state_dict
 
-    sd = tiny_clip_state_dict(seed=seed, width=768, layers=12, patch=8, grid=28, text_width=64, text_layers=1)
+    sd = tiny_clip_state_dict(seed=seed, width=width, layers=layers, patch=8, grid=28, text_width=64, text_layers=1)
     vis = {
         k[7:]: v
         for k, v in sd.items()
         if k.startswith("visual.") and not k.startswith(("visual.proj", "visual.ln_pre"))
     }
-    vis["conv1.bias"] = 0.02 * torch.randn(768, generator=torch.Generator().manual_seed(seed))
+    vis["conv1.bias"] = 0.02 * torch.randn(width, generator=torch.Generator().manual_seed(seed))
     vit = build_vit(vis, act="gelu", eps=1e-6)
     vit.input_norm = InputNorm(IMAGENET_MEAN, IMAGENET_STD, "ImageNet (DINO)")
     return vit
@@ -202,15 +205,18 @@ def tamed_text(
     return build(hi), hi
 
 
-def tamed_models(image: object, cache: Path) -> tuple[CLIP, VisionTransformer, dict[str, object]]:
+def tamed_models(image: object, cache: Path, quick: bool = False) -> tuple[CLIP, VisionTransformer, dict[str, object]]:
     """The tamed CLIP and DINO, calibrated on a 112 x 112 crop of ``image`` (kept in ``cache`` once built).
+
+    ``quick``: narrow towers (:data:`QUICK`) for a smoke test; their numbers mean nothing.
 
     Returns:
         clip, dino and what the taming did (``clip_taming`` / ``dino_taming``: factor, entropies, norms).
     """
     from ovss.pipeline.image import clip_normalize, imagenet_from_clip, read_image, resize_short_side
 
-    clip, dino = random_clip(), random_dino()
+    sizes = QUICK if quick else {}
+    clip, dino = random_clip(**sizes), random_dino(**sizes)
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         clip.visual.load_state_dict(saved["clip"])

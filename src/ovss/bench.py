@@ -10,6 +10,10 @@ read from the OS (``VmHWM`` of ``/proc/self/status``, else ``ru_maxrss``). Three
 * ``text``: ``Segmenter.encode_names`` on 20 names, twice in the same process (cold, then warm).
 * ``peaks``: the machine's quiet matrix-product rate (GFLOP/s) in fp32 and bf16, for the FLOP-bound time.
 
+:func:`measure_many` runs a list of image jobs, each in its own process, or (``one_process=True``, what
+``ovss bench --quick`` does: a smoke test) all in one fresh process, which saves an interpreter start and a torch
+import per job; there the peak RSS of a job is the process's peak since that job started, not its own.
+
 Weights: the registered ``ViT-B/16`` / ``dino-vitb8`` when cached, else full-size random ones written in the
 OpenAI / facebookresearch layouts (time and memory do not depend on the values), tiny ones with ``quick``.
 """
@@ -24,8 +28,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -315,15 +321,29 @@ def peaks_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 JOBS = {"image": image_job, "text": text_job, "peaks": peaks_job}
+STARTED = "started"  # key of the line a one-process batch prints before each of its jobs
+# Smoke runs (``ovss bench --quick``): waiting OpenMP threads sleep instead of spinning. Tiny models run thousands
+# of short parallel regions; spinning threads on a loaded 2-core machine stalled a quick run for 10 minutes.
+SMOKE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def child_main(argv: list[str]) -> None:
-    """Entry point of a measurement process: ``python -m ovss.bench JOB_JSON``; prints the result as JSON."""
+    """Entry point of a measurement process: ``python -m ovss.bench JOB_JSON``; prints the result as JSON.
+
+    A ``batch`` job (``{"kind": "batch", "threads": t, "jobs": [...]}``) runs its jobs one after the other in
+    this process and prints two JSON lines per job as it goes: ``{"started": i}``, then the job's result.
+    """
     from ovss.errors import OvssError
 
     job = json.loads(argv[0])
     torch.set_num_threads(int(job["threads"]))
     try:
+        if job["kind"] == "batch":
+            for i, one in enumerate(job["jobs"]):
+                print(json.dumps({STARTED: i}), flush=True)
+                reset_peak_rss()  # the peak since this job started (the earlier jobs' models are still held)
+                print(json.dumps(JOBS[one["kind"]](one)), flush=True)
+            return
         result = JOBS[job["kind"]](job)
     except OvssError as error:  # a user-facing problem (missing weights, a setting the method refuses): one line
         sys.exit(f"ovss: error: {error}")
@@ -335,26 +355,84 @@ class MeasurementError(RuntimeError):
     """A measurement process failed; the message holds the end of its stderr."""
 
 
+def _child_env(threads: int, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a measurement process: this ovss on its path, ``threads`` OpenMP / MKL threads."""
+    src = str(Path(__file__).resolve().parents[1])  # the ovss that runs this, also in the child
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    child_env = {**os.environ, **(env or {}), "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}
+    child_env["MKL_NUM_THREADS"] = str(threads)
+    return child_env
+
+
+def _failure(job: dict[str, Any], stderr: str) -> MeasurementError:
+    """The error of a failed measurement: the child's one-line ovss error, else the end of its stderr."""
+    what = job.get("method", job["kind"])
+    lines = stderr.strip().splitlines() or ["(no output)"]
+    last = lines[-1] if lines[-1].startswith("ovss: error: ") else "\n".join(lines[-8:])
+    return MeasurementError(f"measurement {what} ({job.get('dtype', 'fp32')}) failed:\n{last}")
+
+
 def measure(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one job in a fresh interpreter with ``job["threads"]`` threads and return what it reports.
 
     Raises:
         MeasurementError: the process exited with an error (its stderr's last lines are in the message).
     """
-    threads = str(job["threads"])
-    src = str(Path(__file__).resolve().parents[1])  # the ovss that runs this, also in the child
-    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-    child_env = {**os.environ, **(env or {}), "PYTHONPATH": path, "OMP_NUM_THREADS": threads}
-    child_env["MKL_NUM_THREADS"] = threads
     out = subprocess.run(
-        [sys.executable, "-m", "ovss.bench", json.dumps(job)], capture_output=True, text=True, env=child_env
+        [sys.executable, "-m", "ovss.bench", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=_child_env(int(job["threads"]), env),
     )
     if out.returncode != 0:
-        what = job.get("method", job["kind"])
-        lines = out.stderr.strip().splitlines() or ["(no output)"]
-        last = lines[-1] if lines[-1].startswith("ovss: error: ") else "\n".join(lines[-8:])
-        raise MeasurementError(f"measurement {what} ({job.get('dtype', 'fp32')}) failed:\n{last}")
+        raise _failure(job, out.stderr)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def measure_many(
+    jobs: list[dict[str, Any]],
+    one_process: bool = False,
+    started: Callable[[int, dict[str, Any]], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Run jobs one after the other and yield each result as soon as it is measured.
+
+    Args:
+        jobs: jobs of one thread count (``jobs[0]["threads"]``).
+        one_process: all jobs in one fresh interpreter (a smoke test: no interpreter start per job; peak RSS
+            is the process's peak since the job started); else one fresh interpreter per job.
+        started: called with (index, job) when a job starts, e.g. to print progress.
+        env: extra environment variables of the measurement processes (e.g. :data:`SMOKE_ENV`).
+
+    Raises:
+        MeasurementError: a measurement process exited with an error.
+    """
+    if not one_process:
+        for i, job in enumerate(jobs):
+            if started is not None:
+                started(i, job)
+            yield measure(job, env)
+        return
+    if not jobs:
+        return
+    batch = {"kind": "batch", "threads": jobs[0]["threads"], "jobs": jobs}
+    command = [sys.executable, "-m", "ovss.bench", json.dumps(batch)]
+    child_env = _child_env(int(batch["threads"]), env)
+    current = 0
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: the child never blocks on a full stderr
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=child_env) as child:
+            assert child.stdout is not None
+            for line in child.stdout:
+                message = json.loads(line)
+                if STARTED in message and len(message) == 1:
+                    current = int(message[STARTED])
+                    if started is not None:
+                        started(current, jobs[current])
+                else:
+                    yield dict(message)
+        if child.returncode != 0:
+            errors.seek(0)
+            raise _failure(jobs[current], errors.read())
 
 
 def flop_bound_seconds(flops: dict[str, int], peaks: dict[str, float]) -> float:

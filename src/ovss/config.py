@@ -31,7 +31,11 @@ class PipelineConfig:
     crop: int = _setting("sliding-window side in processing pixels (0: the whole image in one pass)")
     stride: int = _setting("sliding-window stride in processing pixels")
     logit_scale: float = _setting("temperature tau of the softmax over all names")
-    bg_threshold: float = _setting("pixels whose best class probability is below this get class 0 (0: off)", 0.0)
+    bg_threshold: float = _setting(
+        "pixels whose best class probability is below this go to the background class (ovss segment: --background "
+        "or a class named background, else unlabelled; ovss eval and predict(): class 0) (0: off)",
+        0.0,
+    )
     area_threshold: float | None = _setting("SCLIP area filter: drop classes >= 1 covering <= this share", None)
     pamr_steps: int = _setting("PAMR refinement iterations on the full-resolution logits (0: off)", 0)
     pamr_dilations: tuple[int, ...] = _setting("PAMR neighbourhood dilations, e.g. 8,16", (8, 16))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def _weights(args: argparse.Namespace, folder: Path, sam: bool) -> dict[str, Any
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ovss.bench import MeasurementError, flop_bound_seconds, measure
+    from ovss.bench import SMOKE_ENV, MeasurementError, flop_bound_seconds, measure, measure_many
 
     methods, precisions, settings, options, out = _check_args(args)
     if args.quick:
@@ -116,24 +117,36 @@ def run_bench(args: argparse.Namespace) -> int:
         roles = ("clip", "vfm", "vfm16", "sam")
         base = {"threads": args.threads, "tokenizer": args.tokenizer, **{k: weights.get(k) for k in roles}}
         print(f"weights: {weights['kind']}; {args.threads} threads; image {size} (random pixels)", flush=True)
+        if args.quick:
+            print("--quick: a smoke test; the image runs share one process (peak RSS is not per method)", flush=True)
         try:
-            peaks = measure({**base, "kind": "peaks", "size": 512 if args.quick else 2048})
+            _progress("measuring the matrix-product peaks ...")
+            env = SMOKE_ENV if args.quick else None  # --quick: a smoke test, also on a loaded machine
+            peaks = measure({**base, "kind": "peaks", "size": 512 if args.quick else 2048}, env)
             print(f"matmul peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s\n")
             print("| method | precision | image | windows | s / image | peak RSS (GiB) | GFLOP | FLOP-bound (s) "
                   "| × bound |\n|---|---|---|---|---|---|---|---|---|", flush=True)  # fmt: skip
-            runs = []
+            jobs = []
             for method in methods:
                 for precision in precisions:
                     job = {**base, "kind": "image", "method": method, "dtype": precision, "image": size}
                     own = {**settings, **options[method]}
                     if args.quick and get_method(method).needs("sam"):  # Trident's windows: multiples of 16 pixels
                         own = {**own, "crop": 64, "stride": 32}
-                    r = measure({**job, "repeats": args.repeats, "settings": own})
-                    r["flop_bound_seconds"] = bound = flop_bound_seconds(r["flops"], peaks)
-                    r["bound_ratio"] = r["seconds"] / bound if bound > 0 else None
-                    runs.append(r)
-                    print(_row(r), flush=True)
-            text = None if args.no_text else _text_times({**base, "kind": "text", "settings": settings})
+                    jobs.append({**job, "repeats": args.repeats, "settings": own})
+
+            def started(i: int, job: dict[str, Any]) -> None:
+                _progress(f"[{i + 1}/{len(jobs)}] {job['method']} {job['dtype']} ...")
+
+            runs = []
+            for r in measure_many(jobs, one_process=args.quick, started=started, env=env):  # --quick: one process
+                r["flop_bound_seconds"] = bound = flop_bound_seconds(r["flops"], peaks)
+                r["bound_ratio"] = r["seconds"] / bound if bound > 0 else None
+                runs.append(r)
+                print(_row(r), flush=True)
+            if not args.no_text:
+                _progress("text encoder: 20 names, cold then warm ...")
+            text = None if args.no_text else _text_times({**base, "kind": "text", "settings": settings}, env)
         except MeasurementError as err:
             raise OvssError(str(err).replace("\n", " | ")) from err
     record = {
@@ -156,6 +169,11 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(line: str) -> None:
+    """A progress line on stderr (the table on stdout stays clean Markdown)."""
+    print(f"ovss bench: {line}", file=sys.stderr, flush=True)
+
+
 def _row(r: dict[str, Any]) -> str:
     """One Markdown table row of an image measurement."""
     from ovss.bench import GIB
@@ -168,14 +186,14 @@ def _row(r: dict[str, Any]) -> str:
     )
 
 
-def _text_times(job: dict[str, Any]) -> dict[str, Any]:
+def _text_times(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Cold and warm ``encode_names`` times: one process twice without the disk cache (cold, then the in-memory
     hit), then with it: a process that fills it (or finds it filled) and a fresh one that reads it."""
     from ovss.bench import TEXT_NAMES, measure
 
-    first = measure(job, env={"OVSS_TEXT_CACHE": "0"})  # cold even when an earlier run cached these names
-    measure(job)  # fills the disk cache
-    second = measure(job)
+    first = measure(job, env={**(env or {}), "OVSS_TEXT_CACHE": "0"})  # cold even when an earlier run cached them
+    measure(job, env)  # fills the disk cache
+    second = measure(job, env)
     text = {
         "names": len(TEXT_NAMES),
         "templates": first["templates"],
