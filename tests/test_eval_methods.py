@@ -25,6 +25,7 @@ from PIL import Image
 import ovss
 from ovss.cli.main import main
 from ovss.eval.names import load_names
+from ovss.methods.registry import get_method
 from test_dino import dino_state_dict
 from test_trident_cli import save_official_sam
 from tiny import save_openai_jit, tiny_clip_state_dict
@@ -71,9 +72,12 @@ def _load_keywords(config: dict[str, Any]) -> dict[str, Any]:
     options = config["options"]
     if "base" in options:  # a composed method: the base's options as they are, the parts' with their prefix
         keywords.update(options["base"])
+        extra = get_method(config["method"]).options.extra
+        prefixes = {"gla": "gla_", "extra": None if extra is None else type(extra).keyword_prefix}
         for part, values in options.items():
-            if part != "base":
-                keywords.update({f"{part}_{k}": tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            if part != "base" and values is not None:
+                prefix = prefixes[part]
+                keywords.update({f"{prefix}{k}": tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     else:
         keywords.update(options)
     return keywords
