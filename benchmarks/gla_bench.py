@@ -13,7 +13,7 @@ depend on the values.
 Text embeddings are random unit vectors passed to ``predict``; ``ovss.load`` still reads the BPE vocabulary
 (``OVSS_BPE_PATH``, the ``shared/`` assets beside the checkout, or the ovss cache).
 
-Every measurement is an ``ovss.bench`` image job (the machinery of ``ovss bench``): a fresh process with
+Every measurement is an ``ovss.cli.bench_harness`` image job (the machinery of ``ovss bench``): a fresh process with
 ``torch.set_num_threads(--threads)``; its peak resident set is read from the OS (``VmHWM`` of
 ``/proc/self/status``, or ``ru_maxrss``) and includes the loaded models. Latency is the median of
 ``--repeats`` runs of ``set_image`` + ``predict`` after one warm-up, all inside that one process.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from common import vocab_path
 
-from ovss.bench import GIB, MeasurementError, write_random_weights
-from ovss.bench import measure as measure_job
+from ovss.cli.bench_harness import GIB, MeasurementError, write_random_weights
+from ovss.cli.bench_harness import measure as measure_job
 from ovss.cli.options import add_methods_flag
 
 LABELS = 7  # classes of every measurement (random unit text embeddings)
@@ -41,7 +41,7 @@ COMPARED = ("proxyclip", "proxyclip+gla", "cass", "cass+gla")  # the memory and 
 
 
 def measure(job: dict) -> dict:
-    """One ``ovss.bench`` image job in a fresh process (see :mod:`ovss.bench`)."""
+    """One ``ovss.cli.bench_harness`` image job in a fresh process (see :mod:`ovss.cli.bench_harness`)."""
     try:
         return measure_job(job)
     except MeasurementError as err:

@@ -5,7 +5,7 @@
 
 Builds a random full-size CLIP ViT-B/16 (OpenAI layout, 12 + 12 blocks, 768 / 512 wide), saves it as a
 plain OpenAI ``.pt`` file in a temporary folder, writes a random ``size x size`` PNG, and measures with an
-``ovss.bench`` image job in a fresh Python process (2 threads):
+``ovss.cli.bench_harness`` image job in a fresh Python process (2 threads):
 ``ovss.load(method, clip=FILE)``, then ``set_image(PNG)`` + ``predict(labels, text_embeddings=T)``.
 The text embeddings are random unit rows, so the 171 x 80 prompt encodings (minutes on a CPU, and not the
 pixel pipeline this measures) are skipped; the text tower is still loaded. Peak RSS is read from the OS
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from common import vocab_path
 
-from ovss.bench import MeasurementError, measure, random_clip_state_dict
+from ovss.cli.bench_harness import MeasurementError, measure, random_clip_state_dict
 from ovss.cli.options import add_method_flag, method_of
 
 

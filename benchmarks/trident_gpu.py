@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovss.bench import random_dino_state_dict
+from ovss.cli.bench_harness import random_dino_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py: CLIP weights
 
@@ -41,7 +41,7 @@ def models(quick: bool = False) -> tuple[object, object, object]:
     sd = tiny_clip_state_dict(seed=0, width=width, layers=layers, embed_dim=EMBED[quick], text_width=64, text_layers=1)
     clip = build_clip({k: v for k, v in sd.items() if k.startswith("visual.")})  # vision-only: no tokenizer
     dino = build_vfm(*convert_vfm_state_dict(random_dino_state_dict(width, layers, patch=16, grid=14, seed=2)))
-    if quick:  # 128-pixel input, 3 blocks, the last one global (as ovss.bench's quick SAM)
+    if quick:  # 128-pixel input, 3 blocks, the last one global (as ovss.cli.bench_harness's quick SAM)
         config = SamConfig(SamEncoderConfig(16, 32, 3, 2, 8, 4, (2,), 64, 32), 32, 16, 1, 8, 64, 2, 3, 2, 32)
     else:  # SAM ViT-B
         config = SamConfig(SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256), 256, 16, 2, 8, 2048,

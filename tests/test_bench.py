@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovss.bench import MatmulFlops, flop_bound_seconds, measure
+from ovss.cli.bench_harness import MatmulFlops, flop_bound_seconds, measure
 from ovss.cli.main import main
 
 RUN_KEYS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ovss import hub
+from ovss.storage import hub
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ _LEAKY_MODULE = '''
 import pytest
 
 import ovss
-from ovss import hub
+from ovss.storage import hub
 from tiny import save_openai_jit, tiny_clip_state_dict
 
 

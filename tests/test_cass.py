@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import wasserstein_distance
 
-from ovss.methods.cass_graph import (
+from ovss.methods.cass.graph import (
     RELEASE_RANK,
     energy_rank,
     low_rank_graph,
@@ -20,7 +20,7 @@ from ovss.methods.cass_graph import (
     spectral_cost,
     spectral_fusion,
 )
-from ovss.methods.cass_text import adjusted_text, cass_scores, ward_clusters
+from ovss.methods.cass.text import adjusted_text, cass_scores, ward_clusters
 from ovss.methods.options import CASSOptions
 
 # ----------------------------------------------------------------------------- brute-force references

@@ -17,7 +17,7 @@ import ovss
 from ovss.cli.main import main
 from ovss.errors import OvssError
 from ovss.methods import get_method
-from ovss.methods.cass import check_vfm, dino_input, dino_keys_on_grid, run_cass
+from ovss.methods.cass.method import check_vfm, dino_input, dino_keys_on_grid, run_cass
 from ovss.methods.common import Backbones, WindowBatch
 from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
 from ovss.models.vit_build import build_vit
@@ -102,7 +102,7 @@ def test_dino_keys_on_a_non_square_window_use_the_square_resize(tiny_dino) -> No
 
 
 def test_the_release_switches_match_on_float32_costs(tiny_clip, tiny_dino, monkeypatch) -> None:
-    import ovss.methods.cass_graph as cass_graph
+    import ovss.methods.cass.graph as cass_graph
     from ovss.eval.presets import _CASS_RELEASE_SWITCHES
 
     seen: list[bool] = []
@@ -164,7 +164,7 @@ def test_window_batches_and_new_label_sets_reuse_set_image(tiny_clip, tiny_dino,
     seg = _load(tiny_clip, tiny_dino, bpe_path, window_batch=16, **geometry)
     torch.testing.assert_close(seg.predict(image, LABELS).logits, one.logits, atol=1e-5, rtol=1e-5)
     calls = []
-    import ovss.methods.cass as cass_module
+    import ovss.methods.cass.method as cass_module
 
     monkeypatch.setattr(cass_module, "run_cass", lambda *a: calls.append(1) or run_cass(*a))
     seg.set_image(image)

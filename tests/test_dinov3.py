@@ -22,7 +22,6 @@ import transformers  # the independent reference (pyproject [test] extra); the l
 from torch import Tensor
 
 import ovss
-from ovss import hub
 from ovss.errors import OvssError
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, WindowBatch
@@ -32,6 +31,7 @@ from ovss.models.rope import apply_rope, rope_periods, rope_tables
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
 from ovss.pipeline.windows import pad_windows, sliding_windows, symmetric_padding
+from ovss.storage import hub
 
 WIDTH, HEADS = 64, 2  # head width 32: 8 RoPE periods
 

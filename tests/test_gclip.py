@@ -10,7 +10,8 @@ import torch
 
 from ovss.errors import OvssError
 from ovss.methods import get_method
-from ovss.methods.channel_suppression import (
+from ovss.methods.common import Backbones, MethodOutput, WindowBatch
+from ovss.methods.gclip.channel_suppression import (
     detect_cs_start,
     fc2_statistics,
     ffn_with_fc2,
@@ -19,8 +20,7 @@ from ovss.methods.channel_suppression import (
     suppress_channel,
     suppressed_fc2_weights,
 )
-from ovss.methods.common import Backbones, MethodOutput, WindowBatch
-from ovss.methods.gclip import AttentionFusion, GCLIPOptions, has_global_tokens, resolve_blocks
+from ovss.methods.gclip.method import AttentionFusion, GCLIPOptions, has_global_tokens, resolve_blocks
 from ovss.models.clip import build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.windows import Padding, Window

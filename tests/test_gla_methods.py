@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import ovss
-from ovss.gla.bases import ADAPTERS, gaussian_prior_rows, token_origins
 from ovss.gla.config import GLAConfig
 from ovss.gla.reference import dense_cross_window_attention
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
+from ovss.methods.composed.bases import ADAPTERS, gaussian_prior_rows, token_origins
 from ovss.methods.naclip import gaussian_prior
 from ovss.methods.options import ComposedOptions
 from ovss.models.clip import build_clip
@@ -65,8 +65,8 @@ def test_sclip_gla_sums_two_independent_maps(tiny_clip):
     spec = get_method("sclip+gla")
     reduced = dataclasses.replace(spec.options, base=dataclasses.replace(spec.options.base, reduced=True))
     both = spec.run(backbones, batch, reduced).tokens
-    from ovss.gla.bases import sclip_parts
-    from ovss.gla.method import cross_window_tokens
+    from ovss.methods.composed.bases import sclip_parts
+    from ovss.methods.composed.method import cross_window_tokens
 
     parts = sclip_parts(backbones, batch, reduced)
     outs = []
@@ -128,8 +128,8 @@ def test_end_to_end_joint_windows(tiny_clip, tiny_dino, bpe_path):
 
 
 def test_gclip_gla_fuses_own_window_maps(bpe_path):
-    from ovss.gla.bases import gclip_parts
-    from ovss.gla.method import cross_window_tokens
+    from ovss.methods.composed.bases import gclip_parts
+    from ovss.methods.composed.method import cross_window_tokens
 
     clip = build_clip(tiny_clip_state_dict(seed=3, layers=12))
     backbones = Backbones(clip.visual)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovss import hub
 from ovss.errors import OvssError
-from ovss.hub import WeightsEntry, available_models, cache_dir, resolve
 from ovss.models.formats import load_clip_state_dict
+from ovss.storage import hub
+from ovss.storage.hub import WeightsEntry, available_models, cache_dir, resolve
 from tiny import save_openai_jit, tiny_clip_state_dict
 
 PAYLOAD = bytes(range(256)) * 40  # 10 KiB served as "tiny.pt"

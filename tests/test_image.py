@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ovss.errors import OvssError
+from ovss.output.overlay import palette
 from ovss.pipeline.image import (
     MAX_IMAGE_PIXELS,
     clip_normalize,
@@ -22,7 +23,6 @@ from ovss.pipeline.image import (
     resize_short_side,
     resized_shape,
 )
-from ovss.viz import palette
 
 VOC = "voc2012-val-samples"
 CITYSCAPES_FRAME = "cityscapes-val-sample/frankfurt_000000_000294_leftImg8bit.png"

@@ -14,10 +14,10 @@ from PIL import Image
 import ovss
 from ovss.api import load_clip
 from ovss.errors import OvssError
-from ovss.hub import REGISTRY
 from ovss.models.clip import build_clip
 from ovss.models.normalization import InputNorm
 from ovss.pipeline.image import clip_normalize
+from ovss.storage.hub import REGISTRY
 from ovss.text.tokenizer import EOT_TOKEN, SOT_TOKEN, bytes_to_unicode
 from tiny import save_open_clip, tiny_clip_state_dict
 

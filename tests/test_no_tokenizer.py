@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ovss
-from ovss import hub
 from ovss.errors import OvssError
+from ovss.storage import hub
 
 LABELS = ["sky", "road", ["person", "pedestrian"]]
 IMAGE = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)

@@ -180,7 +180,7 @@ def test_load_docstring_names_every_pipeline_setting():
 
 
 def test_gla_methods_know_their_base_and_cover_every_adapter():
-    from ovss.gla.bases import ADAPTERS
+    from ovss.methods.composed.bases import ADAPTERS
 
     composed = {name for name in available_methods() if get_method(name).base is not None}
     assert composed == set(ADAPTERS)  # one adapter per composed method, and every adapter registered
@@ -209,7 +209,7 @@ def test_every_composed_method_has_one_options_type_one_run_and_the_rest_of_its_
         base = get_method(spec.base)
         assert type(spec.options) is ComposedOptions and base_options(spec.options) is base.options
         assert spec.options.gla == GLAConfig() and spec.joint_windows
-        assert spec.run == LazyRun("ovss.gla.method:run_composed", (name,))
+        assert spec.run == LazyRun("ovss.methods.composed.method:run_composed", (name,))
         for f in dataclasses.fields(MethodSpec):
             if f.name not in _COMPOSED_OWN:
                 assert getattr(spec, f.name) == getattr(base, f.name), (name, f.name)

@@ -13,10 +13,10 @@ from PIL import Image
 import ovss
 from ovss.errors import OvssError
 from ovss.labels import UNLABELLED
-from ovss.outputs import label_map_format, mask_file_name
+from ovss.output.files import label_map_format, mask_file_name
+from ovss.output.overlay import class_palette
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.prediction import Prediction
-from ovss.viz import class_palette
 
 LABELS = ["sky", "road", ["person", "pedestrian"]]
 
@@ -94,14 +94,14 @@ def test_more_than_255_classes_save_as_16_bit_with_65535_unlabelled(tmp_path):
 
 
 def test_a_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    import ovss.outputs
+    import ovss.output.files
 
     result = _prediction(np.zeros((8, 8), np.int64), 2, np.zeros((8, 8, 3), np.uint8))
 
     def broken(path, array):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ovss.outputs, "save_npy", broken)
+    monkeypatch.setattr(ovss.output.files, "save_npy", broken)
     with pytest.raises(OSError, match="disk full"):
         result.save(tmp_path / "out", "x", logits=True, masks=True)
     assert [p for p in (tmp_path / "out").rglob("*")] == []

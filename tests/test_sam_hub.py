@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovss import hub
 from ovss.cli.main import main
 from ovss.errors import OvssError
 from ovss.models.sam import load_sam
+from ovss.storage import hub
 from test_sam import SIZE, _tiny_hf_sam, official_state_dict
 from tiny import tiny_clip_state_dict
 

@@ -15,8 +15,8 @@ from ovss.eval.presets import default_preset, resolve
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, WindowBatch
 from ovss.methods.options import SCCLIPOptions, resolve_options
-from ovss.methods.scclip import aggregator, resolve_blocks
-from ovss.methods.scclip_anomaly import EPS, anomaly_grid, detect_anomalies, lof_scores, repair
+from ovss.methods.scclip.anomaly import EPS, anomaly_grid, detect_anomalies, lof_scores, repair
+from ovss.methods.scclip.method import aggregator, resolve_blocks
 from ovss.models.clip import build_clip
 from ovss.pipeline.windows import Padding, Window
 from tiny import tiny_clip_state_dict
@@ -304,7 +304,7 @@ def test_scclip_preset_release_configs():
 
 def test_bf16_backbone_agrees_with_fp32_and_feeds_the_detector_fp32(tiny_clip, bpe_path, monkeypatch):
     import ovss
-    import ovss.methods.scclip as scclip
+    import ovss.methods.scclip.method as scclip
 
     seen: list[torch.dtype] = []
     real = scclip.detect_anomalies

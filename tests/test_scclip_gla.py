@@ -23,7 +23,7 @@ from ovss.methods import get_method
 from ovss.methods.common import Backbones, WindowBatch
 from ovss.methods.options import ComposedOptions, MLFOptions, SCCLIPGLAOptions, resolve_options
 from ovss.methods.registry import with_gla
-from ovss.methods.scclip import scclip_streams
+from ovss.methods.scclip.method import scclip_streams
 from ovss.models.clip import build_clip
 from ovss.pipeline.windows import pad_windows, sliding_windows, symmetric_padding
 from tiny import save_open_clip, tiny_clip_state_dict

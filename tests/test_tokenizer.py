@@ -199,9 +199,9 @@ def test_load_tokenizer_sources_and_cache(
         calls.append((name, kind, download))
         return hf_dir
 
-    fake_hub = types.ModuleType("ovss.hub")
+    fake_hub = types.ModuleType("ovss.storage.hub")
     fake_hub.resolve = fake_resolve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ovss.hub", fake_hub)
+    monkeypatch.setitem(sys.modules, "ovss.storage.hub", fake_hub)
     assert load_tokenizer() is from_hf
     assert load_tokenizer(download=False) is from_hf
     assert calls == [("clip-bpe", "tokenizer", True), ("clip-bpe", "tokenizer", False)]

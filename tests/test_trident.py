@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovss.errors import OvssError
-from ovss.gla.bases import ADAPTERS
 from ovss.gla.reference import dense_cross_window_attention
 from ovss.methods import get_method
 from ovss.methods.common import Backbones, WindowBatch
+from ovss.methods.composed.bases import ADAPTERS
 from ovss.methods.options import TridentOptions
-from ovss.methods.trident import image_level_attention, run_trident, splice
-from ovss.methods.trident_sam import (
+from ovss.methods.trident.method import image_level_attention, run_trident, splice
+from ovss.methods.trident.sam import (
     aggregate,
     aggregation_weights,
     sam_geometry,
@@ -227,7 +227,7 @@ def full_map_weights(attn, q, k, grid, rows, values, phi: float, neg: bool) -> T
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slabbed_aggregation_is_bit_identical_to_the_full_probability_map(dtype):
     """SAM's global-block geometry (64 x 64 keys, VOC's 48 x 64 valid rows): any slab size, torch.equal."""
-    from ovss.methods.trident_sam import BlockLogits
+    from ovss.methods.trident.sam import BlockLogits
     from ovss.models.sam.image_encoder import SamAttention
     from ovss.tuning import Tuning
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import ovss
 from ovss.errors import OvssError
-from ovss.methods.trident_refine import sam_decoder
-from ovss.methods.trident_sam import aggregate, aggregation_weights, encode_sam, sam_geometry, valid_attention
+from ovss.methods.trident.refine import sam_decoder
+from ovss.methods.trident.sam import aggregate, aggregation_weights, encode_sam, sam_geometry, valid_attention
 from ovss.models.dino import build_vfm, convert_vfm_state_dict
 from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
@@ -99,7 +99,7 @@ def test_encode_sam_then_slabbed_weights_equal_the_full_map(sam, image, dtype):
 
 
 def _sam_pixels(sam: SamModel, rgb: np.ndarray) -> torch.Tensor:
-    from ovss.methods.trident_sam import sam_input_image
+    from ovss.methods.trident.sam import sam_input_image
     from ovss.models.sam import ResizeLongestSide, preprocess
 
     g = sam_geometry(*rgb.shape[:2], 128, 16)
@@ -113,7 +113,7 @@ def test_predict_equals_the_stages_composed_by_hand(tiny_clip, dino16, sam, bpe_
     st = seg._state
     assert st is not None and st.grid == (5, 8)
     # By hand: spliced sub-image outputs -> SAM affinity -> dense head -> scores -> bilinear -> §2.6.
-    from ovss.methods.trident import splice
+    from ovss.methods.trident.method import splice
     from ovss.pipeline.image import clip_normalize, resize_short_side
     from ovss.pipeline.windows import canvas_size, resize_canvas
 
@@ -174,7 +174,7 @@ def test_refinement_runs_on_the_real_decoder_and_switches_apply(tiny_clip, dino1
 
 def test_release_mask_prompt_differs_from_the_batched_layout(sam, image):
     emb, _, _, g = encode_sam(sam, image)
-    from ovss.methods.trident_refine import SamImage
+    from ovss.methods.trident.refine import SamImage
 
     decode = sam_decoder(sam, SamImage(emb, g))
     pts = torch.tensor([[[30.0, 40.0]], [[90.0, 20.0]]])

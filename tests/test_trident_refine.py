@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ovss.methods.options import TridentOptions
-from ovss.methods.trident_refine import connected_regions, mask_prompt, refine_with_decoder, to_sam_frame
+from ovss.methods.trident.refine import connected_regions, mask_prompt, refine_with_decoder, to_sam_frame
 
 H0, W0 = 64, 96  # half resolution 32 x 48
 

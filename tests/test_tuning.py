@@ -13,7 +13,7 @@ import torch
 
 import ovss
 import ovss.gla.cross_window as cross_window
-import ovss.methods.trident_sam as trident_sam
+import ovss.methods.trident.sam as trident_sam
 from ovss.errors import OvssError
 from ovss.models.sam.image_encoder import SamAttention
 from ovss.models.vit import Transformer, VisionTransformer

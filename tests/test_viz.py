@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from ovss.errors import OvssError
-from ovss.io_utils import atomic_write, save_npy, save_png, save_text
+from ovss.output.overlay import class_palette, overlay, palette, save_label_png, save_overlay
 from ovss.pipeline.image import read_image
-from ovss.viz import class_palette, overlay, palette, save_label_png, save_overlay
+from ovss.storage.files import atomic_write, save_npy, save_png, save_text
 
 VOC_LABELS = "voc2012-val-samples/labels"
 

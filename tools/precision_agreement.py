@@ -58,10 +58,10 @@ from ovss.cli.options import (
     weights_of,
 )
 from ovss.cli.segment import collect_inputs
-from ovss.gla.bases import ADAPTERS
-from ovss.gla.method import initial_queries
 from ovss.labels import flatten_labels, normalize_labels, read_labels_file
 from ovss.methods.common import Backbones, WindowBatch, tokens_before_last_block
+from ovss.methods.composed.bases import ADAPTERS
+from ovss.methods.composed.method import initial_queries
 from ovss.methods.proxyclip import vfm_features
 from ovss.pipeline.windows import pad_windows
 from ovss.precision import backbone_precision, full_precision

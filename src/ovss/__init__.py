@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "ovss.api",
     "OvssError": "ovss.errors",
-    "available_models": "ovss.hub",
+    "available_models": "ovss.storage.hub",
     "available_methods": "ovss.methods",
     "Prediction": "ovss.prediction",
     "Segmenter": "ovss.predictor",
@@ -42,10 +42,10 @@ if TYPE_CHECKING:
     from ovss.api import load
     from ovss.errors import OvssError
     from ovss.eval.runner import evaluate
-    from ovss.hub import available_models
     from ovss.methods import available_methods
     from ovss.prediction import Prediction
     from ovss.predictor import Segmenter
+    from ovss.storage.hub import available_models
     from ovss.tuning import Tuning
 
 

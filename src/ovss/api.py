@@ -83,9 +83,9 @@ def load_clip(
     """
     if isinstance(clip, CLIP):
         return clip, {"clip": "<in-memory model>", "clip_input_norm": clip.input_norm.record()}
-    from ovss import hub
     from ovss.models.formats import load_clip_state_dict
     from ovss.models.normalization import InputNorm
+    from ovss.storage import hub
 
     name = str(clip)
     path = hub.resolve(name, kind="clip", download=download)
@@ -125,8 +125,8 @@ def load_clip(
 
 def load_sam_weights(sam: str | os.PathLike[str], download: bool) -> tuple[Any, dict[str, Any]]:
     """Load SAM for SAM-based methods (Trident): a registry name or a local official / Hugging Face checkpoint."""
-    from ovss import hub
     from ovss.models.sam import load_sam
+    from ovss.storage import hub
 
     name = str(sam)
     model = load_sam(name, download=download)
@@ -266,7 +266,7 @@ def load(
     opts = resolve_options(spec.name, spec.options, options, also=PIPELINE_KEYS)
     config = pipeline_config(spec, {key: value for key, value in settings.items() if key in PIPELINE_KEYS})
     torch_dtype = resolve_dtype(dtype)
-    from ovss import hub
+    from ovss.storage import hub
 
     given = {"vfm": vfm, "sam": sam}
     hub.check_offline(wanted_files(spec, clip, given), download=download, vocabulary=tokenizer is None)  # all at once

@@ -41,9 +41,10 @@ class Prediction:
     def overlay(self, alpha: float = 0.5) -> np.ndarray:
         """The image with class colours blended in and a legend: (H0', W0 + legend, 3) uint8 RGB.
 
-        Every class has a bright colour (``ovss.viz.class_palette``); unlabelled pixels keep the image's colour.
+        Every class has a bright colour (``ovss.output.overlay.class_palette``); unlabelled pixels keep the
+        image's colour.
         """
-        from ovss.outputs import prediction_overlay
+        from ovss.output.files import prediction_overlay
 
         return prediction_overlay(self, alpha)
 
@@ -59,7 +60,7 @@ class Prediction:
         overwrite: bool = False,
         logits_dtype: str = "fp32",
     ) -> list[Path]:
-        """Write the prediction's files into ``folder`` (see :func:`ovss.outputs.save_prediction`).
+        """Write the prediction's files into ``folder`` (see :func:`ovss.output.files.save_prediction`).
 
         ``<stem>.png`` (label map: class ids, 255 = unlabelled; 16-bit with 65535 beyond 255 classes),
         ``<stem>_overlay.png``, and on request ``<stem>_logits.npy``, ``<stem>_masks/<id>_<name>.png``
@@ -69,7 +70,7 @@ class Prediction:
         Returns:
             The written paths.
         """
-        from ovss.outputs import save_prediction
+        from ovss.output.files import save_prediction
 
         return save_prediction(
             self,

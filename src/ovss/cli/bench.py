@@ -1,6 +1,6 @@
 """``ovss bench``: seconds per image, peak RSS, windows and FLOP-bound time per method and precision, and text times.
 
-Thin over :mod:`ovss.bench`: every number comes from a fresh process running what users run.
+Thin over :mod:`ovss.cli.bench_harness`: every number comes from a fresh process running what users run.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _check_args(
 
 def _weights(args: argparse.Namespace, folder: Path, sam: bool) -> dict[str, Any]:
     """Which weights the jobs load: the given ones, the cached real ones, or random ones written to ``folder``."""
-    from ovss import hub
-    from ovss.bench import write_random_weights
+    from ovss.cli.bench_harness import write_random_weights
+    from ovss.storage import hub
 
     cached = all((hub.cache_dir() / hub.REGISTRY[n].filename).is_file() for n in (hub.DEFAULT_CLIP, hub.DEFAULT_VFM))
     if args.clip:
@@ -102,7 +102,7 @@ def _weights(args: argparse.Namespace, folder: Path, sam: bool) -> dict[str, Any
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ovss.bench import SMOKE_ENV, MeasurementError, flop_bound_seconds, measure, measure_many
+    from ovss.cli.bench_harness import SMOKE_ENV, MeasurementError, flop_bound_seconds, measure, measure_many
 
     methods, precisions, settings, options, out = _check_args(args)
     if args.quick:
@@ -162,7 +162,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "text": text,
     }
     if out is not None:
-        from ovss.io_utils import save_text
+        from ovss.storage.files import save_text
 
         save_text(out, json.dumps(record, indent=2) + "\n")
         print(f"\nwrote {out}")
@@ -176,7 +176,7 @@ def _progress(line: str) -> None:
 
 def _row(r: dict[str, Any]) -> str:
     """One Markdown table row of an image measurement."""
-    from ovss.bench import GIB
+    from ovss.cli.bench_harness import GIB
 
     gflop = sum(r["flops"].values()) / 1e9
     ratio = f"{r['bound_ratio']:.2f}×" if r["bound_ratio"] else "-"
@@ -189,7 +189,7 @@ def _row(r: dict[str, Any]) -> str:
 def _text_times(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Cold and warm ``encode_names`` times: one process twice without the disk cache (cold, then the in-memory
     hit), then with it: a process that fills it (or finds it filled) and a fresh one that reads it."""
-    from ovss.bench import TEXT_NAMES, measure
+    from ovss.cli.bench_harness import TEXT_NAMES, measure
 
     first = measure(job, env={**(env or {}), "OVSS_TEXT_CACHE": "0"})  # cold even when an earlier run cached them
     measure(job, env)  # fills the disk cache

@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 def download(args: argparse.Namespace) -> int:
     """Resolve every file the names need (all names are checked before anything is downloaded)."""
-    from ovss import hub
+    from ovss.storage import hub
 
     files: dict[str, hub.WeightsEntry] = {}
     for name in args.names:

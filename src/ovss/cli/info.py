@@ -46,7 +46,7 @@ def list_methods(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    from ovss import hub
+    from ovss.storage import hub
 
     print(f"cache: {hub.cache_dir()}")
     for name in hub.available_models():

@@ -133,7 +133,7 @@ def example_image(name: str) -> np.ndarray:
 def plan_outputs(out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]], args: Any) -> list[Path]:
     """Every file the run may write; refuses (OvssError) to replace an input, or an earlier output without
     ``--overwrite``, and two inputs writing the same file."""
-    from ovss.outputs import output_paths
+    from ovss.output.files import output_paths
 
     if out.exists() and not out.is_dir():
         raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
@@ -268,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
             continue
         done.append(stem)
     if done:
-        from ovss.io_utils import save_text
+        from ovss.storage.files import save_text
 
         record = {**segmenter.config, "classes": classes, "background": background, "inputs": done}
         save_text(out / "config.json", json.dumps(record, indent=2, default=str) + "\n")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ovss.viz import class_palette
+from ovss.output.overlay import class_palette
 
 if TYPE_CHECKING:
     from ovss.demo.session import MethodResult

@@ -23,7 +23,7 @@ from ovss.eval.datasets import SegDataset
 from ovss.eval.distributed import DistContext
 from ovss.eval.metrics import ConfusionAccumulator
 from ovss.eval.presets import ResolvedSetting
-from ovss.io_utils import atomic_write
+from ovss.storage.files import atomic_write
 
 CHECKPOINT_DIR = "checkpoint"  # sub-folder of out_dir holding one checkpoint file per rank
 _CHECKPOINT_VERSION = 1

@@ -41,7 +41,7 @@ _SHA256_CACHE: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) ->
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 (hex) of a file, computed once per (path, size, modification time) in this process."""
-    from ovss.hub import _sha256
+    from ovss.storage.hub import _sha256
 
     resolved = Path(path).resolve()
     stat = resolved.stat()
@@ -218,8 +218,8 @@ def _other_vfm(method: str, config: Mapping[str, Any]) -> str | None:
     format is the default's (a local copy of DINO ViT-B/8 keeps ProxyCLIP's rows); a file of another format
     takes the name of the one registered VFM of that format (DINOv3), or its file name when that is ambiguous.
     """
-    from ovss import hub
     from ovss.methods.registry import get_method
+    from ovss.storage import hub
 
     weights = config.get("weights", {})
     vfm = weights.get("vfm") if isinstance(weights, dict) else None

@@ -38,11 +38,11 @@ from ovss.eval.metrics import ConfusionAccumulator
 from ovss.eval.names import DATASETS, load_names
 from ovss.eval.presets import ResolvedSetting
 from ovss.eval.report import result_markdown, run_config, summarise
-from ovss.io_utils import save_text
 from ovss.methods.options import option_value
+from ovss.output.overlay import save_label_png
 from ovss.prediction import Prediction
 from ovss.predictor import Segmenter
-from ovss.viz import save_label_png
+from ovss.storage.files import save_text
 
 # -------------------------------------------------------------------------------------------- segmenter
 

@@ -8,7 +8,7 @@ and applied to the values. Every step is row-wise given the full keys, so rows a
 R and memory stays O(R * M + M * D); no M x M matrix is held (`ovss.gla.reference` has the readable dense
 float64 version the tests compare with).
 
-What a base contributes (`ovss.gla.bases`): ProxyCLIP / ClearCLIP one key set; SCLIP two (q and k, maps
+What a base contributes (`ovss.methods.composed.bases`): ProxyCLIP / ClearCLIP one key set; SCLIP two (q and k, maps
 summed, rows sum to 2); NACLIP an additive image-space prior; GCLIP within-window maps fused as
 (sum of local maps + alpha) / (l + 2).
 

@@ -1,7 +1,7 @@
 """The built-in methods: name, run function (imported on first use), options and defaults (spec §4, §5.1).
 
 Torch-free, so that listing methods or parsing options never loads a backbone library. Bases first, then the
-composed methods (GLA on a base, each with its adapter in ``ovss.gla.bases.ADAPTERS``).
+composed methods (GLA on a base, each with its adapter in ``ovss.methods.composed.bases.ADAPTERS``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ for _spec in (
     ),
     MethodSpec(
         name="gclip",
-        run=LazyRun("ovss.methods.gclip:run_gclip"),
+        run=LazyRun("ovss.methods.gclip.method:run_gclip"),
         options=GCLIPOptions(),
         logit_scale=50.0,
         pad_multiple=16,
@@ -111,7 +111,7 @@ for _spec in (
     ),
     MethodSpec(
         name="scclip",
-        run=LazyRun("ovss.methods.scclip:run_scclip"),
+        run=LazyRun("ovss.methods.scclip.method:run_scclip"),
         options=SCCLIPOptions(),
         logit_scale=40.0,
         pad_multiple=1,
@@ -120,7 +120,7 @@ for _spec in (
     ),
     MethodSpec(
         name="trident",
-        run=LazyRun("ovss.methods.trident:run_trident"),
+        run=LazyRun("ovss.methods.trident.method:run_trident"),
         options=TridentOptions(),
         logit_scale=40.0,
         pad_multiple=16,
@@ -129,20 +129,20 @@ for _spec in (
         description="Trident: spliced CLIP+DINO sub-images, SAM block-11 affinity, SAM mask refinement",
         joint_windows=True,
         windowing="canvas",
-        finish=LazyRun("ovss.methods.trident:finish_trident"),
-        post=LazyRun("ovss.methods.trident:refine_trident"),
-        check=LazyRun("ovss.methods.trident:check_trident"),
+        finish=LazyRun("ovss.methods.trident.method:finish_trident"),
+        post=LazyRun("ovss.methods.trident.method:refine_trident"),
+        check=LazyRun("ovss.methods.trident.method:check_trident"),
     ),
     MethodSpec(
         name="cass",
-        run=LazyRun("ovss.methods.cass:run_cass"),
+        run=LazyRun("ovss.methods.cass.method:run_cass"),
         options=CASSOptions(),
         logit_scale=40.0,
         pad_multiple=1,
         geometry=_S336,
         weights=(_DINO_B8,),
         description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
-        score=LazyRun("ovss.methods.cass_text:cass_scores"),
+        score=LazyRun("ovss.methods.cass.text:cass_scores"),
     ),
 ):
     register(_spec)

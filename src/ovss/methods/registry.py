@@ -135,7 +135,7 @@ def register_gla(
     path, predict-time ``score``; spec §5.1) except what is named here. Its options are
     :class:`~ovss.methods.options.ComposedOptions`: the base's, GLA's (keywords ``gla_<name>``) and ``extra``
     (keywords with its class's ``keyword_prefix``). The method needs an adapter under its name in
-    ``ovss.gla.bases.ADAPTERS``.
+    ``ovss.methods.composed.bases.ADAPTERS``.
 
     Args:
         base: a registered method.
@@ -156,7 +156,7 @@ def register_gla(
         dataclasses.replace(
             spec,
             name=name,
-            run=LazyRun("ovss.gla.method:run_composed", (name,)),
+            run=LazyRun("ovss.methods.composed.method:run_composed", (name,)),
             options=ComposedOptions(spec.options, GLAConfig(), extra),
             pad_multiple=pad_multiple or spec.pad_multiple,
             geometry=geometry or spec.geometry,

@@ -35,7 +35,6 @@ from pathlib import Path
 from torch import Tensor
 
 from ovss.errors import OvssError
-from ovss.hub import REGISTRY, resolve
 from ovss.models.checkpoint import folder_weights, join_qkv, read_checkpoint, read_json, unwrap_state_dict
 from ovss.models.configs import hf_heads
 from ovss.models.dinov3 import DINOV3_FORMATS, dinov3_format, dinov3_to_dino_layout
@@ -43,6 +42,7 @@ from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
 from ovss.models.rope import ROPE_BASE, rope_periods
 from ovss.models.vit import VisionTransformer
 from ovss.models.vit_build import build_vit, resolve_heads
+from ovss.storage.hub import REGISTRY, resolve
 
 __all__ = ["VFM_FORMATS", "build_vfm", "convert_vfm_state_dict", "load_vfm", "load_vfm_state_dict"]
 
@@ -88,7 +88,7 @@ def load_vfm(name_or_path: str, *, download: bool = True) -> tuple[VisionTransfo
     """Load a DINO-family ViT by registered name (``dino-vitb8`` ...) or from a local file or folder.
 
     Args:
-        name_or_path: a name of ``ovss.hub.available_models("vfm")`` or a checkpoint path: a DINO / DINOv2
+        name_or_path: a name of ``ovss.storage.hub.available_models("vfm")`` or a checkpoint path: a DINO / DINOv2
             ``*_pretrain.pth`` (also training checkpoints wrapped in ``teacher`` / ``state_dict`` with
             ``module.`` / ``backbone.`` prefixes), a Hugging Face ViT / Dinov2 weights file, or a folder
             holding ``model.safetensors`` or ``pytorch_model.bin`` (and ``config.json``).

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ovss.file_cache import SafetensorsCache
+from ovss.storage.file_cache import SafetensorsCache
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -102,7 +102,7 @@ def read_torchscript(source: Path) -> dict[str, Tensor]:
 
 def _read(target: Path, source: Path) -> dict[str, Tensor] | None:
     """The prepared copy's tensors (memory-mapped); None, with a warning, when it is not a valid copy of source."""
-    from ovss.file_cache import read_metadata
+    from ovss.storage.file_cache import read_metadata
 
     try:
         meta = read_metadata(target)

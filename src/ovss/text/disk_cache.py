@@ -6,7 +6,7 @@ whose prompts were cut to CLIP's 77-token context, the model key, the templates 
 :data:`TEXT_PATH_VERSION`. The file name is a hash of the last three, so a change of weights, templates or
 text path never reads an old file.
 
-A shard is only ever replaced whole (``ovss.io_utils.atomic_write``: temporary file + rename), after
+A shard is only ever replaced whole (``ovss.storage.files.atomic_write``: temporary file + rename), after
 re-reading it, so concurrent processes and interrupted writes never leave a truncated file; two processes
 adding names at the same moment can at worst drop one's additions, which are then recomputed next time.
 A file that cannot be read back (corrupt, foreign, mismatched) is ignored with a warning and rewritten.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ovss.errors import OvssError
-from ovss.file_cache import SafetensorsCache, cache_files, read_metadata
+from ovss.storage.file_cache import SafetensorsCache, cache_files, read_metadata
 
 if TYPE_CHECKING:
     import torch

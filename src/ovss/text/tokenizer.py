@@ -331,7 +331,7 @@ def resolve_tokenizer(
         if env_path:
             path = env_path
         else:
-            from ovss.hub import resolve  # lazy: the hub (and any download) only when no path is given
+            from ovss.storage.hub import resolve  # lazy: the hub (and any download) only when no path is given
 
             path = resolve("clip-bpe", kind="tokenizer", download=download)
     resolved = Path(path).expanduser().resolve()
@@ -351,7 +351,7 @@ def load_tokenizer(
         path: OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, or a folder with Hugging Face ``vocab.json`` +
             ``merges.txt`` (or with one ``*.txt.gz``). ``None``: the CLIP model folder's own ``vocab.json`` +
             ``merges.txt`` (a Hugging Face CLIP folder given as ``model``), else the path in the environment
-            variable ``OVSS_BPE_PATH`` if set, else ``ovss.hub.resolve("clip-bpe", kind="tokenizer")``.
+            variable ``OVSS_BPE_PATH`` if set, else ``ovss.storage.hub.resolve("clip-bpe", kind="tokenizer")``.
         download: allow downloading the default vocabulary when it is not cached.
         model: the CLIP checkpoint (name, file or folder) the tokenizer is for.
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from torch import Tensor
 
 from ovss.errors import OvssError
-from ovss.hub import REGISTRY, resolve
 from ovss.models.checkpoint import folder_weights, read_checkpoint, read_json, unwrap_state_dict
 from ovss.models.sam.model import SAM_DECODER_HEADS, SamModel, build_sam
+from ovss.storage.hub import REGISTRY, resolve
 
 __all__ = ["HF_TO_OFFICIAL", "convert_sam_state_dict", "load_sam", "load_sam_state_dict"]
 
@@ -75,7 +75,7 @@ def load_sam(name_or_path: str = "sam-vitb", *, download: bool = True) -> SamMod
     """Load SAM by registered name (``sam-vitb``) or from a local checkpoint.
 
     Args:
-        name_or_path: a name of ``ovss.hub.available_models("sam")``, the official ``sam_vit_*.pth``
+        name_or_path: a name of ``ovss.storage.hub.available_models("sam")``, the official ``sam_vit_*.pth``
             (keys ``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``), a Hugging Face ``SamModel``
             weights file, or a folder holding ``model.safetensors`` / ``pytorch_model.bin`` (and ``config.json``).
         download: allow downloading a registered checkpoint that is not cached.

@@ -7,9 +7,9 @@ Trident runs through the same two stages as every method, with its own windowing
    gets ProxyCLIP's attention from DINO ViT-B/16 with one image-level mean (:func:`run_trident`;
    ``trident+gla`` replaces this step by GLA's cross-window operator).
 2. Finish (:func:`finish_trident`): the outputs y^(b) (before the dense head) are averaged into one
-   768 x Gr x Gc map (:func:`splice`) and aggregated by SAM (§4.12.3, :mod:`ovss.methods.trident_sam`):
+   768 x Gr x Gc map (:func:`splice`) and aggregated by SAM (§4.12.3, :mod:`ovss.methods.trident.sam`):
    Z = W X on SAM's valid grid, one whole-image "window" for the dense head, text scores and stitching.
-3. Post step (:func:`refine_trident`): SAM refinement of the labels (§4.12.4, :mod:`ovss.methods.trident_refine`).
+3. Post step (:func:`refine_trident`): SAM refinement of the labels (§4.12.4, :mod:`ovss.methods.trident.refine`).
 
 ``set_image`` runs steps 1-2 up to the normalised dense features (and keeps SAM's image embedding);
 ``predict`` only scores text, stitches (bilinear to H0 x W0), labels (§2.6) and refines.
@@ -120,7 +120,7 @@ def finish_trident(backbones: Backbones, batch: WindowBatch, out: MethodOutput, 
 
     Runs outside autocast (SAM's encoder autocasts itself); keeps SAM's view of the image for the post step.
     """
-    from ovss.methods.trident_sam import sam_aggregate
+    from ovss.methods.trident.sam import sam_aggregate
 
     assert batch.rgb is not None  # the predictor hands every method the original image
     canvas = batch.image_size
@@ -134,7 +134,7 @@ def refine_trident(
     backbones: Backbones, extras: dict[str, Any], maps: FullResolutionMaps, rule: LabelRule, options: Any
 ) -> tuple[FullResolutionMaps, dict[str, Any]]:
     """SAM refinement of the coarse labels when ``refine`` is on (the post step); the maps and diagnostics."""
-    from ovss.methods.trident_refine import refine_labels
+    from ovss.methods.trident.refine import refine_labels
 
     opts = base_options(options)
     if not opts.refine:

@@ -2,10 +2,10 @@
 
 Per window: CLIP's last-block keys give ``G_c = k k^T / sqrt(d)``; DINO ViT-B/8 runs on the window resized
 to a square of side min(h, w), and its last-block keys (per head, [CLS] dropped) are bilinearly resized to
-the CLIP grid and min-max mapped into the CLIP keys' range. :mod:`ovss.methods.cass_graph` fuses the two
+the CLIP grid and min-max mapped into the CLIP keys' range. :mod:`ovss.methods.cass.graph` fuses the two
 graphs head by head; the attention is ``softmax(fused + Omega)`` (NACLIP's Gaussian prior), no residual, no
 FFN. The text side (object-guided adjustment, global logit blend) runs at predict time:
-:mod:`ovss.methods.cass_text`, fed by the global image embeddings returned in ``MethodOutput.extras``.
+:mod:`ovss.methods.cass.text`, fed by the global image embeddings returned in ``MethodOutput.extras``.
 Windows are never padded (spec §2.3): CLIP's patch embedding floors, and so does DINO's on its square.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss.errors import OvssError
-from ovss.methods.cass_graph import minmax_map, spectral_fusion
+from ovss.methods.cass.graph import minmax_map, spectral_fusion
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, tokens_before_last_block
 from ovss.methods.naclip import gaussian_prior
 from ovss.methods.options import CASSOptions

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss.methods.options import TridentOptions
-from ovss.methods.trident_sam import SAM_SIZE, SamGeometry, long_side_size
+from ovss.methods.trident.sam import SAM_SIZE, SamGeometry, long_side_size
 from ovss.precision import full_precision
 
 MASK_SIZE = 256  # SAM's low-resolution mask side

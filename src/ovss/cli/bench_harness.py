@@ -1,7 +1,7 @@
 """Benchmark harness behind ``ovss bench`` and ``benchmarks/*.py``: what users run, each in a fresh process.
 
 Every measurement is a *job* (a JSON-able dict) run by :func:`measure` in a fresh interpreter
-(``python -m ovss.bench JOB``) with ``--threads`` torch threads. The child loads with ``ovss.load`` exactly
+(``python -m ovss.cli.bench_harness JOB``) with ``--threads`` torch threads. The child loads with ``ovss.load`` exactly
 as a user does and reports seconds, windows, matrix-product FLOPs (per dtype) and its peak resident set
 read from the OS (``VmHWM`` of ``/proc/self/status``, else ``ru_maxrss``). Three kinds of job:
 
@@ -328,7 +328,7 @@ SMOKE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def child_main(argv: list[str]) -> None:
-    """Entry point of a measurement process: ``python -m ovss.bench JOB_JSON``; prints the result as JSON.
+    """Entry point of a measurement process: ``python -m ovss.cli.bench_harness JOB_JSON``; prints the result as JSON.
 
     A ``batch`` job (``{"kind": "batch", "threads": t, "jobs": [...]}``) runs its jobs one after the other in
     this process and prints two JSON lines per job as it goes: ``{"started": i}``, then the job's result.
@@ -379,7 +379,7 @@ def measure(job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str,
         MeasurementError: the process exited with an error (its stderr's last lines are in the message).
     """
     out = subprocess.run(
-        [sys.executable, "-m", "ovss.bench", json.dumps(job)],
+        [sys.executable, "-m", "ovss.cli.bench_harness", json.dumps(job)],
         capture_output=True,
         text=True,
         env=_child_env(int(job["threads"]), env),
@@ -416,7 +416,7 @@ def measure_many(
     if not jobs:
         return
     batch = {"kind": "batch", "threads": jobs[0]["threads"], "jobs": jobs}
-    command = [sys.executable, "-m", "ovss.bench", json.dumps(batch)]
+    command = [sys.executable, "-m", "ovss.cli.bench_harness", json.dumps(batch)]
     child_env = _child_env(int(batch["threads"]), env)
     current = 0
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: the child never blocks on a full stderr

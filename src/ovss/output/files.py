@@ -4,14 +4,14 @@ Per image ``<stem>``, in the output folder:
 
 - ``<stem>.png``: the label map, pixel value = class id. 8-bit palette PNG for up to 255 classes, with
   255 = unlabelled; 16-bit greyscale PNG beyond, with 65535 = unlabelled. Class colours come from
-  ``ovss.viz.class_palette`` (every class visible), unlabelled pixels are black.
+  ``ovss.output.overlay.class_palette`` (every class visible), unlabelled pixels are black.
 - ``<stem>_overlay.png``: the image with class colours and a legend; unlabelled pixels are not tinted.
 - ``<stem>_logits.npy`` (optional): (Q, H0, W0) float32 (or float16) cosine logits per name.
 - ``<stem>_masks/<id>_<name>.png`` (optional): one 8-bit mask per class, 255 inside, 0 outside.
 - ``<stem>.json`` (optional): image size and each class's pixel count and share of the image.
 
 Every array is computed before the first file is written; a failed write removes the files this call
-wrote, and each file appears whole or not at all (``ovss.io_utils``).
+wrote, and each file appears whole or not at all (``ovss.storage.files``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ovss.errors import OvssError
-from ovss.io_utils import save_npy, save_png, save_text
 from ovss.labels import UNLABELLED
-from ovss.viz import class_palette, overlay, save_label_png
+from ovss.output.overlay import class_palette, overlay, save_label_png
+from ovss.storage.files import save_npy, save_png, save_text
 
 if TYPE_CHECKING:
     from ovss.prediction import Prediction

@@ -285,7 +285,7 @@ def sam_aggregate(backbones: Any, rgb: np.ndarray, spliced: torch.Tensor, opts: 
         Z (n_s, D) fp32 row-major on the grid (h_s, w_s), the whole image's ``SamImage`` for refinement,
         and diagnostics.
     """
-    from ovss.methods.trident_refine import SamImage
+    from ovss.methods.trident.refine import SamImage
     from ovss.precision import backbone_precision
 
     sam = backbones.sam

@@ -4,7 +4,7 @@ Per window, blocks 0 .. depth-2 run unchanged and four things are kept: the outp
 block (3), of the pre-adjustment block (8) and of the block before the last (10), and the sum ``m`` of the
 outputs of the fusion blocks (3..9). Then:
 
-1. anomaly tokens of the last block's input ``P`` are detected (``ovss.methods.scclip_anomaly``) and repaired
+1. anomaly tokens of the last block's input ``P`` are detected (``ovss.methods.scclip.anomaly``) and repaired
    from their grid neighbours, in ``P`` and in the block-8 features ``f8``;
 2. ``x_b = G(S8) x_a`` with ``S8`` the cosine similarity of ``f8`` and ``G`` the thresholded, row-normalised
    aggregator;
@@ -28,7 +28,7 @@ from ovss.errors import OvssError
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend
 from ovss.methods.options import SCCLIPOptions
 from ovss.methods.proxyclip import proxy_attention
-from ovss.methods.scclip_anomaly import anomaly_grid, detect_anomalies, repair
+from ovss.methods.scclip.anomaly import anomaly_grid, detect_anomalies, repair
 from ovss.models.vit import ResidualAttentionBlock, VisionTransformer
 from ovss.precision import full_precision
 

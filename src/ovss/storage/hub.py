@@ -1,4 +1,4 @@
-"""Named weights and assets (the registry of :mod:`ovss.weights`): a cache folder and a checked download.
+"""Named weights and assets (the registry of :mod:`ovss.storage.weights`): a cache folder and a checked download.
 
 ``resolve("ViT-B/16")`` returns the cached file, downloading it on first use (SHA-256 verified, written
 atomically). Existing paths are returned unchanged, so every ``--clip`` / ``clip=`` argument may be either
@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovss.errors import OvssError
-from ovss.weights import DEFAULT_CLIP, DEFAULT_VFM, KINDS, REGISTRY, WeightsEntry
+from ovss.storage.weights import DEFAULT_CLIP, DEFAULT_VFM, KINDS, REGISTRY, WeightsEntry
 
 __all__ = [
     "DEFAULT_CLIP",

@@ -62,7 +62,7 @@ def cache_files(folder: Path) -> list[Path]:
 class SafetensorsCache:
     """A folder of tagged safetensors files inside the ovss cache folder."""
 
-    subfolder: str  # inside ovss.hub.cache_dir(), e.g. "text"
+    subfolder: str  # inside ovss.storage.hub.cache_dir(), e.g. "text"
     env_var: str  # "0" / "false" / "no" / "off" turns the cache off, e.g. "OVSS_TEXT_CACHE"
     format: str  # metadata tag "format" of every file it writes
 
@@ -74,7 +74,7 @@ class SafetensorsCache:
 
     def folder(self) -> Path:
         """``<ovss cache folder>/<subfolder>``; not created here."""
-        from ovss.hub import cache_dir
+        from ovss.storage.hub import cache_dir
 
         return cache_dir() / self.subfolder
 
@@ -91,7 +91,7 @@ class SafetensorsCache:
         """
         from safetensors.torch import save_file
 
-        from ovss.io_utils import atomic_write
+        from ovss.storage.files import atomic_write
 
         tagged = {"format": self.format, **metadata}
         atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=tagged))

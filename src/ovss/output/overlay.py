@@ -18,7 +18,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from ovss.errors import OvssError
-from ovss.io_utils import save_png
+from ovss.storage.files import save_png
 
 # Number of ids the VOC colour-map bit trick gives distinct colours to (3 x 8 bits of the id).
 _MAX_PALETTE_IDS = 2**24
@@ -94,7 +94,7 @@ def _check_palette(colors: np.ndarray, needed: int) -> npt.NDArray[np.uint8]:
     if colors.ndim != 2 or colors.shape[1] != 3 or colors.dtype != np.uint8:
         raise OvssError(
             f"palette must be a (K, 3) uint8 array of RGB colours, got dtype {colors.dtype} and shape "
-            f"{colors.shape}; see ovss.viz.palette"
+            f"{colors.shape}; see ovss.output.overlay.palette"
         )
     if colors.shape[0] < needed:
         raise OvssError(f"palette has {colors.shape[0]} colours but {needed} are needed; give more colours")

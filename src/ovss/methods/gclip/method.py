@@ -2,7 +2,7 @@
 
 AMF finds, per window, the first block g whose q-k attention has a *global token* (a patch key that every
 patch query attends to) and averages the maps of blocks g .. g + l with the last block's q-q map:
-A_f = (A_g + ... + A_{g+l} + A^qq_f) / (l + 2). CS (:mod:`ovss.methods.channel_suppression`) rescales the
+A_f = (A_g + ... + A_{g+l} + A^qq_f) / (l + 2). CS (:mod:`ovss.methods.gclip.channel_suppression`) rescales the
 dominant fc2 channel of the late FFNs. The output is z = OutProj(A_f v): no residual, no FFN.
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ovss.errors import OvssError
-from ovss.methods.channel_suppression import (
+from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, patch_tokens, softmax_attention
+from ovss.methods.gclip.channel_suppression import (
     ENTROPIES,
     SCOPES,
     clip_blocks,
@@ -24,7 +25,6 @@ from ovss.methods.channel_suppression import (
     forward_streams,
     suppressed_fc2_weights,
 )
-from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, patch_tokens, softmax_attention
 from ovss.methods.options import GCLIPOptions
 
 logger = logging.getLogger(__name__)

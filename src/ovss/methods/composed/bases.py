@@ -1,6 +1,6 @@
 """What each base method contributes to GLA (spec §4.9): key features, values, residual/FFN, extra terms.
 
-An adapter turns all windows of one image into :class:`CrossWindowParts`; :mod:`ovss.gla.method` then
+An adapter turns all windows of one image into :class:`CrossWindowParts`; :mod:`ovss.methods.composed.method` then
 replaces the base's per-window attention by the one cross-window operator of :mod:`ovss.gla.cross_window`
 built from those parts. Each base's difference stays in its own short function here: ProxyCLIP and ClearCLIP
 give one key set, SCLIP two, NACLIP adds an image-space prior, GCLIP its own-window AMF maps. The adapters
@@ -23,7 +23,7 @@ from ovss.errors import OvssError
 from ovss.gla.cross_window import PriorFn
 from ovss.methods.common import Backbones, WindowBatch, residual_ffn, tokens_before_last_block
 from ovss.methods.options import ComposedOptions, NACLIPOptions
-from ovss.methods.scclip import aggregate, clip_block_outputs, kk_attention, scale_blocks, scclip_streams
+from ovss.methods.scclip.method import aggregate, clip_block_outputs, kk_attention, scale_blocks, scclip_streams
 from ovss.models.vit import VisionTransformer
 from ovss.precision import full_precision
 from ovss.tuning import DEFAULT_TUNING
@@ -178,7 +178,7 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions)
     """GCLIP base [ovss design]: clean-stream q as keys, values from the channel-suppressed stream, and the
     within-window AMF maps (patches only, renormalised) fused with the cross-window map: (sum AMF + alpha) / (l + 2).
     """
-    from ovss.methods.gclip import gclip_streams
+    from ovss.methods.gclip.method import gclip_streams
 
     gc = opts.base
     if gc.fuse_heads == "per_head":
@@ -209,7 +209,7 @@ def gclip_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions)
 
 def trident_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) -> CrossWindowParts:
     """Trident base (spec §4.12.6): DINO ViT-B/16 keys of all sub-images, CLIP values on the same grid."""
-    from ovss.methods.trident import check_patch
+    from ovss.methods.trident.method import check_patch
 
     check_patch(backbones, "trident+gla")
     return proxyclip_parts(backbones, batch, opts)  # grids agree (patch 16): the values are not resampled
@@ -220,7 +220,7 @@ def cass_parts(backbones: Backbones, batch: WindowBatch, opts: ComposedOptions) 
     ProxyCLIP + GLA), or with ``cross_window_keys = naclip`` NACLIP + GLA's (CLIP k + image-space prior);
     CASS adds the global image embeddings its predict-time text adjustment and logit blend need (``extras``).
     """
-    from ovss.methods.cass import check_vfm, global_embeddings
+    from ovss.methods.cass.method import check_vfm, global_embeddings
     from ovss.methods.proxyclip import clip_values_on_grid, vfm_features
 
     cass, clip, block_tokens = opts.base, backbones.clip, backbones.tuning.block_tokens

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ovss.gla.bases import ADAPTERS, CrossWindowParts
 from ovss.gla.chunking import resolve_chunk_rows
 from ovss.gla.config import GLAConfig
 from ovss.gla.cross_window import cross_window_attention, dynamic_shift
 from ovss.gla.smoothing import resolve_smoothing, smooth_queries, smoothing_index
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
+from ovss.methods.composed.bases import ADAPTERS, CrossWindowParts
 from ovss.methods.options import ComposedOptions
 from ovss.precision import full_precision
 from ovss.tuning import DEFAULT_TUNING
@@ -79,7 +79,7 @@ def run_composed(name: str, backbones: Backbones, batch: WindowBatch, opts: Comp
     """Run the composed method ``name`` (``X+gla``, ``proxyclip+gla+mlf``) on all windows of one image.
 
     Args:
-        name: the composed method's registry name, the key of its adapter in ``ovss.gla.bases.ADAPTERS``.
+        name: the composed method's registry name, the key of its adapter in ``ovss.methods.composed.bases.ADAPTERS``.
         backbones: CLIP (and the VFM where the base needs one).
         batch: all L windows of the image (GLA attends across them).
         opts: the method's composed options (base, GLA and an optional extra part).

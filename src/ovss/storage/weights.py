@@ -1,6 +1,6 @@
 """The named weights and assets ovss can download: a plain-dict registry (data only, no I/O).
 
-:mod:`ovss.hub` resolves these names to cached files (download, SHA-256, offline messages).
+:mod:`ovss.storage.hub` resolves these names to cached files (download, SHA-256, offline messages).
 """
 
 from __future__ import annotations

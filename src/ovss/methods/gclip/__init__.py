@@ -1,0 +1,1 @@
+"""GCLIP (spec §4.6): attention-map fusion and FFN channel suppression."""

@@ -1,0 +1,1 @@
+"""What a prediction writes: label maps, overlays with legends, logits, masks."""
