@@ -35,6 +35,7 @@ from common import vocab_path
 from ovss.cli.bench_harness import GIB, MeasurementError, write_random_weights
 from ovss.cli.bench_harness import measure as measure_job
 from ovss.cli.options import add_methods_flag
+from ovss.methods.registry import needed_weights
 
 LABELS = 7  # classes of every measurement (random unit text embeddings)
 COMPARED = ("proxyclip", "proxyclip+gla", "cass", "cass+gla")  # the memory and latency modes' methods
@@ -52,7 +53,7 @@ def measure(job: dict) -> dict:
 def _job(args: argparse.Namespace, method: str, **kw: object) -> dict:
     job = {
         "method": method,
-        **args.paths,  # clip, vfm (DINO ViT-B/8), and for SAM-based methods vfm16 (DINO ViT-B/16), sam
+        "files": args.paths,  # registry name -> random stand-in; each method loads the weights it asks for
         "kind": "image",
         "dtype": "fp32",
         "threads": args.threads,
@@ -136,20 +137,20 @@ def weights(args: argparse.Namespace) -> Iterator[None]:
     if args.weights_dir:
         folder = Path(args.weights_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        args.paths = write_random_weights(folder, args.quick, sam=_sam_based(args))
+        args.paths = write_random_weights(folder, args.quick, needed_weights(_measured(args)))
         yield
         return
     with tempfile.TemporaryDirectory() as tmp:
-        args.paths = write_random_weights(Path(tmp), args.quick, sam=_sam_based(args))
+        args.paths = write_random_weights(Path(tmp), args.quick, needed_weights(_measured(args)))
         yield
 
 
-def _sam_based(args: argparse.Namespace) -> bool:
-    """Whether a measured method needs SAM (then DINO ViT-B/16 and SAM weights are written too)."""
-    from ovss.methods import available_methods, get_method
+def _measured(args: argparse.Namespace) -> list[str]:
+    """The methods a run measures (memory and latency: COMPARED); their weights are written."""
+    from ovss.methods import available_methods
 
     methods = (args.methods or available_methods()) if args.mode in ("precision", "all") else []
-    return any(get_method(m).needs("sam") for m in methods)
+    return [*COMPARED, *methods]
 
 
 MODES = {"memory": bench_memory, "latency": bench_latency, "precision": bench_precision}

@@ -52,7 +52,8 @@ def test_quick_bench_writes_a_record_of_positive_numbers(
         "ovss bench: [3/4] proxyclip fp32 ...", "ovss bench: [4/4] proxyclip bf16 ...",
     ]  # fmt: skip
     # --quick runs the four in one process: the same job in a fresh process counts the same products
-    weights = {"clip": str(tmp_path / "w" / "clip-vitb16-tiny.pt"), "vfm": str(tmp_path / "w" / "dino-vitb8-tiny.pth")}
+    weights = {"files": {"ViT-B/16": str(tmp_path / "w" / "clip-vitb16-tiny.pt"),
+                         "dino-vitb8": str(tmp_path / "w" / "dino-vitb8-tiny.pth")}}  # fmt: skip
     settings = {"short_side": 112, "crop": 56, "stride": 28}
     job = {"kind": "image", "threads": 1, "method": "proxyclip", "dtype": "bf16", "image": "112x112", "repeats": 1}
     alone = measure({**job, **weights, "tokenizer": str(bpe_path), "settings": settings})
@@ -98,3 +99,12 @@ def test_matmul_flops_counts_products_per_dtype_by_hand() -> None:
     torch.testing.assert_close(out, dense @ w[:6, :5])
     peaks = {"float32": 1.0, "bfloat16": 4.0}  # GFLOP/s
     assert flop_bound_seconds({"float32": 10**9, "bfloat16": 4 * 10**9}, peaks) == pytest.approx(2.0)
+
+
+def test_each_method_asks_for_its_own_default_weights() -> None:
+    """ovss bench writes (or finds) what each method's spec names, never a VFM chosen by method name."""
+    from ovss.methods.registry import needed_weights
+
+    assert needed_weights(["clearclip"]) == ["ViT-B/16"]
+    assert needed_weights(["proxyclip", "trident", "cass+gla"]) == ["ViT-B/16", "dino-vitb8", "dino-vitb16", "sam-vitb"]
+    assert needed_weights(["trident"], {"vfm": "my-dino.pth", "clip": "clip.pt"}) == ["sam-vitb"]

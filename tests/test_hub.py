@@ -334,3 +334,18 @@ def test_load_offline_names_every_missing_file_at_once(cache: Path, monkeypatch:
         ovss.load("proxyclip+gla")
     with pytest.raises(OvssError, match=r"^1 file\(s\) needed .*dino"):  # a given CLIP still needs DINO
         ovss.load("proxyclip", clip=str(cache / hub.REGISTRY["clip-bpe"].filename), tokenizer="x")
+
+
+def test_download_of_a_method_fetches_the_weights_it_asks_for(
+    server: Server, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ovss download trident`` = CLIP's default + Trident's own VFM and SAM (MethodSpec.weights), nothing else."""
+    from ovss.cli.main import main
+
+    fetched: list[str] = []
+    monkeypatch.setattr(hub, "resolve", lambda name, **kw: fetched.append(name) or cache / name.replace("/", "_"))
+    monkeypatch.setattr(hub, "recorded_digest", lambda path: "x")
+    assert main(["download", "trident", "--quiet"]) == 0
+    assert fetched == ["ViT-B/16", "clip-bpe", "dino-vitb16", "sam-vitb"]
+    assert main(["download", "proxyclip+gla", "--quiet"]) == 0
+    assert fetched[4:] == ["ViT-B/16", "clip-bpe", "dino-vitb8"]

@@ -83,22 +83,24 @@ def _check_args(
     return methods, precisions, settings, options, out
 
 
-def _weights(args: argparse.Namespace, folder: Path, sam: bool) -> dict[str, Any]:
-    """Which weights the jobs load: the given ones, the cached real ones, or random ones written to ``folder``."""
+def _weights(args: argparse.Namespace, folder: Path, methods: list[str]) -> dict[str, Any]:
+    """Which weights the jobs load: the given ones, the cached registry files the methods ask for, or random
+    stand-ins for them written to ``folder`` (each method asks for its own roles: ``MethodSpec.weights``)."""
     from ovss.cli.bench_harness import write_random_weights
+    from ovss.methods.registry import needed_weights
     from ovss.storage import hub
 
-    cached = all((hub.cache_dir() / hub.REGISTRY[n].filename).is_file() for n in (hub.DEFAULT_CLIP, hub.DEFAULT_VFM))
+    given = {"clip": args.clip, "vfm": args.vfm, "sam": args.sam}
+    names = needed_weights(methods, given)
+    cached = all((hub.cache_dir() / hub.REGISTRY[n].filename).is_file() for n in names if n in hub.REGISTRY)
     if args.clip:
-        return {"clip": args.clip, "vfm": args.vfm, "sam": args.sam, "kind": f"given ({args.clip})"}
+        return {**given, "files": {}, "kind": f"given ({args.clip})"}
     if cached and not (args.random or args.quick):
-        kind = "real (cached ViT-B/16, dino-vitb8)"
-        return {"clip": hub.DEFAULT_CLIP, "vfm": args.vfm, "sam": args.sam, "kind": kind}
-    paths = write_random_weights(folder, quick=args.quick, sam=sam)
-    kind = "random tiny (--quick)" if args.quick else "random full-size ViT-B/16 + DINO ViT-B/8 (not cached)"
-    if sam and not args.quick:
-        kind = kind.replace(" (not", " + DINO ViT-B/16 + SAM ViT-B (not")
-    return {**paths, "vfm": args.vfm or paths["vfm"], "sam": args.sam or paths.get("sam"), "kind": kind}
+        return {**given, "files": {}, "kind": f"real (cached {', '.join(names)})"}
+    files = write_random_weights(folder, quick=args.quick, names=names)
+    if args.quick:
+        return {**given, "files": files, "kind": "random tiny (--quick)"}
+    return {**given, "files": files, "kind": f"random full-size {' + '.join(files)} (not cached)"}
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -113,9 +115,9 @@ def run_bench(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         from ovss.methods.registry import get_method
 
-        weights = _weights(args, folder, sam=any(get_method(m).needs("sam") for m in methods))
-        roles = ("clip", "vfm", "vfm16", "sam")
-        base = {"threads": args.threads, "tokenizer": args.tokenizer, **{k: weights.get(k) for k in roles}}
+        weights = _weights(args, folder, methods)
+        roles = ("clip", "vfm", "sam", "files")
+        base = {"threads": args.threads, "tokenizer": args.tokenizer, **{k: weights[k] for k in roles}}
         print(f"weights: {weights['kind']}; {args.threads} threads; image {size} (random pixels)", flush=True)
         if args.quick:
             print("--quick: a smoke test; the image runs share one process (peak RSS is not per method)", flush=True)

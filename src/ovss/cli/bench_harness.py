@@ -31,11 +31,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ovss.errors import OvssError
 
 GIB = 2.0**30
 TEXT_NAMES = (  # the 20 names of the text timing
@@ -116,43 +118,60 @@ def random_dino_state_dict(width: int, layers: int, patch: int, grid: int, seed:
     return sd
 
 
-def write_random_weights(folder: Path, quick: bool = False, sam: bool = False) -> dict[str, str]:
-    """Random weight files in the real layouts, written into ``folder`` unless present.
+def write_random_weights(folder: Path, quick: bool = False, names: Iterable[str] = ()) -> dict[str, str]:
+    """Random stand-ins for registry weights, in their real file layouts, written into ``folder`` unless present.
 
-    CLIP ViT-B/16 (OpenAI state dict) and DINO ViT-B/8 (``*_pretrain.pth``); with ``sam`` also DINO ViT-B/16 and
-    SAM ViT-B (official ``sam_vit_b_01ec64.pth`` layout) for the SAM-based methods (Trident). ``quick``: narrow
-    models (12 CLIP blocks, as GCLIP's block search needs; 1 text block, 2 DINO blocks; a 3-block SAM at 128
-    pixels) for smoke tests.
+    ``ViT-B/16`` (OpenAI state dict), ``dino-vitb8`` / ``dino-vitb16`` (``*_pretrain.pth``) and ``sam-vitb``
+    (official ``sam_vit_b_01ec64.pth`` layout). ``quick``: narrow models (12 CLIP blocks, as GCLIP's block search
+    needs; 1 text block, 2 DINO blocks; a 3-block SAM at 128 pixels) for smoke tests.
+
+    Args:
+        names: the registry names to stand in for (``ovss.methods.registry.needed_weights``); ``ViT-B/16`` is
+            always written.
 
     Returns:
-        paths by role: ``clip``, ``vfm`` and, with ``sam``, ``vfm16`` and ``sam``.
+        registry name -> path of its stand-in.
+
+    Raises:
+        OvssError: a name without a random stand-in (e.g. DINOv3): pass that model's file with its flag.
     """
     tag = "tiny" if quick else "base"
-    clip_path, dino_path = folder / f"clip-vitb16-{tag}.pt", folder / f"dino-vitb8-{tag}.pth"
-    if not clip_path.exists():
-        sizes = (128, 12, 128, 1, 64) if quick else (768, 12, 512, 12, 512)
-        torch.save(random_clip_state_dict(*sizes, seed=0), clip_path)
     width, layers = (128, 2) if quick else (768, 12)
-    if not dino_path.exists():
-        torch.save(random_dino_state_dict(width, layers, patch=8, grid=28, seed=1), dino_path)
-    paths = {"clip": str(clip_path), "vfm": str(dino_path)}
-    if not sam:
-        return paths
-    dino16_path, sam_path = folder / f"dino-vitb16-{tag}.pth", folder / f"sam-vitb-{tag}.pth"
-    if not dino16_path.exists():
-        torch.save(random_dino_state_dict(width, layers, patch=16, grid=14, seed=2), dino16_path)
-    if not sam_path.exists():
-        from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
+    paths: dict[str, str] = {}
+    for name in dict.fromkeys(["ViT-B/16", *names]):
+        if name == "ViT-B/16":
+            path = folder / f"clip-vitb16-{tag}.pt"
+            if not path.exists():
+                sizes = (128, 12, 128, 1, 64) if quick else (768, 12, 512, 12, 512)
+                torch.save(random_clip_state_dict(*sizes, seed=0), path)
+        elif name in ("dino-vitb8", "dino-vitb16"):
+            patch = 8 if name == "dino-vitb8" else 16
+            path = folder / f"{name}-{tag}.pth"
+            if not path.exists():
+                grid, seed = (28, 1) if patch == 8 else (14, 2)
+                torch.save(random_dino_state_dict(width, layers, patch=patch, grid=grid, seed=seed), path)
+        elif name == "sam-vitb":
+            path = folder / f"sam-vitb-{tag}.pth"
+            if not path.exists():
+                _write_random_sam(path, quick)
+        else:
+            raise OvssError(f"ovss bench has no random stand-in for {name!r}; pass that model's file (--vfm / --sam)")
+        paths[name] = str(path)
+    return paths
 
-        if quick:  # 128-pixel input, 3 blocks, the last one global
-            cfg = SamConfig(SamEncoderConfig(16, 32, 3, 2, 8, 4, (2,), 64, 32), 32, 16, 1, 8, 64, 2, 3, 2, 32)
-        else:  # SAM ViT-B: 12 blocks of 768, global blocks 2, 5, 8, 11, 64 x 64 tokens; 256-d decoder
-            enc = SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256)
-            cfg = SamConfig(enc, 256, 16, 2, 8, 2048, 2, 3, 3, 256)
-        torch.manual_seed(3)
-        sd = SamModel(cfg).state_dict()
-        torch.save({k.replace(".attn.in_proj_", ".attn.qkv."): v for k, v in sd.items()}, sam_path)  # official names
-    return {**paths, "vfm16": str(dino16_path), "sam": str(sam_path)}
+
+def _write_random_sam(path: Path, quick: bool) -> None:
+    """A random SAM ViT-B (or a 3-block, 128-pixel one when ``quick``) in the official key layout."""
+    from ovss.models.sam import SamConfig, SamEncoderConfig, SamModel
+
+    if quick:  # 128-pixel input, 3 blocks, the last one global
+        cfg = SamConfig(SamEncoderConfig(16, 32, 3, 2, 8, 4, (2,), 64, 32), 32, 16, 1, 8, 64, 2, 3, 2, 32)
+    else:  # SAM ViT-B: 12 blocks of 768, global blocks 2, 5, 8, 11, 64 x 64 tokens; 256-d decoder
+        enc = SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256)
+        cfg = SamConfig(enc, 256, 16, 2, 8, 2048, 2, 3, 3, 256)
+    torch.manual_seed(3)
+    sd = SamModel(cfg).state_dict()
+    torch.save({k.replace(".attn.in_proj_", ".attn.qkv."): v for k, v in sd.items()}, path)  # official names
 
 
 # ----------------------------------------------------------------------------------------------- in the child
@@ -231,15 +250,18 @@ def _image(spec: str) -> Any:
 
 
 def _load(job: dict[str, Any], method: str) -> Any:
+    """``ovss.load`` of a job: each role the method needs gets the given file, else the stand-in of its default."""
     import ovss
     from ovss.methods.registry import get_method
+    from ovss.storage import hub
 
-    sam_based = get_method(method).needs("sam")  # Trident: DINO ViT-B/16 (``vfm16``) and SAM
+    files = job.get("files", {})  # registry name -> random stand-in (ovss bench without real weights)
+    clip = job.get("clip") or hub.DEFAULT_CLIP
+    roles = {role: job.get(role) or files.get(default, default) for role, default in get_method(method).weights}
     return ovss.load(
         method,
-        clip=job["clip"],
-        vfm=job.get("vfm16") if sam_based else job.get("vfm"),
-        sam=job.get("sam") if sam_based else None,
+        clip=files.get(clip, clip),
+        **roles,
         dtype=job.get("dtype", "fp32"),
         tokenizer=job.get("tokenizer"),
         download=False,
@@ -333,7 +355,6 @@ def child_main(argv: list[str]) -> None:
     A ``batch`` job (``{"kind": "batch", "threads": t, "jobs": [...]}``) runs its jobs one after the other in
     this process and prints two JSON lines per job as it goes: ``{"started": i}``, then the job's result.
     """
-    from ovss.errors import OvssError
 
     job = json.loads(argv[0])
     torch.set_num_threads(int(job["threads"]))

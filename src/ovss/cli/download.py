@@ -18,7 +18,11 @@ def add_parser(sub: Any) -> None:
         ),
     )
     p.add_argument(
-        "names", nargs="+", metavar="NAME", help="registered names, e.g. ViT-B/16 dino-vitb8 (see: ovss models)"
+        "names",
+        nargs="+",
+        metavar="NAME",
+        help="registered weights, e.g. ViT-B/16 dino-vitb8 (see: ovss models), or methods, e.g. trident: the "
+        "weights the method loads by default (see: ovss methods)",
     )
     p.add_argument("--cache", metavar="DIR", help="cache folder to fill (default: the usual cache folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -27,10 +31,14 @@ def add_parser(sub: Any) -> None:
 
 def download(args: argparse.Namespace) -> int:
     """Resolve every file the names need (all names are checked before anything is downloaded)."""
+    from ovss.methods.registry import available_methods, needed_weights
     from ovss.storage import hub
 
+    names: list[str] = []
+    for name in args.names:  # a method stands for the weights it asks for (MethodSpec.weights and CLIP's default)
+        names += needed_weights([name]) if name in available_methods() and name not in hub.REGISTRY else [name]
     files: dict[str, hub.WeightsEntry] = {}
-    for name in args.names:
+    for name in dict.fromkeys(names):
         files.update({e.name: e for e in hub.needed_files(name)})  # unknown names fail here, first
     for entry in files.values():
         path = hub.resolve(entry.name, kind=entry.kind, progress=not args.quiet, cache=args.cache)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +190,22 @@ def with_gla(name: str, gla: bool = True) -> MethodSpec:
         bases = sorted(s.base for s in METHODS.values() if s.base is not None)
         raise OvssError(f"GLA is not available for {spec.name!r}; it attaches to {', '.join(bases)}")
     return METHODS[spec.name + GLA_SUFFIX]
+
+
+def needed_weights(methods: Iterable[str], given: Mapping[str, Any] | None = None) -> list[str]:
+    """Registry names of the weights ``methods`` load by default: CLIP's, and each role's that is not ``given``.
+
+    Args:
+        methods: method names.
+        given: role ("clip", "vfm", "sam") -> what the caller passes instead (a falsy value: the default).
+    """
+    from ovss.storage.weights import DEFAULT_CLIP
+
+    given = given or {}
+    names = [] if given.get("clip") else [DEFAULT_CLIP]
+    for method in methods:
+        names += [default for role, default in get_method(method).weights if not given.get(role)]
+    return list(dict.fromkeys(names))
 
 
 def available_methods() -> list[str]:
