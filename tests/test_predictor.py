@@ -152,16 +152,14 @@ def test_window_info_covers_every_window_across_sub_batches(bpe_path, image):
         ("naclip", dict(pamr_steps=2)),
     ],
 )
-def test_row_bands_equal_one_band_end_to_end(tiny_clip, bpe_path, image, monkeypatch, method, kw):
-    import ovss.pipeline.postprocess as postprocess
-
+def test_row_bands_equal_one_band_end_to_end(tiny_clip, bpe_path, image, method, kw):
     labels = ["sky", ["road", "street"], "person", "tree"]
-    seg = _load(tiny_clip, bpe_path, method, short_side=97, crop=64, stride=40, **kw)
-    monkeypatch.setattr(postprocess, "BAND_ELEMENTS", 1 << 40)  # one band: the whole image
+    geometry = {"short_side": 97, "crop": 64, "stride": 40, **kw}
+    seg = _load(tiny_clip, bpe_path, method, tuning={"band_elements": 0}, **geometry)  # one band: the whole image
     whole = seg.predict(image, labels)
-    assert whole.maps.band_rows >= 200
-    monkeypatch.setattr(postprocess, "BAND_ELEMENTS", 5 * 300 * 3)  # 3-row bands
-    banded = seg.predict(labels=labels)
+    assert whole.maps.band_rows >= 200 and whole.config["tuning"]["band_elements"] == 0
+    seg = _load(tiny_clip, bpe_path, method, tuning={"band_elements": 5 * 300 * 3}, **geometry)  # 3-row bands
+    banded = seg.predict(image, labels)
     assert banded.maps.band_rows == 3
     assert torch.equal(banded.labels, whole.labels)
     assert torch.equal(banded.logits, whole.logits)

@@ -73,6 +73,7 @@ def test_config_records_the_tuning(tiny_clip, bpe_path: Path) -> None:
         "aggregation_rows": 512,
         "keep_reduced_copies": True,
         "sparse_below": 8,
+        "band_elements": 4194304,
     }
     tuned = ovss.load("clearclip", clip=tiny_clip, tokenizer=bpe_path, tuning=ODD, short_side=32, crop=0)
     assert tuned.config["tuning"] == dataclasses.asdict(ODD)

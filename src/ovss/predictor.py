@@ -26,6 +26,7 @@ from ovss.pipeline.image import clip_normalize, read_image, resize_short_side
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.pipeline.merge import StitchedLogits
 from ovss.pipeline.pamr import pamr
+from ovss.pipeline.postprocess import default_band_rows
 from ovss.pipeline.windows import WINDOWINGS, Layout, Padding, Window, pad_windows, symmetric_padding
 from ovss.precision import backbone_precision
 from ovss.prediction import Prediction
@@ -342,14 +343,15 @@ class Segmenter:
         H0, W0 = st.rgb.shape[:2]
         lay = st.layout
         stitched = StitchedLogits(window_logits, lay.windows, lay.padding, lay.padded_size, lay.image_size, (H0, W0))
-        maps = FullResolutionMaps(stitched.rows, (H0, W0), rule, device=stitched.device)
+        band_rows = default_band_rows(window_logits.shape[1], W0, self.tuning.band_elements)
+        maps = FullResolutionMaps(stitched.rows, (H0, W0), rule, device=stitched.device, band_rows=band_rows)
         cfg = self.pipeline
         if cfg.pamr_steps == 0:
             return maps
         guide = F.interpolate(st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
         logits = maps.logits()  # (Q, H0, W0), built band by band; refined in place
         pamr(guide, logits, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations, inplace=True)
-        return FullResolutionMaps.from_logits(logits, rule)
+        return FullResolutionMaps.from_logits(logits, rule, band_rows=band_rows)
 
     def _text_embeddings(self, names: list[str], given: torch.Tensor | np.ndarray | None) -> torch.Tensor:
         if given is None:

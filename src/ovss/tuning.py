@@ -53,6 +53,10 @@ class Tuning:
     # is set (about 3x faster on CPU); 1: always sparse; 0: always the dense product. Equal up to rounding
     # (summation order: 9e-8 in fp32 between 1 and the default).
     sparse_below: int = 8
+    # Full-resolution maps: logits per row band of the (Q, H0, W0) map that labels, probabilities and the area
+    # filter are computed in (memory of one band: 4 bytes each). 0: the whole image in one band.
+    # Bit-identical labels and logits for every value (probabilities to 1e-7; tests/test_predictor.py).
+    band_elements: int = 1 << 22
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

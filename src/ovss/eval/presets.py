@@ -249,7 +249,8 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "cass-release",
-            "CASS release: head pairs indexed as in its code, rank-10 DINO graphs, 8-bit DINO input",
+            "CASS release: head pairs indexed as in its code, rank-10 DINO graphs, 8-bit DINO input, float32 "
+            "Hungarian costs with raw ties",
             {ANY: _setting(_CASS_ROWS, _SCLIP_BG, "full-rename"), "cass": _options(_CASS_RELEASE_OPTIONS)},
         ),
     )

@@ -12,7 +12,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-BAND_ELEMENTS = 1 << 22  # default band size: rows per band = max(1, BAND_ELEMENTS // (Q * W0)), 16 MB fp32
+from ovss.tuning import DEFAULT_TUNING
+
+# Default band size: rows per band = max(1, BAND_ELEMENTS // (Q * W0)), 16 MB fp32 (a Segmenter's Tuning.band_elements)
+BAND_ELEMENTS = DEFAULT_TUNING.band_elements
 
 LogitRows = Callable[[int, int], torch.Tensor]  # (start, stop) -> (Q, stop - start, W0) logits of those rows
 
@@ -168,9 +171,12 @@ def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0, bg_l
     return labels
 
 
-def default_band_rows(channels: int, width: int) -> int:
-    """Rows per band so that a (channels, rows, width) band holds about ``BAND_ELEMENTS`` values (>= 1)."""
-    return max(1, BAND_ELEMENTS // max(1, channels * width))
+def default_band_rows(channels: int, width: int, elements: int = BAND_ELEMENTS) -> int:
+    """Rows per band so that a (channels, rows, width) band holds about ``elements`` values (>= 1; ``elements``
+    0: one band for any image)."""
+    if elements <= 0:
+        return 1 << 31
+    return max(1, elements // max(1, channels * width))
 
 
 def row_bands(height: int, band_rows: int) -> list[tuple[int, int]]:
