@@ -131,6 +131,20 @@ def add_methods_flag(p: Parser, default: Sequence[str] | None) -> None:
     )
 
 
+def role_defaults(role: str) -> str:
+    """Which weights the methods load in ``role`` when no flag names one, from their specs ("dino-vitb8 for
+    proxyclip, cass, ...; dino-vitb16 for trident, ...")."""
+    from ovss.methods.registry import METHODS, available_methods
+
+    by_default: dict[str, list[str]] = {}
+    for name in available_methods():
+        spec = METHODS[name]
+        if spec.needs(role) and spec.base is None:  # composed methods take their base's
+            by_default.setdefault(spec.default_weights(role), []).append(name)
+    listed = "; ".join(f"{default} for {', '.join(names)}" for default, names in by_default.items())
+    return f"{listed}; an X+gla method takes its base's"
+
+
 def add_weight_flags(
     p: Parser, *, clip_default: str | None = "ViT-B/16", act: bool = True, offline: bool = True
 ) -> None:
@@ -150,13 +164,13 @@ def add_weight_flags(
     )
     p.add_argument(
         "--vfm",
-        help="vision foundation model of DINO-guided methods (default dino-vitb8; trident: dino-vitb16): a name from "
-        "`ovss models` or a local DINO / DINOv2 / Hugging Face checkpoint",
+        help="vision foundation model of DINO-guided methods: a name from `ovss models` or a local DINO / DINOv2 / "
+        f"Hugging Face checkpoint (default: each method's own: {role_defaults('vfm')})",
     )
     p.add_argument(
         "--sam",
-        help="SAM weights of SAM-based methods (trident; default sam-vitb): a name from `ovss models` or a local "
-        "official checkpoint",
+        help="SAM weights of SAM-based methods: a name from `ovss models` or a local official checkpoint "
+        f"(default: {role_defaults('sam')})",
     )
     if act:
         p.add_argument("--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say")
