@@ -139,10 +139,10 @@ class LegendFont:
                 return face
         if self._main is None or char.isspace():
             return self._main
-        face = _fc_match(f"{FAMILY}:charset={codepoint:x}")
-        if face is not None and face.covers(codepoint) and _load(face, self.size) is not None:
-            self._faces.append(face)
-            return face
+        found = _fc_match(f"{FAMILY}:charset={codepoint:x}")
+        if found is not None and found.covers(codepoint) and _load(found, self.size) is not None:
+            self._faces.append(found)
+            return found
         _warn_once(
             f"glyph-{codepoint:x}",
             f"ovss: no installed font has the character {char!r} (U+{codepoint:04X}); the legend draws it as a "
@@ -184,7 +184,8 @@ class LegendFont:
 
     def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, fill: tuple[int, int, int]) -> None:
         """Draw ``text`` with its row's top-left corner at ``xy``; every piece sits on the main font's baseline."""
-        x, top = xy
+        left, top = xy
+        x = float(left)
         baseline = top + self.ascent
         for font, piece in self.runs(text):
             if isinstance(font, ImageFont.FreeTypeFont):
