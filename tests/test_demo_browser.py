@@ -132,7 +132,7 @@ def _expect_failure(page, text: str) -> None:
     assert box is not None and box["y"] + box["height"] <= 900  # next to the button, in view
 
 
-def test_the_segment_button_is_in_view_and_the_icons_leave_the_legend_free(page, served, photo):
+def test_the_segment_button_is_in_view_and_the_icons_leave_the_legend_free(page, served, photo, tmp_path):
     from playwright.sync_api import expect
 
     page.goto(served[1])
@@ -140,10 +140,15 @@ def test_the_segment_button_is_in_view_and_the_icons_leave_the_legend_free(page,
     button = page.locator("#ovss-segment").bounding_box()
     assert button is not None and button["y"] + button["height"] <= 900  # no scrolling needed at 1400x900
     page.locator("#ovss-image input[type=file]").set_input_files(str(photo[0]))
-    page.locator("#ovss-labels textarea").fill(LABELS)
+    names = ["aeroplane", "café", "straße", "日本", "\U0001f600", "a class with a very long descriptive name " * 3]
+    page.locator("#ovss-labels textarea").fill(", ".join(names))
     page.locator("#ovss-segment").click()
     picture = page.locator("#ovss-result-0 img")
     expect(picture).to_be_visible()
+    expect(page.locator("#ovss-legend-0 .ovss-legend-item").first).to_be_visible()
+    shown = _legend_names(page, 0)
+    assert shown and set(shown) <= {name.strip() for name in names}  # the page's legend has the full names
+    page.screenshot(path=str(tmp_path / "scripts.png"))
     image_box = picture.bounding_box()
     icons = page.locator("#ovss-result-0 .icon-button-wrapper button").all()  # download, full screen
     assert len(icons) == 2
@@ -151,6 +156,14 @@ def test_the_segment_button_is_in_view_and_the_icons_leave_the_legend_free(page,
         icon_box = icon.bounding_box()
         assert icon_box is not None and image_box is not None
         assert icon_box["y"] + icon_box["height"] <= image_box["y"]  # above the picture, not over its legend
+
+    many = ", ".join(f"class number {index}" for index in range(1000))
+    page.locator("#ovss-labels textarea").fill(many)
+    page.locator("#ovss-segment").click()
+    expect(page.locator("#ovss-result-0")).not_to_contain_text("previous result")
+    expect(page.locator("#ovss-timings")).to_contain_text("cached (fast path)")
+    width = picture.evaluate("e => e.naturalWidth")
+    assert SIZE < width <= 2 * SIZE  # the legend wraps and counts the rest instead of growing 3842 px wide
 
 
 def test_a_corrupt_upload_is_ovss_s_one_line(page, served, photo, tmp_path):
