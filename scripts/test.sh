@@ -9,16 +9,15 @@ cd "$(dirname "$0")/.."
 export OVSS_OFFLINE=1
 # Debian packages the tests need, installed only when missing: chromium, and fonts that draw legend names in
 # any script (checked through fontconfig: a CJK character and an emoji).
-packages=""
-command -v chromium >/dev/null || packages="chromium"
-if [ -z "$(fc-list ':charset=65e5' file 2>/dev/null)" ] || [ -z "$(fc-list ':charset=1f600' file 2>/dev/null)" ]; then
-    packages="$packages fontconfig fonts-noto-core fonts-noto-cjk fonts-symbola"
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+if ! command -v chromium >/dev/null; then
+    command -v apt-get >/dev/null || { echo "chromium is missing and apt-get is not here: install chromium" >&2; exit 2; }
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium
 fi
-if [ -n "$packages" ]; then
-    sudo=""
-    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-    command -v apt-get >/dev/null || { echo "missing: $packages; apt-get is not here: install them" >&2; exit 2; }
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq $packages
+if [ -z "$(fc-list ':charset=65e5' file 2>/dev/null)" ] || [ -z "$(fc-list ':charset=1f600' file 2>/dev/null)" ]; then
+    command -v apt-get >/dev/null || { echo "fonts are missing and apt-get is not here: install fonts-noto-cjk and fonts-symbola" >&2; exit 2; }
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq fontconfig fonts-noto-core fonts-noto-cjk fonts-symbola
 fi
 python -m pip install torch==2.13.0 -e ".[test]"
 ruff check src tests benchmarks tools
