@@ -185,22 +185,46 @@ def test_downloads_are_the_prediction_files(session, photos, tmp_path):
 
 
 # ------------------------------------------------------------------ the Gradio handlers (no browser)
-def test_segment_handler_fills_the_slots_and_raises_gr_error(session, photos):
-    import gradio as gr
-
+def test_segment_handler_fills_the_slots_and_keeps_them_on_an_error(session, photos, tmp_path):
     from ovss.demo.app import segment
+    from ovss.demo.upload import Upload
 
     out = segment(session, photos[0], "sky, road", METHODS, 0, 0.0, True)
-    assert len(out) == 4 * 3 + 4  # 4 slots x (column, image, legend), timings, config, results, pixel box
+    assert len(out) == 4 * 3 + 5  # 4 slots x (column, image, legend), timings, config, results, pixel box, message
     assert [out[3 * s].visible for s in range(4)] == [True, True, False, False]
     assert out[1].label == "clearclip" and out[4].label == "clearclip+gla"
-    results = out[-2]
+    results = out[-3]
     shown = np.asarray(Image.open(out[1].value["path"]))  # the file the page shows: a lossless PNG
     assert np.array_equal(shown, results[0].overlay)
     assert not np.array_equal(results[0].overlay, results[0].prediction.overlay())  # the window grid is drawn
-    assert set(out[-3]) == set(METHODS) and out[-1] == ""
-    with pytest.raises(gr.Error, match="the labels box is empty"):
-        segment(session, photos[0], "", METHODS, 0, 0.0, False)
+    assert set(out[-4]) == set(METHODS) and out[-2] == "" and out[-1].visible is False
+
+    def is_skip(update) -> bool:
+        return isinstance(update, dict) and update == {"__type__": "update"}
+
+    failed = segment(session, photos[0], "", METHODS, 0, 0.0, False, previous=results)
+    assert len(failed) == len(out)
+    message = failed[-1]
+    assert message.visible and "the labels box is empty" in message.value and "previous click" in message.value
+    assert [failed[3 * s + 1].label for s in range(2)] == [
+        "clearclip (previous result)",
+        "clearclip+gla (previous result)",
+    ]
+    assert all(is_skip(failed[i]) for i in (0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15))  # results, state kept
+    assert failed[12].startswith("*Previous result:*") and "clearclip+gla" in failed[12]
+    five = segment(session, photos[0], "sky", [*METHODS, "maskclip", "naclip", "sclip"], 0, 0.0, False)
+    assert "5 methods chosen" in five[-1].value and five[12] == ""  # nothing shown before: nothing to keep
+
+    broken = tmp_path / "server-copy-123.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = segment(session, Upload(str(broken), "holiday.png"), "sky", METHODS, 0, 0.0, False)
+    assert "cannot read image 'holiday.png': not a decodable image file" in out[-1].value
+    assert str(tmp_path) not in out[-1].value
+    good = tmp_path / "good.png"
+    Image.fromarray(photos[0]).save(good)
+    out = segment(session, Upload(str(good), "good.png"), "sky, road", METHODS, 0, 0.0, False)
+    direct = session.run(photos[0], "sky, road", METHODS)
+    assert np.array_equal(out[-3][0].overlay, direct[0].overlay)  # the file decoded by ovss = the array
 
 
 def test_download_and_pixel_handlers(session, photos):

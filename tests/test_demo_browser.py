@@ -111,4 +111,74 @@ def test_two_methods_side_by_side_then_the_fast_path_then_an_error(page, served,
 
     page.locator("#ovss-labels textarea").fill("")
     page.locator("#ovss-segment").click()
-    expect(page.get_by_text("the labels box is empty").first).to_be_visible()
+    _expect_failure(page, "the labels box is empty")
+    page.screenshot(path=str(tmp_path / "failure.png"))
+
+
+def _expect_failure(page, text: str) -> None:
+    """The message next to the button says ``text``; the results stay, titled "previous result"; no Error badge."""
+    from playwright.sync_api import expect
+
+    message = page.locator("#ovss-message")
+    expect(message).to_be_visible()
+    expect(message).to_contain_text(text)
+    assert message.inner_text().count("\n") <= 1  # the one-line error (and a line on the results kept)
+    for slot, method in enumerate(METHODS):
+        expect(page.locator(f"#ovss-result-{slot} img")).to_be_visible()  # the previous overlays stay
+        expect(page.locator(f"#ovss-result-{slot}")).to_contain_text(f"{method} (previous result)")
+    expect(page.locator("#ovss-timings")).to_contain_text("Previous result")
+    assert page.get_by_text("Error", exact=True).count() == 0  # no red badge on the outputs, no toast
+    box = message.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 900  # next to the button, in view
+
+
+def test_the_segment_button_is_in_view_and_the_icons_leave_the_legend_free(page, served, photo, tmp_path):
+    from playwright.sync_api import expect
+
+    page.goto(served[1])
+    page.set_viewport_size({"width": 1400, "height": 900})
+    button = page.locator("#ovss-segment").bounding_box()
+    assert button is not None and button["y"] + button["height"] <= 900  # no scrolling needed at 1400x900
+    page.locator("#ovss-image input[type=file]").set_input_files(str(photo[0]))
+    names = ["aeroplane", "café", "straße", "日本", "\U0001f600", "a class with a very long descriptive name " * 3]
+    page.locator("#ovss-labels textarea").fill(", ".join(names))
+    page.locator("#ovss-segment").click()
+    picture = page.locator("#ovss-result-0 img")
+    expect(picture).to_be_visible()
+    expect(page.locator("#ovss-legend-0 .ovss-legend-item").first).to_be_visible()
+    shown = _legend_names(page, 0)
+    assert shown and set(shown) <= {name.strip() for name in names}  # the page's legend has the full names
+    page.screenshot(path=str(tmp_path / "scripts.png"))
+    image_box = picture.bounding_box()
+    icons = page.locator("#ovss-result-0 .icon-button-wrapper button").all()  # download, full screen
+    assert len(icons) == 2
+    for icon in icons:
+        icon_box = icon.bounding_box()
+        assert icon_box is not None and image_box is not None
+        assert icon_box["y"] + icon_box["height"] <= image_box["y"]  # above the picture, not over its legend
+
+    many = ", ".join(f"class number {index}" for index in range(1000))
+    page.locator("#ovss-labels textarea").fill(many)
+    page.locator("#ovss-segment").click()
+    expect(page.locator("#ovss-result-0")).not_to_contain_text("previous result")
+    expect(page.locator("#ovss-timings")).to_contain_text("cached (fast path)")
+    width = picture.evaluate("e => e.naturalWidth")
+    assert SIZE < width <= 2 * SIZE  # the legend wraps and counts the rest instead of growing 3842 px wide
+
+
+def test_a_corrupt_upload_is_ovss_s_one_line(page, served, photo, tmp_path):
+    from playwright.sync_api import expect
+
+    for name, data in (("broken.png", b"not a picture"), ("cut.png", photo[0].read_bytes()[:400])):
+        page.goto(served[1])
+        path = tmp_path / name
+        path.write_bytes(data)
+        page.locator("#ovss-image input[type=file]").set_input_files(str(path))
+        page.locator("#ovss-labels textarea").fill(LABELS)
+        page.locator("#ovss-segment").click()
+        message = page.locator("#ovss-message")
+        expect(message).to_contain_text(f"cannot read image '{name}': not a decodable image file")
+        text = message.inner_text()
+        assert "gradio" not in text.lower() and "/tmp" not in text and "preprocess" not in text
+        assert page.get_by_text("Error", exact=True).count() == 0
+    page.screenshot(path=str(tmp_path / "corrupt.png"))

@@ -98,9 +98,7 @@ def test_label_png_custom_palette(tmp_path: Path) -> None:
         (np.zeros((2, 2, 1), np.uint8), "integer"),
     ],
 )
-def test_label_png_rejects_bad_ids_and_writes_nothing(
-    tmp_path: Path, labels: np.ndarray, message: str
-) -> None:
+def test_label_png_rejects_bad_ids_and_writes_nothing(tmp_path: Path, labels: np.ndarray, message: str) -> None:
     with pytest.raises(OvssError, match=message):
         save_label_png(labels, tmp_path / "bad.png")
     assert list(tmp_path.iterdir()) == []
@@ -181,16 +179,74 @@ def test_overlay_legend_lists_only_present_classes() -> None:
 
 
 def test_overlay_legend_wraps_into_columns() -> None:
-    image = np.zeros((64, 40, 3), dtype=np.uint8)
-    labels = np.arange(64 * 40).reshape(64, 40) % 30  # all 30 classes present
+    image = np.zeros((160, 600, 3), dtype=np.uint8)
+    labels = np.arange(160 * 600).reshape(160, 600) % 30  # all 30 classes present
     names = [f"class {index}" for index in range(30)]
     result = overlay(image, labels, names, font_size=12)
-    assert result.shape[0] == 64  # does not grow taller than the image: several columns instead
-    legend = result[:, 40:]
+    assert result.shape[0] == 160  # does not grow taller than the image: several columns instead
+    legend = result[:, 600:]
     colours = palette(30)
     for class_id in range(30):
         if not _is_grey(colours[class_id]):
             assert _colour_count(legend, colours[class_id]) >= 25, class_id
+
+
+def _legend_of(names: list[str], size: int = 64) -> np.ndarray:
+    """The legend panel of an overlay whose classes are ``names``, all present."""
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    labels = np.arange(size * size).reshape(size, size) % len(names)
+    return overlay(image, labels, names, font_size=16)[:, size:]
+
+
+def test_overlay_legend_draws_names_in_any_script() -> None:
+    from ovss.output.fonts import FAMILY, _fc_match
+
+    assert _fc_match(FAMILY) is not None, "no font through fontconfig: install fonts-noto-core fonts-noto-cjk"
+    missing = "\u0378"  # an unassigned code point: every font draws its "missing glyph" box
+    with pytest.warns(UserWarning, match="no installed font has the character"):
+        boxes = [_legend_of([f"ab{missing}"]), _legend_of([f"ab{missing}{missing}"])]
+    for name in ("café", "straße", "日本", "\U0001f600"):
+        legend = _legend_of([name])
+        drawn = _legend_of([name[:-1] + missing])  # the same name with its last character a box
+        assert legend.shape != drawn.shape or not np.array_equal(legend, drawn), name
+    glyphs = [_legend_of([char]) for char in "é日本\U0001f600"]  # each its own glyph, not four equal boxes
+    for i, first in enumerate(glyphs):
+        for second in glyphs[i + 1 :]:
+            assert first.shape != second.shape or not np.array_equal(first, second)
+    assert not np.array_equal(boxes[0], boxes[1])
+
+
+def test_overlay_legend_stays_narrow_with_many_or_long_names() -> None:
+    from ovss.output.fonts import LegendFont
+
+    names = [f"class number {index}" for index in range(1000)]
+    image = np.zeros((320, 320, 3), dtype=np.uint8)
+    labels = np.arange(320 * 320).reshape(320, 320) % 1000  # all 1000 classes present
+    result = overlay(image, labels, names)
+    assert result.shape[0] == 320 and 320 < result.shape[1] <= 2 * 320  # was 3842 px wide
+    legend = result[:, 320:]
+    colours = palette(1000)
+    assert _colour_count(legend, colours[1]) >= 25 and _colour_count(legend, colours[999]) == 0  # counted, not drawn
+    font = LegendFont(16)
+    long_name = "a class with a very long descriptive name " * 5
+    short = font.shorten(long_name, 12 * font.line_height)
+    assert short.endswith("…") and long_name.startswith(short[:-1]) and font.width(short) <= 12 * font.line_height
+    assert font.shorten("cat", 12 * font.line_height) == "cat"
+    assert _legend_of([long_name]).shape[1] <= 15 * font.line_height  # swatch, gap, 12 line heights, margins
+    more = overlay(image, labels, names)
+    np.testing.assert_array_equal(more, result)  # deterministic
+
+
+def test_overlay_legend_without_fonts_uses_pillow_s_and_warns_once(monkeypatch) -> None:
+    from ovss.output import fonts
+
+    monkeypatch.setattr(fonts, "_fc_match", lambda pattern: None)  # no fontconfig
+    monkeypatch.setattr(fonts, "_warned", set())
+    with pytest.warns(UserWarning, match="no font found through fontconfig") as caught:
+        first = _legend_of(["cat", "dog"])
+        _legend_of(["café"])
+    assert len([w for w in caught if "fontconfig" in str(w.message)]) == 1
+    assert first.shape[0] == 64 and (first.max(axis=2) < 64).sum() > 20  # the names are still drawn
 
 
 def test_overlay_tiny_image_and_no_classes() -> None:

@@ -15,6 +15,7 @@ import gradio as gr
 
 from ovss.demo.render import config_json, legend_html, timing_markdown
 from ovss.demo.session import MAX_METHODS, DemoSession, MethodResult, pixel_report, save_downloads
+from ovss.demo.upload import photo_input, read_upload
 from ovss.errors import OvssError
 
 DEFAULT_METHODS = ("clearclip", "clearclip+gla")
@@ -33,7 +34,11 @@ CSS = """
 .ovss-legend { display: flex; flex-wrap: wrap; gap: 0.3em 1em; }
 .ovss-legend-item { display: inline-flex; align-items: center; gap: 0.35em; }
 .ovss-swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #606060; }
+#ovss-message { border-left: 4px solid #d92d20; padding: 0.2em 0.6em; background: #fef3f2; }
+/* a result's download / full-screen icons sit above the picture, not over the legend drawn into it */
+.ovss-result .icon-button-wrapper { position: static; justify-content: flex-end; margin: 0 0 2px auto; }
 """
+STALE = " (previous result)"  # appended to a result's label when the last click failed
 
 
 def example_files(folder: Path) -> list[str]:
@@ -76,16 +81,22 @@ def segment(
     bg_threshold: float,
     show_windows: bool,
     progress: Callable[..., Any] | None = None,
+    previous: list[MethodResult] | None = None,
 ) -> list[Any]:
-    """The *Segment* button: slot updates, timings, configuration, the results (page state), a cleared pixel box.
+    """The *Segment* button: slot updates, timings, configuration, the results (page state), the pixel box, message.
 
-    Raises:
-        gr.Error: the one-line :class:`OvssError` message (shown on the page, no traceback).
+    A bad input (an :class:`OvssError`: empty labels, too many methods, a corrupt file...) changes nothing
+    but the message next to the button, which says what is wrong and that the results shown, if any, are
+    those of the previous click (their titles say "previous result").
+
+    Args:
+        previous: the results shown now (the page state), kept and marked when this click fails.
     """
     report = None if progress is None else (lambda fraction, text: progress(fraction, desc=text))
     try:
+        rgb = read_upload(image)
         results = session.run(
-            image,
+            rgb,
             labels,
             chosen,
             logit_scale=logit_scale or None,  # 0 or empty: each method's own
@@ -94,9 +105,26 @@ def segment(
             progress=report,
         )
     except OvssError as err:
-        raise gr.Error(str(err), print_exception=False) from None
+        return _failed(str(err), previous or [], session.set_image_calls)
     timings = timing_markdown(results, session.set_image_calls)
-    return [*_slot_updates(results), timings, config_json(results), results, ""]
+    return [*_slot_updates(results), timings, config_json(results), results, "", gr.Markdown("", visible=False)]
+
+
+def _failed(message: str, previous: Sequence[MethodResult], set_image_calls: int) -> list[Any]:
+    """Outputs of a click that failed: the message shown, the previous results kept and marked as such."""
+    slots: list[Any] = []
+    for slot in range(MAX_METHODS):
+        if slot < len(previous):
+            slots += [gr.skip(), gr.Image(label=previous[slot].method + STALE), gr.skip()]
+        else:
+            slots += [gr.skip(), gr.skip(), gr.skip()]
+    text = f"**Not segmented:** {message}"
+    if previous:
+        text += "  \nThe results below are those of the previous click."
+        timings = "*Previous result:*\n\n" + timing_markdown(previous, set_image_calls)
+    else:
+        timings = ""
+    return [*slots, timings, gr.skip(), gr.skip(), gr.skip(), gr.Markdown(text, visible=True)]
 
 
 def prepare_downloads(results: list[MethodResult] | None) -> list[str]:
@@ -147,9 +175,10 @@ def build_app(
         logit_scale: float | None,
         bg_threshold: float,
         show_windows: bool,
+        previous: list[MethodResult] | None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008  (Gradio's way of asking for a progress bar)
     ) -> list[Any]:
-        return segment(session, image, labels, chosen, logit_scale, bg_threshold, show_windows, progress)
+        return segment(session, image, labels, chosen, logit_scale, bg_threshold, show_windows, progress, previous)
 
     def on_select(slot: int) -> Callable[..., str]:
         def report(results: list[MethodResult] | None, evt: gr.SelectData) -> str:
@@ -168,12 +197,13 @@ def build_app(
         results_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                image = gr.Image(
-                    label="image", type="numpy", image_mode="RGB", sources=["upload", "clipboard"], elem_id="ovss-image"
+                image = photo_input(
+                    label="image",
+                    type="filepath",  # decoded by ovss in the handler (demo/upload.py), not by Gradio
+                    sources=["upload", "clipboard"],
+                    height=300,
+                    elem_id="ovss-image",
                 )
-                photos = example_files(examples_dir)
-                if photos:
-                    gr.Examples(photos, inputs=[image], label="example photos (scikit-image)")
                 label_box = gr.Textbox(
                     labels,
                     label="labels",
@@ -181,6 +211,8 @@ def build_app(
                     info="classes separated by commas, synonyms by '|' (as in ovss segment --labels)",
                     elem_id="ovss-labels",
                 )
+                button = gr.Button("Segment", variant="primary", elem_id="ovss-segment")
+                message = gr.Markdown(visible=False, elem_id="ovss-message")  # why the last click failed
                 chosen = gr.CheckboxGroup(
                     ovss.available_methods(),
                     value=list(methods),
@@ -201,7 +233,9 @@ def build_app(
                         info="below it: class 'background' if listed, else unlabelled",
                     )
                 show_windows = gr.Checkbox(False, label="show the windows (seams)", elem_id="ovss-windows")
-                button = gr.Button("Segment", variant="primary", elem_id="ovss-segment")
+                photos = example_files(examples_dir)
+                if photos:
+                    gr.Examples(photos, inputs=[image], label="example photos (scikit-image)")
                 gr.Markdown(FAST_PATH_NOTE)
             with gr.Column(scale=3):
                 slots: list[Any] = []
@@ -215,6 +249,7 @@ def build_app(
                                 format="png",
                                 buttons=["download", "fullscreen"],
                                 elem_id=f"ovss-result-{slot}",
+                                elem_classes=["ovss-result"],
                             )
                             legend = gr.HTML(elem_id=f"ovss-legend-{slot}")
                         slots += [column, overlay, legend]
@@ -229,8 +264,8 @@ def build_app(
         one_queue: dict[str, Any] = {"concurrency_id": "ovss-models", "concurrency_limit": 1}  # one at a time
         button.click(
             on_segment,
-            inputs=[image, label_box, chosen, logit_scale, threshold, show_windows],
-            outputs=[*slots, timings, config, results_state, pixel_box],
+            inputs=[image, label_box, chosen, logit_scale, threshold, show_windows, results_state],
+            outputs=[*slots, timings, config, results_state, pixel_box, message],
             **one_queue,
         )
         download.click(prepare_downloads, inputs=[results_state], outputs=[files], **one_queue)
@@ -248,7 +283,7 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None) -> 
         server_port=port,
         prevent_thread_lock=True,
         quiet=True,
-        show_error=True,  # an error Gradio raises itself (e.g. an unreadable upload) shows its message
+        show_error=True,  # an error Gradio raises itself shows its message (ovss errors go to #ovss-message)
         theme=theme,
         css=CSS,
         footer_links=[],

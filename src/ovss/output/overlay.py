@@ -8,16 +8,16 @@ an ordinary class (``ovss segment``, ``Prediction.save``).
 from __future__ import annotations
 
 import colorsys
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from ovss.errors import OvssError
+from ovss.output.fonts import LegendFont
 from ovss.storage.files import save_png
 
 # Number of ids the VOC colour-map bit trick gives distinct colours to (3 x 8 bits of the id).
@@ -29,6 +29,8 @@ _LEGEND_GAP = 0.4  # space between a swatch and its name, and between columns
 _LEGEND_BACKGROUND = (255, 255, 255)  # legend panel colour (RGB)
 _LEGEND_TEXT = (0, 0, 0)  # class-name colour (RGB)
 _SWATCH_OUTLINE = (96, 96, 96)  # 1-pixel frame around each swatch, visible for pale colours (RGB)
+_LEGEND_NAME_WIDTH = 12  # longest name drawn, in line heights; longer ones end in "…"
+_LEGEND_MIN_WIDTH = 16  # the legend is at most max(image width, this many line heights) wide
 
 
 def palette(n: int) -> npt.NDArray[np.uint8]:
@@ -125,9 +127,7 @@ def save_label_png(
         OvssError: not a 2-D integer array, ids outside the bit depth's range, or an invalid palette.
     """
     if labels.ndim != 2 or labels.dtype.kind not in "iub":
-        raise OvssError(
-            f"label map must be an (H, W) integer array, got dtype {labels.dtype} and shape {labels.shape}"
-        )
+        raise OvssError(f"label map must be an (H, W) integer array, got dtype {labels.dtype} and shape {labels.shape}")
     low, high = (int(labels.min()), int(labels.max())) if labels.size > 0 else (0, 0)
     if bit_depth is None:
         bit_depth = 8 if high <= 255 else 16
@@ -151,32 +151,41 @@ def save_label_png(
     return save_png(path, indexed)
 
 
-def _load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's built-in font at ``size`` pixels (its fixed-size bitmap font where FreeType is missing)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
-
-
 def _legend_panel(
-    class_ids: Sequence[int], class_names: Sequence[str], colors: np.ndarray, height: int, font_size: int
+    class_ids: Sequence[int], class_names: Sequence[str], colors: np.ndarray, height: int, width: int, font_size: int
 ) -> Image.Image:
-    """Draw swatch + name rows for ``class_ids``, top to bottom, wrapping into columns to fit ``height``."""
-    font = _load_font(font_size)
-    line_height = max(int(font.getbbox("Ag")[3]), 1)  # pixels from the text origin to the descender
+    """Draw swatch + name rows for ``class_ids``, top to bottom, wrapping into columns to fit ``height``.
+
+    Names wider than ``_LEGEND_NAME_WIDTH`` line heights end in "…"; the panel is at most
+    max(``width``, ``_LEGEND_MIN_WIDTH`` line heights) wide, and when the classes do not fit, the last row
+    says how many more there are (e.g. "… 985 more").
+    """
+    font = LegendFont(font_size)
+    line_height = font.line_height
     margin = max(int(_LEGEND_MARGIN * line_height), 1)
     row_step = max(int(_LEGEND_ROW_SPACING * line_height), 2)
     gap = max(int(_LEGEND_GAP * line_height), 1)
     swatch = line_height
     rows_per_column = max((height - 2 * margin) // row_step, 1)
-    columns = [
-        list(class_ids[start : start + rows_per_column])
-        for start in range(0, len(class_ids), rows_per_column)
-    ]
-    column_widths = [
-        swatch + gap + max(math.ceil(font.getlength(class_names[c])) for c in column) for column in columns
-    ]
+    names = {c: font.shorten(class_names[c], _LEGEND_NAME_WIDTH * line_height) for c in class_ids}
+    max_width = max(width, _LEGEND_MIN_WIDTH * line_height)
+    columns: list[list[int]] = []
+    column_widths: list[int] = []
+    used = 2 * margin - gap
+    hidden = 0
+    for start in range(0, len(class_ids), rows_per_column):
+        column = list(class_ids[start : start + rows_per_column])
+        column_width = swatch + gap + max(font.width(names[c]) for c in column)
+        if columns and used + gap + column_width > max_width:  # no room: the last row counts the rest
+            hidden = len(class_ids) - start + 1
+            columns[-1][-1] = -1
+            break
+        columns.append(column)
+        column_widths.append(column_width)
+        used += gap + column_width
+    more = f"… {hidden} more"
+    if hidden:
+        column_widths[-1] = max(column_widths[-1], font.width(more))
     panel_width = margin + sum(column_widths) + gap * (len(columns) - 1) + margin
     panel_height = max(height, 2 * margin + min(len(class_ids), rows_per_column) * row_step)
     panel = Image.new("RGB", (panel_width, panel_height), _LEGEND_BACKGROUND)
@@ -185,9 +194,12 @@ def _legend_panel(
     for column, column_width in zip(columns, column_widths, strict=True):
         for row, class_id in enumerate(column):
             y = margin + row * row_step
+            if class_id < 0:
+                font.draw(draw, (x, y), more, _LEGEND_TEXT)
+                continue
             color = tuple(int(value) for value in colors[class_id])
             draw.rectangle((x, y, x + swatch - 1, y + swatch - 1), fill=color, outline=_SWATCH_OUTLINE)
-            draw.text((x + swatch + gap, y), class_names[class_id], fill=_LEGEND_TEXT, font=font)
+            font.draw(draw, (x + swatch + gap, y), names[class_id], _LEGEND_TEXT)
         x += column_width + gap
     return panel
 
@@ -205,7 +217,10 @@ def overlay(
     Each pixel with a class id c in [0, K) becomes round((1 - alpha) * pixel + alpha * colour[c]); pixels
     with other ids (e.g. 255 = ignore, or negative) keep their colour. To the right of the image, a white
     legend panel lists the classes present, in class order, as a colour swatch and the class name; the
-    list wraps into further columns when it is taller than the image. The image occupies the top-left
+    list wraps into further columns when it is taller than the image. Names are drawn in any script (fonts
+    found through fontconfig, see ``ovss.output.fonts``); a long name ends in "…", and the legend is at most
+    as wide as the image (or 16 text lines, if wider): classes beyond are counted on its last row
+    ("… 985 more"). The full names are those given here. The image occupies the top-left
     (H, W) region of the result; the result is taller than H only if the image is shorter than one
     legend row.
 
@@ -225,9 +240,7 @@ def overlay(
         OvssError: mismatched or invalid shapes or dtypes, no class names, ``alpha`` outside [0, 1].
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise OvssError(
-            f"overlay needs an (H, W, 3) uint8 RGB image, got dtype {image.dtype} and shape {image.shape}"
-        )
+        raise OvssError(f"overlay needs an (H, W, 3) uint8 RGB image, got dtype {image.dtype} and shape {image.shape}")
     if labels.shape != image.shape[:2] or labels.dtype.kind not in "iub":
         raise OvssError(
             f"overlay needs an integer label map of the image's size {image.shape[:2]}, got dtype "
@@ -251,7 +264,7 @@ def overlay(
         return blended
     if font_size is None:
         font_size = min(max(round(height / 40), 12), 48)
-    legend = _legend_panel(present, class_names, colors, height, font_size)
+    legend = _legend_panel(present, class_names, colors, height, width, font_size)
     canvas = Image.new("RGB", (width + legend.width, max(height, legend.height)), _LEGEND_BACKGROUND)
     canvas.paste(Image.fromarray(blended), (0, 0))
     canvas.paste(legend, (width, 0))
