@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from ovss.errors import OvssError
 from ovss.output.overlay import palette
 from ovss.pipeline.image import (
     MAX_IMAGE_PIXELS,
+    bgr_to_rgb_inplace,
     clip_normalize,
     imagenet_from_clip,
     read_image,
@@ -224,6 +227,61 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     assert huge_view.shape[0] * huge_view.shape[1] > MAX_IMAGE_PIXELS
     with pytest.raises(OvssError, match="megapixels"):
         read_image(huge_view)
+
+
+def _png_with_chunk(pixels: np.ndarray, kind: bytes, data: bytes, *, bad_crc: bool = False) -> bytes:
+    """A PNG of ``pixels`` with one extra ancillary chunk before IDAT (optionally with a wrong CRC)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    png = buffer.getvalue()
+    crc = 0 if bad_crc else zlib.crc32(kind + data) & 0xFFFFFFFF
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
+def test_decoder_complaints_become_one_ovss_warning(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pixels = _random_rgb(32, 48)
+    path = tmp_path / "damaged.png"
+    path.write_bytes(_png_with_chunk(pixels, b"tEXt", b"key\x00value", bad_crc=True))
+    with pytest.warns(UserWarning) as caught:
+        image = read_image(path)
+    np.testing.assert_array_equal(image, pixels)  # the pixels are intact
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "damaged.png" in messages[0] and "CRC error" in messages[0]
+    assert "libpng" not in capfd.readouterr().err  # nothing raw on stderr
+
+
+def test_harmless_colour_profile_notes_are_silenced(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pixels = _random_rgb(16, 16, seed=1)
+    path = tmp_path / "profile.png"
+    path.write_bytes(_png_with_chunk(pixels, b"iCCP", b"icc\x00\x00" + zlib.compress(b"x" * 200)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        image = read_image(path)
+    np.testing.assert_array_equal(image, pixels)
+    assert capfd.readouterr().err == ""
+
+
+def test_bgr_to_rgb_in_place_equals_the_reversed_copy() -> None:
+    for shape in [(1, 1, 3), (3, 5, 3), (257, 131, 3)]:
+        bgr = _random_rgb(*shape[:2], seed=shape[0])
+        expected = np.ascontiguousarray(bgr[:, :, ::-1])  # the old path: a second full-size array
+        converted = bgr_to_rgb_inplace(bgr)
+        assert converted is bgr  # no copy
+        np.testing.assert_array_equal(converted, expected)
+    strided = _random_rgb(20, 30)[:, ::2]  # not C-contiguous: converted through a copy, same values
+    np.testing.assert_array_equal(bgr_to_rgb_inplace(strided), strided[:, :, ::-1])
+
+
+def test_read_png_equals_opencv_imread_reversed(tmp_path: Path) -> None:
+    pixels = _random_rgb(123, 77, seed=5)
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(path)
+    reference = cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]  # (H, W, 3) mmcv's decode, as RGB
+    image = read_image(path)
+    np.testing.assert_array_equal(image, reference)
+    assert image.flags.c_contiguous and image.flags.writeable
 
 
 # ----------------------------------------------------------------------------------------------------
