@@ -81,12 +81,8 @@ def test_resize_equals_cv2_bit_exactly_on_real_images(assets_dir: Path) -> None:
     np.testing.assert_array_equal(upscaled, cv2.resize(frame, (1120, 560), interpolation=cv2.INTER_LINEAR))
 
 
-@pytest.mark.parametrize(
-    ("name", "short_side"), [(f"{VOC}/images/8_image.png", 224), (CITYSCAPES_FRAME, 560)]
-)
-def test_resize_is_half_pixel_bilinear_without_antialiasing(
-    assets_dir: Path, name: str, short_side: int
-) -> None:
+@pytest.mark.parametrize(("name", "short_side"), [(f"{VOC}/images/8_image.png", 224), (CITYSCAPES_FRAME, 560)])
+def test_resize_is_half_pixel_bilinear_without_antialiasing(assets_dir: Path, name: str, short_side: int) -> None:
     # Independent float implementation (PyTorch): equal up to OpenCV's fixed-point rounding (1 grey level).
     image = read_image(assets_dir / name)
     resized = resize_short_side(image, short_side)
@@ -184,16 +180,11 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims the given size, followed by one tiny IDAT chunk and IEND (no real pixels)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(16)))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(16))) + chunk(b"IEND", b"")
     )
 
 
@@ -360,6 +351,43 @@ def test_clip_normalize_is_float32_arithmetic_then_cast(assets_dir: Path) -> Non
     half = clip_normalize(image, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     assert torch.equal(half, torch.from_numpy(expected).to(torch.bfloat16))
+
+
+def _whole_tensor_normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The former implementation: the whole (3, H, W) image as float32 at once, then (x - mean) / std."""
+    pixels = torch.tensor(image).permute(2, 0, 1).to(torch.float32)  # (3, H, W)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+    return ((pixels - mean_t) / std_t).contiguous()  # (3, H, W)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [
+        ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),  # mmseg's rounded OpenAI statistics
+        ((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255), (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)),
+        ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
+    ],
+)
+def test_clip_normalize_per_channel_equals_the_whole_tensor_path(
+    assets_dir: Path, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    images = [read_image(assets_dir / VOC / "images" / "23_image.png"), _random_rgb(257, 131, seed=3)]
+    every_value = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)  # (16, 16, 3) all 256 levels
+    for image in [*images, every_value, images[1][:, ::3]]:  # the last one is not C-contiguous
+        expected = _whole_tensor_normalize(image, mean, std)
+        result = clip_normalize(image, mean=mean, std=std)
+        assert result.is_contiguous() and result.dtype == torch.float32
+        assert torch.equal(result, expected)
+        assert torch.equal(clip_normalize(image, dtype=torch.float16, mean=mean, std=std), expected.half())
+
+
+def test_clip_normalize_does_not_modify_or_share_the_image() -> None:
+    image = _random_rgb(20, 30, seed=4)
+    before = image.copy()
+    normalized = clip_normalize(image)
+    normalized.fill_(0)
+    np.testing.assert_array_equal(image, before)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32)])

@@ -333,12 +333,16 @@ def clip_normalize(
             f"clip_normalize needs an (H, W, 3) uint8 RGB image, got dtype {image.dtype} and shape "
             f"{image.shape}; load it with read_image first"
         )
-    pixels = torch.tensor(image, device=device)  # (H, W, 3) uint8
-    pixels = pixels.permute(2, 0, 1).to(torch.float32)  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    normalized = (pixels - mean_t) / std_t  # (3, H, W)
-    return normalized.to(dtype).contiguous()
+    height, width = image.shape[:2]
+    source = torch.from_numpy(np.ascontiguousarray(image))  # (H, W, 3) uint8, shares the array's memory
+    # One float32 channel at a time, written into the result: the same elementwise (x - mean) / std in float32
+    # as on the whole (3, H, W) tensor, without its uint8 copy and three full-size float temporaries.
+    normalized = torch.empty(3, height, width, dtype=torch.float32, device=device)  # (3, H, W)
+    for channel in range(3):
+        plane = normalized[channel]  # (H, W) view
+        plane.copy_(source[:, :, channel])  # uint8 -> float32, onto the device
+        plane.sub_(float(np.float32(mean[channel]))).div_(float(np.float32(std[channel])))
+    return normalized if dtype == torch.float32 else normalized.to(dtype)  # (3, H, W) contiguous
 
 
 def imagenet_from_clip(
