@@ -286,6 +286,7 @@ class Segmenter:
         text_embeddings: torch.Tensor | np.ndarray | None = None,
         background: int | None = 0,
         progress: Progress | None = None,
+        rows_progress: Progress | None = None,
     ) -> Prediction:
         """Label every pixel with one of the given classes.
 
@@ -299,6 +300,8 @@ class Segmenter:
                 0 (default, the papers' rule: class 0 is background), another class index, or None to
                 leave them unlabelled (``labels`` holds ``ovss.labels.UNLABELLED`` = -1 there).
             progress: see :meth:`set_image` (used when ``image`` is given).
+            rows_progress: called as ``rows_progress(rows_done, H0)`` while the full-resolution labels are
+                computed, after each band of rows (the step after the windows; seconds on large photos).
 
         Returns:
             A :class:`Prediction` at the input resolution. Its labels are computed band by band; its
@@ -328,7 +331,7 @@ class Segmenter:
             maps, info = self.method.post(self.backbones(), st.extras, maps, rule, self.options)
             st.info = {**st.info, **info}  # a new dict: earlier predictions keep their record
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
-        return Prediction(maps.labels(), classes, record, maps, st.rgb)
+        return Prediction(maps.labels(progress=rows_progress), classes, record, maps, st.rgb)
 
     def _full_resolution_maps(self, st: ImageState, text: torch.Tensor, rule: LabelRule) -> FullResolutionMaps:
         """Spec §2.5-2.7 without materialising (Q, H0, W0): per-window logits, stitched band by band on demand.

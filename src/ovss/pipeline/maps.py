@@ -8,6 +8,7 @@ builds the whole logit or probability map the first time someone asks for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,9 @@ class FullResolutionMaps:
             logits=logits,
         )
 
-    def _segment(self, probs_out: torch.Tensor | None = None) -> torch.Tensor:
+    def _segment(
+        self, probs_out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor:
         rule = self.rule
         return segment_rows(
             self._rows,
@@ -88,12 +91,17 @@ class FullResolutionMaps:
             band_rows=self.band_rows,
             probs_out=probs_out,
             bg_label=rule.bg_label,
+            progress=progress,
         )
 
     @torch.inference_mode()
-    def labels(self) -> torch.Tensor:
-        """(H0, W0) int64 class index per pixel, in [0, C); computed band by band (not kept)."""
-        return self._segment()
+    def labels(self, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """(H0, W0) int64 class index per pixel, in [0, C); computed band by band (not kept).
+
+        Args:
+            progress: called as ``progress(rows_done, H0)`` after each band.
+        """
+        return self._segment(progress=progress)
 
     @torch.inference_mode()
     def logits(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
