@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 import zlib
@@ -410,3 +411,23 @@ def test_imagenet_from_clip_equals_direct_imagenet_normalisation(assets_dir: Pat
     assert imagenet_from_clip(batch.half()).dtype == torch.float16
     with pytest.raises(ValueError, match="3, H, W"):
         imagenet_from_clip(torch.zeros(4, 8, 8))
+
+
+def test_other_stderr_output_during_a_decode_is_passed_through(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ovss.pipeline.image as image_module
+
+    path = tmp_path / "plain.png"
+    Image.fromarray(_random_rgb(8, 8)).save(path)
+    real_imdecode = cv2.imdecode
+
+    def chatty_imdecode(data: np.ndarray, flags: int) -> np.ndarray | None:
+        os.write(2, b"some other library: hello\n")  # written to descriptor 2 while the decoder runs
+        return real_imdecode(data, flags)
+
+    monkeypatch.setattr(image_module.cv2, "imdecode", chatty_imdecode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(path)
+    assert capfd.readouterr().err == "some other library: hello\n"

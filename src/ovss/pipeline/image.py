@@ -126,7 +126,8 @@ def _decoder_messages() -> Iterator[list[str]]:
     """
     messages: list[str] = []
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no usable descriptor 2 (e.g. a windowless process): nothing to capture
         yield messages
@@ -143,7 +144,7 @@ def _decoder_messages() -> Iterator[list[str]]:
             for line in text.splitlines():
                 if line.strip().startswith(_DECODER_PREFIXES):
                     messages.append(line.strip())
-                elif line:
+                elif line and sys.stderr is not None:
                     print(line, file=sys.stderr)  # someone else's output: passed through
 
 
