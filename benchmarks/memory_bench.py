@@ -12,13 +12,25 @@ pixel pipeline this measures) are skipped; the text tower is still loaded. Peak 
 (``VmHWM`` in ``/proc/self/status``, reset through ``/proc/self/clear_refs`` after loading), so the row
 reports the load peak, the predict peak and the whole-process peak separately, as a Markdown table row.
 Target: 2000 x 2000, 171 classes, ClearCLIP, whole-process peak under 1.5 GB.
+
+    python benchmarks/memory_bench.py --cli [--size 9000] [--height 3000] [--max-mb 2000] [--quick]
+
+``--cli`` (issue 21, "Memory on big photos") measures the whole ``ovss segment`` command instead: random
+full-size ViT-B/16 weights (``ovss.cli.bench_harness.write_random_weights``; ``--quick``: the tiny ones), a
+smooth random ``size x height`` photo (a PNG of a few MB per 10 megapixels, like a photo's), 3 classes with
+the imagenet7 templates, run as ``python -m ovss segment`` in a fresh process (2 threads); the peak RSS is
+the child's ``ru_maxrss`` from the OS (``os.wait4``), load, decode, windows, labels and both PNGs included.
+``--max-mb``: exit 1 when the peak is above it. Target: 9000 x 9000, ViT-B/16, under 2000 MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -41,7 +53,13 @@ def main() -> None:
     )
     parser.add_argument("--width", type=int, default=768, help="vision width (768 = ViT-B; smaller for a dry run)")
     parser.add_argument("--quick", action="store_true", help="tiny weights and image unless given (smoke test)")
+    parser.add_argument("--cli", action="store_true", help="measure the whole `ovss segment` command (see above)")
+    parser.add_argument("--height", type=int, default=None, help="--cli: image rows (default: --size, square)")
+    parser.add_argument("--max-mb", type=float, default=None, help="--cli: exit 1 when the peak RSS is above this")
     args = parser.parse_args()
+    if args.cli:
+        cli_main(args)
+        return
     if args.quick:  # the defaults become tiny; explicit values stay
         args.size = 160 if args.size == 2000 else args.size
         args.classes = 5 if args.classes == 171 else args.classes
@@ -85,6 +103,66 @@ def main() -> None:
         f"| {method_of(args)} | {args.size}x{args.size} | {args.classes} | {r['windows']} | {args.logits} "
         f"| {load_peak:.0f} | {run_peak:.0f} | {r['peak_rss_bytes'] / mb:.0f} | {r['seconds']:.1f} |"
     )
+
+
+def smooth_photo(height: int, width: int, seed: int = 0) -> object:
+    """A random photo-like PIL image: random colours every 50 pixels, bilinearly interpolated (compresses well)."""
+    import numpy as np
+    from PIL import Image
+
+    coarse = np.random.default_rng(seed).integers(0, 256, size=(max(height // 50, 2), max(width // 50, 2), 3))
+    return Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def segment_peak(command: list[str], env: dict[str, str]) -> tuple[int, float, str]:
+    """Run ``command`` as a fresh process; (its peak RSS in bytes from the OS, seconds, its stderr's end)."""
+    start = time.perf_counter()
+    with subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
+        assert child.stderr is not None
+        stderr = child.stderr.read().decode("utf-8", "replace")
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if child.returncode != 0:
+        sys.exit(f"ovss segment failed ({child.returncode}):\n{stderr[-3000:]}")
+    return int(usage.ru_maxrss) * 1024, seconds, stderr  # ru_maxrss: KiB on Linux
+
+
+def cli_main(args: argparse.Namespace) -> None:
+    """``--cli``: the peak RSS of ``ovss segment`` on one large photo, as a Markdown table row."""
+    from ovss.cli.bench_harness import write_random_weights
+
+    width = 160 if args.quick and args.size == 2000 else args.size
+    height = args.height or width
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        clip = write_random_weights(folder, quick=args.quick)["ViT-B/16"]
+        image_path = folder / f"photo{width}x{height}.png"
+        smooth_photo(height, width).save(image_path)  # type: ignore[attr-defined]
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+            "OVSS_CACHE": str(folder / "cache"),
+            "OMP_NUM_THREADS": "2",
+            "MKL_NUM_THREADS": "2",
+        }
+        command = [sys.executable, "-m", "ovss", "segment", str(image_path), "--clip", clip]
+        command += ["--labels", "sky,road,person", "--templates", "imagenet7", "--out", str(folder / "out")]
+        command += ["--no-progress", "--method", method_of(args)]
+        tokenizer = vocab_path()
+        if tokenizer is not None:
+            command += ["--tokenizer", tokenizer]
+        peak, seconds, _ = segment_peak(command, env)
+    weights = "ViT-B/16 tiny" if args.quick else "ViT-B/16"
+    peak_mb = peak / 2.0**20
+    print("| command | weights | image | megapixels | peak RSS MB | seconds |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| ovss segment | {weights} | {width}x{height} | {width * height / 1e6:.1f} | {peak_mb:.0f} | {seconds:.1f} |"
+    )
+    if args.max_mb is not None and peak_mb > args.max_mb:
+        sys.exit(f"peak RSS {peak_mb:.0f} MB is above --max-mb {args.max_mb:.0f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from ovss.errors import OvssError
 from ovss.output.overlay import palette
 from ovss.pipeline.image import (
     MAX_IMAGE_PIXELS,
+    bgr_to_rgb_inplace,
     clip_normalize,
     imagenet_from_clip,
     read_image,
@@ -78,12 +82,8 @@ def test_resize_equals_cv2_bit_exactly_on_real_images(assets_dir: Path) -> None:
     np.testing.assert_array_equal(upscaled, cv2.resize(frame, (1120, 560), interpolation=cv2.INTER_LINEAR))
 
 
-@pytest.mark.parametrize(
-    ("name", "short_side"), [(f"{VOC}/images/8_image.png", 224), (CITYSCAPES_FRAME, 560)]
-)
-def test_resize_is_half_pixel_bilinear_without_antialiasing(
-    assets_dir: Path, name: str, short_side: int
-) -> None:
+@pytest.mark.parametrize(("name", "short_side"), [(f"{VOC}/images/8_image.png", 224), (CITYSCAPES_FRAME, 560)])
+def test_resize_is_half_pixel_bilinear_without_antialiasing(assets_dir: Path, name: str, short_side: int) -> None:
     # Independent float implementation (PyTorch): equal up to OpenCV's fixed-point rounding (1 grey level).
     image = read_image(assets_dir / name)
     resized = resize_short_side(image, short_side)
@@ -181,16 +181,11 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims the given size, followed by one tiny IDAT chunk and IEND (no real pixels)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(16)))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(16))) + chunk(b"IEND", b"")
     )
 
 
@@ -224,6 +219,61 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     assert huge_view.shape[0] * huge_view.shape[1] > MAX_IMAGE_PIXELS
     with pytest.raises(OvssError, match="megapixels"):
         read_image(huge_view)
+
+
+def _png_with_chunk(pixels: np.ndarray, kind: bytes, data: bytes, *, bad_crc: bool = False) -> bytes:
+    """A PNG of ``pixels`` with one extra ancillary chunk before IDAT (optionally with a wrong CRC)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    png = buffer.getvalue()
+    crc = 0 if bad_crc else zlib.crc32(kind + data) & 0xFFFFFFFF
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
+def test_decoder_complaints_become_one_ovss_warning(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pixels = _random_rgb(32, 48)
+    path = tmp_path / "damaged.png"
+    path.write_bytes(_png_with_chunk(pixels, b"tEXt", b"key\x00value", bad_crc=True))
+    with pytest.warns(UserWarning) as caught:
+        image = read_image(path)
+    np.testing.assert_array_equal(image, pixels)  # the pixels are intact
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "damaged.png" in messages[0] and "CRC error" in messages[0]
+    assert "libpng" not in capfd.readouterr().err  # nothing raw on stderr
+
+
+def test_harmless_colour_profile_notes_are_silenced(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pixels = _random_rgb(16, 16, seed=1)
+    path = tmp_path / "profile.png"
+    path.write_bytes(_png_with_chunk(pixels, b"iCCP", b"icc\x00\x00" + zlib.compress(b"x" * 200)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        image = read_image(path)
+    np.testing.assert_array_equal(image, pixels)
+    assert capfd.readouterr().err == ""
+
+
+def test_bgr_to_rgb_in_place_equals_the_reversed_copy() -> None:
+    for shape in [(1, 1, 3), (3, 5, 3), (257, 131, 3)]:
+        bgr = _random_rgb(*shape[:2], seed=shape[0])
+        expected = np.ascontiguousarray(bgr[:, :, ::-1])  # the old path: a second full-size array
+        converted = bgr_to_rgb_inplace(bgr)
+        assert converted is bgr  # no copy
+        np.testing.assert_array_equal(converted, expected)
+    strided = _random_rgb(20, 30)[:, ::2]  # not C-contiguous: converted through a copy, same values
+    np.testing.assert_array_equal(bgr_to_rgb_inplace(strided), strided[:, :, ::-1])
+
+
+def test_read_png_equals_opencv_imread_reversed(tmp_path: Path) -> None:
+    pixels = _random_rgb(123, 77, seed=5)
+    path = tmp_path / "photo.png"
+    Image.fromarray(pixels).save(path)
+    reference = cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]  # (H, W, 3) mmcv's decode, as RGB
+    image = read_image(path)
+    np.testing.assert_array_equal(image, reference)
+    assert image.flags.c_contiguous and image.flags.writeable
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,6 +354,43 @@ def test_clip_normalize_is_float32_arithmetic_then_cast(assets_dir: Path) -> Non
     assert torch.equal(half, torch.from_numpy(expected).to(torch.bfloat16))
 
 
+def _whole_tensor_normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The former implementation: the whole (3, H, W) image as float32 at once, then (x - mean) / std."""
+    pixels = torch.tensor(image).permute(2, 0, 1).to(torch.float32)  # (3, H, W)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+    return ((pixels - mean_t) / std_t).contiguous()  # (3, H, W)
+
+
+@pytest.mark.parametrize(
+    ("mean", "std"),
+    [
+        ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),  # mmseg's rounded OpenAI statistics
+        ((0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255), (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)),
+        ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
+    ],
+)
+def test_clip_normalize_per_channel_equals_the_whole_tensor_path(
+    assets_dir: Path, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    images = [read_image(assets_dir / VOC / "images" / "23_image.png"), _random_rgb(257, 131, seed=3)]
+    every_value = np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)  # (16, 16, 3) all 256 levels
+    for image in [*images, every_value, images[1][:, ::3]]:  # the last one is not C-contiguous
+        expected = _whole_tensor_normalize(image, mean, std)
+        result = clip_normalize(image, mean=mean, std=std)
+        assert result.is_contiguous() and result.dtype == torch.float32
+        assert torch.equal(result, expected)
+        assert torch.equal(clip_normalize(image, dtype=torch.float16, mean=mean, std=std), expected.half())
+
+
+def test_clip_normalize_does_not_modify_or_share_the_image() -> None:
+    image = _random_rgb(20, 30, seed=4)
+    before = image.copy()
+    normalized = clip_normalize(image)
+    normalized.fill_(0)
+    np.testing.assert_array_equal(image, before)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32)])
 def test_clip_normalize_rejects_non_rgb_uint8(bad: np.ndarray) -> None:
     with pytest.raises(OvssError, match="read_image"):
@@ -324,3 +411,23 @@ def test_imagenet_from_clip_equals_direct_imagenet_normalisation(assets_dir: Pat
     assert imagenet_from_clip(batch.half()).dtype == torch.float16
     with pytest.raises(ValueError, match="3, H, W"):
         imagenet_from_clip(torch.zeros(4, 8, 8))
+
+
+def test_other_stderr_output_during_a_decode_is_passed_through(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ovss.pipeline.image as image_module
+
+    path = tmp_path / "plain.png"
+    Image.fromarray(_random_rgb(8, 8)).save(path)
+    real_imdecode = cv2.imdecode
+
+    def chatty_imdecode(data: np.ndarray, flags: int) -> np.ndarray | None:
+        os.write(2, b"some other library: hello\n")  # written to descriptor 2 while the decoder runs
+        return real_imdecode(data, flags)
+
+    monkeypatch.setattr(image_module.cv2, "imdecode", chatty_imdecode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(path)
+    assert capfd.readouterr().err == "some other library: hello\n"

@@ -185,3 +185,27 @@ def test_logits_and_probs_are_built_only_when_asked(tiny_clip, bpe_path, image):
     assert torch.equal(r.labels, labels)
     torch.testing.assert_close(r.probs, probs, rtol=1e-6, atol=1e-7)
     assert "maps" not in repr(r)
+
+
+@pytest.mark.parametrize("kw", [{}, {"pamr_steps": 1}])
+def test_rows_progress_reports_every_band_without_changing_labels(tiny_clip, bpe_path, image, kw):
+    seg = _load(tiny_clip, bpe_path, tuning={"band_elements": 4 * 300 * 7}, short_side=96, crop=64, stride=32, **kw)
+    seg.set_image(image)
+    calls: list[tuple[int, int]] = []
+    reported = seg.predict(labels=LABELS, rows_progress=lambda done, total: calls.append((done, total)))
+    plain = seg.predict(labels=LABELS)
+    assert torch.equal(reported.labels, plain.labels)
+    assert reported.maps.band_rows == 7
+    assert calls == [(min(stop, 200), 200) for stop in range(7, 200 + 7, 7)]  # 29 bands of 7 rows, the last 4
+
+
+def test_image_state_keeps_one_copy_of_the_image(tiny_clip, bpe_path, tmp_path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(2).integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    seg = _load(tiny_clip, bpe_path, short_side=64, crop=64, stride=32)
+    r = seg.predict(tmp_path / "photo.png", LABELS)
+    assert r.image is seg.current_image()  # the prediction shares the decoded image, no copy
+    np.testing.assert_array_equal(r.image, pixels)
+    assert torch.equal(r.labels, seg.predict(pixels, LABELS).labels)  # file and array paths agree

@@ -86,6 +86,23 @@ def test_memory_bench_reports_load_and_predict_peaks(tmp_path: Path, bpe_path: P
     assert 50 < load <= process and run <= process < 16_000 and float(row[8]) > 0
 
 
+def test_memory_bench_cli_measures_the_segment_command_in_a_fresh_process(tmp_path: Path, bpe_path: Path) -> None:
+    out = run_script(
+        "benchmarks/memory_bench.py",
+        "--cli",
+        "--quick",
+        "--size",
+        "96",
+        "--height",
+        "64",
+        cwd=tmp_path,
+        bpe_path=bpe_path,
+    )
+    (row,) = _rows(out, "ovss segment")
+    assert row[1:3] == ["ViT-B/16 tiny", "96x64"]
+    assert 50 < float(row[4]) < 16_000 and float(row[5]) > 0  # the child's peak, not this process's
+
+
 def test_text_bench_cold_warm_and_the_77_position_path(tmp_path: Path, bpe_path: Path) -> None:
     out = run_script("benchmarks/text_bench.py", "--quick", "--datasets", "voc21", "--full", "voc21", "--threads",
                      "1", cwd=tmp_path, bpe_path=bpe_path)  # fmt: skip

@@ -286,6 +286,7 @@ class Segmenter:
         text_embeddings: torch.Tensor | np.ndarray | None = None,
         background: int | None = 0,
         progress: Progress | None = None,
+        rows_progress: Progress | None = None,
     ) -> Prediction:
         """Label every pixel with one of the given classes.
 
@@ -299,6 +300,9 @@ class Segmenter:
                 0 (default, the papers' rule: class 0 is background), another class index, or None to
                 leave them unlabelled (``labels`` holds ``ovss.labels.UNLABELLED`` = -1 there).
             progress: see :meth:`set_image` (used when ``image`` is given).
+            rows_progress: called as ``rows_progress(rows_done, H0)`` while the full-resolution labels are
+                computed, after each band of rows (the step after the windows; seconds on large photos;
+                Trident's SAM refinement does not report).
 
         Returns:
             A :class:`Prediction` at the input resolution. Its labels are computed band by band; its
@@ -323,14 +327,16 @@ class Segmenter:
             cfg.area_threshold,
             UNLABELLED if background is None else background,
         )
-        maps = self._full_resolution_maps(st, text, rule)
+        maps = self._full_resolution_maps(st, text, rule, rows_progress)
         if self.method.post is not None:  # Trident's SAM refinement
             maps, info = self.method.post(self.backbones(), st.extras, maps, rule, self.options)
             st.info = {**st.info, **info}  # a new dict: earlier predictions keep their record
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
         return Prediction(maps.labels(), classes, record, maps, st.rgb)
 
-    def _full_resolution_maps(self, st: ImageState, text: torch.Tensor, rule: LabelRule) -> FullResolutionMaps:
+    def _full_resolution_maps(
+        self, st: ImageState, text: torch.Tensor, rule: LabelRule, rows_progress: Progress | None = None
+    ) -> FullResolutionMaps:
         """Spec §2.5-2.7 without materialising (Q, H0, W0): per-window logits, stitched band by band on demand.
 
         With PAMR on, the refinement needs the whole logit map: it is built once (Q x H0 x W0 fp32) and
@@ -344,14 +350,16 @@ class Segmenter:
         lay = st.layout
         stitched = StitchedLogits(window_logits, lay.windows, lay.padding, lay.padded_size, lay.image_size, (H0, W0))
         band_rows = default_band_rows(window_logits.shape[1], W0, self.tuning.band_elements)
-        maps = FullResolutionMaps(stitched.rows, (H0, W0), rule, device=stitched.device, band_rows=band_rows)
+        maps = FullResolutionMaps(
+            stitched.rows, (H0, W0), rule, device=stitched.device, band_rows=band_rows, progress=rows_progress
+        )
         cfg = self.pipeline
         if cfg.pamr_steps == 0:
             return maps
         guide = F.interpolate(st.pixels[None].float(), size=(H0, W0), mode="bilinear", align_corners=False)[0]
         logits = maps.logits()  # (Q, H0, W0), built band by band; refined in place
         pamr(guide, logits, steps=cfg.pamr_steps, dilations=cfg.pamr_dilations, inplace=True)
-        return FullResolutionMaps.from_logits(logits, rule, band_rows=band_rows)
+        return FullResolutionMaps.from_logits(logits, rule, band_rows=band_rows, progress=rows_progress)
 
     def _text_embeddings(self, names: list[str], given: torch.Tensor | np.ndarray | None) -> torch.Tensor:
         if given is None:

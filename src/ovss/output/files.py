@@ -76,7 +76,8 @@ def output_paths(
 def _label_map(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, int, int]:
     """Class ids with UNLABELLED replaced by the file's unlabelled value, and the (bit depth, that value)."""
     bit_depth, unlabelled = label_map_format(num_classes)
-    ids = np.where(labels == UNLABELLED, unlabelled, labels)  # (H0, W0) int64
+    ids = labels.astype(np.uint8 if bit_depth == 8 else np.uint16)  # (H0, W0) the file's dtype: 1/8 of int64
+    ids[labels == UNLABELLED] = unlabelled
     return ids, bit_depth, unlabelled
 
 

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -88,10 +94,10 @@ def _rgb_from_pil(image: Image.Image, what: str) -> npt.NDArray[np.uint8]:
     return np.array(oriented.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
 
 
-def _probe_pixel_count(data: npt.NDArray[np.uint8], path: Path) -> None:
-    """Read only the header (with Pillow) and refuse oversized images before decoding them."""
+def _probe_pixel_count(path: Path) -> None:
+    """Read only the header (with Pillow, from the file: no copy of its bytes) and refuse oversized images."""
     try:
-        with Image.open(io.BytesIO(data.tobytes())) as probe:
+        with Image.open(path) as probe:
             width, height = probe.size
     except Image.DecompressionBombError as error:
         raise OvssError(
@@ -101,6 +107,59 @@ def _probe_pixel_count(data: npt.NDArray[np.uint8], path: Path) -> None:
     except Exception:  # Pillow cannot parse the header; OpenCV may still decode it (checked afterwards).
         return
     _check_pixel_count(height, width, f"image '{path}'")
+
+
+# What libpng / libjpeg / OpenCV print about a file they still decode. Colour-profile (iCCP / sRGB) complaints
+# are harmless (the pixels are unaffected: OpenCV ignores the profile) and are dropped; the rest become one
+# ovss warning per file. Lines from anything else that wrote to stderr meanwhile are passed through unchanged.
+_DECODER_PREFIXES = ("libpng warning:", "libpng error:", "Corrupt JPEG data", "Premature end of JPEG", "[ WARN:")
+_HARMLESS_DECODER_MESSAGES = ("iCCP:", "sRGB:", "known incorrect sRGB profile", "cHRM:", "gAMA:")
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _decoder_messages() -> Iterator[list[str]]:
+    """Capture what C libraries write to file descriptor 2 while the block runs; yields the decoder lines.
+
+    The C decoders write to the process's stderr directly, past Python's ``sys.stderr``; the descriptor is
+    pointed at a temporary file for the block (one block at a time), then restored.
+    """
+    messages: list[str] = []
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2 (e.g. a windowless process): nothing to capture
+        yield messages
+        return
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield messages
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+            for line in text.splitlines():
+                if line.strip().startswith(_DECODER_PREFIXES):
+                    messages.append(line.strip())
+                elif line and sys.stderr is not None:
+                    print(line, file=sys.stderr)  # someone else's output: passed through
+
+
+def _warn_decoder_messages(path: Path, messages: list[str]) -> None:
+    """One ovss warning for a file the decoders complained about (harmless colour-profile notes dropped)."""
+    kept: list[str] = []
+    for line in messages:
+        text = line.removeprefix("libpng warning:").removeprefix("libpng error:").strip()
+        if not any(harmless in text for harmless in _HARMLESS_DECODER_MESSAGES) and text not in kept:
+            kept.append(text)
+    if kept:
+        warnings.warn(
+            f"image '{path}' was read, but its decoder reported: {'; '.join(kept)} (the file may be damaged)",
+            stacklevel=4,
+        )
 
 
 def _read_image_file(path: Path) -> npt.NDArray[np.uint8]:
@@ -115,14 +174,17 @@ def _read_image_file(path: Path) -> npt.NDArray[np.uint8]:
         raise OvssError(f"cannot read image '{path}': {error.strerror}; check the file") from error
     if data.size == 0:
         raise OvssError(f"cannot read image '{path}': the file is empty; give an image file")
-    _probe_pixel_count(data, path)
-    try:
-        decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)  # (H, W, 3) uint8 BGR or None
-    except cv2.error:
-        decoded = None
+    _probe_pixel_count(path)
+    with _decoder_messages() as messages:
+        try:
+            decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)  # (H, W, 3) uint8 BGR or None
+        except cv2.error:
+            decoded = None
     if decoded is not None:
+        del data  # the encoded bytes are no longer needed: free them before the Python caller's next step
+        _warn_decoder_messages(path, messages)
         _check_pixel_count(decoded.shape[0], decoded.shape[1], f"image '{path}'")
-        return np.ascontiguousarray(decoded[:, :, ::-1])  # (H, W, 3) RGB
+        return bgr_to_rgb_inplace(decoded)  # (H, W, 3) RGB, no second full-size copy
     # OpenCV lacks a decoder for this format (e.g. TGA, PCX, ICO): fall back to Pillow.
     try:
         with Image.open(io.BytesIO(data.tobytes())) as image:
@@ -134,6 +196,18 @@ def _read_image_file(path: Path) -> npt.NDArray[np.uint8]:
         raise OvssError(
             f"cannot read image '{path}': not a decodable image file (truncated or not an image)"
         ) from error
+
+
+def bgr_to_rgb_inplace(image: np.ndarray) -> npt.NDArray[np.uint8]:
+    """Swap the first and last channel of a C-contiguous (H, W, 3) uint8 array in place and return it.
+
+    The same values as ``np.ascontiguousarray(image[:, :, ::-1])`` without a second full-size array
+    (243 MB for a 9000 x 9000 photo).
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or not image.flags.c_contiguous:
+        return np.ascontiguousarray(image[:, :, ::-1])  # (H, W, 3) not in OpenCV's layout: a copy
+    cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # (H, W, 3) channels swapped in place
+    return image
 
 
 def read_image(source: ImageSource) -> npt.NDArray[np.uint8]:
@@ -260,12 +334,16 @@ def clip_normalize(
             f"clip_normalize needs an (H, W, 3) uint8 RGB image, got dtype {image.dtype} and shape "
             f"{image.shape}; load it with read_image first"
         )
-    pixels = torch.tensor(image, device=device)  # (H, W, 3) uint8
-    pixels = pixels.permute(2, 0, 1).to(torch.float32)  # (3, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)  # (3, 1, 1)
-    normalized = (pixels - mean_t) / std_t  # (3, H, W)
-    return normalized.to(dtype).contiguous()
+    height, width = image.shape[:2]
+    source = torch.from_numpy(np.ascontiguousarray(image))  # (H, W, 3) uint8, shares the array's memory
+    # One float32 channel at a time, written into the result: the same elementwise (x - mean) / std in float32
+    # as on the whole (3, H, W) tensor, without its uint8 copy and three full-size float temporaries.
+    normalized = torch.empty(3, height, width, dtype=torch.float32, device=device)  # (3, H, W)
+    for channel in range(3):
+        plane = normalized[channel]  # (H, W) view
+        plane.copy_(source[:, :, channel])  # uint8 -> float32, onto the device
+        plane.sub_(float(np.float32(mean[channel]))).div_(float(np.float32(std[channel])))
+    return normalized if dtype == torch.float32 else normalized.to(dtype)  # (3, H, W) contiguous
 
 
 def imagenet_from_clip(

@@ -8,6 +8,7 @@ builds the whole logit or probability map the first time someone asks for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class FullResolutionMaps:
         device: torch.device | str = "cpu",
         band_rows: int | None = None,
         logits: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         """Keep the row source; nothing is computed yet.
 
@@ -53,6 +55,7 @@ class FullResolutionMaps:
             device: device of the maps.
             band_rows: rows per band (default: about ``BAND_ELEMENTS`` logits per band); no effect on results.
             logits: the whole (Q, H0, W0) fp32 map when it already exists (e.g. after PAMR), kept as is.
+            progress: called as ``progress(rows_done, H0)`` after each band while ``labels()`` runs.
         """
         self._rows = logit_rows
         self.size = (int(size[0]), int(size[1]))
@@ -62,9 +65,16 @@ class FullResolutionMaps:
         self.band_rows = band_rows if band_rows is not None else default_band_rows(self.num_names, self.size[1])
         self._logits = logits
         self._probs: torch.Tensor | None = None
+        self.progress = progress
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, rule: LabelRule, band_rows: int | None = None) -> FullResolutionMaps:
+    def from_logits(
+        cls,
+        logits: torch.Tensor,
+        rule: LabelRule,
+        band_rows: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FullResolutionMaps:
         """Maps over an in-memory (Q, H0, W0) logit map (bands are slices of it)."""
         return cls(
             lambda start, stop: logits[:, start:stop],
@@ -73,9 +83,12 @@ class FullResolutionMaps:
             device=logits.device,
             band_rows=band_rows,
             logits=logits,
+            progress=progress,
         )
 
-    def _segment(self, probs_out: torch.Tensor | None = None) -> torch.Tensor:
+    def _segment(
+        self, probs_out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor:
         rule = self.rule
         return segment_rows(
             self._rows,
@@ -88,12 +101,13 @@ class FullResolutionMaps:
             band_rows=self.band_rows,
             probs_out=probs_out,
             bg_label=rule.bg_label,
+            progress=progress,
         )
 
     @torch.inference_mode()
     def labels(self) -> torch.Tensor:
         """(H0, W0) int64 class index per pixel, in [0, C); computed band by band (not kept)."""
-        return self._segment()
+        return self._segment(progress=self.progress)
 
     @torch.inference_mode()
     def logits(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

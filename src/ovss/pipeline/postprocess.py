@@ -208,6 +208,7 @@ def segment_rows(
     band_rows: int | None = None,
     probs_out: torch.Tensor | None = None,
     bg_label: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Spec §2.6 steps 2-5 band by band: joint softmax, synonym max, area filter, argmax + background.
 
@@ -228,6 +229,7 @@ def segment_rows(
             same result.
         probs_out: optional (C, H0, W0) tensor that receives the class probabilities (after the filter).
         bg_label: label of the pixels below ``bg_threshold`` (see :func:`labels_from_probs`).
+        progress: called as ``progress(rows_labelled, H0)`` after each band of the labelling pass.
 
     Returns:
         (H0, W0) int64 labels in [0, C), or ``bg_label``.
@@ -257,6 +259,8 @@ def segment_rows(
         labels[start:stop] = band_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs
+        if progress is not None:
+            progress(stop, height)
     if labels is None:
         raise ValueError(f"cannot segment an empty {height}x{width} map")
     return labels
