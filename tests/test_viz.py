@@ -156,6 +156,18 @@ def test_overlay_blends_class_colours_by_hand() -> None:
     np.testing.assert_array_equal(overlay(image, labels, ["a", "b", "c", "d"], alpha=0.7)[:64, :48], expected)
 
 
+def test_overlay_blends_band_by_band_like_the_whole_image() -> None:
+    """An image of several bands (> 2**20 pixels) blends every row as the formula says, with a -1 region kept."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(1100, 1000, 3), dtype=np.uint8)  # 1.1 MP: two bands
+    labels = rng.integers(-1, 3, size=(1100, 1000)).astype(np.int16)  # (H, W), -1: unlabelled
+    result = overlay(image, labels, ["a", "b", "c"], alpha=0.4)
+    colours = palette(3)[labels.clip(0, 2)].astype(np.float32)  # (H, W, 3)
+    expected = np.floor(np.float32(0.6) * image.astype(np.float32) + np.float32(0.4) * colours + 0.5).astype(np.uint8)
+    expected[labels < 0] = image[labels < 0]
+    np.testing.assert_array_equal(result[:1100, :1000], expected)
+
+
 def test_overlay_alpha_extremes() -> None:
     image, labels = _scene()
     names = ["background", "cat", "dog", "bird"]

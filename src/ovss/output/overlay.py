@@ -27,6 +27,7 @@ _LEGEND_MARGIN = 0.5  # empty border around the legend
 _LEGEND_ROW_SPACING = 1.4  # distance between the tops of two legend rows
 _LEGEND_GAP = 0.4  # space between a swatch and its name, and between columns
 _LEGEND_BACKGROUND = (255, 255, 255)  # legend panel colour (RGB)
+_BAND_PIXELS = 1 << 20  # pixels blended at a time (about 30 MB of temporaries)
 _LEGEND_TEXT = (0, 0, 0)  # class-name colour (RGB)
 _SWATCH_OUTLINE = (96, 96, 96)  # 1-pixel frame around each swatch, visible for pale colours (RGB)
 _LEGEND_NAME_WIDTH = 12  # longest name drawn, in line heights; longer ones end in "…"
@@ -253,22 +254,30 @@ def overlay(
     num_classes = len(class_names)
     colors = _voc_color_map(num_classes) if palette is None else _check_palette(palette, num_classes)
     height, width = labels.shape
-    label_ids = labels.astype(np.int64)  # (H, W)
-    valid = (label_ids >= 0) & (label_ids < num_classes)  # (H, W)
-    blended = image.copy()  # (H, W, 3)
-    class_colors = colors[label_ids[valid]].astype(np.float32)  # (n_valid, 3)
-    mixed = (1.0 - alpha) * image[valid].astype(np.float32) + alpha * class_colors  # (n_valid, 3)
-    blended[valid] = np.floor(mixed + 0.5).astype(np.uint8)
-    present = [int(class_id) for class_id in np.unique(label_ids[valid])]  # ascending class order
+    band = max(_BAND_PIXELS // max(width, 1), 1)  # rows per band: no full-size int64 / float32 temporaries
+    seen = np.zeros(num_classes, dtype=bool)  # (K,) classes with at least one pixel
+    for start in range(0, height, band):
+        ids = labels[start : start + band].astype(np.int64)  # (n, W)
+        seen[ids[(ids >= 0) & (ids < num_classes)]] = True
+    present = [int(class_id) for class_id in np.flatnonzero(seen)]  # ascending class order
     if not present:
-        return blended
+        return image.copy()  # (H, W, 3) nothing to blend
     if font_size is None:
         font_size = min(max(round(height / 40), 12), 48)
     legend = _legend_panel(present, class_names, colors, height, width, font_size)
-    canvas = Image.new("RGB", (width + legend.width, max(height, legend.height)), _LEGEND_BACKGROUND)
-    canvas.paste(Image.fromarray(blended), (0, 0))
-    canvas.paste(legend, (width, 0))
-    return np.asarray(canvas, dtype=np.uint8).copy()  # (H', W + legend width, 3)
+    canvas = np.empty((max(height, legend.height), width + legend.width, 3), dtype=np.uint8)  # (H', W + lw, 3)
+    canvas[...] = _LEGEND_BACKGROUND
+    canvas[: legend.height, width:] = np.asarray(legend)
+    for start in range(0, height, band):
+        stop = min(start + band, height)
+        block = canvas[start:stop, :width]  # (n, W, 3) view of the result
+        block[...] = image[start:stop]
+        ids = labels[start:stop].astype(np.int64)  # (n, W)
+        valid = (ids >= 0) & (ids < num_classes)  # (n, W)
+        class_colors = colors[ids[valid]].astype(np.float32)  # (n_valid, 3)
+        mixed = (1.0 - alpha) * block[valid].astype(np.float32) + alpha * class_colors  # (n_valid, 3)
+        block[valid] = np.floor(mixed + 0.5).astype(np.uint8)
+    return canvas  # (H', W + legend width, 3)
 
 
 def save_overlay(
