@@ -3,6 +3,10 @@ interrupted run continues with `--resume` to the same bytes as an uninterrupted 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ovss
 import ovss.output.files
 from ovss.cli.main import main
 from ovss.output.resume import marker_path
@@ -102,6 +107,48 @@ def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(
     assert "1 finished earlier, skipped" in capsys.readouterr().err
     assert _snapshot(resumed) == expected  # outputs, config.json and markers alike
     assert (resumed / "a_overlay.png").stat().st_mtime_ns == first  # the finished image was not rewritten
+
+
+# Runs `ovss segment` in its own process and sends it SIGNAL while the second image's overlay is being saved
+# (its label map already written): SIGINT is Ctrl-C, SIGKILL a killed process that cleans nothing up.
+_SIGNALLED_RUN = """
+import os, signal, sys
+import ovss.output.files as files
+from ovss.cli.main import main
+save_png = files.save_png
+def signalled(path, image):
+    if path.name == "b_overlay.png":
+        os.kill(os.getpid(), int(os.environ["SIGNAL"]))
+    return save_png(path, image)
+files.save_png = signalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_a_signalled_process_resumes_to_the_same_bytes(
+    clip_file, bpe_path, photos, tmp_path, monkeypatch, signal_number
+):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _segment(clip_file, bpe_path, photos, whole) == 0
+    args = ["segment", str(photos), "--labels", "cat, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
+    args += ["--out", str(resumed), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    source = str(Path(ovss.__file__).resolve().parents[1])  # the package under test
+    env = {**os.environ, "SIGNAL": str(int(signal_number)), "PYTHONPATH": source}
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_RUN, *args, "--save-json", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == (130 if signal_number == signal.SIGINT else -signal.SIGKILL), done.stderr
+    assert "Traceback" not in done.stderr
+    assert (resumed / "a_overlay.png").read_bytes() == (whole / "a_overlay.png").read_bytes()
+    assert not marker_path(resumed, "b").exists() and not (resumed / "c.png").exists()
+    # Ctrl-C removes the half-written image's files; a killed process leaves its label map, without a marker
+    assert (resumed / "b.png").exists() == (signal_number == signal.SIGKILL)
+    calls = _count_predictions(monkeypatch)
+    assert _segment(clip_file, bpe_path, photos, resumed, "--resume") == 0
+    assert calls == ["b", "c"]
+    assert _snapshot(resumed) == _snapshot(whole)
 
 
 def test_resume_refuses_outputs_of_another_configuration(clip_file, bpe_path, photos, tmp_path, capsys):
