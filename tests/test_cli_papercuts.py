@@ -135,3 +135,24 @@ def test_libpng_warnings_become_one_ovss_warning_naming_the_image(bpe_path: Path
 def test_opencv_log_lines_are_translated() -> None:
     line = "[ WARN:0@0.012] global loadsave.cpp:241 findDecoder imread_('x.png'): can't open/read file"
     assert translate(line) == "OpenCV: loadsave.cpp:241 findDecoder imread_('x.png'): can't open/read file"
+
+
+class _TerminalStderr(io.TextIOWrapper):
+    """The process's stderr (descriptor 2), claiming to be a terminal, so that progress bars are drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_survive_the_capture_of_library_lines(
+    bpe_path: Path, tmp_path: Path, capfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path / "tiny.pt")
+    photo = _png_with_a_bad_text_chunk(tmp_path / "odd.png")
+    monkeypatch.setattr(sys, "stderr", _TerminalStderr(io.FileIO(2, "w", closefd=False), line_buffering=True))
+    args = ["segment", str(photo), "--labels", "cat, sofa", "--clip", str(clip), "--tokenizer", str(bpe_path)]
+    assert main([*args, "--out", str(tmp_path / "out"), "--short-side", "64", "--crop", "32", "--stride", "16"]) == 0
+    sys.stderr.flush()
+    err = capfd.readouterr().err
+    assert "win/s" in err and "Traceback" not in err  # the window bar was drawn, and closed without an error
+    assert "ovss: warning: odd.png: libpng: tEXt: CRC error" in err and "libpng warning" not in err

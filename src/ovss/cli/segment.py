@@ -356,13 +356,14 @@ def _segment_one(
     progress = WindowProgress(stem, args.progress and not args.quiet and sys.stderr.isatty())
     try:
         with native_stderr_as_warnings(Path(label).name):  # libpng / OpenCV lines become one-line warnings
-            result = segmenter.predict(source, classes, background=background, progress=progress)
+            try:
+                result = segmenter.predict(source, classes, background=background, progress=progress)
+            finally:
+                progress.close()  # inside: the bar writes to the stderr stream that the block provides
     except OvssError as err:
         message = str(err) if Path(label).name in str(err) else f"{label}: {err}"
         tqdm.write(f"ovss: error: {message}", file=sys.stderr)
         return False
-    finally:
-        progress.close()
     digest = source_digest(source)
     try:
         remove_marker(out, stem)  # from here until the new marker, the image counts as unfinished
