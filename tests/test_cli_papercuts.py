@@ -62,7 +62,7 @@ def test_download_offline_says_how_to_get_the_files_not_to_run_itself(monkeypatc
     monkeypatch.setenv("OVSS_OFFLINE", "1")
     assert main(["download", "ViT-B/16"]) == 2
     err = capsys.readouterr().err
-    assert "unset OVSS_OFFLINE" in err and hub.REGISTRY["ViT-B/16"].url in err
+    assert "Unset OVSS_OFFLINE" in err and hub.REGISTRY["ViT-B/16"].url in err
     assert "`ovss download ViT-B/16" not in err and "fills a cache folder" not in err
     assert len(err.splitlines()) == 1
 

@@ -49,8 +49,10 @@ def download(args: argparse.Namespace) -> int:
     if missing and reason is not None:  # `ovss download` must not tell the user to run `ovss download`
         switches = " and ".join(var for var in ("OVSS_OFFLINE", "HF_HUB_OFFLINE") if var in reason) or "it"
         raise OvssError(
-            f"`ovss download` needs network access, but downloads are off ({reason}); unset {switches} for this "
-            f"command, or fetch the file(s) by hand into {folder}: {by_hand}"
+            f"`ovss download` needs network access, but downloads are off ({reason}): "
+            f"{'; '.join(hub.describe_missing(entry, folder) for entry in missing)}. Unset {switches} for this "
+            f"command, fetch the file(s) by hand into {folder} ({by_hand}), or skip the download and supply "
+            f"local files with {hub.local_file_flags(missing)}"
         )
     advice = (
         "Check the network connection (behind a proxy, set HTTPS_PROXY) and run the command again, or fetch "

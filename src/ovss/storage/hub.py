@@ -209,6 +209,16 @@ def check_offline(wanted: list[tuple[str, str]], *, download: bool = True, vocab
         )
 
 
+def describe_missing(entry: WeightsEntry, folder: Path) -> str:
+    """``SAM weights 'sam-vitb' are not cached at <folder>/<file>``: a registered file that is not there."""
+    return f"{_LABELS[entry.kind]} '{entry.name}' {_VERBS[entry.kind]} not cached at {folder / entry.filename}"
+
+
+def local_file_flags(entries: list[WeightsEntry]) -> str:
+    """The flags (or keywords) that supply these files from local paths instead, e.g. ``--clip PATH (or ...)``."""
+    return ", ".join(dict.fromkeys(_SUPPLY[entry.kind] for entry in entries))
+
+
 def describe_file(entry: WeightsEntry) -> str:
     """``file <- URL (SHA-256 ...)``: what to fetch by hand for a registered file."""
     digest = entry.sha256 or "not registered; recorded at first use"
