@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ovss.errors import OvssError
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -40,10 +42,25 @@ def download(args: argparse.Namespace) -> int:
     files: dict[str, hub.WeightsEntry] = {}
     for name in dict.fromkeys(names):
         files.update({e.name: e for e in hub.needed_files(name)})  # unknown names fail here, first
+    folder = Path(args.cache).expanduser() if args.cache else hub.cache_dir()
+    missing = [entry for entry in files.values() if not (folder / entry.filename).is_file()]
+    by_hand = "; ".join(hub.describe_file(entry) for entry in missing)
+    reason = hub.offline_reason(True)
+    if missing and reason is not None:  # `ovss download` must not tell the user to run `ovss download`
+        switches = " and ".join(var for var in ("OVSS_OFFLINE", "HF_HUB_OFFLINE") if var in reason) or "it"
+        raise OvssError(
+            f"`ovss download` needs network access, but downloads are off ({reason}): "
+            f"{'; '.join(hub.describe_missing(entry, folder) for entry in missing)}. Unset {switches} for this "
+            f"command, fetch the file(s) by hand into {folder} ({by_hand}), or skip the download and supply "
+            f"local files with {hub.local_file_flags(missing)}"
+        )
+    advice = (
+        "Check the network connection (behind a proxy, set HTTPS_PROXY) and run the command again, or fetch "
+        f"the file by hand (URL and SHA-256 above) into {folder}."
+    )
     for entry in files.values():
-        path = hub.resolve(entry.name, kind=entry.kind, progress=not args.quiet, cache=args.cache)
+        path = hub.resolve(entry.name, kind=entry.kind, progress=not args.quiet, cache=args.cache, advice=advice)
         digest = entry.sha256 or hub.recorded_digest(path)
         print(f"{entry.name}: {path} (SHA-256 {digest})")
-    folder = Path(args.cache).expanduser() if args.cache else hub.cache_dir()
     print(f"cache: {folder} (offline, point OVSS_CACHE at a copy of it)")
     return 0

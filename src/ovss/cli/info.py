@@ -46,11 +46,14 @@ def list_methods(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
+    """Every registered file: kind, name, whether it is in the cache folder (yes / no), description."""
     from ovss.storage import hub
 
-    print(f"cache: {hub.cache_dir()}")
+    folder = hub.cache_dir()
+    print(f"cache: {folder}")
+    print(f"{'KIND':9s} {'NAME':36s} {'CACHED':6s} DESCRIPTION")
     for name in hub.available_models():
         entry = hub.REGISTRY[name]
-        cached = "cached" if (hub.cache_dir() / entry.filename).exists() else ""
+        cached = "yes" if (folder / entry.filename).is_file() else "no"
         print(f"{entry.kind:9s} {name:36s} {cached:6s} {entry.description}")
     return 0

@@ -57,6 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ovss: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ovss methods | head`: the reader left; stop quietly, as other tools do
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, the status of a tool that the closed pipe ended
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that the flush at exit does not raise BrokenPipeError again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def entry() -> None:

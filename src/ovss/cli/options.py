@@ -174,7 +174,11 @@ def add_weight_flags(
     )
     if act:
         p.add_argument("--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say")
-    p.add_argument("--tokenizer", help="CLIP BPE vocabulary (.txt.gz) or HF tokenizer folder (default: cached)")
+    p.add_argument(
+        "--tokenizer",
+        help="CLIP BPE vocabulary (.txt.gz) or HF tokenizer folder (default: $OVSS_BPE_PATH if set, else the "
+        "cached clip-bpe file, downloaded on first use)",
+    )
     if offline:
         p.add_argument("--offline", action="store_true", help="never download; fail if weights are not cached")
 

@@ -1,10 +1,14 @@
 """``ovss segment``: label every pixel of an image, a folder of images, or a bundled example photo.
 
 Order of work, so that a mistake costs one line and no file: parse the labels, collect the inputs, plan
-every output path (refusing to replace an input image, or an earlier run's file without ``--overwrite``),
-build the segmenter and encode the labels once; only then read and segment the images one by one. An
-image that fails is reported and skipped; the output folder and ``config.json`` appear only once an image
-was segmented.
+every output path (refusing to replace an input image, or an earlier run's file without ``--resume`` or
+``--overwrite``), check that the output folder can be written, build the segmenter (which checks that the
+models fit together) and encode the labels once; only then read and segment the images one by one. An
+image that cannot be read is reported and skipped; a failed write stops the run (it would fail for every
+later image). The output folder and ``config.json`` appear only once an image was segmented.
+
+Each finished image gets a marker (:mod:`ovss.output.resume`) after all its files; ``--resume`` skips the
+images whose marker matches this run's configuration and redoes the others.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +60,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out: skip the images finished with the same configuration, "
+        "redo the others",
+    )
     p.add_argument(
         "--save-logits",
         "--save_logits",
@@ -130,16 +141,21 @@ def example_image(name: str) -> np.ndarray:
     return image[..., :3]
 
 
-def plan_outputs(out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]], args: Any) -> list[Path]:
-    """Every file the run may write; refuses (OvssError) to replace an input, or an earlier output without
-    ``--overwrite``, and two inputs writing the same file."""
+def plan_outputs(
+    out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]], args: Any
+) -> dict[str, list[Path]]:
+    """Every file the run may write, per input stem; refuses (OvssError) to replace an input, an earlier
+    output without ``--resume`` or ``--overwrite``, and two inputs writing the same file."""
     from ovss.output.files import output_paths
+    from ovss.output.resume import marker_path
 
     if out.exists() and not out.is_dir():
         raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
-    planned = [out / "config.json"]
-    for stem, _ in jobs:
-        planned += output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
+    per_image = {
+        stem: output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
+        for stem, _ in jobs
+    }
+    planned = [out / "config.json", *(path for paths in per_image.values() for path in paths)]
     resolved = [path.resolve() for path in planned]
     if len(set(resolved)) != len(resolved):
         clash = next(path for path in planned if resolved.count(path.resolve()) > 1)
@@ -150,13 +166,35 @@ def plan_outputs(out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]
             raise OvssError(
                 f"writing '{path}' would replace the input image '{inputs[full]}'; choose another --out folder"
             )
-    existing = [path for path in planned if path.exists()]
-    if existing and not args.overwrite:
+    existing = [path for path in [*planned, *(marker_path(out, stem) for stem in per_image)] if path.exists()]
+    if existing and not (args.overwrite or args.resume):
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise OvssError(
-            f"'{existing[0]}'{more} exists from an earlier run; pass --overwrite to replace it or choose another --out"
+            f"'{existing[0]}'{more} exists from an earlier run; pass --resume to continue that run (finished "
+            "images are kept), --overwrite to replace it, or choose another --out"
         )
-    return planned
+    return per_image
+
+
+def check_writable(out: Path) -> None:
+    """Raise OvssError unless ``out`` is (or can be created as) a folder this process can write into.
+
+    Probes the folder (or its nearest existing parent) with a temporary file that is removed at once:
+    nothing is left behind, and an unwritable ``--out`` is one line before any model is loaded.
+    """
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OvssError(f"--out '{out}' cannot be created: '{existing}' is a file; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        what = "write into" if existing == out.absolute() else f"create --out '{out}' in"
+        raise OvssError(
+            f"cannot {what} '{existing}': {err.strerror or err}; choose a writable --out folder"
+        ) from err
 
 
 class WindowProgress:
@@ -214,6 +252,8 @@ def _run(args: argparse.Namespace) -> int:
         raise OvssError("nothing to segment: give image files/folders or --example NAME")
     if not 0.0 <= args.alpha <= 1.0:
         raise OvssError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.resume and args.overwrite:
+        raise OvssError("--resume keeps the finished images, --overwrite redoes them all; pass only one of them")
     classes = parse_labels(args.labels) if args.labels is not None else read_labels_file(args.labels_file)
     background = background_class(classes, args.background)
     jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
@@ -224,54 +264,131 @@ def _run(args: argparse.Namespace) -> int:
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
     out = Path(args.out)
-    plan_outputs(out, jobs, classes, args)
+    per_image = plan_outputs(out, jobs, classes, args)
+    check_writable(out)
     own_process = one_shot_process()
     if own_process:  # importing torch and building the model leave no cycles: skip 0.14 s of full GC passes
         gc.disable()
     try:
-        segmenter = ovss.load(args.method, **load_kwargs(args))
+        segmenter = ovss.load(args.method, **load_kwargs(args))  # models that do not fit together end here
     finally:
         if own_process:
             gc.freeze()  # what is loaded lives to the end of the process: later collections need not walk it
             gc.enable()
     names = [name for synonyms in classes for name in synonyms]
     segmenter.encode_names(names)  # once, before any image: vocabulary and label errors end the run here
+    record = {**segmenter.config, "classes": classes, "background": background}
+    key = run_key(record, args)
+    finished = finished_images(out, jobs, per_image, key) if args.resume else set()
     show_progress = args.progress and not args.quiet and sys.stderr.isatty()
     from tqdm import tqdm
 
     bar = tqdm(jobs, desc="segment", unit="img", disable=not show_progress or len(jobs) < 2, file=sys.stderr)
     done: list[str] = []
-    for stem, source in bar:
-        label = str(source) if isinstance(source, Path) else stem
-        progress = WindowProgress(stem, show_progress)
-        try:
-            result = segmenter.predict(source, classes, background=background, progress=progress)
-        except OvssError as err:
-            message = str(err) if Path(label).name in str(err) else f"{label}: {err}"
-            tqdm.write(f"ovss: error: {message}", file=sys.stderr)
-            continue
-        finally:
-            progress.close()
-        try:
-            result.save(
-                out,
-                stem,
-                logits=args.save_logits,
-                masks=args.save_masks,
-                json=args.save_json,
-                alpha=args.alpha,
-                overwrite=args.overwrite,
-                logits_dtype=args.logits_dtype,
-            )
-        except (OSError, OvssError) as err:
-            tqdm.write(f"ovss: error: cannot write outputs for {stem!r} to {out}: {err}", file=sys.stderr)
-            continue
-        done.append(stem)
-    if done:
-        from ovss.storage.files import save_text
-
-        record = {**segmenter.config, "classes": classes, "background": background, "inputs": done}
-        save_text(out / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+    try:
+        for stem, source in bar:
+            if stem in finished:
+                done.append(stem)
+                continue
+            if _segment_one(segmenter, stem, source, out, per_image[stem], key, classes, background, args):
+                done.append(stem)
+                save_config(out, record, done)
+    except KeyboardInterrupt:
+        redone = len(done) - len(finished)
+        print(
+            f"ovss: interrupted after {redone} new image(s), {len(done)} of {len(jobs)} finished in {out}; the "
+            "same command with --resume continues",
+            file=sys.stderr,
+        )
+        return 130
     if not args.quiet:
-        print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}", file=sys.stderr)
+        skipped = f" ({len(finished)} finished earlier, skipped)" if finished else ""
+        print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}{skipped}", file=sys.stderr)
     return 0 if len(done) == len(jobs) else 1
+
+
+def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
+    """The key of everything that decides the output bytes: the configuration record and the file options."""
+    from ovss.output import resume
+
+    options = {"logits": args.save_logits, "logits_dtype": args.logits_dtype, "masks": args.save_masks,
+               "json": args.save_json, "alpha": args.alpha}  # fmt: skip
+    return resume.run_key({**record, "outputs": options})
+
+
+def finished_images(out: Path, jobs: list[tuple[str, Any]], per_image: dict[str, list[Path]], key: str) -> set[str]:
+    """The stems whose outputs in ``out`` are complete and from this configuration (``--resume``).
+
+    Raises:
+        OvssError: an image there was made with another configuration (resuming would mix the two).
+    """
+    from ovss.output.resume import image_state, source_digest
+
+    finished: set[str] = set()
+    for stem, source in jobs:
+        state = image_state(out, stem, key, source_digest(source), per_image[stem])
+        if state == "other-config":
+            raise OvssError(
+                f"--resume: the outputs of '{stem}' in {out} were made with another configuration (method, "
+                "weights, labels or output flags differ); rerun with the same flags, pass --overwrite to redo "
+                "every image, or choose another --out"
+            )
+        if state == "finished":
+            finished.add(stem)
+    return finished
+
+
+def _segment_one(
+    segmenter: Any, stem: str, source: Any, out: Path, paths: list[Path], key: str, classes: list[list[str]],
+    background: int | None, args: argparse.Namespace,
+) -> bool:  # fmt: skip
+    """Segment and save one image, then mark it finished; False (reported) when the image cannot be read.
+
+    Raises:
+        OvssError: the outputs cannot be written (it would hold for every later image: the run stops).
+    """
+    from tqdm import tqdm
+
+    from ovss.cli.native_stderr import native_stderr_as_warnings
+    from ovss.output.resume import remove_marker, source_digest, write_marker
+
+    label = str(source) if isinstance(source, Path) else stem
+    progress = WindowProgress(stem, args.progress and not args.quiet and sys.stderr.isatty())
+    try:
+        with native_stderr_as_warnings(Path(label).name):  # libpng / OpenCV lines become one-line warnings
+            try:
+                result = segmenter.predict(source, classes, background=background, progress=progress)
+            finally:
+                progress.close()  # inside: the bar writes to the stderr stream that the block provides
+    except OvssError as err:
+        message = str(err) if Path(label).name in str(err) else f"{label}: {err}"
+        tqdm.write(f"ovss: error: {message}", file=sys.stderr)
+        return False
+    digest = source_digest(source)
+    try:
+        remove_marker(out, stem)  # from here until the new marker, the image counts as unfinished
+        written = result.save(
+            out,
+            stem,
+            logits=args.save_logits,
+            masks=args.save_masks,
+            json=args.save_json,
+            alpha=args.alpha,
+            overwrite=args.overwrite or args.resume,
+            logits_dtype=args.logits_dtype,
+        )
+        write_marker(out, stem, key, digest, written)
+    except (OSError, OvssError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise OvssError(
+            f"cannot write the outputs of {stem!r} to {out}: {reason}; stopped (the same command with --resume "
+            "continues once that is fixed)"
+        ) from err
+    return True
+
+
+def save_config(out: Path, record: dict[str, Any], done: list[str]) -> None:
+    """``config.json``: the resolved configuration and the finished images (rewritten after each image)."""
+    from ovss.storage.files import save_text
+
+    save_text(out / "config.json", json.dumps({**record, "inputs": done}, indent=2, default=str) + "\n")

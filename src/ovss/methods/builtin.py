@@ -143,6 +143,7 @@ for _spec in (
         weights=(_DINO_B8,),
         description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
         score=LazyRun("ovss.methods.cass.text:cass_scores"),
+        check=LazyRun("ovss.methods.cass.method:check_cass"),
     ),
 ):
     register(_spec)

@@ -84,6 +84,7 @@ def resolve(
     download: bool = True,
     progress: bool = True,
     cache: str | os.PathLike[str] | None = None,
+    advice: str | None = None,
 ) -> Path:
     """The local file for a registered name or a path, downloading a registered file if it is not cached.
 
@@ -95,6 +96,8 @@ def resolve(
             ``HF_HUB_OFFLINE=1`` in the environment forbid it too.
         progress: show a tqdm progress bar on stderr while downloading.
         cache: the cache folder to use instead of :func:`cache_dir`.
+        advice: what the error of a failed download tells the user to do instead of the default (fetch the
+            file elsewhere with ``ovss download``), e.g. for ``ovss download`` itself.
 
     Returns:
         Path of the file: ``cache_dir() / entry.filename`` for a registered name.
@@ -127,7 +130,7 @@ def resolve(
     if target.is_file():
         _check_cached(entry, target)
         return target
-    reason = _offline_reason(download)
+    reason = offline_reason(download)
     if reason is None:
         try:
             _download(entry, target, progress)
@@ -137,12 +140,15 @@ def resolve(
     missing = [e for e in needed_files(entry.name) if e is entry or not (folder / e.filename).is_file()]
     files = "; ".join(describe_file(e) for e in missing)
     them = "them" if len(missing) > 1 else "it"
+    if advice is None:
+        advice = (
+            f"Fetch {them} elsewhere (`ovss download {entry.name}` fills a cache folder) and copy {them} to "
+            f"{target.parent}, supply a local file with {_SUPPLY[kind]}, or set OVSS_CACHE to a folder that "
+            f"holds {them}."
+        )
     raise OvssError(
         f"{_LABELS[kind]} '{entry.name}' {_VERBS[kind]} not cached at {target} "
-        f"and could not be downloaded ({reason}). Needed: {files}. "
-        f"Fetch {them} elsewhere (`ovss download {entry.name}` fills a cache folder) and copy {them} to "
-        f"{target.parent}, supply a local file with {_SUPPLY[kind]}, or set OVSS_CACHE to a folder that "
-        f"holds {them}."
+        f"and could not be downloaded ({reason}). Needed: {files}. {advice}"
     )
 
 
@@ -177,7 +183,7 @@ def check_offline(wanted: list[tuple[str, str]], *, download: bool = True, vocab
     Raises:
         OvssError: one line listing every missing file with its URL and SHA-256, and how to supply them.
     """
-    reason = _offline_reason(download)
+    reason = offline_reason(download)
     if reason is None:
         return
     folder = cache_dir()
@@ -203,6 +209,16 @@ def check_offline(wanted: list[tuple[str, str]], *, download: bool = True, vocab
         )
 
 
+def describe_missing(entry: WeightsEntry, folder: Path) -> str:
+    """``SAM weights 'sam-vitb' are not cached at <folder>/<file>``: a registered file that is not there."""
+    return f"{_LABELS[entry.kind]} '{entry.name}' {_VERBS[entry.kind]} not cached at {folder / entry.filename}"
+
+
+def local_file_flags(entries: list[WeightsEntry]) -> str:
+    """The flags (or keywords) that supply these files from local paths instead, e.g. ``--clip PATH (or ...)``."""
+    return ", ".join(dict.fromkeys(_SUPPLY[entry.kind] for entry in entries))
+
+
 def describe_file(entry: WeightsEntry) -> str:
     """``file <- URL (SHA-256 ...)``: what to fetch by hand for a registered file."""
     digest = entry.sha256 or "not registered; recorded at first use"
@@ -214,7 +230,7 @@ def _check_kind(kind: str) -> None:
         raise OvssError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
-def _offline_reason(download: bool) -> str | None:
+def offline_reason(download: bool) -> str | None:
     """Why no download may happen, or None when it may."""
     if not download:
         return "downloads disabled (download=False)"
@@ -269,9 +285,41 @@ def _check_cached(entry: WeightsEntry, target: Path) -> None:
         )
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first (what a mkdir would create)."""
+    missing: list[Path] = []
+    current = folder.absolute()
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty; the others, and any error, are left alone."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process wrote there), or gone: stop, its parents are not empty either
+            return
+
+
 def _download(entry: WeightsEntry, target: Path, progress: bool) -> None:
-    """Stream ``entry.url`` into a temp file beside ``target``, verify it, then rename atomically."""
+    """Stream ``entry.url`` into a temp file beside ``target``, verify it, then rename atomically.
+
+    A failed download leaves nothing behind: neither the partial file nor the folders it created.
+    """
+    created = missing_folders(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _fetch(entry, target, progress)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+
+
+def _fetch(entry: WeightsEntry, target: Path, progress: bool) -> None:
+    """The body of :func:`_download`, into an existing folder."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
     try:

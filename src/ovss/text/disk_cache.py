@@ -145,10 +145,17 @@ class TextEmbeddingShard:
             "names": json.dumps(names, ensure_ascii=False),
             "truncated": json.dumps([name for name in names if merged[name][1]], ensure_ascii=False),
         }
+        from ovss.storage.hub import missing_folders, remove_empty_folders
+
+        created = missing_folders(self.path.parent)  # a failed write leaves no empty <cache>/text/ behind
         try:
             TEXT_CACHE.write(self.path, {_TENSOR: rows}, metadata)
         except (OSError, SafetensorError) as error:  # e.g. a full disk: the old file is untouched
+            remove_empty_folders(created)
             raise OvssError(f"cannot write '{self.path}': {getattr(error, 'strerror', None) or error}") from error
+        except BaseException:
+            remove_empty_folders(created)
+            raise
 
     def _read_quietly(self) -> dict[str, Entry]:
         try:

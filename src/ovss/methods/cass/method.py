@@ -18,7 +18,7 @@ from ovss.errors import OvssError
 from ovss.methods.cass.graph import minmax_map, spectral_fusion
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch, attend, tokens_before_last_block
 from ovss.methods.naclip import gaussian_prior
-from ovss.methods.options import CASSOptions
+from ovss.methods.options import CASSOptions, ComposedOptions
 from ovss.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNorm
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import imagenet_from_clip
@@ -130,6 +130,16 @@ def check_vfm(clip: VisionTransformer, vfm: VisionTransformer | None, method: st
             f"{b.heads} of {b.head_dim}; use DINO ViT-B/8 with CLIP ViT-B/16"
         )
     return vfm
+
+
+def check_cass(backbones: Backbones, pipeline: object, options: object, name: str) -> None:
+    """Errors that hold for every image, raised when the segmenter is built: the VFM's heads (``check_vfm``).
+
+    cass+gla with ``cross_window_keys='naclip'`` reads no DINO tokens and is not checked.
+    """
+    if isinstance(options, ComposedOptions) and options.base.cross_window_keys == "naclip":
+        return
+    check_vfm(backbones.clip, backbones.vfm, name)
 
 
 def run_cass(backbones: Backbones, batch: WindowBatch, opts: CASSOptions) -> MethodOutput:

@@ -1,0 +1,217 @@
+"""`ovss segment` errors that hold for every image end the run before any image (issue 21, item 6), and an
+interrupted run continues with `--resume` to the same bytes as an uninterrupted one (item 7)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ovss
+import ovss.output.files
+from ovss.cli.main import main
+from ovss.output.resume import marker_path
+from ovss.predictor import Segmenter
+from test_dino import dino_state_dict
+from tiny import save_openai_jit, tiny_clip_state_dict
+
+STEMS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for seed, stem in enumerate(STEMS):
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{stem}.png")
+    return folder
+
+
+def _segment(clip_file: Path, bpe_path: Path, photos: Path, out: Path, *extra: str) -> int:
+    args = ["segment", str(photos), "--labels", "cat, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
+    args += ["--out", str(out), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    return main([*args, "--save-json", "--no-progress", *extra])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _count_predictions(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[str]:
+    """Record the image of every Segmenter.predict call; with ``fail_at``, Ctrl-C in that call's save."""
+    calls: list[str] = []
+    predict, save_png = Segmenter.predict, ovss.output.files.save_png
+
+    def counting(self: Segmenter, image: object, *args: object, **kwargs: object) -> object:
+        calls.append(Path(str(image)).stem)
+        return predict(self, image, *args, **kwargs)
+
+    def interrupted(path: Path, image: object) -> Path:
+        if fail_at is not None and len(calls) == fail_at and path.name.endswith("_overlay.png"):
+            raise KeyboardInterrupt  # mid-way through the image: its label map is already written
+        return save_png(path, image)
+
+    monkeypatch.setattr(Segmenter, "predict", counting)
+    monkeypatch.setattr(ovss.output.files, "save_png", interrupted)
+    return calls
+
+
+def _one_error_line(err: str, *texts: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("ovss: error:")]
+    assert len(errors) == 1 and all(text in errors[0] for text in texts), err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ item 7: resume
+
+
+def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(
+    clip_file, bpe_path, photos, tmp_path, capsys, monkeypatch
+):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _segment(clip_file, bpe_path, photos, whole) == 0
+    expected = _snapshot(whole)
+    assert {f"{stem}.png" for stem in STEMS} <= set(expected)
+
+    with monkeypatch.context() as patch:  # Ctrl-C while the second image's files are written
+        calls = _count_predictions(patch, fail_at=2)
+        assert _segment(clip_file, bpe_path, photos, resumed) == 130
+    assert calls == ["a", "b"]
+    assert "--resume" in capsys.readouterr().err
+    assert not (resumed / "b.png").exists()  # the half-written image left no file that looks finished
+    assert (resumed / "a.png").read_bytes() == expected["a.png"] and marker_path(resumed, "a").is_file()
+    (resumed / "c.png").write_bytes(b"half a file")  # what a killed process could leave: no marker, so redone
+    first = (resumed / "a_overlay.png").stat().st_mtime_ns
+
+    before = _snapshot(resumed)
+    assert _segment(clip_file, bpe_path, photos, resumed) == 2  # neither flag: refused, nothing touched
+    _one_error_line(capsys.readouterr().err, "--resume", "--overwrite")
+    assert _snapshot(resumed) == before
+
+    with monkeypatch.context() as patch:
+        calls = _count_predictions(patch)
+        assert _segment(clip_file, bpe_path, photos, resumed, "--resume") == 0
+    assert calls == ["b", "c"]  # only the unfinished images are recomputed
+    assert "1 finished earlier, skipped" in capsys.readouterr().err
+    assert _snapshot(resumed) == expected  # outputs, config.json and markers alike
+    assert (resumed / "a_overlay.png").stat().st_mtime_ns == first  # the finished image was not rewritten
+
+
+# Runs `ovss segment` in its own process and sends it SIGNAL while the second image's overlay is being saved
+# (its label map already written): SIGINT is Ctrl-C, SIGKILL a killed process that cleans nothing up.
+_SIGNALLED_RUN = """
+import os, signal, sys
+import ovss.output.files as files
+from ovss.cli.main import main
+save_png = files.save_png
+def signalled(path, image):
+    if path.name == "b_overlay.png":
+        os.kill(os.getpid(), int(os.environ["SIGNAL"]))
+    return save_png(path, image)
+files.save_png = signalled
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
+def test_a_signalled_process_resumes_to_the_same_bytes(
+    clip_file, bpe_path, photos, tmp_path, monkeypatch, signal_number
+):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _segment(clip_file, bpe_path, photos, whole) == 0
+    args = ["segment", str(photos), "--labels", "cat, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
+    args += ["--out", str(resumed), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    source = str(Path(ovss.__file__).resolve().parents[1])  # the package under test
+    env = {**os.environ, "SIGNAL": str(int(signal_number)), "PYTHONPATH": source}
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_RUN, *args, "--save-json", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == (130 if signal_number == signal.SIGINT else -signal.SIGKILL), done.stderr
+    assert "Traceback" not in done.stderr
+    assert (resumed / "a_overlay.png").read_bytes() == (whole / "a_overlay.png").read_bytes()
+    assert not marker_path(resumed, "b").exists() and not (resumed / "c.png").exists()
+    # Ctrl-C removes the half-written image's files; a killed process leaves its label map, without a marker
+    assert (resumed / "b.png").exists() == (signal_number == signal.SIGKILL)
+    calls = _count_predictions(monkeypatch)
+    assert _segment(clip_file, bpe_path, photos, resumed, "--resume") == 0
+    assert calls == ["b", "c"]
+    assert _snapshot(resumed) == _snapshot(whole)
+
+
+def test_resume_refuses_outputs_of_another_configuration(clip_file, bpe_path, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _segment(clip_file, bpe_path, photos, out) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _segment(clip_file, bpe_path, photos, out, "--resume", "--alpha", "0.3") == 2
+    _one_error_line(capsys.readouterr().err, "another configuration", "--overwrite")
+    assert _snapshot(out) == before
+
+
+def test_resume_redoes_an_image_whose_input_changed(clip_file, bpe_path, photos, tmp_path, monkeypatch):
+    inputs, out = tmp_path / "inputs", tmp_path / "out"
+    inputs.mkdir()
+    for stem in STEMS[:2]:
+        (inputs / f"{stem}.png").write_bytes((photos / f"{stem}.png").read_bytes())
+    assert _segment(clip_file, bpe_path, inputs, out) == 0
+    (inputs / "b.png").write_bytes((photos / "c.png").read_bytes())
+    calls = _count_predictions(monkeypatch)
+    assert _segment(clip_file, bpe_path, inputs, out, "--resume") == 0
+    assert calls == ["b"]
+
+
+def test_resume_and_overwrite_exclude_each_other(clip_file, bpe_path, photos, tmp_path, capsys):
+    assert _segment(clip_file, bpe_path, photos, tmp_path / "out", "--resume", "--overwrite") == 2
+    _one_error_line(capsys.readouterr().err, "--resume", "--overwrite")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- item 6: global errors, up front
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_an_unwritable_out_is_one_line_before_any_image(
+    clip_file, bpe_path, photos, tmp_path, capsys, monkeypatch, where
+):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "out" if where == "under a file" else Path("/proc/ovss-out")
+    calls = _count_predictions(monkeypatch)
+    assert _segment(clip_file, bpe_path, photos, out) == 2
+    _one_error_line(capsys.readouterr().err, "--out")
+    assert calls == [] and not out.exists()
+
+
+def test_a_write_failure_stops_the_run_at_the_first_image(clip_file, bpe_path, photos, tmp_path, capsys, monkeypatch):
+    def full_disk(path: Path, image: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    calls = _count_predictions(monkeypatch)
+    monkeypatch.setattr(ovss.output.files, "save_png", full_disk)
+    assert _segment(clip_file, bpe_path, photos, tmp_path / "out") == 2
+    _one_error_line(capsys.readouterr().err, "No space left on device", "--resume")
+    assert calls == ["a"]
+
+
+def test_a_vfm_whose_heads_do_not_match_is_one_line_before_any_image(
+    clip_file, bpe_path, photos, tmp_path, capsys, monkeypatch
+):
+    vfm = tmp_path / "dino-3-heads.pth"
+    torch.save(dino_state_dict(seed=2, grid=28, width=192), vfm)  # 3 heads of 64; the tiny CLIP has 2
+    calls = _count_predictions(monkeypatch)
+    out = tmp_path / "out"
+    assert _segment(clip_file, bpe_path, photos, out, "--method", "cass", "--vfm", str(vfm)) == 2
+    _one_error_line(capsys.readouterr().err, "CLIP has 2 heads of 64, the VFM 3 of 64")
+    assert calls == [] and not out.exists()
