@@ -349,17 +349,15 @@ def _segment_one(
     """
     from tqdm import tqdm
 
-    from ovss.cli.native_stderr import native_stderr_as_warnings
     from ovss.output.resume import remove_marker, source_digest, write_marker
 
     label = str(source) if isinstance(source, Path) else stem
     progress = WindowProgress(stem, args.progress and not args.quiet and sys.stderr.isatty())
     try:
-        with native_stderr_as_warnings(Path(label).name):  # libpng / OpenCV lines become one-line warnings
-            try:
-                result = segmenter.predict(source, classes, background=background, progress=progress)
-            finally:
-                progress.close()  # inside: the bar writes to the stderr stream that the block provides
+        try:  # libpng / OpenCV lines become one ovss warning where the image is read (pipeline/image.py)
+            result = segmenter.predict(source, classes, background=background, progress=progress)
+        finally:
+            progress.close()
     except OvssError as err:
         message = str(err) if Path(label).name in str(err) else f"{label}: {err}"
         tqdm.write(f"ovss: error: {message}", file=sys.stderr)
