@@ -173,6 +173,25 @@ def test_legend_and_timings(session, photos):
     assert table.count("cached (fast path)") == 2 and "Image encodings since start: 2." in table
 
 
+def test_progress_covers_windows_and_label_rows_and_the_table_the_whole_click(session, photos):
+    import time
+
+    reports: list[tuple[float, str]] = []
+    start = time.perf_counter()
+    results = session.run(photos[1], "sky, road", METHODS, progress=lambda f, text: reports.append((f, text)))
+    wall = time.perf_counter() - start
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # never goes back, ends full
+    for method in METHODS:  # each method's share: its windows, then its label rows, then its overlay
+        assert any(text.startswith(f"{method}: encoding window") for _, text in reports)
+        assert any(text.startswith(f"{method}: labelling row") for _, text in reports)
+        assert any(text == f"{method}: drawing the overlay" for _, text in reports)
+    accounted = results[0].read_seconds + sum(r.encode_seconds + r.predict_seconds + r.overlay_seconds for r in results)
+    assert 0 < accounted <= wall  # the table's parts are disjoint pieces of the click
+    table = timing_markdown(results, session.set_image_calls)
+    assert "| overlay |" in table and "Reading the image:" in table
+
+
 def test_downloads_are_the_prediction_files(session, photos, tmp_path):
     results = session.run(photos[0], "sky, road", METHODS)
     paths = save_downloads(results, tmp_path)

@@ -189,6 +189,8 @@ class MethodResult:
     cached: bool  # True: the image's features were reused (the fast path)
     windows: int  # number of sliding windows of this image
     config: dict[str, Any] = field(repr=False)  # the resolved configuration
+    overlay_seconds: float = 0.0  # drawing the overlay with its legend (and the window grid)
+    read_seconds: float = 0.0  # decoding the upload and hashing its pixels, once per click (same for every method)
 
 
 class DemoSession:
@@ -254,7 +256,9 @@ class DemoSession:
 
         chosen = check_methods(methods)
         classes = parse_label_box(labels)
+        started = time.perf_counter()
         rgb = read_rgb(image)
+        read_seconds = time.perf_counter() - started
         if not 0.0 <= alpha <= 1.0:
             raise OvssError(f"overlay opacity must be in [0, 1], got {alpha}")
         background = background_class(classes)
@@ -267,7 +271,9 @@ class DemoSession:
             start = time.perf_counter()
             text = self.pool.text_embeddings(method, names)  # (Q, E), encoded once for all methods, then cached
             texts[method] = text, time.perf_counter() - start
+        started = time.perf_counter()
         key = image_key(rgb)
+        read_seconds += time.perf_counter() - started  # decoding and hashing: once per click
         kept = self._features.pop(key, {})
         self._features[key] = kept  # most recently used last
         while len(self._features) > self.max_images:
@@ -285,12 +291,20 @@ class DemoSession:
                 kept[method] = seg.image_state()
             encoded = time.perf_counter()
             text, text_seconds = texts[method]
-            prediction = seg.predict(labels=classes, text_embeddings=text, background=background)
+            prediction = seg.predict(
+                labels=classes,
+                text_embeddings=text,
+                background=background,
+                rows_progress=_rows_progress(progress, method, index, len(chosen)),
+            )
             finished = time.perf_counter()
+            if progress is not None:
+                progress((index + 1) / len(chosen), f"{method}: drawing the overlay")
             picture = prediction.overlay(alpha)  # (H0', W0 + legend, 3)
             windows, size = seg.current_windows()
             if show_windows:
                 picture = draw_windows(picture, windows, size, rgb.shape[:2])
+            drawn = time.perf_counter()
             results.append(
                 MethodResult(
                     method,
@@ -301,18 +315,32 @@ class DemoSession:
                     cached,
                     len(windows),
                     self.pool.config(method),
+                    drawn - finished,
+                    read_seconds,
                 )
             )
         return results
 
 
 def _window_progress(progress: Progress | None, method: str, index: int, count: int) -> Any:
-    """``set_image``'s ``progress(done, total)`` as a fraction of the whole click."""
+    """``set_image``'s ``progress(done, total)`` as a fraction of the whole click: the first half of the method's
+    share (the second is its full-resolution labels, :func:`_rows_progress`)."""
     if progress is None:
         return None
 
     def report(done: int, total: int) -> None:
-        progress((index + done / max(total, 1)) / count, f"{method}: encoding window {done} of {total}")
+        progress((index + 0.5 * done / max(total, 1)) / count, f"{method}: encoding window {done} of {total}")
+
+    return report
+
+
+def _rows_progress(progress: Progress | None, method: str, index: int, count: int) -> Any:
+    """``predict``'s ``rows_progress(done, H0)`` as the second half of the method's share of the click."""
+    if progress is None:
+        return None
+
+    def report(done: int, total: int) -> None:
+        progress((index + 0.5 + 0.5 * done / max(total, 1)) / count, f"{method}: labelling row {done} of {total}")
 
     return report
 
