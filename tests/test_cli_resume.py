@@ -167,10 +167,15 @@ def test_resume_redoes_an_image_whose_input_changed(clip_file, bpe_path, photos,
     for stem in STEMS[:2]:
         (inputs / f"{stem}.png").write_bytes((photos / f"{stem}.png").read_bytes())
     assert _segment(clip_file, bpe_path, inputs, out) == 0
+    config = (out / "config.json").read_bytes()
     (inputs / "b.png").write_bytes((photos / "c.png").read_bytes())
     calls = _count_predictions(monkeypatch)
     assert _segment(clip_file, bpe_path, inputs, out, "--resume") == 0
     assert calls == ["b"]
+    (inputs / "a.png").write_bytes((photos / "c.png").read_bytes())  # the first image now: later ones skipped
+    assert _segment(clip_file, bpe_path, inputs, out, "--resume") == 0
+    assert calls == ["b", "a"]
+    assert (out / "config.json").read_bytes() == config  # every image listed, as after an uninterrupted run
 
 
 def test_resume_and_overwrite_exclude_each_other(clip_file, bpe_path, photos, tmp_path, capsys):

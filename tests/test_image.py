@@ -431,3 +431,33 @@ def test_other_stderr_output_during_a_decode_is_passed_through(
         warnings.simplefilter("error")
         read_image(path)
     assert capfd.readouterr().err == "some other library: hello\n"
+
+
+def test_concurrent_reads_give_descriptor_2_back(tmp_path, monkeypatch) -> None:
+    """Two threads decoding at once: each capture saves and restores the real stderr, never the other's file."""
+    import os
+    import threading
+    import time
+
+    import cv2
+
+    import ovss.pipeline.image as image_module
+
+    path = tmp_path / "photo.png"
+    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    decode = cv2.imdecode
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.3)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(image_module.cv2, "imdecode", slow_decode)
+    before = os.fstat(2)
+    threads = [threading.Thread(target=image_module.read_image, args=(path,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)  # the second starts while the first holds descriptor 2
+    for thread in threads:
+        thread.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

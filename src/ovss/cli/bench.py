@@ -93,10 +93,9 @@ def _weights(args: argparse.Namespace, folder: Path, methods: list[str]) -> dict
     given = {"clip": args.clip, "vfm": args.vfm, "sam": args.sam}
     names = needed_weights(methods, given)
     cached = all((hub.cache_dir() / hub.REGISTRY[n].filename).is_file() for n in names if n in hub.REGISTRY)
-    if args.clip:
-        return {**given, "files": {}, "kind": f"given ({args.clip})"}
-    if cached and not (args.random or args.quick):
-        return {**given, "files": {}, "kind": f"real (cached {', '.join(names)})"}
+    if not (args.random or args.quick) and (args.clip or cached):  # real weights: given, else the cached ones
+        kind = f"given ({args.clip})" if args.clip else f"real (cached {', '.join(names)})"
+        return {**given, "files": {}, "kind": kind}
     files = write_random_weights(folder, quick=args.quick, names=names)
     if args.quick:
         return {**given, "files": files, "kind": "random tiny (--quick)"}
@@ -107,6 +106,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from ovss.cli.bench_harness import SMOKE_ENV, MeasurementError, flop_bound_seconds, measure, measure_many
 
     methods, precisions, settings, options, out = _check_args(args)
+    user_settings = settings  # what the user set (--quick's defaults yield to it)
     if args.quick:
         settings = {"short_side": 112, "crop": 56, "stride": 28, **settings}
     size = "112x112" if args.quick and args.size == "512x512" else args.size
@@ -134,7 +134,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     job = {**base, "kind": "image", "method": method, "dtype": precision, "image": size}
                     own = {**settings, **options[method]}
                     if args.quick and get_method(method).needs("sam"):  # Trident's windows: multiples of 16 pixels
-                        own = {**own, "crop": 64, "stride": 32}
+                        own = {**own, "crop": 64, "stride": 32, **user_settings, **options[method]}
                     jobs.append({**job, "repeats": args.repeats, "settings": own})
 
             def started(i: int, job: dict[str, Any]) -> None:

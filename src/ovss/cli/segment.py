@@ -285,6 +285,7 @@ def _run(args: argparse.Namespace) -> int:
 
     bar = tqdm(jobs, desc="segment", unit="img", disable=not show_progress or len(jobs) < 2, file=sys.stderr)
     done: list[str] = []
+    saved = 0  # len(done) at the last config.json write
     try:
         for stem, source in bar:
             if stem in finished:
@@ -293,7 +294,10 @@ def _run(args: argparse.Namespace) -> int:
             if _segment_one(segmenter, stem, source, out, per_image[stem], key, classes, background, args):
                 done.append(stem)
                 save_config(out, record, done)
+                saved = len(done)
     except KeyboardInterrupt:
+        if saved != len(done):  # images skipped after the last write (--resume) are finished too
+            save_config(out, record, done)
         redone = len(done) - len(finished)
         print(
             f"ovss: interrupted after {redone} new image(s), {len(done)} of {len(jobs)} finished in {out}; the "
@@ -301,6 +305,8 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if saved != len(done):  # images skipped after the last write (--resume) are finished too
+        save_config(out, record, done)
     if not args.quiet:
         skipped = f" ({len(finished)} finished earlier, skipped)" if finished else ""
         print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}{skipped}", file=sys.stderr)

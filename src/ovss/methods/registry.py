@@ -115,6 +115,8 @@ def register(spec: MethodSpec) -> MethodSpec:
     """Add a method to :data:`METHODS` (names are unique)."""
     if spec.name in METHODS:
         raise ValueError(f"method {spec.name!r} is already registered")
+    if spec.finish is not None and not spec.joint_windows:  # finish sees every window of the image at once
+        raise ValueError(f"method {spec.name!r} has a finish step, which needs joint_windows=True")
     METHODS[spec.name] = spec
     return spec
 

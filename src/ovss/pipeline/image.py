@@ -125,27 +125,28 @@ def _decoder_messages() -> Iterator[list[str]]:
     pointed at a temporary file for the block (one block at a time), then restored.
     """
     messages: list[str] = []
-    try:
-        if sys.stderr is not None:
-            sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable descriptor 2 (e.g. a windowless process): nothing to capture
-        yield messages
-        return
-    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
+    with _STDERR_LOCK:  # one capture at a time, from saving descriptor 2 to restoring it (threads share it)
         try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no usable descriptor 2 (e.g. a windowless process): nothing to capture
             yield messages
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", "replace")
-            for line in text.splitlines():
-                if line.strip().startswith(_DECODER_PREFIXES):
-                    messages.append(line.strip())
-                elif line and sys.stderr is not None:
-                    print(line, file=sys.stderr)  # someone else's output: passed through
+            return
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield messages
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                capture.seek(0)
+                text = capture.read().decode("utf-8", "replace")
+                for line in text.splitlines():
+                    if line.strip().startswith(_DECODER_PREFIXES):
+                        messages.append(line.strip())
+                    elif line and sys.stderr is not None:
+                        print(line, file=sys.stderr)  # someone else's output: passed through
 
 
 def _warn_decoder_messages(path: Path, messages: list[str]) -> None:
