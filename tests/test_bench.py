@@ -108,3 +108,18 @@ def test_each_method_asks_for_its_own_default_weights() -> None:
     assert needed_weights(["clearclip"]) == ["ViT-B/16"]
     assert needed_weights(["proxyclip", "trident", "cass+gla"]) == ["ViT-B/16", "dino-vitb8", "dino-vitb16", "sam-vitb"]
     assert needed_weights(["trident"], {"vfm": "my-dino.pth", "clip": "clip.pt"}) == ["sam-vitb"]
+
+
+def test_quick_stand_ins_give_trident_finite_features(tmp_path: Path, bpe_path: Path) -> None:
+    """The random SAM stand-in is not the module's zero init (zero q/k/v and positions made Trident's affinities
+    0/0): the quick bench times Trident on real numbers."""
+    import numpy as np
+
+    import ovss
+    from ovss.cli.bench_harness import write_random_weights
+
+    files = write_random_weights(tmp_path, quick=True, names=["dino-vitb16", "sam-vitb"])
+    seg = ovss.load("trident", clip=files["ViT-B/16"], vfm=files["dino-vitb16"], sam=files["sam-vitb"],
+                    tokenizer=bpe_path, download=False, short_side=112, crop=64, stride=32)  # fmt: skip
+    seg.set_image(np.random.default_rng(0).integers(0, 256, (93, 141, 3), dtype=np.uint8))
+    assert torch.isfinite(seg.image_state().features).all()

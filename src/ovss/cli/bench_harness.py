@@ -169,8 +169,18 @@ def _write_random_sam(path: Path, quick: bool) -> None:
     else:  # SAM ViT-B: 12 blocks of 768, global blocks 2, 5, 8, 11, 64 x 64 tokens; 256-d decoder
         enc = SamEncoderConfig(16, 768, 12, 12, 64, 14, (2, 5, 8, 11), 3072, 256)
         cfg = SamConfig(enc, 256, 16, 2, 8, 2048, 2, 3, 3, 256)
-    torch.manual_seed(3)
-    sd = SamModel(cfg).state_dict()
+    model = SamModel(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the module's own init leaves zeros (positions, q/k/v): Trident's affinities would be 0/0
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.05 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        for name, buf in model.named_buffers():
+            if "gaussian" in name:
+                buf.copy_(torch.randn(buf.shape, generator=g))
+    sd = model.state_dict()
     torch.save({k.replace(".attn.in_proj_", ".attn.qkv."): v for k, v in sd.items()}, path)  # official names
 
 
