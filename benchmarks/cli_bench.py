@@ -46,7 +46,7 @@ def write_archive(folder: Path, quick: bool) -> Path:
     path = folder / f"ViT-B-16-{'tiny' if quick else 'random'}.pt"
     if path.exists():
         return path
-    from ovss.cli.bench_harness import random_clip_state_dict
+    from ovss.cli.bench_weights import random_clip_state_dict
     from tiny import save_openai_jit
 
     sizes = (128, 12, 128, 1, 64) if quick else (768, 12, 512, 12, 512)

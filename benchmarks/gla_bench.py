@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from common import vocab_path
 
-from ovss.cli.bench_harness import GIB, MeasurementError, write_random_weights
+from ovss.cli.bench_harness import GIB, MeasurementError, quick_settings
 from ovss.cli.bench_harness import measure as measure_job
+from ovss.cli.bench_weights import write_weights_for
 from ovss.cli.options import add_methods_flag
-from ovss.methods.registry import needed_weights
 
 LABELS = 7  # classes of every measurement (random unit text embeddings)
 COMPARED = ("proxyclip", "proxyclip+gla", "cass", "cass+gla")  # the memory and latency modes' methods
@@ -108,7 +108,6 @@ def bench_latency(args: argparse.Namespace) -> list[str]:
 
 def bench_precision(args: argparse.Namespace) -> list[str]:
     import ovss
-    from ovss.methods import get_method
 
     methods = args.methods or ovss.available_methods()
     geometry = {"short_side": 112, "crop": 56, "stride": 28} if args.quick else {}
@@ -119,9 +118,7 @@ def bench_precision(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             res = {}
-            geo = dict(geometry)
-            if get_method(method).needs("sam") and args.quick:
-                geo.update(crop=64, stride=32)  # trident's windows are multiples of 16 pixels
+            geo = quick_settings(method, geometry, {}) if args.quick else geometry
             for dtype in ("fp32", "bf16"):
                 out = str(Path(tmp) / f"{method}-{dtype}.npy")
                 res[dtype] = measure(_job(args, method, dtype=dtype, image="astronaut", settings=geo, labels_out=out))
@@ -137,19 +134,19 @@ def weights(args: argparse.Namespace) -> Iterator[None]:
     if args.weights_dir:
         folder = Path(args.weights_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        args.paths = write_random_weights(folder, args.quick, needed_weights(_measured(args)))
+        args.paths = write_weights_for(folder, args.quick, _measured(args))
         yield
         return
     with tempfile.TemporaryDirectory() as tmp:
-        args.paths = write_random_weights(Path(tmp), args.quick, needed_weights(_measured(args)))
+        args.paths = write_weights_for(Path(tmp), args.quick, _measured(args))
         yield
 
 
 def _measured(args: argparse.Namespace) -> list[str]:
     """The methods a run measures (memory and latency: COMPARED); their weights are written."""
-    from ovss.methods import available_methods
+    import ovss
 
-    methods = (args.methods or available_methods()) if args.mode in ("precision", "all") else []
+    methods = (args.methods or ovss.available_methods()) if args.mode in ("precision", "all") else []
     return [*COMPARED, *methods]
 
 

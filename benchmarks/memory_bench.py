@@ -16,7 +16,7 @@ Target: 2000 x 2000, 171 classes, ClearCLIP, whole-process peak under 1.5 GB.
     python benchmarks/memory_bench.py --cli [--size 9000] [--height 3000] [--max-mb 2000] [--quick]
 
 ``--cli`` (issue 21, "Memory on big photos") measures the whole ``ovss segment`` command instead: random
-full-size ViT-B/16 weights (``ovss.cli.bench_harness.write_random_weights``; ``--quick``: the tiny ones), a
+full-size ViT-B/16 weights (``ovss.cli.bench_weights.write_random_weights``; ``--quick``: the tiny ones), a
 smooth random ``size x height`` photo (a PNG of a few MB per 10 megapixels, like a photo's), 3 classes with
 the imagenet7 templates, run as ``python -m ovss segment`` in a fresh process (2 threads); the peak RSS is
 the child's ``ru_maxrss`` from the OS (``os.wait4``), load, decode, windows, labels and both PNGs included.
@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from common import vocab_path
 
-from ovss.cli.bench_harness import MeasurementError, measure, random_clip_state_dict
+from ovss.cli.bench_harness import MeasurementError, measure
+from ovss.cli.bench_weights import random_clip_state_dict
 from ovss.cli.options import add_method_flag, method_of
 
 
@@ -130,7 +131,7 @@ def segment_peak(command: list[str], env: dict[str, str]) -> tuple[int, float, s
 
 def cli_main(args: argparse.Namespace) -> None:
     """``--cli``: the peak RSS of ``ovss segment`` on one large photo, as a Markdown table row."""
-    from ovss.cli.bench_harness import write_random_weights
+    from ovss.cli.bench_weights import write_random_weights
 
     width = 160 if args.quick and args.size == 2000 else args.size
     height = args.height or width

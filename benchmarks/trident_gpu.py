@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovss.cli.bench_harness import random_dino_state_dict
+from ovss.cli.bench_weights import random_dino_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/tiny.py: CLIP weights
 

@@ -77,16 +77,6 @@ def tiny_clip(tiny_state_dict: dict):
 @pytest.fixture(scope="session")
 def tiny_dino():
     """A tiny random DINO-like ViT (patch 8, width 128 = 2 heads, GELU, no ln_pre, conv bias, no projection)."""
-    import torch
+    from tiny import tiny_dino_vit
 
-    from ovss.models.vit_build import build_vit
-    from tiny import tiny_clip_state_dict
-
-    sd = tiny_clip_state_dict(seed=7, patch=8, grid=28, layers=2)
-    vis = {
-        k[7:]: v
-        for k, v in sd.items()
-        if k.startswith("visual.") and not k.startswith(("visual.proj", "visual.ln_pre"))
-    }
-    vis["conv1.bias"] = torch.randn(128, generator=torch.Generator().manual_seed(1)) * 0.02
-    return build_vit(vis, act="gelu", eps=1e-6)
+    return tiny_dino_vit()

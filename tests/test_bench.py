@@ -116,7 +116,7 @@ def test_quick_stand_ins_give_trident_finite_features(tmp_path: Path, bpe_path: 
     import numpy as np
 
     import ovss
-    from ovss.cli.bench_harness import write_random_weights
+    from ovss.cli.bench_weights import write_random_weights
 
     files = write_random_weights(tmp_path, quick=True, names=["dino-vitb16", "sam-vitb"])
     seg = ovss.load("trident", clip=files["ViT-B/16"], vfm=files["dino-vitb16"], sam=files["sam-vitb"],

@@ -360,7 +360,7 @@ def test_config_validation_and_release_preset() -> None:
 
 def test_sparse_and_dense_proxy_means_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """Few selected keys take the sparse CSR product, many the dense one: the same means either way."""
-    from ovss.gla.cross_window import _mean_of_selected
+    from ovss.gla.anchors import mean_of_selected
     from ovss.tuning import Tuning
 
     made: list[int] = []  # one entry per sparse CSR mask built
@@ -376,7 +376,7 @@ def test_sparse_and_dense_proxy_means_agree(monkeypatch: pytest.MonkeyPatch) -> 
         # the default picks by density (sparse at <= 1/8 selected); 1: always sparse; 0: always dense
         for sparse_below, sparse in ((Tuning().sparse_below, density < 0.1), (1, True), (0, False)):
             made.clear()
-            got = _mean_of_selected(selected, k, counts, sparse_below)  # (R, D)
+            got = mean_of_selected(selected, k, counts, sparse_below)  # (R, D)
             assert bool(made) == sparse, (density, sparse_below)
             torch.testing.assert_close(got.double(), expected)
 

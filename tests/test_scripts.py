@@ -137,7 +137,7 @@ def test_attention_bench_times_both_routes_with_small_errors(tmp_path: Path, bpe
 
 
 def test_precision_agreement_on_tiny_weight_files(tmp_path: Path, bpe_path: Path, assets_dir: Path) -> None:
-    from ovss.cli.bench_harness import random_dino_state_dict
+    from ovss.cli.bench_weights import random_dino_state_dict
     from tiny import save_openai_plain, tiny_clip_state_dict
 
     clip = save_openai_plain(tiny_clip_state_dict(seed=0), tmp_path / "tiny-clip.pt")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ovss
-import ovss.gla.cross_window as cross_window
+import ovss.gla.anchors as anchors
 import ovss.methods.trident.sam as trident_sam
 from ovss.errors import OvssError
 from ovss.models.sam.image_encoder import SamAttention
@@ -121,7 +121,7 @@ def test_every_method_passes_the_segmenters_tuning_on(
     _spy(monkeypatch, SamAttention, "forward", sam_attention, lambda a, k: (k["attention_chunk"], k["fold_positions"]))
     _spy(monkeypatch, SamAttention, "logits", sam_logits, lambda a, k: k["fold_positions"])
     _spy(monkeypatch, trident_sam, "aggregation_weights", slabs, lambda a, k: a[5])
-    _spy(monkeypatch, cross_window, "_mean_of_selected", sparse, lambda a, k: a[3])
+    _spy(monkeypatch, anchors, "mean_of_selected", sparse, lambda a, k: a[3])
     vfm = dino16 if method.startswith("trident") else tiny_dino
     seg = ovss.load(method, clip=tiny_clip, vfm=vfm, sam=sam, tokenizer=bpe_path, tuning=ODD, **GEOMETRY)
     image = np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8)

@@ -47,21 +47,13 @@ def _images() -> dict[str, np.ndarray]:
 def _models() -> dict[str, object]:
     from ovss.models.clip import build_clip
     from ovss.models.dino import build_vfm, convert_vfm_state_dict
-    from ovss.models.vit_build import build_vit
     from test_dino import dino_state_dict
     from test_trident_pipeline import tiny_sam
-    from tiny import tiny_clip_state_dict
+    from tiny import tiny_clip_state_dict, tiny_dino_vit
 
-    sd = tiny_clip_state_dict(seed=7, patch=8, grid=28, layers=2)
-    vis = {
-        k[7:]: v
-        for k, v in sd.items()
-        if k.startswith("visual.") and not k.startswith(("visual.proj", "visual.ln_pre"))
-    }
-    vis["conv1.bias"] = torch.randn(128, generator=torch.Generator().manual_seed(1)) * 0.02
     return {
         "clip": build_clip(tiny_clip_state_dict(seed=0)),
-        "dino8": build_vit(vis, act="gelu", eps=1e-6),
+        "dino8": tiny_dino_vit(),
         "dino16": build_vfm(*convert_vfm_state_dict(dino_state_dict(12, patch=16, grid=4))),
         "sam": tiny_sam(),
     }

@@ -86,7 +86,7 @@ def _check_args(
 def _weights(args: argparse.Namespace, folder: Path, methods: list[str]) -> dict[str, Any]:
     """Which weights the jobs load: the given ones, the cached registry files the methods ask for, or random
     stand-ins for them written to ``folder`` (each method asks for its own roles: ``MethodSpec.weights``)."""
-    from ovss.cli.bench_harness import write_random_weights
+    from ovss.cli.bench_weights import write_random_weights
     from ovss.methods.registry import needed_weights
     from ovss.storage import hub
 
@@ -103,7 +103,14 @@ def _weights(args: argparse.Namespace, folder: Path, methods: list[str]) -> dict
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from ovss.cli.bench_harness import SMOKE_ENV, MeasurementError, flop_bound_seconds, measure, measure_many
+    from ovss.cli.bench_harness import (
+        SMOKE_ENV,
+        MeasurementError,
+        flop_bound_seconds,
+        measure,
+        measure_many,
+        quick_settings,
+    )
 
     methods, precisions, settings, options, out = _check_args(args)
     user_settings = settings  # what the user set (--quick's defaults yield to it)
@@ -113,7 +120,6 @@ def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.weights_dir).expanduser() if args.weights_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        from ovss.methods.registry import get_method
 
         weights = _weights(args, folder, methods)
         roles = ("clip", "vfm", "sam", "files")
@@ -133,8 +139,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 for precision in precisions:
                     job = {**base, "kind": "image", "method": method, "dtype": precision, "image": size}
                     own = {**settings, **options[method]}
-                    if args.quick and get_method(method).needs("sam"):  # Trident's windows: multiples of 16 pixels
-                        own = {**own, "crop": 64, "stride": 32, **user_settings, **options[method]}
+                    if args.quick:
+                        own = quick_settings(method, own, {**user_settings, **options[method]})
                     jobs.append({**job, "repeats": args.repeats, "settings": own})
 
             def started(i: int, job: dict[str, Any]) -> None:

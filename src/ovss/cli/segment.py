@@ -188,8 +188,7 @@ def check_writable(out: Path) -> None:
     if not existing.is_dir():
         raise OvssError(f"--out '{out}' cannot be created: '{existing}' is a file; choose another --out")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        tempfile.TemporaryFile(dir=existing).close()  # created and removed at once
     except OSError as err:
         what = "write into" if existing == out.absolute() else f"create --out '{out}' in"
         raise OvssError(

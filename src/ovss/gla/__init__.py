@@ -21,7 +21,7 @@ _EXPORTS = {
     "cross_window_attention": "ovss.gla.cross_window",
     "dynamic_shift": "ovss.gla.cross_window",
     "global_similarity_mean": "ovss.gla.cross_window",
-    "proxy_anchors": "ovss.gla.cross_window",
+    "proxy_anchors": "ovss.gla.anchors",
     "sharpen_weight": "ovss.gla.cross_window",
     "resolve_chunk_rows": "ovss.gla.chunking",
     "dense_attention_map": "ovss.gla.reference",
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ovss.gla.anchors import proxy_anchors
     from ovss.gla.chunking import choose_chunk_rows, resolve_chunk_rows
     from ovss.gla.config import GLA_RELEASE, GLAConfig
     from ovss.gla.cross_window import (
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
         cross_window_attention,
         dynamic_shift,
         global_similarity_mean,
-        proxy_anchors,
         sharpen_weight,
     )
     from ovss.gla.reference import dense_attention_map, dense_cross_window_attention

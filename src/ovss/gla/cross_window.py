@@ -19,21 +19,18 @@ All similarities, proxies, statistics and softmaxes are computed in fp32 whateve
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ovss.errors import OvssError
+from ovss.gla.anchors import SPARSE_BELOW, anchors_and_counts, similarities, unit
 from ovss.gla.chunking import Scratch, resolve_chunk_rows
 from ovss.gla.config import GLAConfig
-from ovss.tuning import DEFAULT_TUNING
 
 PriorFn = Callable[[Tensor], Tensor]  # rows (R,) long -> additive attention logits (R, M)
-_SPARSE = DEFAULT_TUNING.sparse_below  # default of the sparse_below keywords (Tuning.sparse_below; 0: always dense)
 
 
 @dataclass(frozen=True)
@@ -82,126 +79,10 @@ def sharpen_weight(counts: Tensor, lam2: float) -> Tensor:
     return 1.0 + lam2 / counts.float()  # (R,)
 
 
-def _similarities(q: Tensor, k: Tensor, scratch: Scratch | None) -> Tensor:
-    """(R, M) fp32 cosine similarities of the unit rows of q (R, D) to the unit keys k (M, D)."""
-    if scratch is None:
-        return _unit(q) @ k.T  # (R, M)
-    out = scratch.take("similarity", (q.shape[0], k.shape[0]), torch.float32, k.device)
-    return torch.mm(_unit(q), k.T, out=out)  # (R, M)
-
-
-def _unit(x: Tensor) -> Tensor:
-    return F.normalize(x.float(), dim=-1)  # (..., D) fp32, unit rows
-
-
 def _own_window(rows: Tensor, num_tokens: int, window_tokens: int) -> Tensor:
     """(R, M) bool: the keys of each row's own window (L equal window-major blocks of N tokens)."""
     win = torch.arange(num_tokens, device=rows.device) // window_tokens  # (M,)
     return (rows // window_tokens)[:, None] == win[None, :]  # (R, M)
-
-
-def _high_confidence(
-    q: Tensor, k: Tensor, rho: float, self_index: Tensor, key_mask: Tensor | None, scratch: Scratch | None = None
-) -> Tensor:
-    """P = {j : <q_hat, K_j> > rho} (within key_mask), an empty row falls back to its own key."""
-    selected = _similarities(q, k, scratch) > rho  # (R, M) bool
-    if key_mask is not None:
-        selected &= key_mask  # (R, M)
-    empty = (~selected.any(dim=1)).nonzero().squeeze(1)  # (E,) rows with no key above rho
-    selected[empty, self_index[empty]] = True
-    return selected
-
-
-def _mean_of_selected(selected: Tensor, k: Tensor, counts: Tensor, sparse_below: int) -> Tensor:
-    """(R, D) mean of the selected unit keys of every row: (selected @ k) / counts.
-
-    Proxy sets are small (a few keys above rho among M), so a sparse CSR product replaces the dense
-    (R, M) @ (M, D) one when at most 1 / ``sparse_below`` of the entries are selected (0: never): same
-    sums up to floating-point summation order, about 3x faster on CPU at M = 4,704, and no fp32 copy of the mask.
-    """
-    if sparse_below <= 0 or int(counts.sum()) * sparse_below > selected.numel():
-        return (selected.float() @ k) / counts[:, None]  # (R, D)
-    crow = torch.zeros(selected.shape[0] + 1, dtype=torch.long, device=k.device)  # (R + 1,) row starts
-    torch.cumsum(counts, 0, out=crow[1:])
-    cols = selected.nonzero()[:, 1]  # (nnz,) row-major, as CSR needs
-    ones = torch.ones(cols.shape[0], dtype=k.dtype, device=k.device)  # (nnz,)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        mask = torch.sparse_csr_tensor(crow, cols, ones, selected.shape, check_invariants=False)  # (R, M)
-    return (mask @ k) / counts[:, None]  # (R, D)
-
-
-def _proxy_anchors(
-    q0: Tensor,
-    k: Tensor,
-    rho: float,
-    steps: int,
-    self_index: Tensor,
-    key_mask: Tensor | None,
-    scratch: Scratch | None = None,
-    *,
-    sparse_below: int,
-) -> tuple[Tensor, Tensor]:
-    """`proxy_anchors` on unit keys k (M, D) fp32."""
-    q = q0.float()  # (R, D)
-    counts = torch.ones(q.shape[0], dtype=torch.long, device=q.device)  # (R,)
-    for _ in range(steps):
-        selected = _high_confidence(q, k, rho, self_index, key_mask, scratch)  # (R, M) bool
-        counts = selected.sum(dim=1)  # (R,)
-        q = _mean_of_selected(selected, k, counts, sparse_below)  # (R, D)
-    return q, counts
-
-
-def proxy_anchors(
-    q0: Tensor,
-    keys: Tensor,
-    rho: float,
-    steps: int,
-    self_index: Tensor,
-    *,
-    key_mask: Tensor | None = None,
-    sparse_below: int = _SPARSE,
-) -> tuple[Tensor, Tensor]:
-    """Proxy anchors Q^(T) of a set of query rows (Eq. 10-12, §4.8.2, §9.2).
-
-    For t = 1..T: P^(t-1)_i = {j : <Q^(t-1)_i / |Q^(t-1)_i|, K_j> > rho} (strict), replaced by {self_i}
-    when empty; Q^(t)_i = mean of K_j over P^(t-1)_i.
-
-    Args:
-        q0: (R, D) initial anchors Q^(0) (raw or smoothed features; normalised before the first
-            similarity), any float dtype.
-        keys: (M, D) key features of all windows; L2-normalised here (in fp32).
-        rho: threshold on cosine similarity in [-1, 1].
-        steps: T >= 1.
-        self_index: (R,) long, index in 0..M-1 of each row's own key (the empty-set fallback).
-        key_mask: optional (R, M) bool, the keys a row may select (own window without KVE).
-        sparse_below: :attr:`ovss.tuning.Tuning.sparse_below` (sparse or dense product for the means).
-
-    Returns:
-        q: (R, D) fp32, Q^(T), un-normalised (a mean of unit vectors, norm <= 1).
-        counts: (R,) long, |P^(T-1)_i| >= 1.
-    """
-    if steps < 1:
-        raise OvssError(f"proxy anchors need steps >= 1, got {steps}")
-    return _proxy_anchors(q0, _unit(keys), rho, steps, self_index, key_mask, sparse_below=sparse_below)
-
-
-def _anchors_and_counts(
-    queries: Tensor,
-    k: Tensor,
-    rows: Tensor,
-    cfg: GLAConfig,
-    own: Tensor | None,
-    scratch: Scratch | None = None,
-    *,
-    sparse_below: int,
-) -> tuple[Tensor, Tensor]:
-    if cfg.proxy:
-        return _proxy_anchors(queries, k, cfg.rho, cfg.steps, rows, own, scratch, sparse_below=sparse_below)
-    # No-proxy ablation: S = q_hat K^T itself; |P_i| for w_i is the size of the first set
-    # {j : s_ij > rho} (with the same {i} fallback), i.e. what T = 1 would average.
-    selected = _high_confidence(queries, k, cfg.rho, rows, own, scratch)  # (R, M) bool
-    return queries.float(), selected.sum(dim=1)  # (R, D), (R,)
 
 
 def _row_mean(s: Tensor, own: Tensor | None) -> Tensor:
@@ -225,8 +106,8 @@ def _attention_rows(
 ) -> tuple[Tensor, RowStats]:
     """`attention_rows` on unit keys k (M, D) fp32; with ``scratch``, alpha is its buffer ``out_name``."""
     own = None if cfg.kve else _own_window(rows, k.shape[0], k.shape[0] // num_windows)  # (R, M)
-    q, counts = _anchors_and_counts(queries, k, rows, cfg, own, scratch, sparse_below=sparse_below)  # (R, D), (R,)
-    s = _similarities(q, k, scratch)  # (R, M) S^proxy rows, fp32 in [-1, 1]
+    q, counts = anchors_and_counts(queries, k, rows, cfg, own, scratch, sparse_below=sparse_below)  # (R, D), (R,)
+    s = similarities(q, k, scratch)  # (R, M) S^proxy rows, fp32 in [-1, 1]
     mean = _row_mean(s, own)  # (R,) mu_i
     if cfg.clamp_mean:
         mean = mean.clamp(min=0.0)  # (R,)
@@ -268,7 +149,7 @@ def attention_rows(
     *,
     prior: PriorFn | None = None,
     global_mean: Tensor | None = None,
-    sparse_below: int = _SPARSE,
+    sparse_below: int = SPARSE_BELOW,
 ) -> tuple[Tensor, RowStats]:
     """GLA attention weights of a chunk of query rows against all M keys of one key set (§4.8.2-4.8.5).
 
@@ -291,7 +172,7 @@ def attention_rows(
         alpha: (R, M) fp32 in [0, 1], rows sum to 1; 0 at masked keys.
         stats: the rows' `RowStats`.
     """
-    return _attention_rows(_unit(keys), queries, rows, num_windows, cfg, prior, global_mean, sparse_below=sparse_below)
+    return _attention_rows(unit(keys), queries, rows, num_windows, cfg, prior, global_mean, sparse_below=sparse_below)
 
 
 def _global_similarity_mean(
@@ -304,8 +185,8 @@ def _global_similarity_mean(
     for start in range(0, m, chunk_rows):
         rows = torch.arange(start, min(start + chunk_rows, m), device=k.device)  # (R,)
         own = None if cfg.kve else _own_window(rows, m, n)  # (R, M)
-        q, _ = _anchors_and_counts(queries[rows], k, rows, cfg, own, sparse_below=sparse_below)  # (R, D)
-        row_means[rows] = _row_mean(_similarities(q, k, None), own)  # (R,) mean of each row's block
+        q, _ = anchors_and_counts(queries[rows], k, rows, cfg, own, sparse_below=sparse_below)  # (R, D)
+        row_means[rows] = _row_mean(similarities(q, k, None), own)  # (R,) mean of each row's block
     if cfg.kve:
         return row_means.mean().expand(m).clone()  # (M,) every row has M entries
     return row_means.view(num_windows, n).mean(dim=1).repeat_interleave(n)  # (M,) each window's N x N mean
@@ -318,7 +199,7 @@ def global_similarity_mean(
     cfg: GLAConfig,
     *,
     chunk_rows: int | None = None,
-    sparse_below: int = _SPARSE,
+    sparse_below: int = SPARSE_BELOW,
 ) -> Tensor:
     """Block mean m of S^proxy for ``norm = global_mean`` (a first pass over the row chunks).
 
@@ -338,7 +219,7 @@ def global_similarity_mean(
     """
     m = keys.shape[0]
     chunk = chunk_rows or resolve_chunk_rows(cfg, m, m // num_windows)
-    return _global_similarity_mean(_unit(keys), queries, num_windows, cfg, chunk, sparse_below=sparse_below)
+    return _global_similarity_mean(unit(keys), queries, num_windows, cfg, chunk, sparse_below=sparse_below)
 
 
 def _scatter_own_window(alpha: Tensor, local_maps: Tensor, rows: Tensor) -> None:
@@ -359,7 +240,7 @@ def cross_window_attention(
     prior: PriorFn | None = None,
     local_maps: Tensor | None = None,
     local_count: int = 0,
-    sparse_below: int = _SPARSE,
+    sparse_below: int = SPARSE_BELOW,
 ) -> Tensor:
     """GLA cross-window attention of all M tokens of one image, exact and row-chunked (§4.8, §4.9, §9.2).
 
@@ -401,7 +282,7 @@ def cross_window_attention(
     chunk = resolve_chunk_rows(cfg, m, n)
     sets = []
     for k_raw, q_raw in zip(keys, queries, strict=True):
-        k = _unit(k_raw)  # (M, D) normalised once for all chunks
+        k = unit(k_raw)  # (M, D) normalised once for all chunks
         mean = None
         if cfg.norm == "global_mean":
             mean = _global_similarity_mean(k, q_raw, num_windows, cfg, chunk, sparse_below=sparse_below)  # (M,)
