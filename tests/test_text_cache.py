@@ -15,6 +15,7 @@ import torch
 
 import ovss
 from ovss.cli.main import main
+from ovss.storage import file_cache
 from ovss.text import disk_cache
 from ovss.text.embeddings import EmbeddingCache, text_embeddings
 from ovss.text.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_7, MASKCLIP_TEMPLATES
@@ -68,7 +69,7 @@ def test_a_new_cache_reads_what_another_wrote(tokenizer: Tokenizer) -> None:
     assert torch.equal(more[1:], first)
     expected = text_embeddings(CountingTower(), tokenizer, ["road"], IMAGENET_TEMPLATES_7)
     torch.testing.assert_close(more[:1], expected)
-    meta = disk_cache.read_metadata(files[0])
+    meta = file_cache.read_metadata(files[0])
     assert json.loads(meta["names"]) == [*NAMES, "road"]  # ... and added to the same file
 
 

@@ -54,7 +54,7 @@ def _prepared_info() -> None:
     import json
 
     from ovss.models import prepared
-    from ovss.text.disk_cache import cache_files, read_metadata
+    from ovss.storage.file_cache import cache_files, read_metadata
 
     folder = prepared.cache_folder()
     state = "on" if prepared.enabled() else f"off ({prepared.ENV_VAR}=0)"

@@ -139,10 +139,6 @@ class ModelPool:
         self._postprocess[name] = seg.pipeline
         return seg
 
-    def models(self) -> dict[tuple[str, str], Any]:
-        """The models built so far beyond CLIP, by (role, weights)."""
-        return dict(self._models)
-
     def loaded(self) -> list[str]:
         """The methods built so far."""
         return list(self._segmenters)

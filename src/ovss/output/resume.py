@@ -110,8 +110,3 @@ def image_state(folder: str | os.PathLike[str], stem: str, key: str, source: str
             return "unfinished"
     return "finished"
 
-
-def finished_images(folder: str | os.PathLike[str]) -> list[str]:
-    """The stems that have a marker in ``folder`` (any configuration), sorted."""
-    markers = Path(folder) / MARKER_FOLDER
-    return sorted(path.stem for path in markers.glob("*.json")) if markers.is_dir() else []

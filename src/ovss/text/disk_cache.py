@@ -38,7 +38,6 @@ FORMAT = "ovss-text-embeddings"  # metadata tag of a shard
 SUBFOLDER = "text"  # inside hub.cache_dir()
 _TENSOR = "embeddings"  # the one tensor of a shard, (N, E) float32
 TEXT_CACHE = SafetensorsCache(SUBFOLDER, CACHE_ENV_VAR, FORMAT)
-__all__ = ["TEXT_CACHE", "TextEmbeddingShard", "cache_files", "cache_folder", "enabled", "read_metadata", "shard_infos"]
 
 
 def enabled() -> bool:
