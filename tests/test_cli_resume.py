@@ -52,19 +52,19 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def _count_predictions(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[str]:
     """Record the image of every Segmenter.predict call; with ``fail_at``, Ctrl-C in that call's save."""
     calls: list[str] = []
-    predict, save_png = Segmenter.predict, ovss.output.files.save_png
+    predict, save_overlay = Segmenter.predict, ovss.output.files.save_rgb_png
 
     def counting(self: Segmenter, image: object, *args: object, **kwargs: object) -> object:
         calls.append(Path(str(image)).stem)
         return predict(self, image, *args, **kwargs)
 
-    def interrupted(path: Path, image: object) -> Path:
+    def interrupted(path: Path, image: object, **kwargs: object) -> Path:
         if fail_at is not None and len(calls) == fail_at and path.name.endswith("_overlay.png"):
             raise KeyboardInterrupt  # mid-way through the image: its label map is already written
-        return save_png(path, image)
+        return save_overlay(path, image, **kwargs)
 
     monkeypatch.setattr(Segmenter, "predict", counting)
-    monkeypatch.setattr(ovss.output.files, "save_png", interrupted)
+    monkeypatch.setattr(ovss.output.files, "save_rgb_png", interrupted)
     return calls
 
 
@@ -115,12 +115,15 @@ _SIGNALLED_RUN = """
 import os, signal, sys
 import ovss.output.files as files
 from ovss.cli.main import main
-save_png = files.save_png
-def signalled(path, image):
+from ovss.storage.files import _create_temp_file
+save_overlay = files.save_rgb_png
+def signalled(path, image, **kwargs):
     if path.name == "b_overlay.png":
+        if int(os.environ["SIGNAL"]) == signal.SIGKILL:  # a writer killed mid-way leaves its temporary file
+            _create_temp_file(path.parent, path.name, ".png")
         os.kill(os.getpid(), int(os.environ["SIGNAL"]))
-    return save_png(path, image)
-files.save_png = signalled
+    return save_overlay(path, image, **kwargs)
+files.save_rgb_png = signalled
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -143,8 +146,10 @@ def test_a_signalled_process_resumes_to_the_same_bytes(
     assert "Traceback" not in done.stderr
     assert (resumed / "a_overlay.png").read_bytes() == (whole / "a_overlay.png").read_bytes()
     assert not marker_path(resumed, "b").exists() and not (resumed / "c.png").exists()
-    # Ctrl-C removes the half-written image's files; a killed process leaves its label map, without a marker
+    # Ctrl-C removes the half-written image's files; a killed process leaves its label map, without a marker,
+    # and the hidden temporary file it was writing (the resumed run sweeps it: the snapshots below are equal)
     assert (resumed / "b.png").exists() == (signal_number == signal.SIGKILL)
+    assert bool(list(resumed.glob(".b_overlay.png.*.tmp.png"))) == (signal_number == signal.SIGKILL)
     calls = _count_predictions(monkeypatch)
     assert _segment(clip_file, bpe_path, photos, resumed, "--resume") == 0
     assert calls == ["b", "c"]
@@ -200,11 +205,11 @@ def test_an_unwritable_out_is_one_line_before_any_image(
 
 
 def test_a_write_failure_stops_the_run_at_the_first_image(clip_file, bpe_path, photos, tmp_path, capsys, monkeypatch):
-    def full_disk(path: Path, image: object) -> Path:
+    def full_disk(path: Path, image: object, **kwargs: object) -> Path:
         raise OSError(28, "No space left on device")
 
     calls = _count_predictions(monkeypatch)
-    monkeypatch.setattr(ovss.output.files, "save_png", full_disk)
+    monkeypatch.setattr(ovss.output.files, "save_rgb_png", full_disk)
     assert _segment(clip_file, bpe_path, photos, tmp_path / "out") == 2
     _one_error_line(capsys.readouterr().err, "No space left on device", "--resume")
     assert calls == ["a"]

@@ -17,16 +17,30 @@ from ovss.pipeline.maps import FullResolutionMaps
 class Prediction:
     """The result of :meth:`Segmenter.predict`, everything at the input image's resolution H0 x W0.
 
-    ``logits`` and ``probs`` are built on first access (Q x H0 x W0 x 4 bytes: 2.7 GB for a 2000 x 2000
-    photo and 171 names) and kept; ``labels`` never needed them. ``maps.logits(torch.float16)`` builds a
-    half-size copy of the logits without the fp32 one.
+    The labels are held in the smallest integer dtype that fits them (``compact_labels``: int8 up to 128
+    classes, 1 byte a pixel); ``labels`` is their int64 copy, built on first access and kept (8 bytes a
+    pixel: 648 MB for a 9000 x 9000 photo, which the file writers never build). ``logits`` and ``probs`` are
+    built on first access (Q x H0 x W0 x 4 bytes: 2.7 GB for a 2000 x 2000 photo and 171 names) and kept;
+    the labels never needed them. ``maps.logits(torch.float16)`` builds a half-size copy of the logits
+    without the fp32 one.
     """
 
-    labels: torch.Tensor  # (H0, W0) int64 class index per pixel, in 0..C-1, or UNLABELLED (-1), see predict
+    compact_labels: torch.Tensor  # (H0, W0) class index per pixel in 0..C-1, or UNLABELLED (-1); int8/16/32
     classes: list[list[str]]  # the names of each class, as used
     config: dict[str, Any]  # the fully resolved configuration that produced this result
     maps: FullResolutionMaps = field(repr=False, compare=False)  # full-resolution maps, built on demand
     image: np.ndarray | None = None  # (H0, W0, 3) uint8 RGB input image (for overlays), shared, not copied
+    _labels: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(H0, W0) int64 class index per pixel, in 0..C-1, or ``ovss.labels.UNLABELLED`` (-1), see predict.
+
+        The int64 copy of ``compact_labels``, built on first access and kept.
+        """
+        if self._labels is None:
+            self._labels = self.compact_labels.to(torch.int64)  # (H0, W0)
+        return self._labels
 
     @property
     def logits(self) -> torch.Tensor:

@@ -196,6 +196,15 @@ def check_writable(out: Path) -> None:
         ) from err
 
 
+def sweep_outputs(out: Path, per_image: dict[str, list[Path]]) -> None:
+    """Remove what killed runs left half-written: hidden temporary files in the output folders."""
+    from ovss.storage.files import sweep_temp_files
+
+    for folder in sorted({path.parent for paths in per_image.values() for path in paths} | {out}):
+        sweep_temp_files(folder)
+    sweep_temp_files(out / ".ovss", recursive=True)
+
+
 class WindowProgress:
     """``progress(done, total)`` for ``Segmenter.predict``: a window bar, and a warning for many windows."""
 
@@ -265,6 +274,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     per_image = plan_outputs(out, jobs, classes, args)
     check_writable(out)
+    sweep_outputs(out, per_image)
     own_process = one_shot_process()
     if own_process:  # importing torch and building the model leave no cycles: skip 0.14 s of full GC passes
         gc.disable()

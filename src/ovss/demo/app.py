@@ -65,7 +65,8 @@ def _slot_updates(results: Sequence[MethodResult]) -> list[Any]:
     for slot in range(MAX_METHODS):
         if slot < len(results):
             r = results[slot]
-            picture = gr.Image(value=r.overlay, label=r.method, format="png")  # lossless: exact class colours
+            shown = r.overlay if r.overlay_file is None else str(r.overlay_file)  # the session's PNG: no re-encoding
+            picture = gr.Image(value=shown, label=r.method, format="png")  # lossless: exact class colours
             updates += [gr.Column(visible=True), picture, legend_html(r)]
         else:
             updates += [gr.Column(visible=False), gr.Image(value=None), ""]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ovss.output.files import class_areas
 from ovss.output.overlay import class_palette
 
 if TYPE_CHECKING:
@@ -53,24 +54,22 @@ def draw_windows(
 def legend_html(result: MethodResult) -> str:
     """The classes present in a result, as colour swatch + name + share of the image, in class order."""
     prediction = result.prediction
-    labels = prediction.labels.cpu().numpy()  # (H0, W0) int64, -1 = unlabelled
+    areas = class_areas(prediction.compact_labels.cpu().numpy(), prediction.classes)  # pixels and shares
     names = [synonyms[0] for synonyms in prediction.classes]
     colours = class_palette(len(names))  # (C, 3) the overlay's colours
-    counts = np.bincount(labels[labels >= 0].reshape(-1), minlength=len(names))  # (C,)
-    total = max(labels.size, 1)
     rows = []
     for c, name in enumerate(names):
-        if counts[c] == 0:
+        if areas["classes"][c]["pixels"] == 0:
             continue
         r, g, b = (int(v) for v in colours[c])
         rows.append(
             f'<span class="ovss-legend-item"><span class="ovss-swatch" style="background: rgb({r}, {g}, {b})">'
             f'</span><span class="ovss-legend-name">{html.escape(name)}</span> '
-            f"<small>{100 * counts[c] / total:.1f}%</small></span>"
+            f"<small>{100 * areas['classes'][c]['area']:.1f}%</small></span>"
         )
-    unlabelled = int((labels < 0).sum())
-    if unlabelled:
-        rows.append(f'<span class="ovss-legend-item">unlabelled <small>{100 * unlabelled / total:.1f}%</small></span>')
+    unlabelled = areas["unlabelled"]
+    if unlabelled["pixels"]:
+        rows.append(f'<span class="ovss-legend-item">unlabelled <small>{100 * unlabelled["area"]:.1f}%</small></span>')
     return f'<div class="ovss-legend">{"".join(rows)}</div>'
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from ovss.labels import background_class, parse_labels
 from ovss.methods.registry import get_method
 from ovss.prediction import Prediction
 from ovss.predictor import ImageState, Segmenter
+from ovss.storage.files import save_rgb_png
 
 MAX_METHODS = 4  # methods shown side by side on one page
 MAX_IMAGES = 4  # images whose features are kept per method (least recently used dropped first)
@@ -59,14 +61,16 @@ def read_rgb(image: Any) -> np.ndarray:
         raise OvssError("no image: upload a photo, paste one, or pick one of the examples")
     from ovss.pipeline.image import read_image
 
-    return read_image(image)
+    rgb = read_image(image)  # a read-only upload as it is, anything else copied into a new array
+    rgb.flags.writeable = False  # shared by every method's image state (read_image keeps it uncopied)
+    return rgb
 
 
 def image_key(rgb: np.ndarray) -> str:
     """A hash of the pixels and the shape: equal images share their cached features."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(rgb.shape).encode())
-    digest.update(np.ascontiguousarray(rgb).tobytes())
+    digest.update(memoryview(np.ascontiguousarray(rgb)))  # hashed in place: no bytes copy of the image
     return digest.hexdigest()
 
 
@@ -185,8 +189,9 @@ class MethodResult:
     cached: bool  # True: the image's features were reused (the fast path)
     windows: int  # number of sliding windows of this image
     config: dict[str, Any] = field(repr=False)  # the resolved configuration
-    overlay_seconds: float = 0.0  # drawing the overlay with its legend (and the window grid)
+    overlay_seconds: float = 0.0  # drawing the overlay with its legend (and the window grid), writing its PNG
     read_seconds: float = 0.0  # decoding the upload and hashing its pixels, once per click (same for every method)
+    overlay_file: Path | None = None  # the overlay as a lossless PNG: what the page shows (Gradio copies the file)
 
 
 class DemoSession:
@@ -203,6 +208,8 @@ class DemoSession:
         self.set_image_calls = 0  # image encodings so far (the fast path leaves it unchanged)
         self.load_error: str | None = None  # the one-line error of the last warm_up, if any
         self._features: OrderedDict[str, dict[str, ImageState]] = OrderedDict()  # image key -> method -> state
+        self._files = tempfile.TemporaryDirectory(prefix="ovss-demo-")  # the overlay PNGs of the last two clicks
+        self._clicks = 0  # clicks that got as far as drawing overlays
 
     def warm_up(self, methods: Sequence[str]) -> str | None:
         """Build the segmenters of ``methods`` now; the one-line error (e.g. weights missing) or None."""
@@ -275,6 +282,9 @@ class DemoSession:
         while len(self._features) > self.max_images:
             self._features.popitem(last=False)
         results = []
+        self._clicks += 1
+        for old in Path(self._files.name).glob(f"{self._clicks - 2}-*.png"):  # shown two clicks ago: in Gradio's cache
+            old.unlink(missing_ok=True)
         for index, method in enumerate(chosen):
             seg = self.pool.get(method)
             start = time.perf_counter()
@@ -300,6 +310,7 @@ class DemoSession:
             windows, size = seg.current_windows()
             if show_windows:
                 picture = draw_windows(picture, windows, size, rgb.shape[:2])
+            overlay_file = save_rgb_png(Path(self._files.name) / f"{self._clicks}-{index}.png", picture)
             drawn = time.perf_counter()
             results.append(
                 MethodResult(
@@ -313,6 +324,7 @@ class DemoSession:
                     self.pool.config(method),
                     drawn - finished,
                     read_seconds,
+                    overlay_file,
                 )
             )
         return results
@@ -350,13 +362,13 @@ def pixel_report(result: MethodResult, x: int, y: int) -> str:
         y: row in the overlay image, 0 at the top.
     """
     prediction = result.prediction
-    height, width = prediction.labels.shape
+    height, width = prediction.compact_labels.shape
     if not (0 <= x < width and 0 <= y < height):
         return f"{result.method}: ({x}, {y}) is outside the photo (the legend); click on the photo"
-    probs = prediction.probs[:, y, x]  # (C,) in [0, 1]
+    probs = prediction.maps.probs_of_rows(y, y + 1)[:, 0, x]  # (C,) in [0, 1], without the whole (C, H0, W0) map
     order = probs.argsort(descending=True).tolist()
     names = [synonyms[0] for synonyms in prediction.classes]
-    label = int(prediction.labels[y, x])
+    label = int(prediction.compact_labels[y, x])
     if label < 0:
         best = order[0]
         head = f"unlabelled (best: {names[best]} {float(probs[best]):.2f}, below the background threshold)"

@@ -67,7 +67,8 @@ def _data_url_file(url: str) -> str:
 
 
 def read_upload(image: Any) -> npt.NDArray[np.uint8] | Any:
-    """An :class:`Upload` decoded to (H, W, 3) uint8 RGB with ovss's reader; anything else is returned as is.
+    """An :class:`Upload` decoded to a read-only (H, W, 3) uint8 RGB array with ovss's reader; anything else is
+    returned as is.
 
     Raises:
         OvssError: the file is corrupt, truncated or not an image; the message names the user's file, not
@@ -78,7 +79,9 @@ def read_upload(image: Any) -> npt.NDArray[np.uint8] | Any:
     from ovss.pipeline.image import read_image
 
     try:
-        return read_image(image.path)
+        rgb = read_image(image.path)
     except OvssError as err:
         message = str(err).replace(f"'{image.path}'", f"'{image.name}'").replace(image.path, image.name)
         raise OvssError(message) from None
+    rgb.flags.writeable = False  # read-only: the session and every method's image state share it, uncopied
+    return rgb

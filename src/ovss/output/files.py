@@ -10,8 +10,10 @@ Per image ``<stem>``, in the output folder:
 - ``<stem>_masks/<id>_<name>.png`` (optional): one 8-bit mask per class, 255 inside, 0 outside.
 - ``<stem>.json`` (optional): image size and each class's pixel count and share of the image.
 
-Every array is computed before the first file is written; a failed write removes the files this call
-wrote, and each file appears whole or not at all (``ovss.storage.files``).
+Each file's content is computed just before it is written and dropped after (a 9000 x 9000 photo's overlay
+alone is 243 MB); a failure part-way removes the files this call wrote, and each file appears whole or not
+at all (``ovss.storage.files``). The writers read the labels in their compact dtype
+(``Prediction.compact_labels``) and never build the int64 ``Prediction.labels``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +29,8 @@ import numpy as np
 
 from ovss.errors import OvssError
 from ovss.labels import UNLABELLED
-from ovss.output.overlay import class_palette, overlay, save_label_png
-from ovss.storage.files import save_npy, save_png, save_text
+from ovss.output.overlay import class_palette, overlay, rows_per_band, save_label_png
+from ovss.storage.files import save_npy, save_png, save_rgb_png, save_text
 
 if TYPE_CHECKING:
     from ovss.prediction import Prediction
@@ -76,7 +79,7 @@ def output_paths(
 def _label_map(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, int, int]:
     """Class ids with UNLABELLED replaced by the file's unlabelled value, and the (bit depth, that value)."""
     bit_depth, unlabelled = label_map_format(num_classes)
-    ids = labels.astype(np.uint8 if bit_depth == 8 else np.uint16)  # (H0, W0) the file's dtype: 1/8 of int64
+    ids = labels.astype(np.uint8 if bit_depth == 8 else np.uint16)  # (H0, W0) the file's dtype
     ids[labels == UNLABELLED] = unlabelled
     return ids, bit_depth, unlabelled
 
@@ -86,7 +89,7 @@ def prediction_overlay(prediction: Prediction, alpha: float = 0.5) -> np.ndarray
     if prediction.image is None:
         raise OvssError("this prediction holds no image; create it with Segmenter.predict to draw an overlay")
     names = [synonyms[0] for synonyms in prediction.classes]
-    labels = prediction.labels.cpu().numpy()  # (H0, W0) int64, UNLABELLED left untinted
+    labels = prediction.compact_labels.cpu().numpy()  # (H0, W0) int8/16/32, UNLABELLED left untinted
     return overlay(prediction.image, labels, names, alpha=alpha, palette=class_palette(len(names)))
 
 
@@ -94,7 +97,11 @@ def class_areas(labels: np.ndarray, classes: list[list[str]]) -> dict[str, Any]:
     """Image size, per-class pixel counts and shares, and the unlabelled pixels of a label map."""
     height, width = labels.shape
     total = max(height * width, 1)
-    counts = np.bincount(labels[labels >= 0].reshape(-1), minlength=len(classes))  # (C,)
+    counts = np.zeros(len(classes), dtype=np.int64)  # (C,)
+    rows = rows_per_band(width)  # bincount makes an int64 copy: one band at a time
+    for start in range(0, height, rows):
+        band = labels[start : start + rows]  # (n, W)
+        counts += np.bincount(band[band >= 0], minlength=len(classes))[: len(classes)]
     unlabelled = int((labels == UNLABELLED).sum())
     return {
         "height": height,
@@ -146,34 +153,40 @@ def save_prediction(
     existing = [path for path in paths if path.exists()]
     if existing and not overwrite:
         raise OvssError(f"'{existing[0]}' already exists; pass overwrite=True (--overwrite) or choose another folder")
-    labels = prediction.labels.cpu().numpy()  # (H0, W0) int64
-    ids, bit_depth, _ = _label_map(labels, len(classes))  # (H0, W0)
-    palette = np.zeros((256, 3), dtype=np.uint8)  # (256, 3) unlabelled (255) black
-    palette[: min(len(classes), MAX_8BIT_CLASSES)] = class_palette(min(len(classes), MAX_8BIT_CLASSES))
-    contents: list[Any] = [ids, prediction_overlay(prediction, alpha)]
-    if logits:
+    if logits and logits_dtype not in ("fp32", "fp16"):
+        raise OvssError(f"logits_dtype must be 'fp32' or 'fp16', got {logits_dtype!r}")
+    labels = prediction.compact_labels.cpu().numpy()  # (H0, W0) int8/16/32, never the int64 copy
+
+    def label_png(path: Path) -> Path:
+        ids, bit_depth, _ = _label_map(labels, len(classes))  # (H0, W0)
+        palette = np.zeros((256, 3), dtype=np.uint8)  # (256, 3) unlabelled (255) black
+        palette[: min(len(classes), MAX_8BIT_CLASSES)] = class_palette(min(len(classes), MAX_8BIT_CLASSES))
+        return save_label_png(ids, path, palette=palette, bit_depth=bit_depth)
+
+    def overlay_png(path: Path) -> Path:
+        return save_rgb_png(path, prediction_overlay(prediction, alpha), consume=True)  # a fresh canvas
+
+    def logits_npy(path: Path) -> Path:
         import torch
 
-        if logits_dtype not in ("fp32", "fp16"):
-            raise OvssError(f"logits_dtype must be 'fp32' or 'fp16', got {logits_dtype!r}")
         dtype = torch.float16 if logits_dtype == "fp16" else torch.float32
-        contents.append(prediction.maps.logits(dtype).cpu().numpy())  # (Q, H0, W0)
-    if masks:
-        contents += [np.where(labels == c, 255, 0).astype(np.uint8) for c in range(len(classes))]  # C x (H0, W0)
-    if json:
+        return save_npy(path, prediction.maps.logits(dtype).cpu().numpy())  # (Q, H0, W0)
+
+    def mask_png(class_id: int) -> Callable[[Path], Path]:
+        return lambda path: save_png(path, np.multiply(labels == class_id, 255, dtype=np.uint8))  # (H0, W0)
+
+    def areas_json(path: Path) -> Path:
         record = {"image": stem, **class_areas(labels, classes), "method": prediction.config.get("method")}
-        contents.append(_json_text(record))
+        return save_text(path, _json_text(record))
+
+    writers: list[Callable[[Path], Path]] = [label_png, overlay_png]  # in output_paths order
+    writers += [logits_npy] if logits else []
+    writers += [mask_png(c) for c in range(len(classes))] if masks else []
+    writers += [areas_json] if json else []
     written: list[Path] = []
     try:
-        for index, (path, content) in enumerate(zip(paths, contents, strict=True)):
-            if index == 0:
-                written.append(save_label_png(content, path, palette=palette, bit_depth=bit_depth))
-            elif path.suffix == ".npy":
-                written.append(save_npy(path, content))
-            elif path.suffix == ".json":
-                written.append(save_text(path, content))
-            else:
-                written.append(save_png(path, content))
+        for path, write in zip(paths, writers, strict=True):
+            written.append(write(path))  # each content is made here and dropped after its file
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

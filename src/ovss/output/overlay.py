@@ -34,6 +34,11 @@ _LEGEND_NAME_WIDTH = 12  # longest name drawn, in line heights; longer ones end 
 _LEGEND_MIN_WIDTH = 16  # the legend is at most max(image width, this many line heights) wide
 
 
+def rows_per_band(width: int) -> int:
+    """Rows of a label map processed at a time by the writers (about ``_BAND_PIXELS`` pixels, at least 1)."""
+    return max(_BAND_PIXELS // max(width, 1), 1)
+
+
 def palette(n: int) -> npt.NDArray[np.uint8]:
     """The PASCAL VOC colour map: distinct RGB colours for class ids 0..n-1.
 
@@ -254,7 +259,7 @@ def overlay(
     num_classes = len(class_names)
     colors = _voc_color_map(num_classes) if palette is None else _check_palette(palette, num_classes)
     height, width = labels.shape
-    band = max(_BAND_PIXELS // max(width, 1), 1)  # rows per band: no full-size int64 / float32 temporaries
+    band = rows_per_band(width)  # no full-size int64 / float32 temporaries
     seen = np.zeros(num_classes, dtype=bool)  # (K,) classes with at least one pixel
     for start in range(0, height, band):
         ids = labels[start : start + band].astype(np.int64)  # (n, W)

@@ -84,6 +84,19 @@ def _rgb_from_array(array: np.ndarray, what: str) -> npt.NDArray[np.uint8]:
     return np.ascontiguousarray(pixels[:, :, :3])  # (H, W, 3)
 
 
+def _read_only_rgb(array: np.ndarray) -> bool:
+    """An array ``read_image`` may keep without copying: read-only, (H, W, 3) uint8, C-contiguous, not empty."""
+    return (
+        not array.flags.writeable
+        and array.dtype == np.uint8
+        and array.ndim == 3
+        and array.shape[2] == 3
+        and array.shape[0] > 0
+        and array.shape[1] > 0
+        and array.flags.c_contiguous
+    )
+
+
 def _rgb_from_pil(image: Image.Image, what: str) -> npt.NDArray[np.uint8]:
     """Apply the EXIF orientation of a PIL image and convert it to (H, W, 3) uint8 RGB (alpha dropped)."""
     width, height = image.size
@@ -226,7 +239,9 @@ def read_image(source: ImageSource) -> npt.NDArray[np.uint8]:
         source: image file path, array or PIL image.
 
     Returns:
-        A new (H0, W0, 3) uint8 array in RGB channel order, values 0..255 (never a view of ``source``).
+        A new (H0, W0, 3) uint8 array in RGB channel order, values 0..255 (never a view of ``source``), except
+        for a read-only (H, W, 3) uint8 C-contiguous array, which is returned as it is (no copy: nothing can
+        change it through that array; the demo shares one decoded upload between its methods this way).
 
     Raises:
         OvssError: missing, unreadable, corrupt or non-image file; an array of another dtype or shape or
@@ -235,6 +250,9 @@ def read_image(source: ImageSource) -> npt.NDArray[np.uint8]:
     if isinstance(source, (str, os.PathLike)):
         return _read_image_file(Path(source))
     if isinstance(source, np.ndarray):
+        if _read_only_rgb(source):
+            _check_pixel_count(source.shape[0], source.shape[1], "image array")
+            return source  # nothing can change it through this array: shared, not copied
         return _rgb_from_array(source, "image array")
     if isinstance(source, Image.Image):
         return _rgb_from_pil(source, "PIL image")

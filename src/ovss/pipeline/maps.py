@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ovss.pipeline.postprocess import LogitRows, default_band_rows, row_bands, segment_rows
+from ovss.pipeline.postprocess import (
+    LogitRows,
+    band_class_probs,
+    compact_label_dtype,
+    default_band_rows,
+    dropped_classes,
+    row_bands,
+    segment_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class FullResolutionMaps:
         self.band_rows = band_rows if band_rows is not None else default_band_rows(self.num_names, self.size[1])
         self._logits = logits
         self._probs: torch.Tensor | None = None
+        self._dropped: torch.Tensor | None = None  # (C,) the area filter's classes, once counted
         self.progress = progress
 
     @classmethod
@@ -87,7 +96,10 @@ class FullResolutionMaps:
         )
 
     def _segment(
-        self, probs_out: torch.Tensor | None = None, progress: Callable[[int, int], None] | None = None
+        self,
+        probs_out: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        labels_dtype: torch.dtype = torch.int64,
     ) -> torch.Tensor:
         rule = self.rule
         return segment_rows(
@@ -102,12 +114,18 @@ class FullResolutionMaps:
             probs_out=probs_out,
             bg_label=rule.bg_label,
             progress=progress,
+            labels_dtype=labels_dtype,
         )
 
     @torch.inference_mode()
-    def labels(self) -> torch.Tensor:
-        """(H0, W0) int64 class index per pixel, in [0, C); computed band by band (not kept)."""
-        return self._segment(progress=self.progress)
+    def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(H0, W0) class index per pixel, in [0, C) or the rule's ``bg_label``; computed band by band (not kept).
+
+        Args:
+            dtype: the labels' integer dtype; None: the smallest that holds them (:func:`compact_label_dtype`).
+        """
+        wanted = compact_label_dtype(self.rule.num_classes) if dtype is None else dtype
+        return self._segment(progress=self.progress, labels_dtype=wanted)
 
     @torch.inference_mode()
     def logits(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -135,3 +153,20 @@ class FullResolutionMaps:
             self._segment(probs_out=probs)
             self._probs = probs
         return self._probs
+
+    @torch.inference_mode()
+    def probs_of_rows(self, start: int, stop: int) -> torch.Tensor:
+        """(C, stop - start, W0) fp32 class probabilities of rows ``start:stop``: ``probs()[:, start:stop]``
+        without building the whole map (a click on a pixel of a 9000 x 9000 result needs one row)."""
+        if self._probs is not None:
+            return self._probs[:, start:stop]
+        rule = self.rule
+        probs = band_class_probs(self._rows(start, stop), rule.name_to_class, rule.num_classes, rule.logit_scale)
+        if rule.area_threshold is not None:
+            if self._dropped is None:  # the filter needs the whole image's class areas: one pass, kept
+                bands = row_bands(self.size[0], self.band_rows)
+                self._dropped = dropped_classes(
+                    self._rows, bands, rule.name_to_class, rule.num_classes, rule.logit_scale, rule.area_threshold
+                )
+            probs[self._dropped.to(probs.device)] = 0.0
+        return probs  # (C, n, W0)

@@ -171,6 +171,18 @@ def labels_from_probs(class_probs: torch.Tensor, bg_threshold: float = 0.0, bg_l
     return labels
 
 
+def compact_label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest signed integer dtype that holds the labels of ``num_classes`` classes and -1 (UNLABELLED).
+
+    int8 up to 128 classes (1 byte a pixel: 81 MB for a 9000 x 9000 photo, against 648 MB in int64), int16 up
+    to 32768, else int32.
+    """
+    for dtype in (torch.int8, torch.int16):
+        if num_classes - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int32
+
+
 def default_band_rows(channels: int, width: int, elements: int = BAND_ELEMENTS) -> int:
     """Rows per band so that a (channels, rows, width) band holds about ``elements`` values (>= 1; ``elements``
     0: one band for any image)."""
@@ -196,6 +208,34 @@ def _class_probs_of_band(
     return class_probabilities(name_probs, mapping, num_classes)  # (C, n, W)
 
 
+def band_class_probs(
+    logits: torch.Tensor, name_to_class: Sequence[int], num_classes: int, logit_scale: float
+) -> torch.Tensor:
+    """Spec §2.6 steps 2-3 on a band of rows: (Q, n, W) logits -> (C, n, W) float32 class probabilities."""
+    mapping = _class_of_each_name(name_to_class, int(logits.shape[0]), num_classes)
+    return _class_probs_of_band(logits, mapping, num_classes, logit_scale)
+
+
+def dropped_classes(
+    logit_rows: LogitRows,
+    bands: Sequence[tuple[int, int]],
+    name_to_class: Sequence[int],
+    num_classes: int,
+    logit_scale: float,
+    area_threshold: float,
+) -> torch.Tensor:
+    """The area filter's classes (:func:`small_classes`), their areas counted over ``bands`` (the whole image).
+
+    Returns:
+        (C,) bool, True for the classes whose probability is set to 0 everywhere.
+    """
+    mapping = list(name_to_class)
+    areas = torch.zeros(num_classes, dtype=torch.int64)  # (C,)
+    for start, stop in bands:
+        areas += class_areas(_class_probs_of_band(logit_rows(start, stop), mapping, num_classes, logit_scale))
+    return small_classes(areas, area_threshold)  # (C,) bool
+
+
 def segment_rows(
     logit_rows: LogitRows,
     size: tuple[int, int],
@@ -209,6 +249,7 @@ def segment_rows(
     probs_out: torch.Tensor | None = None,
     bg_label: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    labels_dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
     """Spec §2.6 steps 2-5 band by band: joint softmax, synonym max, area filter, argmax + background.
 
@@ -230,9 +271,11 @@ def segment_rows(
         probs_out: optional (C, H0, W0) tensor that receives the class probabilities (after the filter).
         bg_label: label of the pixels below ``bg_threshold`` (see :func:`labels_from_probs`).
         progress: called as ``progress(rows_labelled, H0)`` after each band of the labelling pass.
+        labels_dtype: integer dtype of the result (e.g. :func:`compact_label_dtype`); it must hold C - 1
+            and ``bg_label``. The values do not depend on it.
 
     Returns:
-        (H0, W0) int64 labels in [0, C), or ``bg_label``.
+        (H0, W0) labels in [0, C), or ``bg_label``, of ``labels_dtype``.
     """
     height, width = size
     num_names = len(name_to_class)
@@ -243,10 +286,7 @@ def segment_rows(
 
     drop: torch.Tensor | None = None
     if area_threshold is not None:
-        areas = torch.zeros(num_classes, dtype=torch.int64)  # (C,)
-        for start, stop in bands:
-            areas += class_areas(_class_probs_of_band(logit_rows(start, stop), mapping, num_classes, logit_scale))
-        drop = small_classes(areas, area_threshold)  # (C,) bool
+        drop = dropped_classes(logit_rows, bands, mapping, num_classes, logit_scale, area_threshold)  # (C,) bool
 
     labels: torch.Tensor | None = None
     for start, stop in bands:
@@ -255,7 +295,7 @@ def segment_rows(
             probs[drop.to(probs.device)] = 0.0
         band_labels = labels_from_probs(probs, bg_threshold, bg_label)  # (n, W0)
         if labels is None:
-            labels = torch.empty(height, width, dtype=torch.int64, device=band_labels.device)  # (H0, W0)
+            labels = torch.empty(height, width, dtype=labels_dtype, device=band_labels.device)  # (H0, W0)
         labels[start:stop] = band_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs

@@ -8,11 +8,15 @@ writer returned. On failure the temporary file is removed and the destination is
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -20,6 +24,10 @@ from ovss.errors import OvssError
 
 # Attempts at finding an unused temporary name before giving up (collisions need 32 random bits to clash).
 _MAX_TEMP_NAME_ATTEMPTS = 100
+# This machine in temporary names (letters, digits and '-'): a sweep removes only its own dead writers' files,
+# never those of a live writer on another machine sharing the folder (``ovss segment --shard`` on a cluster).
+_WRITER = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp[^/]*$")
 
 
 def _create_temp_file(folder: Path, name: str, suffix: str) -> Path:
@@ -29,7 +37,7 @@ def _create_temp_file(folder: Path, name: str, suffix: str) -> Path:
     permissions as a file written directly (``tempfile.mkstemp`` would give 0o600).
     """
     for _ in range(_MAX_TEMP_NAME_ATTEMPTS):
-        candidate = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
+        candidate = folder / f".{name}.{_WRITER}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
         try:
             descriptor = os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
@@ -41,6 +49,45 @@ def _create_temp_file(folder: Path, name: str, suffix: str) -> Path:
     raise OvssError(
         f"cannot create a temporary file in '{folder}'; remove stale '.{name}.*.tmp*' files there"
     )
+
+
+def sweep_temp_files(folder: str | os.PathLike[str], *, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files that killed writers of this machine left in ``folder`` (and below it).
+
+    A process killed mid-write (SIGKILL, power loss) cannot remove its hidden temporary file; the finished
+    files are never touched. Only files named by :func:`atomic_write` on this machine whose process is gone
+    are removed (a live writer's, or another machine's, are kept).
+
+    Args:
+        folder: where to look.
+        recursive: also look in every folder below it.
+
+    Returns:
+        The removed paths.
+    """
+    removed: list[Path] = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    for path in root.rglob(".*.tmp*") if recursive else root.glob(".*.tmp*"):
+        match = _TEMP_NAME.match(path.name)
+        if match is None or match["host"] != _WRITER or _process_alive(int(match["pid"])) or not path.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], None]) -> Path:
@@ -117,6 +164,52 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray | Image.Image) -> P
 
     def write(temp_path: Path) -> None:
         pil_image.save(temp_path, format="PNG")
+
+    return atomic_write(path, write)
+
+
+PNG_COMPRESSION = 3  # zlib level of save_rgb_png: 3-4x faster than Pillow's 6 on photos, ~15 % larger files
+
+
+def save_rgb_png(path: str | os.PathLike[str], rgb: np.ndarray, *, consume: bool = False) -> Path:
+    """Save an (H, W, 3) uint8 RGB array as a PNG file, atomically, without a full-size copy of it.
+
+    Pillow's PNG writer first copies an RGB array into its own 4-bytes-a-pixel image (324 MB for a
+    9000 x 9000 overlay); OpenCV's writes the array itself, but in BGR order. So the channels of ``rgb`` are
+    swapped in place while it is encoded, and swapped back afterwards unless ``consume`` (the array is then
+    left in BGR order: for an array nobody reads afterwards, e.g. a freshly rendered overlay). Meanwhile no
+    other thread may read the array. The file holds the pixels ``rgb`` had before the call.
+
+    Args:
+        path: destination, must end in ``.png``.
+        rgb: C-contiguous, writeable (H, W, 3) uint8 RGB array.
+        consume: leave ``rgb`` in BGR order (saves one pass over it).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        OvssError: wrong extension, or an array of another dtype, shape or layout.
+    """
+    _check_suffix(path, ".png")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or not rgb.flags.c_contiguous:
+        raise OvssError(
+            f"cannot save an array of dtype {rgb.dtype}, shape {rgb.shape} as an RGB PNG; expected a "
+            "C-contiguous uint8 array of shape (H, W, 3)"
+        )
+    if not rgb.flags.writeable:  # a read-only array cannot be swapped in place: Pillow's copy it is
+        return save_png(path, rgb)
+    cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb)  # (H, W, 3) channels swapped in place
+    try:
+        encoded_ok, encoded = cv2.imencode(".png", rgb, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    finally:
+        if not consume:
+            cv2.cvtColor(rgb, cv2.COLOR_BGR2RGB, dst=rgb)  # (H, W, 3) back to RGB
+    if not encoded_ok:
+        raise OvssError(f"OpenCV could not encode a {rgb.shape[1]}x{rgb.shape[0]} PNG for '{path}'")
+
+    def write(temp_path: Path) -> None:
+        encoded.tofile(temp_path)
 
     return atomic_write(path, write)
 
