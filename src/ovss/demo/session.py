@@ -70,7 +70,7 @@ def image_key(rgb: np.ndarray) -> str:
     """A hash of the pixels and the shape: equal images share their cached features."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(str(rgb.shape).encode())
-    digest.update(memoryview(np.ascontiguousarray(rgb)))  # hashed in place: no bytes copy of the image
+    digest.update(np.ascontiguousarray(rgb).data)  # hashed in place: no bytes copy of the image
     return digest.hexdigest()
 
 

@@ -28,7 +28,7 @@ from ovss.methods.options import TridentOptions, base_options
 from ovss.methods.proxyclip import clip_values_on_grid, masked_softmax, proxy_attention, vfm_features
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
-from ovss.pipeline.postprocess import labels_from_probs
+from ovss.pipeline.postprocess import compact_label_dtype, labels_from_probs
 from ovss.pipeline.windows import Layout, Window
 from ovss.precision import full_precision
 
@@ -153,7 +153,7 @@ class RefinedMaps(FullResolutionMaps):
         self._probs = coarse._probs  # built for the refinement: kept, not recomputed
         self._refined = labels  # (H0, W0) int64
 
-    def labels(self) -> torch.Tensor:
-        """(H0, W0) int64 labels after SAM refinement."""
-        return self._refined
+    def labels(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(H0, W0) labels after SAM refinement, in ``dtype`` (None: the smallest that holds them)."""
+        return self._refined.to(compact_label_dtype(self.rule.num_classes) if dtype is None else dtype)
 
