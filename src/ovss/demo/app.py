@@ -7,6 +7,7 @@ page's settings are applied to them for the duration of a request.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ def segment(
     """
     report = None if progress is None else (lambda fraction, text: progress(fraction, desc=text))
     try:
+        started = time.perf_counter()
         rgb = read_upload(image)
         results = session.run(
             rgb,
@@ -104,6 +106,7 @@ def segment(
             bg_threshold=bg_threshold,
             show_windows=show_windows,
             progress=report,
+            decode_seconds=time.perf_counter() - started,
         )
     except OvssError as err:
         return _failed(str(err), previous or [], session.set_image_calls)

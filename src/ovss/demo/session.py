@@ -232,6 +232,7 @@ class DemoSession:
         show_windows: bool = False,
         alpha: float = 0.5,
         progress: Progress | None = None,
+        decode_seconds: float = 0.0,
     ) -> list[MethodResult]:
         """Segment ``image`` with every chosen method.
 
@@ -247,6 +248,7 @@ class DemoSession:
             show_windows: draw the sliding windows over each overlay (the seams GLA works on).
             alpha: overlay opacity of the class colours, in [0, 1].
             progress: called as ``progress(fraction, text)`` before the labels and while windows are encoded.
+            decode_seconds: time the caller spent decoding ``image`` (the page's upload), counted as reading it.
 
         Returns:
             One :class:`MethodResult` per method, in the given order.
@@ -261,7 +263,7 @@ class DemoSession:
         classes = parse_label_box(labels)
         started = time.perf_counter()
         rgb = read_rgb(image)
-        read_seconds = time.perf_counter() - started
+        read_seconds = decode_seconds + time.perf_counter() - started
         if not 0.0 <= alpha <= 1.0:
             raise OvssError(f"overlay opacity must be in [0, 1], got {alpha}")
         background = background_class(classes)
