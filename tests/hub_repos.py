@@ -140,8 +140,9 @@ def hf_dinov2_registers(seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def build_hub(clip: torch.nn.Module, dinov2: torch.nn.Module, dinov3: dict[str, torch.nn.Module],
-              sam: torch.nn.Module) -> FakeHub:
+def build_hub(
+    clip: torch.nn.Module, dinov2: torch.nn.Module, dinov3: dict[str, torch.nn.Module], sam: torch.nn.Module
+) -> FakeHub:
     """The server with every repository; DINOv3 is gated (``GOOD_TOKEN``) with an old commit tagged v1.0."""
     hub = FakeHub()
     clip_files = clip_repo(clip)

@@ -193,7 +193,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
             commit, files = tree
             if name not in files:
-                return self._error(404, "EntryNotFound", f"{name} does not exist on \"{revision}\"", body, commit)
+                return self._error(404, "EntryNotFound", f'{name} does not exist on "{revision}"', body, commit)
             content = files[name]
             if is_lfs(name):
                 sha256 = hashlib.sha256(content).hexdigest()

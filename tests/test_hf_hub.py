@@ -193,9 +193,7 @@ def test_offline_switches_read_the_cache_without_a_request(
         resolve_hub(f"hf-hub:{SAM}", "sam", download=False)
 
 
-def test_an_unreachable_hub_falls_back_to_the_cache(
-    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_unreachable_hub_falls_back_to_the_cache(hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = resolve_hub(f"hf-hub:{DINOV2}", "vfm")
     dead = "http://127.0.0.1:9"  # the discard port: nothing listens
     monkeypatch.setenv("HF_ENDPOINT", dead)

@@ -242,7 +242,8 @@ def load(
             Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
             Trident's default is "dino-vitb16".
         sam: SAM weights of SAM-based methods (``trident``; default "sam-vitb"): a registry name, a Hub id
-            (``"hf-hub:facebook/sam-vit-base"``), a local official checkpoint, or a built SAM model. Ignored by the other methods.
+            (``"hf-hub:facebook/sam-vit-base"``), a local official checkpoint, or a built SAM model. Ignored by
+            the other methods.
         gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``);
             a dict attaches GLA with these GLA options (``gla={"rho": 0.55}`` equals ``gla_rho=0.55``).
         device: where to run (default CPU). Nothing is moved behind your back.
@@ -297,8 +298,8 @@ def load(
     model, record = load_clip(clip, act=act, download=download, token=token)
     if model.text is not None and tokenizer is not False and not isinstance(tokenizer, Tokenizer):  # fail at load
         # Found and checked now, parsed only when a name misses the text-embedding cache.
-        folder = record["clip_path"] if is_hub_id(clip) else clip  # a Hub repository's own vocab.json + merges.txt
-        tokenizer = resolve_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else folder)
+        source = None if isinstance(clip, CLIP) else record["clip_path"] if is_hub_id(clip) else clip  # Hub: its folder
+        tokenizer = resolve_tokenizer(tokenizer, download=download, model=source)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
     models, role_record = load_role_models(spec, given, download, device, token)
     record.update(role_record)

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ovss.errors import OvssError
 
@@ -95,7 +95,7 @@ class HubWeights:
         }
 
 
-def is_hub_id(name: object) -> bool:
+def is_hub_id(name: object) -> TypeGuard[str]:
     """Whether ``name`` is a string starting with ``hf-hub:``."""
     return isinstance(name, str) and name.startswith(PREFIX)
 
@@ -266,7 +266,7 @@ def _silent_tqdm() -> type:
     """A tqdm class that draws nothing (``progress=False``)."""
     from tqdm.auto import tqdm
 
-    class _Silent(tqdm):  # type: ignore[misc, type-arg]
+    class _Silent(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
@@ -341,8 +341,7 @@ def _hub_error(error: Exception, hub_id: HubId, name: str, token: str | None) ->
             else f"or it is private and no token was sent ({_HOW_TOKEN})"
         )
         return OvssError(
-            f"Hub repository '{hub_id.repo_id}' was not found at {hub_endpoint()} ({private}); check the name at "
-            f"{page}"
+            f"Hub repository '{hub_id.repo_id}' was not found at {hub_endpoint()} ({private}); check the name at {page}"
         )
     if isinstance(error, RevisionNotFoundError):
         return OvssError(
@@ -356,4 +355,3 @@ def _hub_error(error: Exception, hub_id: HubId, name: str, token: str | None) ->
     if isinstance(error, HfHubHTTPError):
         return OvssError(f"the Hub refused '{name}' (HTTP {status}: {_first_line(error)}); check the id at {page}")
     return OvssError(f"'{name}' could not be fetched from the Hub ({type(error).__name__}: {_first_line(error)})")
-
