@@ -256,3 +256,13 @@ def test_ovss_models_lists_the_usable_repositories_of_the_hf_cache(
     }
     assert rows[f"hf-hub:{SAM}"][-2:] == ["MiB", "model.safetensors"]
     assert rows[f"hf-hub:{OPEN_CLIP}"][-1] == "open_clip_model.safetensors"
+
+
+def test_every_hub_counterpart_names_a_registry_entry_and_parses() -> None:
+    from ovss.storage.weights import HUB_IDS, REGISTRY
+
+    assert set(HUB_IDS) <= set(REGISTRY) and "clip-bpe" not in HUB_IDS
+    assert HUB_IDS["ViT-B/16"] == f"hf-hub:{CLIP_HF}" and HUB_IDS["dinov3_vitb16"] == f"hf-hub:{DINOV3}"
+    assert HUB_IDS["sam-vitb"] == f"hf-hub:{SAM}" and HUB_IDS["ViT-B-16/laion2b_s34b_b88k"] == f"hf-hub:{OPEN_CLIP}"
+    for hub_id in HUB_IDS.values():
+        assert parse_hub_id(hub_id).revision is None

@@ -52,6 +52,7 @@ def list_methods(args: argparse.Namespace) -> int:
 def list_models(args: argparse.Namespace) -> int:
     """Every registered file: kind, name, whether it is in the cache folder (yes / no), description."""
     from ovss.storage import hub
+    from ovss.storage.weights import HUB_IDS
 
     folder = hub.cache_dir()
     print(f"cache: {folder}")
@@ -60,6 +61,12 @@ def list_models(args: argparse.Namespace) -> int:
         entry = hub.REGISTRY[name]
         cached = "yes" if (folder / entry.filename).is_file() else "no"
         print(f"{entry.kind:9s} {name:36s} {cached:6s} {entry.description}")
+    print(
+        "\nRegistry names download the original release files above into that cache (SHA-256 checked, results as "
+        "before); the same models on the Hugging Face Hub, fetched into the Hugging Face cache instead:"
+    )
+    for name, hub_id in HUB_IDS.items():
+        print(f"  {name:36s} = {hub_id}")
     _list_hub_cache()
     return 0
 

@@ -208,6 +208,7 @@ def resolve_hub(
 def _fetch(hub_id: HubId, name: str, kind: str | None, token: str | None, progress: bool) -> HubWeights:
     """List the repository at the revision, pick the weights and download them with their configs."""
     from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     endpoint = hub_endpoint()
     info = HfApi(endpoint=endpoint).model_info(
@@ -217,12 +218,22 @@ def _fetch(hub_id: HubId, name: str, kind: str | None, token: str | None, progre
     weights = next((f for f in WEIGHT_FILES[kind] if f in present), None)
     if weights is None:
         raise _no_weights(name, kind, sorted(present), f"commit {info.sha}")
-    cache = hub_cache_dir()
-    options: dict[str, Any] = {"cache_dir": cache, "token": token, "endpoint": endpoint}
-    if not progress:
-        options["tqdm_class"] = _silent_tqdm()
-    for file in (weights, *(f for f in SIDE_FILES[kind] if f in present)):
-        path = hf_hub_download(hub_id.repo_id, file, revision=hub_id.revision, **options)
+    silence = not progress and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        for file in (weights, *(f for f in SIDE_FILES[kind] if f in present)):
+            path = hf_hub_download(
+                hub_id.repo_id,
+                file,
+                revision=hub_id.revision,
+                cache_dir=hub_cache_dir(),
+                token=token,
+                endpoint=endpoint,
+            )
+    finally:
+        if silence:
+            enable_progress_bars()
     return _describe(hub_id, name, Path(str(path)).parent, weights)
 
 
@@ -260,18 +271,6 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _silent_tqdm() -> type:
-    """A tqdm class that draws nothing (``progress=False``)."""
-    from tqdm.auto import tqdm
-
-    class _Silent(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return _Silent
 
 
 def _no_weights(name: str, kind: str | None, present: list[str], where: str) -> OvssError:
