@@ -30,7 +30,12 @@ def add_parser(sub: Any) -> None:
         "hf-hub:facebook/dinov3-vitb16-pretrain-lvd1689m, or methods, e.g. trident: the weights the method "
         "loads by default (see: ovss methods)",
     )
-    p.add_argument("--cache", metavar="DIR", help="cache folder to fill (default: the usual cache folder)")
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="cache folder to fill with registered files (default: the usual cache folder); Hub ids go to the "
+        "Hugging Face cache (set HF_HUB_CACHE to choose it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=download)
 

@@ -198,10 +198,13 @@ def resolve_hub(
     found = _from_cache(hub_id, name, kind)
     if found is not None:
         return found
+    retry = "unset it" if reason.startswith("offline mode") else "check the connection (or HTTPS_PROXY) and retry"
+    if reason.startswith("downloads disabled"):
+        retry = "allow downloads (download=True, no --offline)"
     raise OvssError(
         f"{_LABELS[kind]} '{name}' are not in the Hugging Face cache {hub_cache_dir()} and cannot be downloaded "
         f"({reason}). Run `ovss download {name}` where the Hub can be reached (then copy that cache folder here "
-        "and point HF_HUB_CACHE or HF_HOME at it), or unset the offline switch."
+        f"and point HF_HUB_CACHE or HF_HOME at it), or {retry}."
     )
 
 
