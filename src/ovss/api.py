@@ -16,6 +16,7 @@ from ovss.methods.registry import MethodSpec, with_gla
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
 from ovss.predictor import Segmenter
+from ovss.storage.hf_hub import is_hub_id, resolve_hub
 from ovss.text.tokenizer import Tokenizer, resolve_tokenizer
 from ovss.tuning import Tuning, resolve_tuning
 
@@ -65,17 +66,21 @@ def load_clip(
     *,
     act: str | None = None,
     download: bool = True,
+    token: str | None = None,
 ) -> tuple[CLIP, dict[str, Any]]:
-    """Load CLIP weights by registry name or local file/folder (OpenAI .pt, OpenCLIP, Hugging Face).
+    """Load CLIP weights by registry name, Hub id or local file/folder (OpenAI .pt, OpenCLIP, Hugging Face).
 
     What the tensors cannot say comes from the registry entry of a named checkpoint, else from the configs
     beside a local file (see :func:`ovss.models.formats.load_clip_state_dict`): the MLP activation, the
     attention heads of each tower (default width // 64) and the RGB input statistics (default OpenAI's).
 
     Args:
-        clip: a name from :func:`ovss.available_models`, a local weight file or HF folder, or a built model.
+        clip: a name from :func:`ovss.available_models`, a Hub id ``hf-hub:ORG/NAME[@REVISION]``, a local weight
+            file or HF folder, or a built model.
         act: MLP activation override ("quick_gelu" or "gelu"); default from the file or the registry entry.
-        download: allow downloading registry weights that are not cached.
+        download: allow downloading registry or Hub weights that are not cached.
+        token: Hugging Face access token for a gated or private Hub repository (default: HF_TOKEN or the
+            ``hf auth login`` token, read by huggingface_hub).
 
     Returns:
         The model (CPU, fp32, eval) and a record of where it came from (name, path, format, activation,
@@ -88,7 +93,8 @@ def load_clip(
     from ovss.storage import hub
 
     name = str(clip)
-    path = hub.resolve(name, kind="clip", download=download)
+    hub_weights = resolve_hub(name, "clip", download=download, token=token) if is_hub_id(name) else None
+    path = hub_weights.folder if hub_weights is not None else hub.resolve(name, kind="clip", download=download)
     state_dict, info = load_clip_state_dict(path)
     entry = hub.REGISTRY.get(name)
     chosen = act or info.act or (entry.act if entry is not None else None) or "quick_gelu"
@@ -120,6 +126,8 @@ def load_clip(
     }
     if entry is not None and entry.sha256:
         record["clip_sha256"] = entry.sha256
+    if hub_weights is not None:  # the commit the revision resolved to and the weights file's SHA-256
+        record.update(hub_weights.record("clip"))
     return model, record
 
 
@@ -161,13 +169,19 @@ ROLE_LOADERS: dict[str, Callable[[str | os.PathLike[str], bool], tuple[Any, dict
 
 
 def load_role_models(
-    spec: MethodSpec, given: Mapping[str, Any], download: bool, device: torch.device | str
+    spec: MethodSpec,
+    given: Mapping[str, Any],
+    download: bool,
+    device: torch.device | str,
+    token: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The models a method needs beyond CLIP (``spec.weights``), each given or its default, on ``device``.
 
     Args:
         spec: the method.
-        given: role -> what the caller passed (None: the method's default weights; a name or path; a built model).
+        given: role -> what the caller passed (None: the method's default weights; a name, Hub id or path; a
+            built model). A Hub id is fetched here and its snapshot folder read by the role's loader.
+        token: Hugging Face access token for Hub ids (None: huggingface_hub's own).
 
     Returns:
         role -> model, and the merged record of where each came from.
@@ -178,6 +192,10 @@ def load_role_models(
         source = given.get(role)
         if isinstance(source, torch.nn.Module):
             model, rec = source, _in_memory_record(role, source)
+        elif is_hub_id(source):
+            hub_weights = resolve_hub(source, role, download=download, token=token)
+            model, rec = ROLE_LOADERS[role](str(hub_weights.folder), download)
+            rec.update(hub_weights.record(role))
         else:
             model, rec = ROLE_LOADERS[role](source if source is not None else default, download)
         models[role] = model.to(device=device)
@@ -208,6 +226,7 @@ def load(
     act: str | None = None,
     download: bool = True,
     tuning: Tuning | Mapping[str, Any] | None = None,
+    token: str | None = None,
     **settings: Any,
 ) -> Segmenter:
     """Build a segmenter.
@@ -215,12 +234,16 @@ def load(
     Args:
         method: a name from :func:`ovss.available_methods` (e.g. "clearclip", "naclip", "proxyclip+gla").
         clip: CLIP weights: a registry name (default "ViT-B/16", downloaded and checksummed on first use),
-            a local file in any supported format, or an already built :class:`~ovss.models.clip.CLIP`.
+            a Hugging Face Hub id (``"hf-hub:openai/clip-vit-base-patch16"``, optionally ``@REVISION``: a
+            branch, tag or commit), a local file in any supported format, or a built
+            :class:`~ovss.models.clip.CLIP`. Hub ids are fetched into the Hugging Face cache.
         vfm: the vision foundation model of DINO-guided methods (default "dino-vitb8"): a registry name,
-            a local DINO / DINOv2 / Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
+            a Hub id (``"hf-hub:facebook/dinov3-vitb16-pretrain-lvd1689m"``), a local DINO / DINOv2 / DINOv3 /
+            Hugging Face checkpoint, or a built ViT. Ignored by CLIP-only methods.
             Trident's default is "dino-vitb16".
-        sam: SAM weights of SAM-based methods (``trident``; default "sam-vitb"): a registry name, a local
-            official checkpoint, or a built SAM model. Ignored by the other methods.
+        sam: SAM weights of SAM-based methods (``trident``; default "sam-vitb"): a registry name, a Hub id
+            (``"hf-hub:facebook/sam-vit-base"``), a local official checkpoint, or a built SAM model. Ignored by
+            the other methods.
         gla: attach GLA to the method (``load("proxyclip", gla=True)`` equals ``load("proxyclip+gla")``);
             a dict attaches GLA with these GLA options (``gla={"rho": 0.55}`` equals ``gla_rho=0.55``).
         device: where to run (default CPU). Nothing is moved behind your back.
@@ -235,6 +258,8 @@ def load(
             is looked for, and a ``predict`` (or ``encode_names``) without ``text_embeddings`` fails.
         act: override the MLP activation ("quick_gelu" / "gelu") for checkpoints that do not say.
         download: allow downloading weights that are not cached.
+        token: Hugging Face access token for gated or private Hub repositories (default: HF_TOKEN or the
+            ``hf auth login`` token, which huggingface_hub reads itself). Never recorded.
         tuning: speed / memory switches (:class:`~ovss.tuning.Tuning`, or a dict of its fields; default
             ``Tuning()``); none changes results beyond floating-point rounding. Recorded in ``config``.
         **settings: pipeline settings and method options, checked against their declared types.
@@ -270,12 +295,13 @@ def load(
 
     given = {"vfm": vfm, "sam": sam}
     hub.check_offline(wanted_files(spec, clip, given), download=download, vocabulary=tokenizer is None)  # all at once
-    model, record = load_clip(clip, act=act, download=download)
+    model, record = load_clip(clip, act=act, download=download, token=token)
     if model.text is not None and tokenizer is not False and not isinstance(tokenizer, Tokenizer):  # fail at load
         # Found and checked now, parsed only when a name misses the text-embedding cache.
-        tokenizer = resolve_tokenizer(tokenizer, download=download, model=None if isinstance(clip, CLIP) else clip)
+        source = None if isinstance(clip, CLIP) else record["clip_path"] if is_hub_id(clip) else clip  # Hub: its folder
+        tokenizer = resolve_tokenizer(tokenizer, download=download, model=source)
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
-    models, role_record = load_role_models(spec, given, download, device)
+    models, role_record = load_role_models(spec, given, download, device, token)
     record.update(role_record)
     return Segmenter(
         model,

@@ -17,7 +17,8 @@ def add_parser(sub: Any) -> None:
             "$XDG_CACHE_HOME/ovss, else ~/.cache/ovss), one file per CLIP weights and template set, so a "
             "name is encoded once; OVSS_TEXT_CACHE=0 turns that cache off. TorchScript checkpoints (OpenAI's "
             "CLIP .pt) get an fp32 copy under <cache folder>/prepared, read in place of the archive; "
-            "OVSS_PREPARED_CACHE=0 turns that off. Downloaded weights are not touched."
+            "OVSS_PREPARED_CACHE=0 turns that off. Downloaded weights are not touched, nor is the Hugging Face "
+            "cache of hf-hub: weights (`ovss models` lists it; huggingface_hub's `hf` command manages it)."
         ),
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -9,7 +9,11 @@ from typing import Any
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("methods", help="list the segmentation methods")
     p.set_defaults(func=list_methods)
-    p = sub.add_parser("models", help="list the named weights (CLIP, VFMs, tokenizer) and the cache folder")
+    p = sub.add_parser(
+        "models",
+        help="list the named weights (CLIP, VFMs, tokenizer, SAM), the cache folder, and the Hugging Face Hub "
+        "repositories in the Hugging Face cache that ovss can load (hf-hub:ORG/NAME)",
+    )
     p.set_defaults(func=list_models)
 
 
@@ -48,6 +52,7 @@ def list_methods(args: argparse.Namespace) -> int:
 def list_models(args: argparse.Namespace) -> int:
     """Every registered file: kind, name, whether it is in the cache folder (yes / no), description."""
     from ovss.storage import hub
+    from ovss.storage.weights import HUB_IDS
 
     folder = hub.cache_dir()
     print(f"cache: {folder}")
@@ -56,4 +61,26 @@ def list_models(args: argparse.Namespace) -> int:
         entry = hub.REGISTRY[name]
         cached = "yes" if (folder / entry.filename).is_file() else "no"
         print(f"{entry.kind:9s} {name:36s} {cached:6s} {entry.description}")
+    print(
+        "\nRegistry names download the original release files above into that cache (SHA-256 checked, results as "
+        "before); the same models on the Hugging Face Hub, fetched into the Hugging Face cache instead:"
+    )
+    for name, hub_id in HUB_IDS.items():
+        print(f"  {name:36s} = {hub_id}")
+    _list_hub_cache()
     return 0
+
+
+def _list_hub_cache() -> None:
+    """The revisions of the Hugging Face cache ovss can load: kind, the id that loads it, commit, size, file."""
+    from ovss.storage.hf_cache import cached_weights
+    from ovss.storage.hf_hub import hub_cache_dir
+
+    found = cached_weights()
+    print(f"\nHugging Face cache: {hub_cache_dir()} (Hub ids hf-hub:ORG/NAME[@REVISION]; shared with transformers)")
+    if not found:
+        print("  (no repository ovss can load; `ovss download hf-hub:ORG/NAME` fetches one)")
+        return
+    print(f"{'KIND':9s} {'NAME':60s} {'REVISION':12s} {'SIZE':>10s} FILE")
+    for item in found:
+        print(f"{item.kind:9s} {item.name:60s} {item.commit[:12]:12s} {item.size / 2**20:8.1f} MiB {item.file}")

@@ -159,18 +159,20 @@ def add_weight_flags(
     p.add_argument(
         "--clip",
         default=clip_default,
-        help="CLIP weights: a name from `ovss models` or a local file (OpenAI .pt, OpenCLIP .bin/.safetensors, "
-        f"Hugging Face folder); {shown}",
+        help="CLIP weights: a name from `ovss models`, a Hugging Face Hub id hf-hub:ORG/NAME[@REVISION] (e.g. "
+        "hf-hub:openai/clip-vit-base-patch16; gated or private: HF_TOKEN=... or `hf auth login`), or a local file "
+        f"(OpenAI .pt, OpenCLIP .bin/.safetensors, Hugging Face folder); {shown}",
     )
     p.add_argument(
         "--vfm",
-        help="vision foundation model of DINO-guided methods: a name from `ovss models` or a local DINO / DINOv2 / "
-        f"Hugging Face checkpoint (default: each method's own: {role_defaults('vfm')})",
+        help="vision foundation model of DINO-guided methods: a name from `ovss models`, a Hub id (e.g. "
+        "hf-hub:facebook/dinov3-vitb16-pretrain-lvd1689m, licence-gated: HF_TOKEN=... or `hf auth login`) or a "
+        f"local DINO / DINOv2 / DINOv3 / Hugging Face checkpoint (default: each method's own: {role_defaults('vfm')})",
     )
     p.add_argument(
         "--sam",
-        help="SAM weights of SAM-based methods: a name from `ovss models` or a local official checkpoint "
-        f"(default: {role_defaults('sam')})",
+        help="SAM weights of SAM-based methods: a name from `ovss models`, a Hub id (e.g. "
+        f"hf-hub:facebook/sam-vit-base) or a local official checkpoint (default: {role_defaults('sam')})",
     )
     if act:
         p.add_argument("--act", choices=["quick_gelu", "gelu"], help="MLP activation for checkpoints that do not say")
@@ -180,7 +182,12 @@ def add_weight_flags(
         "cached clip-bpe file, downloaded on first use)",
     )
     if offline:
-        p.add_argument("--offline", action="store_true", help="never download; fail if weights are not cached")
+        p.add_argument(
+            "--offline",
+            action="store_true",
+            help="never download; fail if weights are not cached (Hub ids: the Hugging Face cache; as "
+            "OVSS_OFFLINE=1 or HF_HUB_OFFLINE=1)",
+        )
 
 
 def add_device_flags(p: Parser, *, device: bool = True, dtype_default: str = "fp32", several: bool = False) -> None:

@@ -61,6 +61,8 @@ def weights_record(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             weights[prefix] = {"name": config.get(prefix), "path": str(value), "sha256": sha}
             if config.get(f"{prefix}_format"):
                 weights[prefix]["format"] = config[f"{prefix}_format"]
+            if config.get(f"{prefix}_revision"):  # a Hub id: the commit its revision resolved to
+                weights[prefix]["revision"] = config[f"{prefix}_revision"]
     if "clip" not in weights:
         weights["clip"] = {"name": config.get("clip"), "path": None, "sha256": None}
     return weights

@@ -50,6 +50,9 @@ _BLOCK = (
     "mlp.c_proj.weight",
     "mlp.c_proj.bias",
 )
+# The config of an OpenCLIP Hub repository (laion/CLIP-ViT-B-16-laion2B-s34B-b88K): its model_cfg is the
+# whole model definition, so a missing "quick_gelu" means open_clip's default activation, nn.GELU.
+_OPEN_CLIP_HUB_CONFIG = "open_clip_config.json"
 _FIX = "supply a ViT CLIP checkpoint (OpenAI .pt, open_clip or Hugging Face) with --clip PATH"
 
 
@@ -89,7 +92,8 @@ def load_clip_state_dict(path: str | Path) -> tuple[dict[str, Tensor], Checkpoin
         ``(state_dict, info)``: contiguous fp32 tensors keyed as in openai/CLIP (buffers such as
         ``input_resolution`` and HF ``position_ids`` dropped; ``logit_scale`` has shape ()), and a
         :class:`CheckpointInfo`. ``info.act`` is ``"quick_gelu"`` for OpenAI files, ``hidden_act`` of the HF
-        ``config.json`` for HF weights, and None for open_clip files (they do not record it).
+        ``config.json`` for HF weights; for open_clip files the ``quick_gelu`` of a config beside them, ``"gelu"``
+        when an ``open_clip_config.json`` leaves it out (open_clip's default), else None (not recorded).
 
     Raises:
         OvssError: the path is missing or unreadable, holds a ResNet CLIP, lacks keys, has keys ovss
@@ -118,6 +122,8 @@ def load_clip_state_dict(path: str | Path) -> tuple[dict[str, Tensor], Checkpoin
             sd = {k.removeprefix("text."): v for k, v in sd.items()}
     declared = declared_architecture(folder, weights, fmt)
     act = "quick_gelu" if fmt in ("openai-jit", "openai") else declared.get("act")
+    if act is None and fmt == "open_clip" and any(Path(c).name == _OPEN_CLIP_HUB_CONFIG for c in declared["configs"]):
+        act = "gelu"  # open_clip builds nn.GELU unless model_cfg.quick_gelu is true (LAION hub repositories)
 
     sd = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     has_text = _validate(sd, str(source))

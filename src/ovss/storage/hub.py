@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovss.errors import OvssError
+from ovss.storage.hf_hub import is_hub_id, resolve_hub
 from ovss.storage.weights import DEFAULT_CLIP, DEFAULT_VFM, KINDS, REGISTRY, WeightsEntry
 
 __all__ = [
@@ -89,8 +90,9 @@ def resolve(
     """The local file for a registered name or a path, downloading a registered file if it is not cached.
 
     Args:
-        name_or_path: an existing file or folder (returned unchanged), or one of
-            ``available_models(kind)``.
+        name_or_path: an existing file or folder (returned unchanged), one of ``available_models(kind)``, or
+            a Hub id ``hf-hub:ORG/NAME[@REVISION]`` (its snapshot folder in the Hugging Face cache, see
+            :mod:`ovss.storage.hf_hub`).
         kind: ``"clip"``, ``"vfm"``, ``"tokenizer"`` or ``"sam"``; a registered name must be of this kind.
         download: allow a network download when the file is not cached. ``OVSS_OFFLINE=1`` or
             ``HF_HUB_OFFLINE=1`` in the environment forbid it too.
@@ -109,6 +111,13 @@ def resolve(
     _check_kind(kind)
     if not name_or_path.strip():
         raise OvssError(f"empty {_LABELS[kind]} name; use one of: {', '.join(available_models(kind))}")
+    if is_hub_id(name_or_path):
+        if kind == "tokenizer":
+            raise OvssError(
+                f"'{name_or_path}' is a Hub repository, not a vocabulary file; a Hugging Face CLIP repository's own "
+                "vocab.json + merges.txt are used when it is the CLIP weights"
+            )
+        return resolve_hub(name_or_path, kind, download=download, progress=progress).folder
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path

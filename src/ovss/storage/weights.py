@@ -199,3 +199,24 @@ _SAM = (
 REGISTRY: dict[str, WeightsEntry] = {e.name: e for e in (*_ENTRIES, *_SAM)}
 DEFAULT_CLIP = "ViT-B/16"
 DEFAULT_VFM = "dino-vitb8"
+
+# The same models on the Hugging Face Hub (transformers / OpenCLIP layouts), for `ovss models` and the docs.
+# A registry name keeps downloading the original release file above (its published SHA-256, and results
+# bit-identical to earlier runs); the Hub id fetches the Hub's copy into the Hugging Face cache instead.
+HUB_IDS: dict[str, str] = {
+    "ViT-B/16": "hf-hub:openai/clip-vit-base-patch16",
+    "ViT-B/32": "hf-hub:openai/clip-vit-base-patch32",
+    "ViT-L/14": "hf-hub:openai/clip-vit-large-patch14",
+    "ViT-L/14@336px": "hf-hub:openai/clip-vit-large-patch14-336",
+    "ViT-B-16/laion2b_s34b_b88k": "hf-hub:laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
+    "ViT-B-32/laion2b_s34b_b79k": "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+    "ViT-L-14/laion2b_s32b_b82k": "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K",
+    "dino-vitb8": "hf-hub:facebook/dino-vitb8",
+    "dino-vitb16": "hf-hub:facebook/dino-vitb16",
+    "dino-vits8": "hf-hub:facebook/dino-vits8",
+    "dino-vits16": "hf-hub:facebook/dino-vits16",
+    "dinov2-vitb14-reg": "hf-hub:facebook/dinov2-with-registers-base",
+    "dinov2-vitl14-reg": "hf-hub:facebook/dinov2-with-registers-large",
+    "dinov3_vitb16": "hf-hub:facebook/dinov3-vitb16-pretrain-lvd1689m",
+    "sam-vitb": "hf-hub:facebook/sam-vit-base",
+}
