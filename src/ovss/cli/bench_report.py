@@ -86,12 +86,17 @@ def _gib(value: int | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
 
+def seconds_cell(r: dict[str, Any], digits: int = 3) -> str:
+    """A result's seconds per image; ``~`` and the disturbed count where it kept runs other processes disturbed."""
+    if not r["disturbed_runs"]:
+        return f"{r['seconds']:.{digits}f}"
+    return f"~{r['seconds']:.{digits}f} (disturbed {r['disturbed_runs']}/{len(r['seconds_all'])})"
+
+
 def row(r: dict[str, Any]) -> str:
     """One Markdown row of an image result; ``~`` marks a result that kept runs disturbed by other processes."""
     mark = "~" if r["disturbed_runs"] else ""
-    seconds = f"{mark}{r['seconds']:.3f}"
-    if r["disturbed_runs"]:
-        seconds += f" (disturbed {r['disturbed_runs']}/{len(r['seconds_all'])})"
+    seconds = seconds_cell(r)
     background = [b for b in r["background_cores"] if b is not None]
     others = f"{max(0.0, max(background)):.2f}" if background else "n/a"
     cols = [r["method"], r["precision"], r["image"], str(r["windows"]), seconds, str(r["redone"]), others]
