@@ -178,7 +178,7 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
     n = int(job.get("classes", len(TEXT_NAMES)))
     labels = [f"class {i}" for i in range(n)]
     E = seg.clip.visual.cfg.output_dim
-    text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1)  # (Q, E)
+    text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1).to(device)  # (Q, E)
     warmup = int(job.get("warmup", 1))
     counter = MatmulFlops() if job.get("count_flops", True) and warmup > 0 else None  # the first warm-up run
     last: list[Any] = []
