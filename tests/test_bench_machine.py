@@ -258,3 +258,34 @@ def test_image_job_redoes_disturbed_runs_in_the_measurement_process(
     assert r["gpu_peak_allocated_bytes"] is None and r["quiet_check"] is True
     r = bench_harness.image_job({**job, "policy": {"max_redos": 1}})
     assert r["redone"] == 1 and r["disturbed_runs"] == 1 and r["background_cores"][0] > 1
+
+
+def test_peaks_line_names_sizes_runs_and_kept_disturbed_runs() -> None:
+    from ovss.cli.bench_report import peaks_line
+
+    peaks = {"gflops": {"float32": 188.4, "bfloat16": 384.0}, "sizes": [1024, 2048, 3072, 4096], "repeats": 3,
+             "threads": 2, "detail": {"float32": {"size": 4096, "disturbed_runs": 0},
+                                      "bfloat16": {"size": 3072, "disturbed_runs": 2}}}  # fmt: skip
+    assert peaks_line(peaks) == (
+        "matmul peak (best square product of 1024³ to 4096³, 3 timed runs each, 2 threads): "
+        "fp32 188 (at 4096³), bf16 384 (at 3072³) (~: 2 disturbed runs kept) GFLOP/s"
+    )
+
+
+def test_cuda_device_defaults_to_three_precisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device plumbing without a GPU: a device check that accepts cuda gives fp32, fp16 and bf16 runs."""
+    import argparse
+
+    import ovss.api
+    from ovss.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    monkeypatch.setattr(ovss.api, "check_device", lambda device: torch.device(device))
+    args = parser.parse_args(["bench", "--device", "cuda:0", "--methods", "clearclip", "--clip", "x.pt"])
+    methods, precisions, *_ = bench._check_args(args)
+    assert precisions == ["fp32", "fp16", "bf16"] and args.device == "cuda:0" and methods == ["clearclip"]
+    args = parser.parse_args(["bench", "--methods", "clearclip", "--clip", "x.pt"])
+    assert bench._check_args(args)[1] == ["fp32", "bf16"] and args.device == "cpu"
+    args = parser.parse_args(["bench", "--device", "cuda", "--dtype", "fp16", "--clip", "x.pt"])
+    assert bench._check_args(args)[1] == ["fp16"]
