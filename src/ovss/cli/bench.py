@@ -26,6 +26,13 @@ from ovss.cli.options import (
 from ovss.errors import OvssError
 
 
+class _DefaultPrecisions(str):
+    """``--dtype``'s default in bench (a value the user gives is a plain ``str``): on a GPU it means fp32,fp16,bf16."""
+
+
+DEFAULT_PRECISIONS = _DefaultPrecisions("fp32,bf16")
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
@@ -45,7 +52,7 @@ def add_parser(sub: Any) -> None:
     add_methods_flag(g, None)
     add_weight_flags(g, clip_default=None, act=False, offline=False)  # the jobs never download
     add_device_flags(g, device=True, dtype_default="fp32,bf16", several=True)
-    p.set_defaults(dtype=None)  # unset: fp32,bf16 on a CPU, fp32,fp16,bf16 on a GPU
+    p.set_defaults(dtype=DEFAULT_PRECISIONS)  # fp32,bf16; on a GPU fp32,fp16,bf16
     p.add_argument("--size", default="512x512", metavar="HxW", help="random test image size (default 512x512)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every measurement (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the median is reported")
@@ -74,8 +81,8 @@ def _check_args(
 
     device = check_device(args.device)  # --device cuda without CUDA: one line, before anything runs
     args.device = str(device)
-    if args.dtype is None:
-        args.dtype = "fp32,fp16,bf16" if device.type == "cuda" else "fp32,bf16"
+    if isinstance(args.dtype, _DefaultPrecisions) and device.type == "cuda":  # --dtype not given, on a GPU
+        args.dtype = "fp32,fp16,bf16"
     precisions = dtypes_of(args)
     parts = args.size.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
