@@ -289,3 +289,10 @@ def test_cuda_device_defaults_to_three_precisions(monkeypatch: pytest.MonkeyPatc
     assert bench._check_args(args)[1] == ["fp32", "bf16"] and args.device == "cpu"
     args = parser.parse_args(["bench", "--device", "cuda", "--dtype", "fp16", "--clip", "x.pt"])
     assert bench._check_args(args)[1] == ["fp16"]
+
+
+def test_a_run_faster_than_its_other_dtypes_alone_scales_every_peak() -> None:
+    run = {"seconds": 0.2, "flops": {"float32": 4 * 10**9, "bfloat16": 10**9}}  # fp32 main; bf16 alone takes 0.25 s
+    raised = raised_peaks(run, {"float32": 1.0, "bfloat16": 4.0})
+    assert raised == pytest.approx({"float32": 21.25, "bfloat16": 85.0})  # both x (4 + 0.25) / 0.2
+    assert flop_bound_seconds(run["flops"], raised) == pytest.approx(0.2)
