@@ -160,7 +160,8 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
     """Load a method on ``device``, then ``warmup`` (default 1) and ``repeats`` timed ``set_image`` + ``predict`` runs.
 
     Each timed run is checked for other processes' load (:func:`ovss.cli.bench_machine.timed_runs`, policy from
-    the job's ``policy``); on a GPU the runs are synchronised and the peak GPU memory after loading is read.
+    the job's ``policy``; ``quiet_check: false`` turns the check off); on a GPU the runs are synchronised and
+    the peak GPU memory after loading is read. Without a warm-up (``warmup: 0``) no FLOPs are counted.
     """
     import numpy as np
     import torch.nn.functional as F
@@ -191,12 +192,12 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
         timer.sync()
         last[:] = [pred]
 
-    warmup_seconds = None
+    warmup_times = []
     for i in range(warmup):
         start = time.perf_counter()
         with counter if i == 0 and counter is not None else contextlib.nullcontext():
             one_run()
-        warmup_seconds = time.perf_counter() - start if i == 0 else warmup_seconds
+        warmup_times.append(time.perf_counter() - start)
     load = proc_load_source([os.getpid(), os.getppid()]) if job.get("quiet_check", True) else None
     timing = timed_runs(one_run, int(job.get("repeats", 3)), QuietPolicy(**job.get("policy", {})), load)
     if job.get("labels_out"):
@@ -210,7 +211,7 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
         "windows": len(seg.current_windows()[0]),
         "seconds": statistics.median(timing["seconds"]),
         "seconds_all": timing["seconds"],
-        "warmup_seconds": warmup_seconds,
+        "warmup_seconds": warmup_times[0] if warmup_times else None,
         "load_seconds": load_seconds,
         "quiet_check": load is not None,
         "background_cores": timing["background_cores"],
