@@ -271,14 +271,17 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    if platform.system() == "Darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip()
-        except OSError:
-            pass
-    return platform.processor() or platform.machine() or "unknown"
+    brand = _sysctl_brand() if platform.system() == "Darwin" else None
+    return brand or platform.processor() or platform.machine() or "unknown"
+
+
+def _sysctl_brand() -> str | None:
+    """macOS's CPU brand string (``sysctl -n machdep.cpu.brand_string``); None where it cannot be read."""
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def isa_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str] | None:
