@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         weights = _weights(args, folder, methods)
         roles = ("clip", "vfm", "sam", "files")
-        base = {"threads": args.threads, "tokenizer": args.tokenizer, "device": device, "policy": vars(policy)}
+        base = {"threads": args.threads, "tokenizer": args.tokenizer, "device": device, "policy": asdict(policy)}
         base.update({k: weights[k] for k in roles})
         print(f"weights: {weights['kind']}; {args.threads} threads; image {size} (random pixels); {device}")
         if args.quick:
@@ -184,7 +185,7 @@ def run_bench(args: argparse.Namespace) -> int:
             dtypes = ["float32", "bfloat16"] + (["float16"] if gpu or "fp16" in precisions else [])
             peak_job = {**base, "kind": "peaks", "dtypes": dtypes, "quick": args.quick}
             peaks = measure(peak_job, env)
-            machine.update({k: v for k, v in peaks.items() if k.startswith(("gpu", "driver", "cuda", "cudnn"))})
+            machine.update(peaks["gpu_info"] or {})  # read in the measurement process: this one never starts CUDA
             rates: dict[str, float] = dict(peaks["gflops"])
             print(f"{machine_line(machine)}\n{peaks_line(peaks)}\n\n{table_head(gpu)}", flush=True)
             jobs = []
@@ -202,6 +203,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
             def remeasure() -> dict[str, float]:
                 _progress("a run beat its FLOP bound: measuring the peaks again ...")
+                quiet()
                 return dict(measure({**peak_job, "repeats": 5}, env)["gflops"])
 
             runs, notes = [], []
@@ -232,7 +234,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "options": {method: own for method, own in options.items() if own},  # --opt options, per method
         "machine": machine,
         "versions": _versions(),
-        "quiet": {**vars(policy), "available": load is not None, "waits": waits},
+        "quiet": {**asdict(policy), "available": load is not None, "waits": waits},
         "peaks": {**peaks, "notes": notes},
         "peak_gflops": rates,  # the peaks every FLOP bound uses (measured; raised where a run beat them)
         "runs": runs,

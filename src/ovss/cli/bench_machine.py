@@ -188,8 +188,8 @@ def peaks_job(job: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``gflops`` (dtype name -> best GFLOP/s), ``detail`` (per dtype: the size of the best, redone and kept
-        disturbed runs), ``sizes``, ``repeats``, ``threads``, ``quiet_check``, ``device``; on a GPU also
-        :func:`gpu_info`.
+        disturbed runs), ``sizes``, ``repeats``, ``threads``, ``quiet_check``, ``device`` and ``gpu_info``
+        (:func:`gpu_info` on a GPU, else None).
     """
     device = torch.device(job.get("device", "cpu"))
     sizes = PEAK_SIZES["quick" if job.get("quick") else device.type if device.type == "cuda" else "cpu"]
@@ -229,7 +229,7 @@ def peaks_job(job: dict[str, Any]) -> dict[str, Any]:
         detail[name] = {"size": best_size, "redone": redone, "disturbed_runs": disturbed}
     out = {"gflops": rates, "detail": detail, "sizes": list(sizes), "repeats": repeats}
     out.update(threads=torch.get_num_threads(), quiet_check=load is not None, device=str(device))
-    return {**out, **(gpu_info(device) if device.type == "cuda" else {})}
+    return {**out, "gpu_info": gpu_info(device) if device.type == "cuda" else None}
 
 
 # --------------------------------------------------------------------------------------- FLOP-bound times
