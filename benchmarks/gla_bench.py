@@ -16,13 +16,17 @@ Text embeddings are random unit vectors passed to ``predict``; ``ovss.load`` sti
 Every measurement is an ``ovss.cli.bench_harness`` image job (the machinery of ``ovss bench``): a fresh process with
 ``torch.set_num_threads(--threads)``; its peak resident set is read from the OS (``VmHWM`` of
 ``/proc/self/status``, or ``ru_maxrss``) and includes the loaded models. Latency is the median of
-``--repeats`` runs of ``set_image`` + ``predict`` after one warm-up, all inside that one process.
+``--repeats`` runs of ``set_image`` + ``predict`` after one warm-up, all inside that one process. Before each
+measurement it waits for a quiet machine (not with ``--quick``); a timed run during which other processes used
+the CPU is redone there, and a time that stayed disturbed is printed with ``~`` (``ovss.cli.bench_machine``).
 Each mode prints Markdown rows for the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +38,8 @@ from common import vocab_path
 
 from ovss.cli.bench_harness import GIB, MeasurementError, quick_settings
 from ovss.cli.bench_harness import measure as measure_job
+from ovss.cli.bench_machine import QuietPolicy, proc_load_source, wait_for_quiet
+from ovss.cli.bench_report import seconds_cell
 from ovss.cli.bench_weights import write_weights_for
 from ovss.cli.options import add_methods_flag
 
@@ -41,8 +47,11 @@ LABELS = 7  # classes of every measurement (random unit text embeddings)
 COMPARED = ("proxyclip", "proxyclip+gla", "cass", "cass+gla")  # the memory and latency modes' methods
 
 
-def measure(job: dict) -> dict:
-    """One ``ovss.cli.bench_harness`` image job in a fresh process (see :mod:`ovss.cli.bench_harness`)."""
+def measure(job: dict, quick: bool) -> dict:
+    """One ``ovss.cli.bench_harness`` image job in a fresh process (see :mod:`ovss.cli.bench_harness`), after
+    waiting for a quiet machine (not with ``quick``); its disturbed timed runs are redone there."""
+    if not quick:
+        wait_for_quiet(proc_load_source([os.getpid()]), QuietPolicy(), lambda line: print(line, file=sys.stderr))
     try:
         return measure_job(job)
     except MeasurementError as err:
@@ -72,7 +81,7 @@ def bench_memory(args: argparse.Namespace) -> list[str]:
     crop, stride = (56, 28) if args.quick else (224, 112)
     geometry = {"short_side": None, "crop": crop, "stride": stride}
     res = {
-        m: measure(_job(args, m, image=f"{h}x{w}", settings=geometry, warmup=0, repeats=1))
+        m: measure(_job(args, m, image=f"{h}x{w}", settings=geometry, warmup=0, repeats=1), args.quick)
         for m in COMPARED
     }
     base, gla = res["proxyclip"], res["proxyclip+gla"]
@@ -83,7 +92,8 @@ def bench_memory(args: argparse.Namespace) -> list[str]:
     ]
     for r in res.values():
         rows.append(
-            f"| {r['method']} | {r['image']} | {r['windows']} | {r['peak_rss_bytes'] / GIB:.2f} | {r['seconds']:.2f} |"
+            f"| {r['method']} | {r['image']} | {r['windows']} | {r['peak_rss_bytes'] / GIB:.2f} "
+            f"| {seconds_cell(r, 2)} |"
         )
     rows.append(f"| GLA - ProxyCLIP | | | {extra:+.2f} (target <= +2) | {gla['seconds'] - base['seconds']:+.2f} |")
     return rows
@@ -93,7 +103,7 @@ def bench_latency(args: argparse.Namespace) -> list[str]:
     h, w = (112, 168) if args.quick else (336, 448)
     crop, stride = (56, 28) if args.quick else (224, 112)
     geometry = {"short_side": None, "crop": crop, "stride": stride}
-    res = {m: measure(_job(args, m, image=f"{h}x{w}", settings=geometry)) for m in COMPARED}
+    res = {m: measure(_job(args, m, image=f"{h}x{w}", settings=geometry), args.quick) for m in COMPARED}
     base = res["proxyclip"]
     rows = [
         f"| method | image | windows | latency (s, median of {args.repeats}) | vs ProxyCLIP |",
@@ -101,7 +111,8 @@ def bench_latency(args: argparse.Namespace) -> list[str]:
     ]
     for r in res.values():
         ratio = r["seconds"] / base["seconds"]
-        rows.append(f"| {r['method']} | {r['image']} | {r['windows']} | {r['seconds']:.2f} | {ratio:.2f}x |")
+        mark = "~" if r["disturbed_runs"] or base["disturbed_runs"] else ""
+        rows.append(f"| {r['method']} | {r['image']} | {r['windows']} | {seconds_cell(r, 2)} | {mark}{ratio:.2f}x |")
     rows.append("| target | | | | GLA <= 1.20x |")
     return rows
 
@@ -121,11 +132,14 @@ def bench_precision(args: argparse.Namespace) -> list[str]:
             geo = quick_settings(method, geometry, {}) if args.quick else geometry
             for dtype in ("fp32", "bf16"):
                 out = str(Path(tmp) / f"{method}-{dtype}.npy")
-                res[dtype] = measure(_job(args, method, dtype=dtype, image="astronaut", settings=geo, labels_out=out))
+                job = _job(args, method, dtype=dtype, image="astronaut", settings=geo, labels_out=out)
+                res[dtype] = measure(job, args.quick)
                 res[dtype]["labels"] = np.load(out)
             same = float((res["fp32"]["labels"] == res["bf16"]["labels"]).mean())
             t32, t16 = res["fp32"]["seconds"], res["bf16"]["seconds"]
-            rows.append(f"| {method} | {t32:.2f} | {t16:.2f} | {t16 / t32:.2f}x | {100 * same:.2f} % |")
+            mark = "~" if res["fp32"]["disturbed_runs"] or res["bf16"]["disturbed_runs"] else ""
+            cells = f"{seconds_cell(res['fp32'], 2)} | {seconds_cell(res['bf16'], 2)} | {mark}{t16 / t32:.2f}x"
+            rows.append(f"| {method} | {cells} | {100 * same:.2f} % |")
     return rows
 
 

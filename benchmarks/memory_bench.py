@@ -37,6 +37,7 @@ import torch
 from common import vocab_path
 
 from ovss.cli.bench_harness import MeasurementError, measure
+from ovss.cli.bench_report import seconds_cell
 from ovss.cli.bench_weights import random_clip_state_dict
 from ovss.cli.options import add_method_flag, method_of
 
@@ -102,7 +103,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {method_of(args)} | {args.size}x{args.size} | {args.classes} | {r['windows']} | {args.logits} "
-        f"| {load_peak:.0f} | {run_peak:.0f} | {r['peak_rss_bytes'] / mb:.0f} | {r['seconds']:.1f} |"
+        f"| {load_peak:.0f} | {run_peak:.0f} | {r['peak_rss_bytes'] / mb:.0f} | {seconds_cell(r, 1)} |"
     )
 
 

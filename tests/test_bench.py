@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovss.cli.bench_harness import MatmulFlops, flop_bound_seconds, measure
+from ovss.cli.bench_harness import MatmulFlops, measure
 from ovss.cli.main import main
 
 RUN_KEYS = {
-    "method", "precision", "image", "windows", "seconds", "seconds_all", "warmup_seconds", "load_seconds", "flops",
-    "load_peak_rss_bytes", "run_peak_rss_bytes", "peak_rss_bytes", "flop_bound_seconds", "bound_ratio",
+    "method", "precision", "device", "image", "windows", "seconds", "seconds_all", "warmup_seconds", "load_seconds",
+    "quiet_check", "background_cores", "disturbed_runs", "redone", "redone_seconds", "flops",
+    "load_peak_rss_bytes", "run_peak_rss_bytes", "peak_rss_bytes", "gpu_loaded_bytes", "gpu_peak_allocated_bytes",
+    "gpu_peak_reserved_bytes", "flop_bound_seconds", "bound_ratio",
 }  # fmt: skip
 
 
@@ -29,6 +31,10 @@ def test_quick_bench_writes_a_record_of_positive_numbers(
     record = json.loads(out.read_text())
     assert record["weights"] == "random tiny (--quick)"
     assert record["peak_gflops"]["float32"] > 0 and record["peak_gflops"]["bfloat16"] > 0
+    assert record["peaks"]["sizes"] == [256, 512] and record["peaks"]["threads"] == 1  # --quick: small products
+    assert record["device"] == "cpu" and record["machine"]["threads"] == 1 and record["machine"]["cpu"]
+    assert record["quiet"]["available"] == Path("/proc/stat").is_file() and record["quiet"]["max_other"] == 0.1
+    assert record["quiet"]["wait_seconds"] == 0 and record["quiet"]["waits"] == []  # --quick never waits
     assert [(r["method"], r["precision"]) for r in record["runs"]] == [
         ("clearclip", "fp32"), ("clearclip", "bf16"), ("proxyclip", "fp32"), ("proxyclip", "bf16"),
     ]  # fmt: skip
@@ -38,6 +44,9 @@ def test_quick_bench_writes_a_record_of_positive_numbers(
         assert run["seconds"] > 0 and run["load_seconds"] > 0 and run["flop_bound_seconds"] > 0
         assert 50e6 < run["peak_rss_bytes"] < 16 * 2**30
         assert run["bound_ratio"] == pytest.approx(run["seconds"] / run["flop_bound_seconds"])
+        assert run["bound_ratio"] >= 1 - 1e-9  # a run beating its bound raises the peak instead
+        assert run["device"] == "cpu" and run["gpu_peak_allocated_bytes"] is None
+        assert len(run["background_cores"]) == len(run["seconds_all"]) == 1 and run["redone"] <= 3
     fp32, bf16 = record["runs"][0]["flops"], record["runs"][1]["flops"]
     assert set(fp32) == {"float32"} and fp32["float32"] > 1e8  # the backbone's products, all fp32
     assert bf16["bfloat16"] > 0.9 * fp32["float32"]  # autocast: the backbone's products run in bf16
@@ -46,6 +55,10 @@ def test_quick_bench_writes_a_record_of_positive_numbers(
     assert text["warm_new_process_seconds"] > 0
     shown = capsys.readouterr()
     assert "| clearclip | fp32 | 112x112 |" in shown.out and "text, 20 names" in shown.out
+    head = shown.out.splitlines()
+    assert head[2].startswith("quiet check: ") and head[3].startswith("machine: ") and "threads" in head[3]
+    assert head[4].startswith("matmul peak (best square product of 256³ to 512³, 1 timed runs each, 1 threads)")
+    assert "timed run(s) redone" in shown.out or "quiet check unavailable" in shown.out
     progress = [line for line in shown.err.splitlines() if line.startswith("ovss bench: [")]
     assert progress == [
         "ovss bench: [1/4] clearclip fp32 ...", "ovss bench: [2/4] clearclip bf16 ...",
@@ -70,7 +83,18 @@ def test_existing_json_is_refused_before_any_measurement(tmp_path: Path, capsys:
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("bad", [["--precision", "fp8"], ["--size", "12x"], ["--methods", "clearclip,nope"]])
+def test_device_cuda_without_cuda_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--quick", "--device", "cuda", "--weights-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "needs CUDA" in err and "--device cpu" in err and err.count("\n") == 1
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("bad", [["--precision", "fp8"], ["--size", "12x"], ["--methods", "clearclip,nope"],
+                                 ["--max-redos", "-1"]])  # fmt: skip
 def test_bad_arguments_are_one_line(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", *bad]) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -97,8 +121,6 @@ def test_matmul_flops_counts_products_per_dtype_by_hand() -> None:
         out = dense.to_sparse_csr() @ w[:6, :5]  # GLA's proxy means: 3 stored entries x 5 columns x 2
     assert dict(sparse_counter.flops) == {"float32": 30}
     torch.testing.assert_close(out, dense @ w[:6, :5])
-    peaks = {"float32": 1.0, "bfloat16": 4.0}  # GFLOP/s
-    assert flop_bound_seconds({"float32": 10**9, "bfloat16": 4 * 10**9}, peaks) == pytest.approx(2.0)
 
 
 def test_each_method_asks_for_its_own_default_weights() -> None:

@@ -5,10 +5,13 @@ Every measurement is a *job* (a JSON-able dict) run by :func:`measure` in a fres
 as a user does and reports seconds, windows, matrix-product FLOPs (per dtype) and its peak resident set
 read from the OS (``VmHWM`` of ``/proc/self/status``, else ``ru_maxrss``). Three kinds of job:
 
-* ``image``: ``set_image`` + ``predict`` (random unit text embeddings, so no text encoding) on one image;
-  one warm-up run, whose matrix products are counted, then the median of ``repeats`` timed runs.
+* ``image``: ``set_image`` + ``predict`` (random unit text embeddings, so no text encoding) on one image, on the
+  job's ``device``; one warm-up run, whose matrix products are counted, then the median of ``repeats`` timed runs,
+  each checked for other processes' CPU load and redone when disturbed (:mod:`ovss.cli.bench_machine`); on a GPU
+  synchronised, with the peak GPU memory allocated and reserved after loading.
 * ``text``: ``Segmenter.encode_names`` on 20 names, twice in the same process (cold, then warm).
-* ``peaks``: the machine's quiet matrix-product rate (GFLOP/s) in fp32 and bf16, for the FLOP-bound time.
+* ``peaks``: the machine's best matrix-product rate (GFLOP/s) per dtype, for the FLOP-bound time
+  (:func:`ovss.cli.bench_machine.peaks_job`).
 
 :func:`measure_many` runs a list of image jobs, each in its own process, or (``one_process=True``, what
 ``ovss bench --quick`` does: a smoke test) all in one fresh process, which saves an interpreter start and a torch
@@ -37,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ovss.cli.bench_machine import DeviceTimer, QuietPolicy, is_disturbed, peaks_job, proc_load_source, timed_runs
 from ovss.errors import OvssError
 
 GIB = 2.0**30
@@ -144,6 +148,7 @@ def _load(job: dict[str, Any], method: str) -> Any:
         method,
         clip=files.get(clip, clip),
         **roles,
+        device=job.get("device", "cpu"),
         dtype=job.get("dtype", "fp32"),
         tokenizer=job.get("tokenizer"),
         download=False,
@@ -152,76 +157,99 @@ def _load(job: dict[str, Any], method: str) -> Any:
 
 
 def image_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Load a method, then ``warmup`` (default 1) and ``repeats`` timed ``set_image`` + ``predict`` runs."""
+    """Load a method on ``device``, then ``warmup`` (default 1) and ``repeats`` timed ``set_image`` + ``predict`` runs.
+
+    Each timed run is checked for other processes' load (:func:`ovss.cli.bench_machine.timed_runs`, policy from
+    the job's ``policy``; ``quiet_check: false`` turns the check off); on a GPU the runs are synchronised and
+    the peak GPU memory after loading is read. Without a warm-up (``warmup: 0``) no FLOPs are counted.
+    """
     import numpy as np
     import torch.nn.functional as F
 
+    device = torch.device(job.get("device", "cpu"))
+    timer = DeviceTimer(device)
     start = time.perf_counter()
     seg = _load(job, job["method"])
+    timer.sync()
     load_seconds = time.perf_counter() - start
     load_peak = peak_rss_bytes()
     run_peak_only = reset_peak_rss()
+    timer.start()
     image = _image(job["image"])
     n = int(job.get("classes", len(TEXT_NAMES)))
     labels = [f"class {i}" for i in range(n)]
     E = seg.clip.visual.cfg.output_dim
-    text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1)  # (Q, E)
-    counter = MatmulFlops() if job.get("count_flops", True) else contextlib.nullcontext()  # the first run
+    text = F.normalize(torch.randn(n, E, generator=torch.Generator().manual_seed(0)), dim=-1).to(device)  # (Q, E)
     warmup = int(job.get("warmup", 1))
-    times = []
-    for i in range(warmup + int(job.get("repeats", 3))):
+    counter = MatmulFlops() if job.get("count_flops", True) and warmup > 0 else None  # the first warm-up run
+    last: list[Any] = []
+
+    def one_run() -> None:
+        seg.set_image(image)
+        pred = seg.predict(labels=labels, text_embeddings=text)
+        if job.get("logits"):  # also build the full-resolution logits, as --save-logits does
+            pred.maps.logits({"fp16": torch.float16, "fp32": torch.float32}[job["logits"]])
+        timer.sync()
+        last[:] = [pred]
+
+    warmup_times = []
+    for i in range(warmup):
         start = time.perf_counter()
-        with counter if i == 0 else contextlib.nullcontext():
-            seg.set_image(image)
-            pred = seg.predict(labels=labels, text_embeddings=text)
-            if job.get("logits"):  # also build the full-resolution logits, as --save-logits does
-                pred.maps.logits({"fp16": torch.float16, "fp32": torch.float32}[job["logits"]])
-        times.append(time.perf_counter() - start)
+        with counter if i == 0 and counter is not None else contextlib.nullcontext():
+            one_run()
+        warmup_times.append(time.perf_counter() - start)
+    load = proc_load_source([os.getpid(), os.getppid()]) if job.get("quiet_check", True) else None
+    timing = timed_runs(one_run, int(job.get("repeats", 3)), QuietPolicy(**job.get("policy", {})), load)
     if job.get("labels_out"):
-        np.save(job["labels_out"], pred.labels.numpy())
+        np.save(job["labels_out"], last[0].labels.cpu().numpy())
     run_peak = peak_rss_bytes()
     return {
         "method": job["method"],
         "precision": job.get("dtype", "fp32"),
+        "device": str(device),
         "image": "x".join(str(side) for side in seg.current_image().shape[:2]),
         "windows": len(seg.current_windows()[0]),
-        "seconds": statistics.median(times[warmup:]),
-        "seconds_all": times[warmup:],
-        "warmup_seconds": times[0] if warmup else None,
+        "seconds": statistics.median(timing["seconds"]),
+        "seconds_all": timing["seconds"],
+        "warmup_seconds": warmup_times[0] if warmup_times else None,
         "load_seconds": load_seconds,
-        "flops": dict(counter.flops) if isinstance(counter, MatmulFlops) else {},
+        "quiet_check": load is not None,
+        "background_cores": timing["background_cores"],
+        "disturbed_runs": timing["disturbed_runs"],
+        "redone": timing["redone"],
+        "redone_seconds": timing["redone_seconds"],
+        "flops": dict(counter.flops) if counter is not None else {},
         "load_peak_rss_bytes": load_peak,
         "run_peak_rss_bytes": run_peak if run_peak_only else None,
         "peak_rss_bytes": max(load_peak, run_peak),
+        **timer.memory(),
     }
 
 
 def text_job(job: dict[str, Any]) -> dict[str, Any]:
-    """``encode_names`` on the 20 names twice in this process: first (cold) and second (warm) seconds."""
+    """``encode_names`` on the 20 names twice in this process: first (cold) and second (warm) seconds, and the
+    other processes' load during each (cores; None without ``/proc``)."""
     seg = _load(job, "clearclip")  # the text tower does not depend on the method
-    times = []
+    timer = DeviceTimer(torch.device(job.get("device", "cpu")))
+    load = proc_load_source([os.getpid(), os.getppid()])
+    policy = QuietPolicy(**job.get("policy", {}))
+    times, background, disturbed = [], [], []
     for _ in range(2):
+        before = load() if load is not None else 0.0
         start = time.perf_counter()
         seg.encode_names(list(TEXT_NAMES))
+        timer.sync()
         times.append(time.perf_counter() - start)
-    return {"first_seconds": times[0], "second_seconds": times[1], "templates": seg.pipeline.templates}
-
-
-def peaks_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Best matrix-product rate (GFLOP/s) of a square ``size`` matmul in fp32 and bf16, over ``repeats``."""
-    n = int(job.get("size", 2048))
-    out: dict[str, Any] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # warm-up
-        best = math.inf
-        for _ in range(int(job.get("repeats", 5))):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        out[str(dtype).replace("torch.", "")] = 2 * n**3 / best / 1e9
-    return out
+        other = load() - before if load is not None else None
+        background.append(other / times[-1] if other is not None else None)
+        disturbed.append(other is not None and is_disturbed(other, times[-1], policy))
+    return {
+        "first_seconds": times[0],
+        "second_seconds": times[1],
+        "templates": seg.pipeline.templates,
+        "background_cores": background,
+        "disturbed": disturbed,
+    }
 
 
 JOBS = {"image": image_job, "text": text_job, "peaks": peaks_job}
@@ -336,15 +364,6 @@ def measure_many(
         if child.returncode != 0:
             errors.seek(0)
             raise _failure(jobs[current], errors.read())
-
-
-def flop_bound_seconds(flops: dict[str, int], peaks: dict[str, float]) -> float:
-    """The time the counted products would take at the measured peak rates (fp16 counted at the bf16 rate)."""
-    total = 0.0
-    for dtype, count in flops.items():
-        rate = peaks["float32"] if dtype == "float32" else peaks["bfloat16"]
-        total += count / (rate * 1e9)
-    return total
 
 
 if __name__ == "__main__":
