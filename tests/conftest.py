@@ -27,14 +27,23 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """
     root = tmp_path_factory.mktemp("ovss-session-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OVSS_CACHE", str(root))
+        _redirect_caches(patch, root)
         yield root
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own empty OVSS_CACHE on top of the session's: tests never see each other's files."""
-    monkeypatch.setenv("OVSS_CACHE", str(tmp_path_factory.mktemp("ovss-cache")))
+    _redirect_caches(monkeypatch, tmp_path_factory.mktemp("ovss-cache"))
+
+
+def _redirect_caches(patch: pytest.MonkeyPatch, root: Path) -> None:
+    """ovss's cache and the Hugging Face cache and login (HF_HOME holds the token) inside ``root``: the suite
+    never reads the user's ``~/.cache/huggingface`` (``ovss models`` lists it) nor writes into either cache."""
+    patch.setenv("OVSS_CACHE", str(root))
+    patch.setenv("HF_HOME", str(root / "huggingface"))
+    patch.setenv("HF_HUB_CACHE", str(root / "huggingface" / "hub"))
+    patch.delenv("HF_TOKEN", raising=False)
 
 
 @pytest.fixture(scope="session")

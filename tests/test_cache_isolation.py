@@ -83,3 +83,10 @@ def test_a_module_fixture_leaves_the_home_cache_untouched(tmp_path: Path, shared
     assert "1 passed" in run.stdout
     assert not (home / ".cache").exists(), sorted(str(p) for p in (home / ".cache").rglob("*"))
     assert len(list(basetemp.rglob("prepared/*.safetensors"))) == 1  # the prepared copy went to pytest's folder
+
+
+def test_the_hugging_face_cache_and_login_are_the_tests_own(tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.getbasetemp().resolve()
+    for variable in ("HF_HOME", "HF_HUB_CACHE"):
+        assert Path(os.environ[variable]).resolve().is_relative_to(base), variable
+    assert "HF_TOKEN" not in os.environ
