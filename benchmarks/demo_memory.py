@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from common import vocab_path
 from memory_bench import smooth_photo
@@ -55,6 +56,18 @@ def wait_for(url: str, server: subprocess.Popen[bytes], log: Path, seconds: floa
         except OSError:
             time.sleep(0.5)
     sys.exit(f"ovss demo did not answer at {url} within {seconds:.0f} s")
+
+
+def wait_for_results(page: Any, count: int, seconds: float = 1200.0) -> None:
+    """Wait until the page shows ``count`` results; exit with the page's message when the click failed."""
+    deadline = time.monotonic() + seconds
+    while not all(page.locator(f"#ovss-result-{slot} img").is_visible() for slot in range(count)):
+        for failure in ("#ovss-message", "#ovss-startup-error"):
+            if page.locator(failure).is_visible():
+                sys.exit(f"the demo did not segment: {page.locator(failure).inner_text()}")
+        if time.monotonic() > deadline:
+            sys.exit(f"no results on the page after {seconds:.0f} s")
+        page.wait_for_timeout(500)
 
 
 def main() -> None:
@@ -110,8 +123,7 @@ def main() -> None:
                 page.locator("#ovss-labels textarea").fill("sky, road, person")
                 start = time.perf_counter()
                 page.locator("#ovss-segment").click()
-                for slot in range(len(methods)):
-                    expect(page.locator(f"#ovss-result-{slot} img")).to_be_visible()
+                wait_for_results(page, len(methods))
                 expect(page.locator("#ovss-timings")).to_contain_text("Reading the image")
                 clicked = time.perf_counter() - start
                 after_click = peak_mb(server.pid)
