@@ -7,7 +7,6 @@ import io
 import struct
 import threading
 import warnings
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +49,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[object]:
     Image.fromarray(_rgb(0)).save(folder / "a.png")
     Image.fromarray(_rgb(1, 90, 40)).save(folder / "b.jpg", quality=90)
     Image.fromarray(_rgb(2, 33, 61)).save(folder / "c.png")
-    return [folder / "a.png", str(folder / "b.jpg"), _rgb(3, 64, 64), Image.fromarray(_rgb(4, 45, 80)), folder / "c.png"]
+    pil = Image.fromarray(_rgb(4, 45, 80))
+    return [folder / "a.png", str(folder / "b.jpg"), _rgb(3, 64, 64), pil, folder / "c.png"]
 
 
 def _assert_same(got: object, expected: object) -> None:

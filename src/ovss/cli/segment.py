@@ -289,7 +289,8 @@ def _run_shard(
     from ovss.distributed import rank_device
 
     out = Path(args.out)
-    per_image = plan_outputs(out, jobs, classes, args, mine)
+    shard_jobs = [jobs[k] for k in range(shard.index, len(jobs), shard.count)]  # all ranks refuse alike
+    per_image = plan_outputs(out, jobs, classes, args, shard_jobs)
     check_writable(out)
     own_process = one_shot_process()
     if own_process:  # importing torch and building the model leave no cycles: skip 0.14 s of full GC passes
@@ -309,7 +310,8 @@ def _run_shard(
     finished = finished_images(out, mine, per_image, key) if args.resume else set()
     if shard.count > 1 and shard.rank == 0:
         forget_shard(out, shard)  # running again: not finished until this attempt's record
-    run = SegmentRun(out, per_image, key, record, classes, background, args, save_each=not shard.split)
+    show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars
+    run = SegmentRun(out, per_image, key, record, classes, background, args, not shard.split, show)
     outcome = segment_images(segmenter, mine, finished, run)
     if outcome.interrupted:
         redone = len(outcome.finished) - outcome.skipped

@@ -34,6 +34,7 @@ class SegmentRun:
     background: int | None  # the background class, or None
     args: argparse.Namespace  # the command line (file options, progress, --read-ahead)
     save_each: bool  # rewrite config.json after every image (a run in one process)
+    progress: bool  # show progress bars (stderr is a terminal, not --quiet / --no-progress; rank 0)
 
 
 @dataclass
@@ -134,7 +135,7 @@ def segment_images(segmenter: Any, jobs: list[tuple[str, Any]], finished: set[st
     from tqdm import tqdm
 
     args = run.args
-    show = args.progress and not args.quiet and sys.stderr.isatty()
+    show = run.progress
     bars = ImageBars(show)
     todo = [source for stem, source in jobs if stem not in finished]
     results = segmenter.predict_many(
