@@ -25,9 +25,9 @@ from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import clip_normalize, read_image, resize_short_side
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.pipeline.merge import StitchedLogits
+from ovss.pipeline.method_outputs import gathered_outputs
 from ovss.pipeline.pamr import pamr
 from ovss.pipeline.postprocess import default_band_rows
-from ovss.pipeline.read_ahead import Prepared, prepare_ahead
 from ovss.pipeline.windows import WINDOWINGS, Layout, Padding, Window, pad_windows, symmetric_padding
 from ovss.precision import backbone_precision
 from ovss.prediction import Prediction
@@ -100,7 +100,7 @@ class Segmenter:
         self._cache = EmbeddingCache()
         self._record = dict(record or {})
         self._state: ImageState | None = None
-        self._read_ahead: tuple[ImageLike, Prepared[Any]] | None = None  # what predict_many's reader prepared
+        self._read_ahead: tuple[ImageLike, Any] | None = None  # (image, its ovss.bulk read-ahead), one call
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
         if method.check is not None:  # errors that hold for every image, before any is read
@@ -175,7 +175,11 @@ class Segmenter:
             progress: called as ``progress(done, total)`` with the number of windows encoded so far, once
                 with ``done = 0`` before the first window and after every batch of windows.
         """
-        rgb, processed = self._take_read_ahead(image) or self._read_and_resize(image)  # (H0, W0, 3), (H, W, 3)
+        held, self._read_ahead = self._read_ahead, None  # predict_many's read of this very image, if any
+        if held is not None and held[0] is image:
+            rgb, processed = held[1].get()  # its decoder warnings are issued, a bad image's OvssError raised, here
+        else:
+            rgb, processed = self._read_and_resize(image)  # (H0, W0, 3) uint8, (H, W, 3)
         cfg = self.pipeline
         mean, std, _ = self.clip.input_norm.pixel_statistics()  # 0-255 scale (OpenAI: mmseg's rounded values)
         pixels = clip_normalize(processed, device=self.device, mean=mean, std=std)  # (3, H, W) fp32
@@ -203,13 +207,6 @@ class Segmenter:
         rgb = read_image(image)  # (H0, W0, 3) uint8
         cfg = self.pipeline
         return rgb, resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
-
-    def _take_read_ahead(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray] | None:
-        """What :meth:`predict_many`'s reader prepared for ``image`` (this very object), once; else None."""
-        held, self._read_ahead = self._read_ahead, None
-        if held is None or held[0] is not image:
-            return None
-        return held[1].get()  # the read's warnings are issued here; a bad image raises its OvssError here
 
     def _current(self, hint: str = "") -> ImageState:
         """The state of the last ``set_image``; OvssError when there is none."""
@@ -288,7 +285,7 @@ class Segmenter:
             outputs.append(out)
             if progress is not None:
                 progress(min(start + step, len(windows)), len(windows))
-        return _gathered(outputs), torch.cat(chunks)  # (L', N, E)
+        return gathered_outputs(outputs), torch.cat(chunks)  # (L', N, E)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -349,69 +346,16 @@ class Segmenter:
         return Prediction(maps.labels(), classes, record, maps, st.rgb)
 
     def predict_many(
-        self,
-        images: Iterable[ImageLike],
-        labels: LabelsLike,
-        *,
-        text_embeddings: torch.Tensor | np.ndarray | None = None,
-        background: int | None = 0,
-        progress: Progress | None = None,
-        rows_progress: Progress | None = None,
-        read_ahead: int = 2,
-        errors: Literal["raise", "yield"] = "raise",
+        self, images: Iterable[ImageLike], labels: LabelsLike, **kwargs: Any
     ) -> Iterator[Prediction | OvssError]:
-        """Label many images: ``predict(image, labels, ...)`` for each in turn, the next ones read meanwhile.
+        """Label many images in order: :meth:`predict` on each (bit for bit), the next ones read meanwhile.
 
-        The predictions are those of a ``predict`` loop, bit for bit; a worker thread reads and resizes the
-        next ``read_ahead`` images while the model works, so decoding overlaps the backbone.
-
-        Args:
-            images: paths, arrays or PIL images (see :meth:`set_image`), consumed lazily (at most
-                ``read_ahead + 1`` decoded images are held, so a generator over millions of files is fine).
-            labels, text_embeddings, background, progress, rows_progress: as for :meth:`predict`, for every
-                image (``progress`` starts again at ``done = 0`` for each image).
-            read_ahead: images read ahead on the worker thread; 0 reads each in the caller's thread in turn.
-            errors: an image that cannot be read or segmented: ``"raise"`` (default) raises its OvssError from
-                the iterator, which ends there; ``"yield"`` yields the OvssError in its place and goes on.
-
-        Returns:
-            An iterator of one :class:`Prediction` per image, in input order (or an OvssError, see ``errors``).
-
-        Raises:
-            OvssError: bad labels, background, text embeddings or arguments, at the call (before any image).
+        Keywords: ``predict``'s, plus ``read_ahead`` (default 2) and ``errors`` ("raise" / "yield"); see
+        :func:`ovss.bulk.predict_many`, which this is.
         """
-        if errors not in ("raise", "yield"):
-            raise OvssError(f"errors must be 'raise' or 'yield', got {errors!r}")
-        if read_ahead < 0:
-            raise OvssError(f"read_ahead must be >= 0 images, got {read_ahead}")
-        classes = normalize_labels(labels)  # what holds for every image is checked now, at the call
-        if background is not None and not 0 <= background < len(classes):
-            raise OvssError(f"background must be a class index in 0..{len(classes) - 1} or None, got {background}")
-        self._text_embeddings(flatten_labels(classes)[0], text_embeddings)
-        kwargs: dict[str, Any] = {"text_embeddings": text_embeddings, "background": background,
-                                  "progress": progress, "rows_progress": rows_progress}  # fmt: skip
-        queue = prepare_ahead(images, self._read_and_resize, read_ahead) if read_ahead else ((i, None) for i in images)
-        return self._predict_each(queue, labels, kwargs, errors == "yield")
+        from ovss.bulk import predict_many
 
-    def _predict_each(
-        self, queue: Iterator[tuple[ImageLike, Prepared[Any] | None]], labels: LabelsLike, kwargs: dict[str, Any],
-        yield_errors: bool,
-    ) -> Iterator[Prediction | OvssError]:  # fmt: skip
-        """The loop of :meth:`predict_many`: ``predict`` on each image, taking what the reader prepared."""
-        try:
-            for image, prepared in queue:
-                self._read_ahead = None if prepared is None else (image, prepared)
-                try:
-                    result: Prediction | OvssError = self.predict(image, labels, **kwargs)
-                except OvssError as error:
-                    if not yield_errors:
-                        raise
-                    result = error
-                finally:
-                    self._read_ahead = None
-                yield result
-        finally:
-            queue.close()  # type: ignore[attr-defined]  # a generator: stops the reader thread on an early exit
+        return predict_many(self, images, labels, **kwargs)
 
     def _full_resolution_maps(
         self, st: ImageState, text: torch.Tensor, rule: LabelRule, rows_progress: Progress | None = None
@@ -453,22 +397,3 @@ class Segmenter:
         if not torch.isfinite(text).all() or (text.norm(dim=-1) == 0).any():
             raise OvssError("text_embeddings contain NaN/inf or all-zero rows")
         return F.normalize(text, dim=-1)
-
-
-def _gathered(outputs: list[MethodOutput]) -> MethodOutput:
-    """One output from the image stage's window batches: per-window diagnostics and tensor extras concatenated.
-
-    Per-image facts (grid, info, layout) are the same in every batch; the last batch's are kept.
-    """
-    last = outputs[-1]
-    window_info: dict[str, list[Any]] = {}
-    extras: dict[str, list[Any]] = {}
-    info: dict[str, Any] = {}
-    for out in outputs:
-        info.update(out.info)
-        for key, values in out.window_info.items():
-            window_info[key] = window_info.get(key, []) + list(values)
-        for key, value in out.extras.items():
-            extras.setdefault(key, []).append(value)
-    joined = {key: values[0] if len(values) == 1 else torch.cat(values) for key, values in extras.items()}  # (L, ...)
-    return MethodOutput(last.tokens, last.grid, info, window_info, joined, last.layout)
