@@ -100,6 +100,8 @@ def test_shard_flag_values(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "ovss: error: --shard must be I/N with 0 <= I < N" in err
     assert not (tmp_path / "o").exists()
+    code = main(["segment", str(image), "--labels", "cat", "--out", str(tmp_path / "o"), "--read-ahead", "-1"])
+    assert code == 2 and "ovss: error: --read-ahead must be >= 0 images, got -1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ sharded runs, byte for byte
