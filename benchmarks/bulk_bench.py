@@ -14,7 +14,8 @@ first (the weights' fp32 copy, the text embeddings), so every timed run is a war
 CPU table: every row is the whole command in fresh processes (``ovss segment DIR ...``), timed from start
 to the last exit; images/s = images / wall seconds (model loading included, as a user waits for it):
 
-* ``--read-ahead 0``, 1 process of 2 threads: the loop before issue 22 (each image read when its turn comes);
+* ``--read-ahead 0``, 1 process of 2 threads: the loop before issue 22 (each image read when its turn comes),
+  still the default on the CPU;
 * ``--read-ahead 2``, 1 process of 2 threads: the next two images decoded and resized on a worker thread;
 * ``--shard 0/2`` and ``--shard 1/2`` at once, 2 processes of 1 thread each.
 
@@ -112,7 +113,7 @@ def cpu_table(images: Path, count: int, clip: str, tmp: Path, extra: list[str]) 
     one = next(p for p in sorted(images.iterdir()) if p.is_file())
     warm = timed([[*base[:4], str(one), *base[5:], "--out", str(tmp / "warm")]], environment(tmp / "cache", 2))
     rows = [
-        ("1 process x 2 threads, --read-ahead 0 (the loop before)", 2, [["--read-ahead", "0"]]),
+        ("1 process x 2 threads, --read-ahead 0 (the loop before; the CPU default)", 2, [["--read-ahead", "0"]]),
         ("1 process x 2 threads, --read-ahead 2", 2, [["--read-ahead", "2"]]),
         ("--shard 0/2 + --shard 1/2: 2 processes x 1 thread, --read-ahead 2", 1,
          [["--shard", "0/2", "--read-ahead", "2"], ["--shard", "1/2", "--read-ahead", "2"]]),

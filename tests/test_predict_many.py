@@ -96,6 +96,21 @@ def test_the_next_images_are_read_on_a_worker_thread_and_lazily(
     assert not [t for t in threading.enumerate() if t.name.startswith("ovss-read-ahead")]  # the reader has ended
 
 
+def test_on_the_cpu_the_default_reads_in_the_callers_thread(
+    segmenter: Segmenter, inputs: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readers: list[str] = []
+    read = Segmenter._read_and_resize
+
+    def recording(self: Segmenter, image: object) -> tuple[np.ndarray, np.ndarray]:
+        readers.append(threading.current_thread().name)
+        return read(self, image)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Segmenter, "_read_and_resize", recording)
+    assert len(list(segmenter.predict_many(inputs, LABELS))) == len(inputs)
+    assert readers == [threading.main_thread().name] * len(inputs)  # no reader thread beside the CPU's model
+
+
 def test_stopping_early_ends_the_reader_thread(segmenter: Segmenter, inputs: list[object]) -> None:
     results = segmenter.predict_many(inputs, LABELS, read_ahead=3)
     next(results)

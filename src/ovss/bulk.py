@@ -32,7 +32,7 @@ def predict_many(
     background: int | None = 0,
     progress: Progress | None = None,
     rows_progress: Progress | None = None,
-    read_ahead: int = 2,
+    read_ahead: int | None = None,
     errors: Literal["raise", "yield"] = "raise",
 ) -> Iterator[Prediction | OvssError]:
     """Label many images, one prediction per image in input order (``Segmenter.predict_many``).
@@ -42,8 +42,10 @@ def predict_many(
         images: paths, arrays or PIL images (see ``Segmenter.set_image``), consumed lazily: at most
             ``read_ahead + 1`` decoded images are held, so a generator over millions of files is fine.
         labels: as for ``predict``, for every image.
-        read_ahead: images read and resized ahead on a worker thread (default 2); 0 reads each image in the
-            caller's thread when its turn comes (a plain ``predict`` loop).
+        read_ahead: images read and resized ahead on a worker thread; 0 reads each image in the caller's
+            thread when its turn comes (a plain ``predict`` loop). Default (None): 2 on a CUDA device (decoding
+            overlaps the GPU), 0 on the CPU (the backbone's threads already use every core: measured, a reader
+            thread there slowed the loop down; docs/decisions.md).
         errors: an image that cannot be read or segmented: ``"raise"`` (default) raises its OvssError from the
             iterator, which then ends; ``"yield"`` yields the OvssError in its place and goes on with the next
             image (bulk labelling: one bad file does not stop the run).
@@ -60,6 +62,8 @@ def predict_many(
     """
     if errors not in ("raise", "yield"):
         raise OvssError(f"errors must be 'raise' or 'yield', got {errors!r}")
+    if read_ahead is None:
+        read_ahead = 2 if segmenter.device.type == "cuda" else 0
     if read_ahead < 0:
         raise OvssError(f"read_ahead must be >= 0 images, got {read_ahead}")
     classes = normalize_labels(labels)  # what holds for every image is checked now, not at the first image

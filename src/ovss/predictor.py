@@ -350,7 +350,7 @@ class Segmenter:
     ) -> Iterator[Prediction | OvssError]:
         """Label many images in order: :meth:`predict` on each (bit for bit), the next ones read meanwhile.
 
-        Keywords: ``predict``'s, plus ``read_ahead`` (default 2) and ``errors`` ("raise" / "yield"); see
+        Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU) and ``errors``; see
         :func:`ovss.bulk.predict_many`, which this is.
         """
         from ovss.bulk import predict_many

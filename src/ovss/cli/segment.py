@@ -116,10 +116,10 @@ def add_parser(sub: Any) -> None:
         "--read_ahead",
         dest="read_ahead",
         type=int,
-        default=2,
         metavar="N",
-        help="images decoded and resized on a worker thread while the model runs (default 2; 0: read each "
-        "image when its turn comes, as before)",
+        help="images decoded and resized on a worker thread while the model runs (default: 2 on a CUDA "
+        "device, 0 on the CPU, where the model's threads already use every core; 0: read each image when "
+        "its turn comes)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
-    if args.read_ahead < 0:
+    if args.read_ahead is not None and args.read_ahead < 0:
         raise OvssError(f"--read-ahead must be >= 0 images, got {args.read_ahead}")
     index, count = parse_shard(args.shard)
     with distributed_session(args.device) as context:
