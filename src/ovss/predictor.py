@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import clip_normalize, read_image, resize_short_side
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.pipeline.merge import StitchedLogits
+from ovss.pipeline.method_outputs import gathered_outputs
 from ovss.pipeline.pamr import pamr
 from ovss.pipeline.postprocess import default_band_rows
 from ovss.pipeline.windows import WINDOWINGS, Layout, Padding, Window, pad_windows, symmetric_padding
@@ -99,6 +100,7 @@ class Segmenter:
         self._cache = EmbeddingCache()
         self._record = dict(record or {})
         self._state: ImageState | None = None
+        self._read_ahead: tuple[ImageLike, Any] | None = None  # (image, its ovss.bulk read-ahead), one call
         if config.templates not in TEMPLATE_SETS:
             raise OvssError(f"unknown template set {config.templates!r}; choose one of {', '.join(TEMPLATE_SETS)}")
         if method.check is not None:  # errors that hold for every image, before any is read
@@ -173,9 +175,12 @@ class Segmenter:
             progress: called as ``progress(done, total)`` with the number of windows encoded so far, once
                 with ``done = 0`` before the first window and after every batch of windows.
         """
-        rgb = read_image(image)  # (H0, W0, 3) uint8
+        held, self._read_ahead = self._read_ahead, None  # predict_many's read of this very image, if any
+        if held is not None and held[0] is image:
+            rgb, processed = held[1].get()  # its decoder warnings are issued, a bad image's OvssError raised, here
+        else:
+            rgb, processed = self._read_and_resize(image)  # (H0, W0, 3) uint8, (H, W, 3)
         cfg = self.pipeline
-        processed = resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
         mean, std, _ = self.clip.input_norm.pixel_statistics()  # 0-255 scale (OpenAI: mmseg's rounded values)
         pixels = clip_normalize(processed, device=self.device, mean=mean, std=std)  # (3, H, W) fp32
         pixels, windows = WINDOWINGS[self.method.windowing](pixels, cfg.crop, cfg.stride)  # Trident: the canvas
@@ -196,6 +201,12 @@ class Segmenter:
         self._state = ImageState(
             rgb, pixels, windows, padding, padded, features, out.grid, out.info, out.window_info, layout, out.extras
         )
+
+    def _read_and_resize(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
+        """The image as (H0, W0, 3) uint8 RGB and resized for processing, (H, W, 3) (thread-safe: no state)."""
+        rgb = read_image(image)  # (H0, W0, 3) uint8
+        cfg = self.pipeline
+        return rgb, resize_short_side(rgb, cfg.short_side, cfg.max_long_side)  # (H, W, 3)
 
     def _current(self, hint: str = "") -> ImageState:
         """The state of the last ``set_image``; OvssError when there is none."""
@@ -274,7 +285,7 @@ class Segmenter:
             outputs.append(out)
             if progress is not None:
                 progress(min(start + step, len(windows)), len(windows))
-        return _gathered(outputs), torch.cat(chunks)  # (L', N, E)
+        return gathered_outputs(outputs), torch.cat(chunks)  # (L', N, E)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -334,6 +345,18 @@ class Segmenter:
         record = {**self.config, "method_info": st.info, "window_info": st.window_info}
         return Prediction(maps.labels(), classes, record, maps, st.rgb)
 
+    def predict_many(
+        self, images: Iterable[ImageLike], labels: LabelsLike, **kwargs: Any
+    ) -> Iterator[Prediction | OvssError]:
+        """Label many images in order: :meth:`predict` on each (bit for bit), the next ones read meanwhile.
+
+        Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU) and ``errors``; see
+        :func:`ovss.bulk.predict_many`, which this is.
+        """
+        from ovss.bulk import predict_many
+
+        return predict_many(self, images, labels, **kwargs)
+
     def _full_resolution_maps(
         self, st: ImageState, text: torch.Tensor, rule: LabelRule, rows_progress: Progress | None = None
     ) -> FullResolutionMaps:
@@ -374,22 +397,3 @@ class Segmenter:
         if not torch.isfinite(text).all() or (text.norm(dim=-1) == 0).any():
             raise OvssError("text_embeddings contain NaN/inf or all-zero rows")
         return F.normalize(text, dim=-1)
-
-
-def _gathered(outputs: list[MethodOutput]) -> MethodOutput:
-    """One output from the image stage's window batches: per-window diagnostics and tensor extras concatenated.
-
-    Per-image facts (grid, info, layout) are the same in every batch; the last batch's are kept.
-    """
-    last = outputs[-1]
-    window_info: dict[str, list[Any]] = {}
-    extras: dict[str, list[Any]] = {}
-    info: dict[str, Any] = {}
-    for out in outputs:
-        info.update(out.info)
-        for key, values in out.window_info.items():
-            window_info[key] = window_info.get(key, []) + list(values)
-        for key, value in out.extras.items():
-            extras.setdefault(key, []).append(value)
-    joined = {key: values[0] if len(values) == 1 else torch.cat(values) for key, values in extras.items()}  # (L, ...)
-    return MethodOutput(last.tokens, last.grid, info, window_info, joined, last.layout)

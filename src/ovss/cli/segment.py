@@ -3,19 +3,17 @@
 Order of work, so that a mistake costs one line and no file: parse the labels, collect the inputs, plan
 every output path (refusing to replace an input image, or an earlier run's file without ``--resume`` or
 ``--overwrite``), check that the output folder can be written, build the segmenter (which checks that the
-models fit together) and encode the labels once; only then read and segment the images one by one. An
-image that cannot be read is reported and skipped; a failed write stops the run (it would fail for every
-later image). The output folder and ``config.json`` appear only once an image was segmented.
+models fit together) and encode the labels once; only then read and segment the images
+(:mod:`ovss.cli.segment_run`). The output folder and ``config.json`` appear only once an image was segmented.
 
-Each finished image gets a marker (:mod:`ovss.output.resume`) after all its files; ``--resume`` skips the
-images whose marker matches this run's configuration and redoes the others.
+A run splits over processes with ``--shard I/N`` and/or ``torchrun`` (:mod:`ovss.cli.segment_shard`); every
+process takes its own images of the full ordered list and one writes the run-level files at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import warnings
@@ -26,15 +24,27 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ovss.cli.main import one_shot_process
 from ovss.cli.options import add_model_flags, load_kwargs
+from ovss.cli.segment_run import (
+    Outcome,
+    SegmentRun,
+    combined,
+    finish_run,
+    finished_images,
+    run_key,
+    segment_images,
+    summary,
+)
+from ovss.cli.segment_shard import Shard, all_shards, forget_shard, parse_shard, record_shard
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from ovss.distributed import DistContext
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 # --example NAME -> scikit-image loader; only photos shipped inside scikit-image (no download).
 EXAMPLES = {"astronaut": "astronaut", "cat": "cat", "chelsea": "chelsea", "coffee": "coffee", "rocket": "rocket"}
-MANY_WINDOWS = 100  # above this many windows per image, warn (naming the flags that reduce the count)
 
 
 def add_parser(sub: Any) -> None:
@@ -94,6 +104,23 @@ def add_parser(sub: Any) -> None:
         "else they stay unlabelled: 255 in the label map, untinted in the overlay)",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="segment only shard I of N (0-based, 0 <= I < N: image k of the sorted inputs when k %% N == I), for "
+        "independent processes or a SLURM array (--shard $SLURM_ARRAY_TASK_ID/N); the last shard to finish "
+        "writes config.json; under torchrun each shard's images are split further over the ranks",
+    )
+    p.add_argument(
+        "--read-ahead",
+        "--read_ahead",
+        dest="read_ahead",
+        type=int,
+        metavar="N",
+        help="images decoded and resized on a worker thread while the model runs (default: 2 on a CUDA "
+        "device, 0 on the CPU, where the model's threads already use every core; 0: read each image when "
+        "its turn comes)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
     add_model_flags(p)
@@ -142,10 +169,18 @@ def example_image(name: str) -> np.ndarray:
 
 
 def plan_outputs(
-    out: Path, jobs: list[tuple[str, Any]], classes: list[list[str]], args: Any
+    out: Path,
+    jobs: list[tuple[str, Any]],
+    classes: list[list[str]],
+    args: Any,
+    mine: list[tuple[str, Any]] | None = None,
 ) -> dict[str, list[Path]]:
     """Every file the run may write, per input stem; refuses (OvssError) to replace an input, an earlier
-    output without ``--resume`` or ``--overwrite``, and two inputs writing the same file."""
+    output without ``--resume`` or ``--overwrite``, and two inputs writing the same file.
+
+    Clashes are checked over the whole run's ``jobs`` (every shard refuses alike); earlier outputs only for
+    this process's images ``mine`` (default: all), so a shard never trips over another shard's files.
+    """
     from ovss.output.files import output_paths
     from ovss.output.resume import marker_path
 
@@ -166,7 +201,9 @@ def plan_outputs(
             raise OvssError(
                 f"writing '{path}' would replace the input image '{inputs[full]}'; choose another --out folder"
             )
-    existing = [path for path in [*planned, *(marker_path(out, stem) for stem in per_image)] if path.exists()]
+    own = [stem for stem, _ in (jobs if mine is None else mine)]
+    checked = [out / "config.json", *(path for stem in own for path in [*per_image[stem], marker_path(out, stem)])]
+    existing = [path for path in checked if path.exists()]
     if existing and not (args.overwrite or args.resume):
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise OvssError(
@@ -191,9 +228,7 @@ def check_writable(out: Path) -> None:
         tempfile.TemporaryFile(dir=existing).close()  # created and removed at once
     except OSError as err:
         what = "write into" if existing == out.absolute() else f"create --out '{out}' in"
-        raise OvssError(
-            f"cannot {what} '{existing}': {err.strerror or err}; choose a writable --out folder"
-        ) from err
+        raise OvssError(f"cannot {what} '{existing}': {err.strerror or err}; choose a writable --out folder") from err
 
 
 def sweep_outputs(out: Path, per_image: dict[str, list[Path]]) -> None:
@@ -203,34 +238,6 @@ def sweep_outputs(out: Path, per_image: dict[str, list[Path]]) -> None:
     for folder in sorted({path.parent for paths in per_image.values() for path in paths} | {out}):
         sweep_temp_files(folder)
     sweep_temp_files(out / ".ovss", recursive=True)
-
-
-class WindowProgress:
-    """``progress(done, total)`` for ``Segmenter.predict``: a window bar, and a warning for many windows."""
-
-    def __init__(self, name: str, enabled: bool) -> None:
-        self.name = name
-        self.enabled = enabled
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            if total > MANY_WINDOWS:
-                warnings.warn(
-                    f"{self.name}: {total} windows to encode (slow); a smaller --short-side (e.g. 448) or a "
-                    "larger --crop/--stride gives fewer",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            from tqdm import tqdm
-
-            disable = not self.enabled or total < 2
-            self.bar = tqdm(total=total, desc=self.name, unit="win", leave=False, disable=disable, file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @contextmanager
@@ -253,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import ovss
+    from ovss.distributed import distributed_session
     from ovss.labels import background_class, parse_labels, read_labels_file
 
     if not args.inputs and not args.example:
@@ -271,15 +278,36 @@ def _run(args: argparse.Namespace) -> int:
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
+    if args.read_ahead is not None and args.read_ahead < 0:
+        raise OvssError(f"--read-ahead must be >= 0 images, got {args.read_ahead}")
+    index, count = parse_shard(args.shard)
+    with distributed_session(args.device) as context:
+        shard = Shard(index, count, context.rank, context.world_size)
+        mine = [jobs[k] for k in shard.positions(len(jobs))]
+        return _run_shard(args, jobs, mine, classes, background, shard, context)
+
+
+def _run_shard(
+    args: argparse.Namespace, jobs: list[tuple[str, Any]], mine: list[tuple[str, Any]], classes: list[list[str]],
+    background: int | None, shard: Shard, context: DistContext,
+) -> int:  # fmt: skip
+    """Segment this process's images ``mine`` of the run's ``jobs``; the run-level files when the run is done."""
+    import torch
+
+    import ovss
+    from ovss.distributed import rank_device
+
     out = Path(args.out)
-    per_image = plan_outputs(out, jobs, classes, args)
+    shard_jobs = [jobs[k] for k in range(shard.index, len(jobs), shard.count)]  # all ranks refuse alike
+    per_image = plan_outputs(out, jobs, classes, args, shard_jobs)
     check_writable(out)
     sweep_outputs(out, per_image)
     own_process = one_shot_process()
     if own_process:  # importing torch and building the model leave no cycles: skip 0.14 s of full GC passes
         gc.disable()
     try:
-        segmenter = ovss.load(args.method, **load_kwargs(args))  # models that do not fit together end here
+        kwargs = {**load_kwargs(args), "device": rank_device(args.device, context)}
+        segmenter = ovss.load(args.method, **kwargs)  # models that do not fit together end here
     finally:
         if own_process:
             gc.freeze()  # what is loaded lives to the end of the process: later collections need not walk it
@@ -287,121 +315,56 @@ def _run(args: argparse.Namespace) -> int:
     names = [name for synonyms in classes for name in synonyms]
     segmenter.encode_names(names)  # once, before any image: vocabulary and label errors end the run here
     record = {**segmenter.config, "classes": classes, "background": background}
+    record["device"] = str(torch.device(args.device))  # the same config.json on every rank (cuda, not cuda:1)
     key = run_key(record, args)
-    finished = finished_images(out, jobs, per_image, key) if args.resume else set()
-    show_progress = args.progress and not args.quiet and sys.stderr.isatty()
-    from tqdm import tqdm
-
-    bar = tqdm(jobs, desc="segment", unit="img", disable=not show_progress or len(jobs) < 2, file=sys.stderr)
-    done: list[str] = []
-    saved = 0  # len(done) at the last config.json write
-    try:
-        for stem, source in bar:
-            if stem in finished:
-                done.append(stem)
-                continue
-            if _segment_one(segmenter, stem, source, out, per_image[stem], key, classes, background, args):
-                done.append(stem)
-                save_config(out, record, done)
-                saved = len(done)
-    except KeyboardInterrupt:
-        if saved != len(done):  # images skipped after the last write (--resume) are finished too
-            save_config(out, record, done)
-        redone = len(done) - len(finished)
+    finished = finished_images(out, mine, per_image, key) if args.resume else set()
+    if shard.count > 1 and shard.rank == 0:
+        forget_shard(out, shard)  # running again: not finished until this attempt's record
+    show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars
+    run = SegmentRun(out, per_image, key, record, classes, background, args, not shard.split, show)
+    outcome = segment_images(segmenter, mine, finished, run)
+    if outcome.interrupted:
+        redone = len(outcome.finished) - outcome.skipped
+        where = f"{shard.name()}: " if shard.split else ""
         print(
-            f"ovss: interrupted after {redone} new image(s), {len(done)} of {len(jobs)} finished in {out}; the "
-            "same command with --resume continues",
+            f"ovss: {where}interrupted after {redone} new image(s), {len(outcome.finished)} of {len(mine)} "
+            f"finished in {out}; the same command with --resume continues",
             file=sys.stderr,
         )
         return 130
-    if saved != len(done):  # images skipped after the last write (--resume) are finished too
-        save_config(out, record, done)
+    return _finish(args, jobs, shard, context, outcome, run)
+
+
+def _finish(
+    args: argparse.Namespace, jobs: list[tuple[str, Any]], shard: Shard, context: DistContext, outcome: Outcome,
+    run: SegmentRun,
+) -> int:  # fmt: skip
+    """Gather the ranks' outcomes to rank 0, which writes the run-level files if the whole run is done and
+    prints the summary; every rank returns rank 0's exit code (0: every image of the run finished)."""
+    from ovss.distributed import all_gather_objects
+
+    stems = [stem for stem, _ in jobs]
+    merged = combined(all_gather_objects(outcome, context), stems)  # this shard's images, all ranks
+    code = _finish_main(args, stems, shard, merged, run) if shard.rank == 0 else 0
+    return int(all_gather_objects(code, context)[0])
+
+
+def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merged: Outcome, run: SegmentRun) -> int:
+    """Rank 0's part of :func:`_finish`; the exit code of the run (of this shard while other shards run)."""
+    whole = merged
+    if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
+        record_shard(run.out, shard, run.key, merged.finished, merged.failed)
+        records = all_shards(run.out, shard.count, run.key)
+        if records is None:
+            if not args.quiet:
+                scope = f"shard {shard.index}/{shard.count}"
+                mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
+                print(summary(run.out, merged, mine, scope), file=sys.stderr)
+                print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
+            return 0 if not merged.failed else 1
+        whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems, skipped=merged.skipped)
+    if whole.finished:
+        finish_run(run.out, whole.finished, run.record)
     if not args.quiet:
-        skipped = f" ({len(finished)} finished earlier, skipped)" if finished else ""
-        print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}{skipped}", file=sys.stderr)
-    return 0 if len(done) == len(jobs) else 1
-
-
-def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
-    """The key of everything that decides the output bytes: the configuration record and the file options."""
-    from ovss.output import resume
-
-    options = {"logits": args.save_logits, "logits_dtype": args.logits_dtype, "masks": args.save_masks,
-               "json": args.save_json, "alpha": args.alpha}  # fmt: skip
-    return resume.run_key({**record, "outputs": options})
-
-
-def finished_images(out: Path, jobs: list[tuple[str, Any]], per_image: dict[str, list[Path]], key: str) -> set[str]:
-    """The stems whose outputs in ``out`` are complete and from this configuration (``--resume``).
-
-    Raises:
-        OvssError: an image there was made with another configuration (resuming would mix the two).
-    """
-    from ovss.output.resume import image_state, source_digest
-
-    finished: set[str] = set()
-    for stem, source in jobs:
-        state = image_state(out, stem, key, source_digest(source), per_image[stem])
-        if state == "other-config":
-            raise OvssError(
-                f"--resume: the outputs of '{stem}' in {out} were made with another configuration (method, "
-                "weights, labels or output flags differ); rerun with the same flags, pass --overwrite to redo "
-                "every image, or choose another --out"
-            )
-        if state == "finished":
-            finished.add(stem)
-    return finished
-
-
-def _segment_one(
-    segmenter: Any, stem: str, source: Any, out: Path, paths: list[Path], key: str, classes: list[list[str]],
-    background: int | None, args: argparse.Namespace,
-) -> bool:  # fmt: skip
-    """Segment and save one image, then mark it finished; False (reported) when the image cannot be read.
-
-    Raises:
-        OvssError: the outputs cannot be written (it would hold for every later image: the run stops).
-    """
-    from tqdm import tqdm
-
-    from ovss.output.resume import remove_marker, source_digest, write_marker
-
-    label = str(source) if isinstance(source, Path) else stem
-    progress = WindowProgress(stem, args.progress and not args.quiet and sys.stderr.isatty())
-    try:
-        try:  # libpng / OpenCV lines become one ovss warning where the image is read (pipeline/image.py)
-            result = segmenter.predict(source, classes, background=background, progress=progress)
-        finally:
-            progress.close()
-    except OvssError as err:
-        message = str(err) if Path(label).name in str(err) else f"{label}: {err}"
-        tqdm.write(f"ovss: error: {message}", file=sys.stderr)
-        return False
-    digest = source_digest(source)
-    try:
-        remove_marker(out, stem)  # from here until the new marker, the image counts as unfinished
-        written = result.save(
-            out,
-            stem,
-            logits=args.save_logits,
-            masks=args.save_masks,
-            json=args.save_json,
-            alpha=args.alpha,
-            overwrite=args.overwrite or args.resume,
-            logits_dtype=args.logits_dtype,
-        )
-        write_marker(out, stem, key, digest, written)
-    except (OSError, OvssError) as err:
-        reason = getattr(err, "strerror", None) or err
-        raise OvssError(
-            f"cannot write the outputs of {stem!r} to {out}: {reason}; stopped (the same command with --resume "
-            "continues once that is fixed)"
-        ) from err
-    return True
-
-
-def save_config(out: Path, record: dict[str, Any], done: list[str]) -> None:
-    """``config.json``: the resolved configuration and the finished images (rewritten after each image)."""
-    from ovss.storage.files import save_text
-
-    save_text(out / "config.json", json.dumps({**record, "inputs": done}, indent=2, default=str) + "\n")
+        print(summary(run.out, whole, len(stems)), file=sys.stderr)
+    return 0 if not whole.failed else 1

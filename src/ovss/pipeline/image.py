@@ -128,6 +128,22 @@ def _probe_pixel_count(path: Path) -> None:
 _DECODER_PREFIXES = ("libpng warning:", "libpng error:", "Corrupt JPEG data", "Premature end of JPEG", "[ WARN:")
 _HARMLESS_DECODER_MESSAGES = ("iCCP:", "sRGB:", "known incorrect sRGB profile", "cHRM:", "gAMA:")
 _STDERR_LOCK = threading.Lock()
+_DEFERRED = threading.local()  # .sink: a list collecting this thread's decoder warnings (see deferred_warnings)
+
+
+@contextmanager
+def deferred_warnings() -> Iterator[list[str]]:
+    """Collect the decoder warnings ``read_image`` gives in this thread instead of issuing them.
+
+    A read-ahead thread (:mod:`ovss.pipeline.read_ahead`) hands them to the caller, which issues them when it
+    takes the image, so they appear in input order, next to that image's other messages.
+    """
+    sink: list[str] = []
+    _DEFERRED.sink = sink
+    try:
+        yield sink
+    finally:
+        _DEFERRED.sink = None
 
 
 @contextmanager
@@ -170,10 +186,12 @@ def _warn_decoder_messages(path: Path, messages: list[str]) -> None:
         if not any(harmless in text for harmless in _HARMLESS_DECODER_MESSAGES) and text not in kept:
             kept.append(text)
     if kept:
-        warnings.warn(
-            f"image '{path}' was read, but its decoder reported: {'; '.join(kept)} (the file may be damaged)",
-            stacklevel=4,
-        )
+        message = f"image '{path}' was read, but its decoder reported: {'; '.join(kept)} (the file may be damaged)"
+        sink = getattr(_DEFERRED, "sink", None)
+        if sink is not None:  # a read-ahead thread: the caller issues it when it takes the image
+            sink.append(message)
+        else:
+            warnings.warn(message, stacklevel=4)
 
 
 def _read_image_file(path: Path) -> npt.NDArray[np.uint8]:

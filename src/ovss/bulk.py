@@ -1,0 +1,101 @@
+"""Many images through one :class:`~ovss.predictor.Segmenter`: ``Segmenter.predict_many``.
+
+The loop is ``predict`` on each image in turn, so the predictions are those of a ``predict`` loop, bit for
+bit; a worker thread (:mod:`ovss.pipeline.read_ahead`) reads and resizes the next images meanwhile and
+hands each read to ``set_image`` through the segmenter's one-shot ``_read_ahead`` slot, which is used only
+for the very image object it was read from. ``ovss segment`` runs its images through this loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from ovss.errors import OvssError
+from ovss.labels import flatten_labels, normalize_labels
+from ovss.pipeline.read_ahead import Prepared, prepare_ahead
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ovss.prediction import Prediction
+    from ovss.predictor import ImageLike, LabelsLike, Progress, Segmenter
+
+
+def predict_many(
+    segmenter: Segmenter,
+    images: Iterable[ImageLike],
+    labels: LabelsLike,
+    *,
+    text_embeddings: torch.Tensor | np.ndarray | None = None,
+    background: int | None = 0,
+    progress: Progress | None = None,
+    rows_progress: Progress | None = None,
+    read_ahead: int | None = None,
+    errors: Literal["raise", "yield"] = "raise",
+) -> Iterator[Prediction | OvssError]:
+    """Label many images, one prediction per image in input order (``Segmenter.predict_many``).
+
+    Args:
+        segmenter: the segmenter whose ``predict`` runs on each image.
+        images: paths, arrays or PIL images (see ``Segmenter.set_image``), consumed lazily: at most
+            ``read_ahead + 1`` decoded images are held, so a generator over millions of files is fine.
+        labels: as for ``predict``, for every image.
+        read_ahead: images read and resized ahead on a worker thread; 0 reads each image in the caller's
+            thread when its turn comes (a plain ``predict`` loop). Default (None): 2 on a CUDA device (decoding
+            overlaps the GPU), 0 on the CPU (the backbone's threads already use every core: measured, a reader
+            thread there slowed the loop down; docs/decisions.md).
+        errors: an image that cannot be read or segmented: ``"raise"`` (default) raises its OvssError from the
+            iterator, which then ends; ``"yield"`` yields the OvssError in its place and goes on with the next
+            image (bulk labelling: one bad file does not stop the run).
+        text_embeddings, background, progress, rows_progress: as for ``predict``, for every image
+            (``progress`` starts again at ``done = 0`` for each image).
+
+    Returns:
+        An iterator of one ``Prediction`` per image (or, with ``errors="yield"``, an OvssError for an image
+        that failed), equal bit for bit to ``predict(image, labels, **kwargs)``.
+
+    Raises:
+        OvssError: bad labels, background, text embeddings, ``errors`` or ``read_ahead``: at the call, before
+            any image is read.
+    """
+    if errors not in ("raise", "yield"):
+        raise OvssError(f"errors must be 'raise' or 'yield', got {errors!r}")
+    if read_ahead is None:
+        read_ahead = 2 if segmenter.device.type == "cuda" else 0
+    if read_ahead < 0:
+        raise OvssError(f"read_ahead must be >= 0 images, got {read_ahead}")
+    classes = normalize_labels(labels)  # what holds for every image is checked now, not at the first image
+    if background is not None and not 0 <= background < len(classes):
+        raise OvssError(f"background must be a class index in 0..{len(classes) - 1} or None, got {background}")
+    segmenter._text_embeddings(flatten_labels(classes)[0], text_embeddings)
+    kwargs = {"text_embeddings": text_embeddings, "background": background, "progress": progress,
+              "rows_progress": rows_progress}  # fmt: skip
+    queue: Iterator[tuple[ImageLike, Prepared[Any] | None]]
+    if read_ahead:
+        queue = prepare_ahead(images, segmenter._read_and_resize, read_ahead)
+    else:
+        queue = ((image, None) for image in images)
+    return _predict_each(segmenter, queue, labels, kwargs, errors == "yield")
+
+
+def _predict_each(
+    segmenter: Segmenter, queue: Iterator[tuple[ImageLike, Prepared[Any] | None]], labels: LabelsLike,
+    kwargs: dict[str, Any], yield_errors: bool,
+) -> Iterator[Prediction | OvssError]:  # fmt: skip
+    """``predict`` on each image of ``queue``, handing ``set_image`` what the reader prepared for it."""
+    try:
+        for image, prepared in queue:
+            segmenter._read_ahead = None if prepared is None else (image, prepared)
+            try:
+                result: Prediction | OvssError = segmenter.predict(image, labels, **kwargs)
+            except OvssError as error:
+                if not yield_errors:
+                    raise
+                result = error
+            finally:
+                segmenter._read_ahead = None
+            yield result
+    finally:
+        queue.close()  # type: ignore[attr-defined]  # a generator: stops the reader thread on an early exit

@@ -1,0 +1,107 @@
+"""Which images a process of ``ovss segment`` takes, and which process writes the run-level files.
+
+Two ways to split a run, composable:
+
+- ``--shard I/N`` (0-based: ``0 <= I < N``): independent processes, e.g. a SLURM job array
+  ``--array=0-3`` with ``--shard $SLURM_ARRAY_TASK_ID/4``. Shard I takes the images at positions
+  ``k % N == I`` of the full, ordered job list (the same list in every shard: inputs as given, folders
+  sorted). No process group, no communication: shards meet only in the output folder.
+- ``torchrun --nproc-per-node R -m ovss segment ...``: rank r takes every R-th image of its shard's list
+  (of the whole list without ``--shard``), as ``ovss eval`` does; under ``--shard I/N`` each shard is a
+  torchrun job of its own (a job array of multi-GPU jobs).
+
+Per-image files belong to exactly one process, so the union of the shards' outputs is byte-identical to
+one process's. The run-level ``config.json`` lists the finished images of the whole run in full-run order:
+under torchrun rank 0 writes it once every rank is done; with ``--shard`` each shard records its
+outcome in ``<out>/.ovss/shards/<I>-of-<N>.json`` and the shard that finds all N records (the last to
+finish) writes it. Two shards finishing at once both write the same bytes, atomically: harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ovss.errors import OvssError
+
+SHARD_FOLDER = Path(".ovss") / "shards"  # inside the output folder
+FORMAT = "ovss-segment-shard"  # the shard record's "format" field
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a segment run."""
+
+    index: int  # I of --shard I/N, 0-based (0 without --shard)
+    count: int  # N of --shard I/N (1 without --shard)
+    rank: int  # torchrun rank within the shard (0 without torchrun)
+    world: int  # torchrun processes of the shard (1 without torchrun)
+
+    @property
+    def split(self) -> bool:
+        """Whether other processes segment other images of the same run."""
+        return self.count > 1 or self.world > 1
+
+    def positions(self, total: int) -> list[int]:
+        """Positions (0-based, in the full ordered job list of ``total`` images) of this process's images."""
+        return list(range(self.index, total, self.count))[self.rank :: self.world]
+
+    def name(self) -> str:
+        """``shard 1/4`` / ``rank 0/2`` / ``shard 1/4 rank 0/2``, for messages ('' for a whole run)."""
+        parts = [f"shard {self.index}/{self.count}"] if self.count > 1 else []
+        parts += [f"rank {self.rank}/{self.world}"] if self.world > 1 else []
+        return " ".join(parts)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``--shard I/N`` as (I, N); (0, 1) when the flag is absent.
+
+    Raises:
+        OvssError: not two integers ``I/N`` with ``0 <= I < N``.
+    """
+    if text is None:
+        return 0, 1
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    index, count = (int(match[1]), int(match[2])) if match else (-1, 0)
+    if not 0 <= index < count:
+        raise OvssError(
+            f"--shard must be I/N with 0 <= I < N (0-based: --shard 0/2 and --shard 1/2 split a run in two; "
+            f"a SLURM array --array=0-{max(count, 2) - 1} passes $SLURM_ARRAY_TASK_ID/{max(count, 2)}), got {text!r}"
+        )
+    return index, count
+
+
+def record_path(out: Path, index: int, count: int) -> Path:
+    """``<out>/.ovss/shards/<I>-of-<N>.json``: the outcome of shard I of N."""
+    return out / SHARD_FOLDER / f"{index}-of-{count}.json"
+
+
+def forget_shard(out: Path, shard: Shard) -> None:
+    """Remove this shard's record of an earlier attempt (it is running again: not finished)."""
+    record_path(out, shard.index, shard.count).unlink(missing_ok=True)
+
+
+def record_shard(out: Path, shard: Shard, key: str, finished: list[str], failed: dict[str, str]) -> None:
+    """Record that this shard is done: its finished images and the failed ones with their reasons."""
+    from ovss.storage.files import save_text
+
+    record = {"format": FORMAT, "config": key, "shard": shard.index, "of": shard.count,
+              "finished": finished, "failed": failed}  # fmt: skip
+    save_text(record_path(out, shard.index, shard.count), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def all_shards(out: Path, count: int, key: str) -> list[dict[str, Any]] | None:
+    """The records of all ``count`` shards of run ``key``, or None while one is missing (still running)."""
+    records: list[dict[str, Any]] = []
+    for index in range(count):
+        try:
+            record = json.loads(record_path(out, index, count).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("config") != key:
+            return None
+        records.append(record)
+    return records

@@ -1,0 +1,183 @@
+"""`ovss segment` split over processes (issue 22, item 1): two `--shard` processes and a 2-rank torchrun run
+leave the bytes of a one-process run, with one summary and the whole run's exit code; an interrupted shard
+resumes without touching the other shard's images."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ovss.output.files
+from ovss.cli.main import main
+from ovss.cli.segment_shard import Shard, parse_shard
+from ovss.errors import OvssError
+from ovss.predictor import Segmenter
+from tiny import save_openai_jit, tiny_clip_state_dict
+
+GOOD = ["a", "b", "c", "e", "f"]
+BAD = "d"  # position 3 of the sorted folder: shard 1 of 2, torchrun rank 1
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for seed, stem in enumerate(GOOD):
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(40 + 4 * seed, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{stem}.png")
+    (folder / f"{BAD}.png").write_text("not an image\n")
+    return folder
+
+
+def _args(clip_file: Path, bpe_path: Path, photos: Path, out: Path, *extra: str) -> list[str]:
+    args = ["segment", str(photos), "--labels", "cat, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
+    args += ["--out", str(out), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    return [*args, "--save-json", "--save-logits", "--no-progress", *extra]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # one thread, as every torchrun worker
+
+
+def _ovss(args: list[str]) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "ovss", *args]
+    return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` but the shard records (which only sharded runs keep)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and ".ovss/shards" not in p.as_posix())
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="module")
+def alone(clip_file: Path, bpe_path: Path, photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-process run of the folder (in a fresh process with one thread, like the sharded runs)."""
+    out = tmp_path_factory.mktemp("alone") / "out"
+    process = _ovss(_args(clip_file, bpe_path, photos, out))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err  # the bad image fails the run
+    assert f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in err and "1 failed:" in err
+    assert json.loads((out / "config.json").read_text())["inputs"] == GOOD
+    return out
+
+
+# ------------------------------------------------------------------------------ the split itself
+
+
+@pytest.mark.parametrize("total", [0, 1, 5, 17])
+@pytest.mark.parametrize(("count", "world"), [(1, 1), (3, 1), (1, 2), (2, 3)])
+def test_shards_and_ranks_partition_the_job_list(total: int, count: int, world: int) -> None:
+    parts = [Shard(i, count, r, world).positions(total) for i in range(count) for r in range(world)]
+    together = sorted(p for part in parts for p in part)
+    assert together == list(range(total))  # every image once, none twice
+    assert max(map(len, parts)) - min(map(len, parts)) <= 2  # balanced (round-robin, twice nested)
+
+
+def test_shard_flag_values(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert parse_shard(None) == (0, 1) and parse_shard("0/2") == (0, 2) and parse_shard(" 3 / 4 ") == (3, 4)
+    for bad in ["2/2", "1/0", "-1/2", "1", "a/b", "1/2/3", ""]:
+        with pytest.raises(OvssError, match="0-based"):
+            parse_shard(bad)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    code = main(["segment", str(image), "--labels", "cat", "--out", str(tmp_path / "o"), "--shard", "2/2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "ovss: error: --shard must be I/N with 0 <= I < N" in err
+    assert not (tmp_path / "o").exists()
+    code = main(["segment", str(image), "--labels", "cat", "--out", str(tmp_path / "o"), "--read-ahead", "-1"])
+    assert code == 2 and "ovss: error: --read-ahead must be >= 0 images, got -1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ sharded runs, byte for byte
+
+
+def test_two_shard_processes_give_the_bytes_of_one(
+    alone: Path, clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sharded"
+    shards = [_ovss(_args(clip_file, bpe_path, photos, out, "--shard", f"{i}/2")) for i in (0, 1)]
+    errs = [shard.communicate(timeout=300)[1] for shard in shards]
+    assert _snapshot(out) == _snapshot(alone)  # per-image files, markers and config.json ("inputs" in full order)
+    assert sorted(p.name for p in (out / ".ovss" / "shards").iterdir()) == ["0-of-2.json", "1-of-2.json"]
+    assert shards[1].returncode == 1 and f"{BAD}.png" in errs[1]  # shard 1 holds the bad image
+    finishers = [err for err in errs if f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in err]
+    assert len(finishers) == 1 and "1 failed:" in finishers[0] and f"{BAD}.png" in finishers[0]  # whole-run summary
+    assert [s.returncode for s, e in zip(shards, errs, strict=True) if e in finishers] == [1]  # the whole run's code
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_torchrun_ranks_give_the_bytes_of_one(
+    alone: Path, clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ranks"
+    command = [  # torchrun's own module, so no `torchrun` script needs to be on PATH
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "-m", "ovss", *_args(clip_file, bpe_path, photos, out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300, check=False)
+    assert _snapshot(out) == _snapshot(alone), done.stderr[-3000:]
+    assert not (out / ".ovss" / "shards").exists()
+    assert done.returncode == 1, done.stderr[-3000:]  # both ranks return the run's code (1: an image failed)
+    assert done.stderr.count("segmented ") == 1  # one summary, from rank 0, listing rank 1's failure
+    assert f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in done.stderr and f"{BAD}.png" in done.stderr
+
+
+# ------------------------------------------------------------------------------ interrupt and resume
+
+
+def test_an_interrupted_shard_resumes_and_never_touches_the_other_shard(
+    alone: Path, clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "resumed"
+    calls: list[str] = []
+    predict, save_png = Segmenter.predict, ovss.output.files.save_png
+    interrupt = {"at": 2}  # Ctrl-C while shard 0 saves its second image
+
+    def counting(self: Segmenter, image: object, *args: object, **kwargs: object) -> object:
+        calls.append(Path(str(image)).stem)
+        return predict(self, image, *args, **kwargs)
+
+    def saving(path: Path, image: object) -> Path:
+        if len(calls) == interrupt["at"] and path.name.endswith("_overlay.png"):
+            raise KeyboardInterrupt
+        return save_png(path, image)
+
+    monkeypatch.setattr(Segmenter, "predict", counting)
+    monkeypatch.setattr(ovss.output.files, "save_png", saving)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one-process run
+    try:
+        assert main(_args(clip_file, bpe_path, photos, out, "--shard", "0/2")) == 130
+        assert calls == ["a", "c"] and not (out / "config.json").exists()
+        interrupt["at"] = -1
+        calls.clear()
+        assert main(_args(clip_file, bpe_path, photos, out, "--shard", "0/2", "--resume")) == 0
+        assert calls == ["c", "e"]  # a was finished: skipped; c was cut: redone
+        assert not (out / "config.json").exists()  # shard 1 has not run yet
+        calls.clear()
+        assert main(_args(clip_file, bpe_path, photos, out, "--shard", "1/2", "--overwrite")) == 1
+        assert calls == ["b", BAD, "f"]  # --overwrite redoes only this shard's images
+    finally:
+        torch.set_num_threads(threads)
+    assert _snapshot(out) == _snapshot(alone)
