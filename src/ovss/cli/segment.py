@@ -94,6 +94,9 @@ def add_parser(sub: Any) -> None:
         "else they stay unlabelled: 255 in the label map, untinted in the overlay)",
     )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    from ovss.output.collection import add_collection_flags  # issue 22: coco.json, GeoJSON, score maps
+
+    add_collection_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
     add_model_flags(p)
@@ -146,6 +149,7 @@ def plan_outputs(
 ) -> dict[str, list[Path]]:
     """Every file the run may write, per input stem; refuses (OvssError) to replace an input, an earlier
     output without ``--resume`` or ``--overwrite``, and two inputs writing the same file."""
+    from ovss.output.collection import collection_options, collection_paths
     from ovss.output.files import output_paths
     from ovss.output.resume import marker_path
 
@@ -153,6 +157,7 @@ def plan_outputs(
         raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
     per_image = {
         stem: output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
+        + collection_paths(out, stem, classes, collection_options(args))
         for stem, _ in jobs
     }
     planned = [out / "config.json", *(path for paths in per_image.values() for path in paths)]
@@ -306,6 +311,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     if saved != len(done):  # images skipped after the last write (--resume) are finished too
         save_config(out, record, done)
+    _merge_collection(out, stems, classes, background, record, args)
     if not args.quiet:
         skipped = f" ({len(finished)} finished earlier, skipped)" if finished else ""
         print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}{skipped}", file=sys.stderr)
@@ -315,9 +321,13 @@ def _run(args: argparse.Namespace) -> int:
 def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
     """The key of everything that decides the output bytes: the configuration record and the file options."""
     from ovss.output import resume
+    from ovss.output.collection import collection_options
 
     options = {"logits": args.save_logits, "logits_dtype": args.logits_dtype, "masks": args.save_masks,
                "json": args.save_json, "alpha": args.alpha}  # fmt: skip
+    collection = collection_options(args)
+    if collection.any:  # only then: the key of a run without these outputs stays what it was
+        options["collection"] = collection.record()
     return resume.run_key({**record, "outputs": options})
 
 
@@ -380,6 +390,7 @@ def _segment_one(
             overwrite=args.overwrite or args.resume,
             logits_dtype=args.logits_dtype,
         )
+        written += _save_collection(out, stem, source, result, args)
         write_marker(out, stem, key, digest, written)
     except (OSError, OvssError) as err:
         reason = getattr(err, "strerror", None) or err
@@ -395,3 +406,34 @@ def save_config(out: Path, record: dict[str, Any], done: list[str]) -> None:
     from ovss.storage.files import save_text
 
     save_text(out / "config.json", json.dumps({**record, "inputs": done}, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- issue 22: outputs other tools read
+
+
+def _save_collection(out: Path, stem: str, source: Any, result: Any, args: argparse.Namespace) -> list[Path]:
+    """One image's coco.json part, GeoJSON and score maps (:func:`ovss.output.collection.save_collection`)."""
+    from ovss.output.collection import collection_options, save_collection
+
+    file_name = source.name if isinstance(source, Path) else stem
+    options = collection_options(args)
+    return save_collection(out, stem, result, options, file_name=file_name, overwrite=args.overwrite or args.resume)
+
+
+def _merge_collection(
+    out: Path, stems: list[str], classes: list[list[str]], background: int | None, record: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:  # fmt: skip
+    """coco.json of the whole job list, in input order (:func:`ovss.output.collection.merge_collection`)."""
+    from ovss.output.collection import collection_options, merge_collection
+
+    options = collection_options(args)
+    if not options.coco:
+        return
+    info = {"method": record.get("method")}
+    merged = merge_collection(out, stems, classes, options, background=background, info=info)
+    if merged.missing and not args.quiet:
+        print(
+            f"ovss: note: {merged.path} lists {merged.images} of {len(stems)} image(s); the others are not finished",
+            file=sys.stderr,
+        )
