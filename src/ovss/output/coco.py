@@ -151,7 +151,7 @@ def decode_annotations(
     labels = np.full((height, width), fill, dtype=dtype)  # (H, W)
     for annotation in annotations:
         category = annotation.get("category_id")
-        if category not in class_of_category:
+        if not isinstance(category, int) or category not in class_of_category:
             raise OvssError(f"a COCO annotation has category_id {category!r}, which no category lists; fix the file")
         labels[decode_segmentation(annotation["segmentation"], height, width)] = class_of_category[category]
     return labels
