@@ -28,6 +28,8 @@ from ovss.output.polygons import coco_polygons, geojson_document
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.prediction import Prediction
 
+# pycocotools <= 2.0.11 under NumPy 2 warns in its own decode
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 CLASSES = [["sky"], ["road", "street"], ["car"], ["person", "pedestrian"]]
 
 
@@ -218,3 +220,16 @@ def test_categories_mark_the_background_class() -> None:
     categories = coco_categories(CLASSES, background=2)
     assert [c["id"] for c in categories] == [1, 2, 3, 4]
     assert [c.get("background", False) for c in categories] == [False, False, True, False]
+
+
+def test_specks_and_one_pixel_lines_become_polygons_with_an_area() -> None:
+    labels = np.zeros((9, 11), dtype=np.int64)
+    labels[0, 10] = 1  # a speck in the corner
+    labels[4, 2:9] = 2  # a horizontal line one pixel wide
+    for i in range(5):
+        labels[2 + i, i] = 3  # a diagonal line (8-connected)
+    for annotation in image_annotations(labels, 4, polygons=True)[1:]:  # class 0 surrounds everything: RLE
+        polygons = annotation["segmentation"]
+        assert isinstance(polygons, list) and all(len(polygon) >= 8 for polygon in polygons)
+        decoded = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, 9, 11))).astype(bool)
+        assert np.array_equal(decoded, labels == annotation["category_id"] - 1)

@@ -17,6 +17,8 @@ from ovss.output.resume import marker_path
 from ovss.predictor import Segmenter
 from tiny import save_openai_jit, tiny_clip_state_dict
 
+# pycocotools <= 2.0.11 under NumPy 2 warns in its own decode
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 STEMS = ["c", "a", "b"]  # written as c.png, a.png, b.png: the job list is sorted by file name
 
 

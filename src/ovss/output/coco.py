@@ -18,6 +18,7 @@ The run-level ``coco.json`` of ``ovss segment --save-coco`` is built from per-im
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -119,7 +120,9 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         rle = _as_pycocotools_rle(segmentation)
     else:
         raise OvssError(f"unknown COCO segmentation {str(segmentation)[:60]!r}; expected RLE or polygons")
-    mask = api.decode(rle)  # (H, W) uint8
+    with warnings.catch_warnings():  # pycocotools <= 2.0.11 under NumPy 2: "__array__ ... copy keyword"
+        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
+        mask = api.decode(rle)  # (H, W) uint8
     if mask.shape != (height, width):
         raise OvssError(f"a COCO segmentation of size {mask.shape} belongs to an image of size {(height, width)}")
     return mask.astype(bool)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 UPSAMPLE = 2  # outlines are traced on the mask upsampled by this factor
+MIN_VERTICES = 3  # fewer vertices enclose no area (and 2 read as a bbox in pycocotools' frPyObjects)
 SIMPLIFY = 0.5  # cv2.approxPolyDP tolerance in upsampled pixels (a quarter pixel): fewer vertices on diagonals
 
 
@@ -33,7 +34,9 @@ def _contours(mask: np.ndarray) -> tuple[list[list[list[float]]], np.ndarray]:
 
     big = np.repeat(np.repeat(np.asarray(mask, dtype=np.uint8), UPSAMPLE, axis=0), UPSAMPLE, axis=1)  # (2H, 2W)
     found, hierarchy = cv2.findContours(big, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    found = [cv2.approxPolyDP(contour, SIMPLIFY, True) for contour in found]  # each (N_i, 1, 2)
+    simplified = [cv2.approxPolyDP(contour, SIMPLIFY, True) for contour in found]  # each (N_i, 1, 2)
+    # a component of the upsampled mask is at least 2 x 2: >= 4 vertices, kept where simplifying leaves < 3
+    found = [short if len(short) >= MIN_VERTICES else whole for short, whole in zip(simplified, found, strict=True)]
     contours = [
         [[(float(x) + 0.5) / UPSAMPLE, (float(y) + 0.5) / UPSAMPLE] for x, y in contour.reshape(-1, 2)]
         for contour in found
