@@ -107,3 +107,14 @@ def test_resume_with_other_output_flags_is_refused(
     capsys.readouterr()
     assert segment(clip_file, bpe_path, photos, out, "--save-coco", "--save-scores", "npy", "--resume") == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_no_coco_json_and_no_folder_when_no_image_was_segmented(
+    clip_file: Path, bpe_path: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    assert segment(clip_file, bpe_path, broken, out, "--save-coco") == 1
+    assert not out.exists()

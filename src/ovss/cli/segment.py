@@ -311,7 +311,8 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     if saved != len(done):  # images skipped after the last write (--resume) are finished too
         save_config(out, record, done)
-    _merge_collection(out, stems, classes, background, record, args)
+    if done:  # no image segmented: the output folder is left as it was
+        _merge_collection(out, stems, classes, background, record, args)
     if not args.quiet:
         skipped = f" ({len(finished)} finished earlier, skipped)" if finished else ""
         print(f"segmented {len(done)} of {len(jobs)} image(s) into {out}{skipped}", file=sys.stderr)

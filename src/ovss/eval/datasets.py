@@ -1,13 +1,15 @@
 """Benchmark datasets: image/label pairs of the eight benchmarks and of users' folders (spec §6.1–6.2).
 
 A dataset is a list of (image file, label PNG) pairs; labels are decoded on access and returned at their
-original resolution H0 x W0 as uint8 class ids with 255 = ignore (after any remapping). Images are only
+original resolution H0 x W0 as uint8 class ids with 255 = ignore (after any remapping); beyond 255 classes
+as uint16 with 65535 = ignore (``SegDataset.ignore_index``). Images are only
 located here; decoding and resizing belong to the pipeline (§2.1).
 
 ``open_dataset(name, root)`` reads one of the eight benchmarks from its mmsegmentation layout; ``root``
 may be the base directory of the layout (e.g. ``VOCdevkit/VOC2012``), its parent (``VOCdevkit``) or the
 folder that contains the whole chain. ``check_dataset`` reports what is there without raising.
-``FolderDataset`` pairs any folder of images with a folder of label PNGs by file stem.
+``FolderDataset`` pairs any folder of images with a folder of label PNGs (palette, 8- or 16-bit) by file
+stem, or with a COCO JSON by its images' ``file_name`` stems.
 
 Label decoding and remapping live in ``ovss.eval.labels``, the layouts in ``ovss.eval.layouts``; their
 public names are re-exported here.
