@@ -189,7 +189,7 @@ def save_collection(
         texts.append(json.dumps(geojson_document(labels, classes, file_name), ensure_ascii=False, indent=1) + "\n")
     written: list[Path] = []
     try:
-        for path, text in zip(paths, texts, strict=False):
+        for path, text in zip(paths[: len(texts)], texts, strict=True):  # the part, the GeoJSON
             written.append(save_text(path, text))
         if options.scores is not None:
             written += save_scores(prediction, folder, stem, options.scores)
