@@ -57,7 +57,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     f = p.add_argument_group("--dataset folder (your own data)")
     f.add_argument("--images", help="folder of images")
-    f.add_argument("--masks", help="folder of label PNGs (class ids, 255 = ignore), paired by file stem")
+    f.add_argument(
+        "--masks",
+        help="folder of label PNGs paired by file stem: palette or 8-bit PNGs of class ids (255 = ignore) or 16-bit "
+        "PNGs (ids beyond 255; 65535 = ignore); or a COCO JSON (`ovss segment --save-coco`'s coco.json: "
+        "categories named as the --names classes, images paired by file_name stem)",
+    )
     f.add_argument("--labels", dest="old_labels", help=argparse.SUPPRESS)  # renamed --masks: a one-line error
     f.add_argument(
         "--names",

@@ -121,6 +121,9 @@ def add_parser(sub: Any) -> None:
         "device, 0 on the CPU, where the model's threads already use every core; 0: read each image when "
         "its turn comes)",
     )
+    from ovss.output.collection import add_collection_flags  # issue 22: coco.json, GeoJSON, score maps
+
+    add_collection_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
     add_model_flags(p)
@@ -181,6 +184,7 @@ def plan_outputs(
     Clashes are checked over the whole run's ``jobs`` (every shard refuses alike); earlier outputs only for
     this process's images ``mine`` (default: all), so a shard never trips over another shard's files.
     """
+    from ovss.output.collection import collection_options, collection_paths
     from ovss.output.files import output_paths
     from ovss.output.resume import marker_path
 
@@ -188,6 +192,7 @@ def plan_outputs(
         raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
     per_image = {
         stem: output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
+        + collection_paths(out, stem, classes, collection_options(args))
         for stem, _ in jobs
     }
     planned = [out / "config.json", *(path for paths in per_image.values() for path in paths)]
@@ -364,7 +369,7 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
             return 0 if not merged.failed else 1
         whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems, skipped=merged.skipped)
     if whole.finished:
-        finish_run(run.out, whole.finished, run.record)
+        finish_run(run, whole.finished, stems)
     if not args.quiet:
         print(summary(run.out, whole, len(stems)), file=sys.stderr)
     return 0 if not whole.failed else 1

@@ -98,9 +98,13 @@ class ImageBars:
 def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
     """The key of everything that decides the output bytes: the configuration record and the file options."""
     from ovss.output import resume
+    from ovss.output.collection import collection_options
 
     options = {"logits": args.save_logits, "logits_dtype": args.logits_dtype, "masks": args.save_masks,
                "json": args.save_json, "alpha": args.alpha}  # fmt: skip
+    collection = collection_options(args)
+    if collection.any:  # only then: the key of a run without these outputs stays what it was
+        options["collection"] = collection.record()
     return resume.run_key({**record, "outputs": options})
 
 
@@ -181,6 +185,7 @@ def save_image(result: Any, stem: str, source: Any, run: SegmentRun) -> None:
     Raises:
         OvssError: the outputs cannot be written.
     """
+    from ovss.output.collection import collection_options, save_collection
     from ovss.output.resume import remove_marker, source_digest, write_marker
 
     args, out = run.args, run.out
@@ -197,8 +202,10 @@ def save_image(result: Any, stem: str, source: Any, run: SegmentRun) -> None:
             overwrite=args.overwrite or args.resume,
             logits_dtype=args.logits_dtype,
         )
-        # Per-image parts of run-level collections (COCO, ...) go here, after the image's files and before
-        # its marker, so a marker vouches for them too.
+        written += save_collection(  # coco.json's part, GeoJSON, score maps: before the marker, which vouches for them
+            out, stem, result, collection_options(args), file_name=source.name if isinstance(source, Path) else stem,
+            overwrite=args.overwrite or args.resume,
+        )  # fmt: skip
         write_marker(out, stem, run.key, digest, written)
     except (OSError, OvssError) as err:
         reason = getattr(err, "strerror", None) or err
@@ -215,15 +222,28 @@ def save_config(out: Path, record: dict[str, Any], done: list[str]) -> None:
     save_text(out / "config.json", json.dumps({**record, "inputs": done}, indent=2, default=str) + "\n")
 
 
-def finish_run(out: Path, stems: list[str], record: dict[str, Any]) -> None:
+def finish_run(run: SegmentRun, finished: list[str], stems: list[str]) -> None:
     """The run-level files, once every image of the whole run (all shards / ranks) was tried.
 
     Called by exactly one process per finished run (or by two finishing shards at once, with the same
-    content: every write is atomic). ``stems`` are the finished images of the whole run in full-run
-    order; ``record["classes"]`` holds the classes.
+    content: every write is atomic). ``finished`` are the finished images of the whole run and ``stems``
+    all of its images, both in full-run order: ``config.json`` lists the first, ``coco.json`` (with
+    ``--save-coco``) numbers its images by their place in the second.
     """
-    save_config(out, record, stems)
-    # Run-level collections (merging the per-image parts that save_image wrote) go here.
+    from ovss.output.collection import collection_options, merge_collection
+
+    save_config(run.out, run.record, finished)
+    options = collection_options(run.args)
+    if not options.coco:
+        return
+    merged = merge_collection(
+        run.out, stems, run.classes, options, background=run.background, info={"method": run.record.get("method")}
+    )
+    if merged.missing and not run.args.quiet:
+        print(
+            f"ovss: note: {merged.path} lists {merged.images} of {len(stems)} image(s); the others are not finished",
+            file=sys.stderr,
+        )
 
 
 def combined(parts: list[Outcome], stems: list[str], skipped: int | None = None) -> Outcome:

@@ -54,8 +54,8 @@ def checkpoint_path(out_dir: Path, context: DistContext) -> Path:
     return out_dir / CHECKPOINT_DIR / f"rank{context.rank}-of-{context.world_size}.pt"
 
 
-def fresh_state(num_classes: int, band: int) -> RunState:
-    return RunState(set(), ConfusionAccumulator(num_classes), BoundaryErrorAccumulator(band), 0.0)
+def fresh_state(num_classes: int, band: int, ignore: int = 255) -> RunState:
+    return RunState(set(), ConfusionAccumulator(num_classes, ignore), BoundaryErrorAccumulator(band, ignore), 0.0)
 
 
 def save_checkpoint(path: Path, state: RunState, identity: str) -> None:
@@ -71,7 +71,7 @@ def save_checkpoint(path: Path, state: RunState, identity: str) -> None:
     atomic_write(path, lambda temp: torch.save(payload, temp))
 
 
-def load_checkpoint(path: Path, identity: str, num_classes: int, band: int) -> RunState:
+def load_checkpoint(path: Path, identity: str, num_classes: int, band: int, ignore: int = 255) -> RunState:
     """Read one rank's state; a checkpoint of another configuration raises an OvssError."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -84,7 +84,7 @@ def load_checkpoint(path: Path, identity: str, num_classes: int, band: int) -> R
             f"checkpoint {path} belongs to another configuration (differs in: {', '.join(differ) or 'version'}); "
             "evaluate into a new --out folder or drop --resume to start again"
         )
-    state = fresh_state(num_classes, band)
+    state = fresh_state(num_classes, band, ignore)
     state.done = set(payload["done"])
     state.confusion.load_state_dict(payload["confusion"])
     state.boundary.load_state_dict(payload["boundary"])

@@ -1,13 +1,15 @@
 """Benchmark datasets: image/label pairs of the eight benchmarks and of users' folders (spec §6.1–6.2).
 
 A dataset is a list of (image file, label PNG) pairs; labels are decoded on access and returned at their
-original resolution H0 x W0 as uint8 class ids with 255 = ignore (after any remapping). Images are only
+original resolution H0 x W0 as uint8 class ids with 255 = ignore (after any remapping); beyond 255 classes
+as uint16 with 65535 = ignore (``SegDataset.ignore_index``). Images are only
 located here; decoding and resizing belong to the pipeline (§2.1).
 
 ``open_dataset(name, root)`` reads one of the eight benchmarks from its mmsegmentation layout; ``root``
 may be the base directory of the layout (e.g. ``VOCdevkit/VOC2012``), its parent (``VOCdevkit``) or the
 folder that contains the whole chain. ``check_dataset`` reports what is there without raising.
-``FolderDataset`` pairs any folder of images with a folder of label PNGs by file stem.
+``FolderDataset`` pairs any folder of images with a folder of label PNGs (palette, 8- or 16-bit) by file
+stem, or with a COCO JSON by its images' ``file_name`` stems.
 
 Label decoding and remapping live in ``ovss.eval.labels``, the layouts in ``ovss.eval.layouts``; their
 public names are re-exported here.
@@ -25,12 +27,17 @@ from ovss.errors import OvssError
 from ovss.eval.labels import (
     CITYSCAPES_LABELID_TO_TRAINID,
     IGNORE_INDEX,
+    WIDE_IGNORE_INDEX,
+    CocoMasks,
     labelids_to_trainids,
+    narrow_labels,
     prepare_cityscapes,
     prepare_coco_object,
     read_label,
+    read_label_ids,
     reduce_zero_label,
     trainids_to_coco_object,
+    wide_labels,
 )
 from ovss.eval.layouts import LAYOUTS, Layout, find_base, get_layout, layout_tree
 from ovss.eval.names import class_names, read_names_file
@@ -65,7 +72,7 @@ class Sample:
 
     name: str  # sample id, e.g. "2007_000033" or "frankfurt/frankfurt_000000_000294"
     image_path: Path  # image file, decoded later by the pipeline (§2.1)
-    label: np.ndarray  # (H0, W0) uint8 class ids after remapping, 255 = ignore
+    label: np.ndarray  # (H0, W0) uint8 class ids after remapping, 255 = ignore (uint16, 65535 beyond 255 classes)
 
 
 class SegDataset:
@@ -77,6 +84,7 @@ class SegDataset:
         num_classes: C; labels hold 0..C-1 and 255.
         has_background: class 0 is "background" (the background threshold applies).
         reduce_zero_label: labels are remapped 0 -> 255, v -> v - 1 on access.
+        ignore_index: 255, or 65535 for more than 255 classes (whose labels are uint16).
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class SegDataset:
         self.has_background = has_background
         self.reduce_zero_label = reduce_zero_label
         self.dataset = dataset
+        self.ignore_index = IGNORE_INDEX if self.num_classes <= IGNORE_INDEX else WIDE_IGNORE_INDEX
 
     def __len__(self) -> int:
         return len(self.sample_names)
@@ -112,30 +121,42 @@ class SegDataset:
                 missing/extra ``reduce_zero_label``).
         """
         label_path = self.label_paths[index]
-        label = read_label(label_path)  # (H0, W0) uint8
-        if self.reduce_zero_label:
-            label = reduce_zero_label(label)
-        invalid = (label >= self.num_classes) & (label != IGNORE_INDEX)
+        raw = self._raw_label(index)  # (H0, W0) uint8 or uint16, as stored
+        if self.ignore_index == IGNORE_INDEX:
+            label = narrow_labels(raw)  # (H0, W0) uint8 (int64 with ids beyond 255: refused below)
+            if self.reduce_zero_label:
+                label = reduce_zero_label(label)
+        else:
+            label = wide_labels(raw, self.reduce_zero_label)  # (H0, W0) uint16
+        invalid = (label >= self.num_classes) & (label != self.ignore_index)
         if invalid.any():
             raise OvssError(
                 f"label {label_path} has id {int(label[invalid].max())} but {self.dataset} has "
-                f"{self.num_classes} classes (0..{self.num_classes - 1}, 255 = ignore); "
+                f"{self.num_classes} classes (0..{self.num_classes - 1}, {self.ignore_index} = ignore); "
                 "check the dataset name and reduce_zero_label"
             )
         return Sample(self.sample_names[index], self.image_paths[index], label)
 
+    def _raw_label(self, index: int) -> np.ndarray:
+        """Sample ``index``'s label as stored: (H0, W0) uint8 or uint16."""
+        return read_label_ids(self.label_paths[index])
+
 
 class FolderDataset(SegDataset):
-    """A folder of images paired by file stem with a folder of label PNGs (a custom dataset).
+    """A folder of images paired by file stem with a folder of label PNGs or a COCO JSON (a custom dataset).
 
     ``images_dir/<key><image_suffix>.<ext>`` pairs with ``labels_dir/<key><label_suffix>.png``; e.g. the
     VOC samples ``0_image.png`` and ``0_label.png`` with ``image_suffix="_image"``,
     ``label_suffix="_label"``. Images whose stem does not end with ``image_suffix`` are skipped.
-    Samples are sorted by key and named by it.
+    Samples are sorted by key and named by it. Label PNGs may be palette, 8-bit or 16-bit greyscale (ids
+    beyond 255, for more than 255 classes: then 65535 = ignore). ``labels_dir`` may instead be a COCO JSON
+    file (``ovss segment --save-coco``'s coco.json or another tool's): each image pairs with the COCO image
+    whose ``file_name`` has the image's stem, and its label map is decoded from the annotations
+    (:class:`ovss.eval.labels.CocoMasks`; categories must be the classes of ``names_file``).
 
     Args:
         images_dir: folder of images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp), not searched recursively.
-        labels_dir: folder of palette or greyscale label PNGs.
+        labels_dir: folder of label PNGs, or a COCO JSON file.
         names_file: class-name file (see ``names.read_names_file``), one class per line in label order.
         reduce_zero_label: remap labels 0 -> 255, v -> v - 1.
         image_suffix: end of the image stem that is not part of the key.
@@ -157,10 +178,18 @@ class FolderDataset(SegDataset):
         has_background: bool = False,
     ) -> None:
         images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+        coco = labels_dir.suffix.lower() == ".json"
         for folder in (images_dir, labels_dir):
-            if not folder.is_dir():
-                raise OvssError(f"folder {folder} not found; pass existing image and label folders")
+            if coco and folder == labels_dir:
+                if not labels_dir.is_file():
+                    raise OvssError(f"COCO masks file {labels_dir} not found; pass an existing coco.json")
+            elif not folder.is_dir():
+                what = "is a file" if folder.is_file() else "not found"
+                raise OvssError(f"folder {folder} {what}; pass existing image and label folders (or a coco.json)")
+        if coco and (reduce_zero_label or label_suffix):
+            raise OvssError("--reduce-zero-label and --label-suffix do not apply to a COCO JSON; drop them")
         self.names = read_names_file(names_file)
+        self.coco = CocoMasks(labels_dir, self.names, f"--names {names_file}") if coco else None
         pairs: dict[str, tuple[Path, Path]] = {}
         for image_path in images_dir.iterdir():
             stem = image_path.stem
@@ -171,6 +200,14 @@ class FolderDataset(SegDataset):
         if not pairs:
             raise OvssError(f"no images ending in '{image_suffix}.<ext>' in {images_dir}; check image_suffix")
         keys = sorted(pairs)
+        if self.coco is not None:
+            missing = [pairs[key][0].name for key in keys if pairs[key][0].stem not in self.coco.images]
+            if missing:
+                raise OvssError(
+                    f"{len(missing)} of {len(keys)} images have no entry in {labels_dir} "
+                    f"(e.g. {', '.join(missing[:_MAX_LISTED])}); check the image folder and the COCO file"
+                )
+            pairs = {key: (image, labels_dir) for key, (image, _) in pairs.items()}
         missing = [pairs[key][1].name for key in keys if not pairs[key][1].is_file()]
         if missing:
             raise OvssError(
@@ -185,6 +222,12 @@ class FolderDataset(SegDataset):
             has_background=has_background,
             reduce_zero_label=reduce_zero_label,
         )
+
+    def _raw_label(self, index: int) -> np.ndarray:
+        if self.coco is None:
+            return super()._raw_label(index)
+        dtype = np.uint8 if self.ignore_index == IGNORE_INDEX else np.uint16
+        return self.coco.label(self.image_paths[index].stem, self.ignore_index, dtype)  # (H0, W0)
 
 
 @dataclass(frozen=True)

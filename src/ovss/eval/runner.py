@@ -113,13 +113,13 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool, context: DistCo
 
 
 def _start_state(
-    out_dir: Path, context: DistContext, resume: bool, identity: str, num_classes: int, band: int
+    out_dir: Path, context: DistContext, resume: bool, identity: str, num_classes: int, band: int, ignore: int = 255
 ) -> RunState:
     path = checkpoint_path(out_dir, context)
     suffix = f"-of-{context.world_size}.pt"
     others = [p for p in (out_dir / CHECKPOINT_DIR).glob("rank*-of-*.pt") if not p.name.endswith(suffix)]
     if resume and path.is_file():
-        return load_checkpoint(path, identity, num_classes, band)
+        return load_checkpoint(path, identity, num_classes, band, ignore)
     if resume and others:
         raise OvssError(
             f"the checkpoint in {out_dir} was written by {others[0].stem.split('-of-')[1]} processes; resume with "
@@ -129,7 +129,7 @@ def _start_state(
     if context.is_main:
         for stale in [*others, out_dir / "result.json", out_dir / "result.md"]:
             stale.unlink(missing_ok=True)
-    return fresh_state(num_classes, band)
+    return fresh_state(num_classes, band, ignore)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -198,12 +198,12 @@ def _reduce_states(state: RunState, context: DistContext, num_classes: int, band
 
 
 def _score_image(
-    labels: torch.Tensor, label: Any, xs: Any, ys: Any, num_classes: int, band: int
+    labels: torch.Tensor, label: Any, xs: Any, ys: Any, num_classes: int, band: int, ignore: int = 255
 ) -> tuple[ConfusionAccumulator, tuple[int, int]]:
     """One image's confusion counts and (BER errors, BER pairs), computed before anything is committed."""
-    confusion = ConfusionAccumulator(num_classes)
+    confusion = ConfusionAccumulator(num_classes, ignore)
     confusion.update(labels, label)
-    return confusion, boundary_error_counts(labels, label, xs, ys, band)
+    return confusion, boundary_error_counts(labels, label, xs, ys, band, ignore)
 
 
 def evaluate(
@@ -272,7 +272,8 @@ def evaluate(
     else:
         model = build_segmenter(setting, segmenter)
     identity = run_identity(model.config, setting, names, dataset, ber_band)
-    state = _start_state(out, context, resume, identity, dataset.num_classes, ber_band)
+    ignore = getattr(dataset, "ignore_index", 255)  # 65535 beyond 255 classes (16-bit labels)
+    state = _start_state(out, context, resume, identity, dataset.num_classes, ber_band, ignore)
     if context.is_main:  # after _start_state: a refused resume leaves the run's config.json as it was
         record = run_config(model, setting, dataset, names, context, root=None if root is None else str(root))
         record.update(limit=limit, ber_band=ber_band)
@@ -307,7 +308,9 @@ def evaluate(
                 )
             windows, (height, width) = model.current_windows()
             xs, ys = boundary_lines(windows, height, width, *sample.label.shape)
-            image_confusion, (errors, pairs) = _score_image(labels, sample.label, xs, ys, dataset.num_classes, ber_band)
+            image_confusion, (errors, pairs) = _score_image(
+                labels, sample.label, xs, ys, dataset.num_classes, ber_band, ignore
+            )
             if save_predictions:
                 save_label_png(labels.numpy(), out / "predictions" / f"{sample.name}.png")
             committing = True
