@@ -46,6 +46,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _args(clip_file: Path, bpe_path: Path, photos: Path, out: Path, *extra: str) -> list[str]:
     args = ["segment", str(photos), "--labels", "cat, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
     args += ["--out", str(out), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    args += ["--save-coco", "--save-geojson"]  # run-level coco.json: merged from the shards' parts, same bytes
     return [*args, "--save-json", "--save-logits", "--no-progress", *extra]
 
 
@@ -114,6 +115,10 @@ def test_two_shard_processes_give_the_bytes_of_one(
     shards = [_ovss(_args(clip_file, bpe_path, photos, out, "--shard", f"{i}/2")) for i in (0, 1)]
     errs = [shard.communicate(timeout=300)[1] for shard in shards]
     assert _snapshot(out) == _snapshot(alone)  # per-image files, markers and config.json ("inputs" in full order)
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out / "coco.json"))  # merged by the last shard from both shards' parts
+    assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == [f"{stem}.png" for stem in GOOD]
     assert sorted(p.name for p in (out / ".ovss" / "shards").iterdir()) == ["0-of-2.json", "1-of-2.json"]
     assert shards[1].returncode == 1 and f"{BAD}.png" in errs[1]  # shard 1 holds the bad image
     finishers = [err for err in errs if f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in err]
@@ -151,20 +156,20 @@ def test_an_interrupted_shard_resumes_and_never_touches_the_other_shard(
 ) -> None:
     out = tmp_path / "resumed"
     calls: list[str] = []
-    predict, save_png = Segmenter.predict, ovss.output.files.save_png
+    predict, save_overlay = Segmenter.predict, ovss.output.files.save_rgb_png
     interrupt = {"at": 2}  # Ctrl-C while shard 0 saves its second image
 
     def counting(self: Segmenter, image: object, *args: object, **kwargs: object) -> object:
         calls.append(Path(str(image)).stem)
         return predict(self, image, *args, **kwargs)
 
-    def saving(path: Path, image: object) -> Path:
+    def saving(path: Path, image: object, **kwargs: object) -> Path:
         if len(calls) == interrupt["at"] and path.name.endswith("_overlay.png"):
             raise KeyboardInterrupt
-        return save_png(path, image)
+        return save_overlay(path, image, **kwargs)
 
     monkeypatch.setattr(Segmenter, "predict", counting)
-    monkeypatch.setattr(ovss.output.files, "save_png", saving)
+    monkeypatch.setattr(ovss.output.files, "save_rgb_png", saving)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the one-process run
     try:
