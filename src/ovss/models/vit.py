@@ -63,6 +63,17 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
+    @staticmethod
+    def inplace(x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` written into ``x`` (returned): bit-identical, the same three roundings in the same order.
+
+        One temporary (the gate) instead of three, and one pass less over fresh memory: on the (n, 4D) fc1
+        output of a ViT-B block this saves ~10 % of the MLP's time on CPU.
+        """
+        gate = torch.mul(x, 1.702)  # same dtype as x
+        gate.sigmoid_()
+        return x.mul_(gate)
+
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
@@ -167,7 +178,21 @@ class ResidualAttentionBlock(nn.Module):
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP branch including ln_2 and layer scale: (B, n, D) -> (B, n, D)."""
-        return self.ls_2(self.mlp(self.ln_2(x)))
+        return self.ls_2(self.mlp_forward(self.ln_2(x)))
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(x)`` (fc1, activation, fc2), with QuickGELU computed in place on fc1's fresh output.
+
+        Bit-identical to ``self.mlp(x)`` (tests/test_vit_speed.py). Out of place when autograd records the
+        graph (an in-place activation would overwrite a value the backward pass needs).
+        """
+        fc1, act, fc2 = cast("tuple[Linear, nn.Module, Linear]", tuple(self.mlp))
+        h = fc1(x)  # (B, n, 4D)
+        if isinstance(act, QuickGELU) and not h.requires_grad:
+            h = act.inplace(h)  # (B, n, 4D)
+        else:
+            h = act(h)  # (B, n, 4D)
+        return fc2(h)  # (B, n, D)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         # Under autocast the branches return bf16/fp16; adding them to the fp32 stream x promotes to fp32,
