@@ -20,8 +20,9 @@ def backbone_precision(device: torch.device, dtype: torch.dtype, *, keep_reduced
     """Autocast matrix products to ``dtype`` on ``device`` (no-op for fp32).
 
     Only autocast-eligible ops (linear, conv, matmul, attention) run in reduced precision, as in the
-    releases' fp16 GPU runs. Weights stay fp32, and so does the residual stream: the ViT casts its patch
-    embedding back to fp32 (:meth:`ovss.models.vit.VisionTransformer.embed`) and every reduced branch output
+    releases' fp16 GPU runs. Weights stay fp32 (except the product weights ``ovss.load`` stores reduced,
+    :func:`store_reduced`: the values the casts would give), and so does the residual stream: the ViT casts its
+    patch embedding back to fp32 (:meth:`ovss.models.vit.VisionTransformer.embed`) and every reduced branch output
     is added to that fp32 stream (type promotion gives fp32). LayerNorms compute in fp32 and return the
     stream's fp32. Similarities, softmax and statistics are wrapped in :func:`full_precision`.
     Checked end to end by ``tests/test_precision.py``.
