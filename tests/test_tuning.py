@@ -72,6 +72,7 @@ def test_config_records_the_tuning(tiny_clip, bpe_path: Path) -> None:
         "fold_positions": True,
         "aggregation_rows": 512,
         "keep_reduced_copies": True,
+        "reduced_weights": True,
         "sparse_below": 8,
         "band_elements": 4194304,
     }

@@ -15,6 +15,7 @@ from ovss.methods.options import resolve_options
 from ovss.methods.registry import MethodSpec, with_gla
 from ovss.models.clip import CLIP, build_clip
 from ovss.models.vit import VisionTransformer
+from ovss.precision import store_reduced
 from ovss.predictor import Segmenter
 from ovss.storage.hf_hub import is_hub_id, resolve_hub
 from ovss.text.tokenizer import Tokenizer, resolve_tokenizer
@@ -248,8 +249,10 @@ def load(
             a dict attaches GLA with these GLA options (``gla={"rho": 0.55}`` equals ``gla_rho=0.55``).
         device: where to run (default CPU). Nothing is moved behind your back.
         dtype: backbone precision: torch.float32 (default), or torch.bfloat16 / torch.float16 ("bf16", "fp16")
-            to autocast the backbones' matrix products; weights stay fp32, and similarities, proxies,
-            normalisation, softmax and merging always run in fp32.
+            to autocast the backbones' matrix products (the image backbones read from files here keep their
+            blocks' product weights in that dtype only, :attr:`~ovss.tuning.Tuning.reduced_weights`); norms and
+            the residual stream stay fp32, and similarities, proxies, normalisation, softmax and merging always
+            run in fp32.
         tokenizer: BPE vocabulary file or HF tokenizer folder; default: a Hugging Face CLIP folder's own
             ``vocab.json`` + ``merges.txt``, else ``OVSS_BPE_PATH``, else downloaded once and cached. It is
             found and checked by its file names here, so a missing vocabulary fails at load, not at the first
@@ -303,6 +306,12 @@ def load(
     model = model.to(device=device)  # weights stay fp32; reduced precision is autocast (precision.py)
     models, role_record = load_role_models(spec, given, download, device, token)
     record.update(role_record)
+    if torch_dtype != torch.float32 and tuned.reduced_weights:  # one reduced copy of what was read here
+        read = ([] if isinstance(clip, CLIP) else [model.visual]) + [
+            m for role, m in models.items() if role == "vfm" and not isinstance(given.get(role), torch.nn.Module)
+        ]
+        for vit in read:
+            store_reduced(vit.matmul_weights(), torch_dtype)
     return Segmenter(
         model,
         spec,

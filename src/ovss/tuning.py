@@ -49,6 +49,12 @@ class Tuning:
     # every call (faster; costs a reduced copy of the backbones' weights). False: plain autocast.
     # Bit-identical (the same .to(dtype) rounding; tests/test_precision.py).
     keep_reduced_copies: bool = True
+    # bf16 / fp16: the image backbones ovss.load reads from files (CLIP's image tower, the DINO VFM) store their
+    # blocks' matrix-product weights in that dtype instead of fp32 (the values autocast would cast them to), so a
+    # reduced segmenter holds one copy of them, not fp32 + reduced: its peak memory is at most fp32's. Models
+    # passed in built are never changed. Bit-identical products; an fp32 product outside autocast on those
+    # weights (GLA's out-projection, GCLIP's fc2 statistics) uses their reduced values. False: fp32 weights.
+    reduced_weights: bool = True
     # GLA: average a proxy set with a sparse product when at most 1 / sparse_below of the (R, M) selection
     # is set (about 3x faster on CPU); 1: always sparse; 0: always the dense product. Equal up to rounding
     # (summation order: 9e-8 in fp32 between 1 and the default).

@@ -53,7 +53,7 @@ class Linear(nn.Linear):
         """No random initialisation: the checkpoint's values are loaded into every parameter."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = autocast_weights(self, self.weight, self.bias)
+        weight, bias = autocast_weights(self, self.weight, self.bias, like=x)
         return F.linear(x, cast(torch.Tensor, weight), bias)
 
 
@@ -62,6 +62,17 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def inplace(x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` written into ``x`` (returned): bit-identical, the same three roundings in the same order.
+
+        One temporary (the gate) instead of three, and one pass less over fresh memory: on the (n, 4D) fc1
+        output of a ViT-B block this saves ~10 % of the MLP's time on CPU.
+        """
+        gate = torch.mul(x, 1.702)  # same dtype as x
+        gate.sigmoid_()
+        return x.mul_(gate)
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
@@ -102,7 +113,7 @@ class Attention(nn.Module):
             q, k, v, each (B, heads, n, head_dim).
         """
         B, n, _ = x.shape
-        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias)
+        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias, like=x)
         qkv = F.linear(x, cast(torch.Tensor, weight), bias)  # (B, n, 3D)
         qkv = qkv.view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, d)
         return qkv[0], qkv[1], qkv[2]
@@ -117,7 +128,7 @@ class Attention(nn.Module):
             v (B, heads, n, head_dim), equal to ``qkv(x)[2]`` up to round-off.
         """
         B, n, D = x.shape
-        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias)
+        weight, bias = autocast_weights(self, self.in_proj_weight, self.in_proj_bias, like=x)
         w_v = cast(torch.Tensor, weight)[2 * D :]  # (D, D) the value rows of the fused in-projection
         v = F.linear(x, w_v, None if bias is None else bias[2 * D :])  # (B, n, D)
         return v.view(B, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, n, d)
@@ -167,7 +178,21 @@ class ResidualAttentionBlock(nn.Module):
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP branch including ln_2 and layer scale: (B, n, D) -> (B, n, D)."""
-        return self.ls_2(self.mlp(self.ln_2(x)))
+        return self.ls_2(self.mlp_forward(self.ln_2(x)))
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(x)`` (fc1, activation, fc2), with QuickGELU computed in place on fc1's fresh output.
+
+        Bit-identical to ``self.mlp(x)`` (tests/test_vit_speed.py). Out of place when autograd records the
+        graph (an in-place activation would overwrite a value the backward pass needs).
+        """
+        fc1, act, fc2 = cast("tuple[Linear, nn.Module, Linear]", tuple(self.mlp))
+        h = fc1(x)  # (B, n, 4D)
+        if isinstance(act, QuickGELU) and not h.requires_grad:
+            h = act.inplace(h)  # (B, n, 4D)
+        else:
+            h = act(h)  # (B, n, 4D)
+        return fc2(h)  # (B, n, D)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
         # Under autocast the branches return bf16/fp16; adding them to the fp32 stream x promotes to fp32,
@@ -373,6 +398,17 @@ class VisionTransformer(nn.Module):
         """
         x, grid = self.embed(pixels)
         return self.head(self.forward_blocks(x, grid=grid, block_tokens=block_tokens))
+
+    def matmul_weights(self) -> list[torch.Tensor]:
+        """The weights and biases of the blocks' matrix products (in-projections, out-projections, MLPs): the
+        ones :func:`ovss.precision.autocast_weights` serves, 98 % of a ViT-B's parameters."""
+        params: list[torch.Tensor] = []
+        for module in self.transformer.modules():
+            if isinstance(module, Attention):
+                params += [module.in_proj_weight, module.in_proj_bias]
+            elif isinstance(module, Linear):
+                params += [p for p in (module.weight, module.bias) if p is not None]
+        return params
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """ln_post then the visual projection (if any): (B, n, D) -> (B, n, E). Not normalised."""

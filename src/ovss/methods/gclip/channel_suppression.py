@@ -23,7 +23,7 @@ from torch import nn
 
 from ovss.errors import OvssError
 from ovss.methods.common import attend, softmax_attention
-from ovss.models.vit import ResidualAttentionBlock, VisionTransformer
+from ovss.models.vit import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ def ffn_with_fc2(block: ResidualAttentionBlock, x: torch.Tensor, weight: torch.T
     if weight is None:
         return block.ffn(x)  # (L, n, D)
     fc1, act = cast(nn.Linear, block.mlp.c_fc), cast(nn.Module, block.mlp.gelu)
-    h = act(fc1(block.ln_2(x)))  # (L, n, 4D)
+    h = fc1(block.ln_2(x))  # (L, n, 4D)
+    h = QuickGELU.inplace(h) if isinstance(act, QuickGELU) and not h.requires_grad else act(h)  # (L, n, 4D)
     return block.ls_2(F.linear(h, weight.to(h.dtype), fc2_linear(block).bias))  # (L, n, D)
 
 
