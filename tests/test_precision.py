@@ -86,7 +86,7 @@ def test_reduced_weight_copies_equal_plain_autocast_bit_for_bit(
 
 
 def test_reduced_weight_copies_follow_in_place_weight_changes() -> None:
-    from ovss.models.vit import Linear
+    from ovss.models.layers import Linear
 
     layer = Linear(8, 4).requires_grad_(False)
     x = torch.randn(3, 8)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovss.models.vit import QuickGELU, ResidualAttentionBlock
+from ovss.models.layers import QuickGELU
+from ovss.models.vit import ResidualAttentionBlock
 from ovss.precision import backbone_precision
 
 

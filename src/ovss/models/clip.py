@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ovss.errors import OvssError
+from ovss.models.layers import LayerNorm
 from ovss.models.normalization import InputNorm
-from ovss.models.vit import LayerNorm, Transformer, VisionTransformer
+from ovss.models.vit import Transformer, VisionTransformer
 from ovss.models.vit_build import build_vit, load_frozen, resolve_heads
 from ovss.tuning import DEFAULT_TUNING
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from ovss.errors import OvssError
 from ovss.methods.common import attend, softmax_attention
-from ovss.models.vit import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from ovss.models.layers import QuickGELU
+from ovss.models.vit import ResidualAttentionBlock, VisionTransformer
 
 logger = logging.getLogger(__name__)
 
