@@ -34,7 +34,7 @@ from ovss.cli.segment_run import (
     segment_images,
     summary,
 )
-from ovss.cli.segment_shard import Shard, all_shards, forget_shard, parse_shard, record_shard
+from ovss.cli.segment_shard import Shard, all_shards, forget_shard, inputs_digest, parse_shard, record_shard
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
@@ -358,8 +358,9 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
     """Rank 0's part of :func:`_finish`; the exit code of the run (of this shard while other shards run)."""
     whole = merged
     if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
-        record_shard(run.out, shard, run.key, merged.finished, merged.failed)
-        records = all_shards(run.out, shard.count, run.key)
+        inputs = inputs_digest(stems)
+        record_shard(run.out, shard, run.key, inputs, merged.finished, merged.failed, merged.skipped)
+        records = all_shards(run.out, shard.count, run.key, inputs)
         if records is None:
             if not args.quiet:
                 scope = f"shard {shard.index}/{shard.count}"
@@ -367,7 +368,7 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
                 print(summary(run.out, merged, mine, scope), file=sys.stderr)
                 print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
             return 0 if not merged.failed else 1
-        whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems, skipped=merged.skipped)
+        whole = combined([Outcome(r["finished"], r["failed"], r["skipped"]) for r in records], stems)
     if whole.finished:
         finish_run(run, whole.finished, stems)
     if not args.quiet:
