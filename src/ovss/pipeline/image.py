@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
-import tempfile
-import threading
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -32,6 +26,7 @@ from ovss.models.normalization import (  # every RGB statistic is defined once, 
 )
 from ovss.models.normalization import MMSEG_OPENAI_MEAN as CLIP_MEAN  # OpenAI's, mmseg-rounded, 0-255 scale
 from ovss.models.normalization import MMSEG_OPENAI_STD as CLIP_STD
+from ovss.pipeline.decoder_messages import decoder_messages, warn_decoder_messages
 
 # Long-side cap of the test-time resize (mmseg ``Resize(scale=(2048, S))``).
 DEFAULT_MAX_LONG_SIDE = 2048
@@ -122,78 +117,6 @@ def _probe_pixel_count(path: Path) -> None:
     _check_pixel_count(height, width, f"image '{path}'")
 
 
-# What libpng / libjpeg / OpenCV print about a file they still decode. Colour-profile (iCCP / sRGB) complaints
-# are harmless (the pixels are unaffected: OpenCV ignores the profile) and are dropped; the rest become one
-# ovss warning per file. Lines from anything else that wrote to stderr meanwhile are passed through unchanged.
-_DECODER_PREFIXES = ("libpng warning:", "libpng error:", "Corrupt JPEG data", "Premature end of JPEG", "[ WARN:")
-_HARMLESS_DECODER_MESSAGES = ("iCCP:", "sRGB:", "known incorrect sRGB profile", "cHRM:", "gAMA:")
-_STDERR_LOCK = threading.Lock()
-_DEFERRED = threading.local()  # .sink: a list collecting this thread's decoder warnings (see deferred_warnings)
-
-
-@contextmanager
-def deferred_warnings() -> Iterator[list[str]]:
-    """Collect the decoder warnings ``read_image`` gives in this thread instead of issuing them.
-
-    A read-ahead thread (:mod:`ovss.pipeline.read_ahead`) hands them to the caller, which issues them when it
-    takes the image, so they appear in input order, next to that image's other messages.
-    """
-    sink: list[str] = []
-    _DEFERRED.sink = sink
-    try:
-        yield sink
-    finally:
-        _DEFERRED.sink = None
-
-
-@contextmanager
-def _decoder_messages() -> Iterator[list[str]]:
-    """Capture what C libraries write to file descriptor 2 while the block runs; yields the decoder lines.
-
-    The C decoders write to the process's stderr directly, past Python's ``sys.stderr``; the descriptor is
-    pointed at a temporary file for the block (one block at a time), then restored.
-    """
-    messages: list[str] = []
-    with _STDERR_LOCK:  # one capture at a time, from saving descriptor 2 to restoring it (threads share it)
-        try:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError):  # no usable descriptor 2 (e.g. a windowless process): nothing to capture
-            yield messages
-            return
-        with tempfile.TemporaryFile() as capture:
-            os.dup2(capture.fileno(), 2)
-            try:
-                yield messages
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                capture.seek(0)
-                text = capture.read().decode("utf-8", "replace")
-                for line in text.splitlines():
-                    if line.strip().startswith(_DECODER_PREFIXES):
-                        messages.append(line.strip())
-                    elif line and sys.stderr is not None:
-                        print(line, file=sys.stderr)  # someone else's output: passed through
-
-
-def _warn_decoder_messages(path: Path, messages: list[str]) -> None:
-    """One ovss warning for a file the decoders complained about (harmless colour-profile notes dropped)."""
-    kept: list[str] = []
-    for line in messages:
-        text = line.removeprefix("libpng warning:").removeprefix("libpng error:").strip()
-        if not any(harmless in text for harmless in _HARMLESS_DECODER_MESSAGES) and text not in kept:
-            kept.append(text)
-    if kept:
-        message = f"image '{path}' was read, but its decoder reported: {'; '.join(kept)} (the file may be damaged)"
-        sink = getattr(_DEFERRED, "sink", None)
-        if sink is not None:  # a read-ahead thread: the caller issues it when it takes the image
-            sink.append(message)
-        else:
-            warnings.warn(message, stacklevel=4)
-
-
 def _read_image_file(path: Path) -> npt.NDArray[np.uint8]:
     """Decode an image file like mmcv ``imread(path, 'color')``, then convert BGR to RGB."""
     if not path.exists():
@@ -207,14 +130,14 @@ def _read_image_file(path: Path) -> npt.NDArray[np.uint8]:
     if data.size == 0:
         raise OvssError(f"cannot read image '{path}': the file is empty; give an image file")
     _probe_pixel_count(path)
-    with _decoder_messages() as messages:
+    with decoder_messages() as messages:
         try:
             decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)  # (H, W, 3) uint8 BGR or None
         except cv2.error:
             decoded = None
     if decoded is not None:
         del data  # the encoded bytes are no longer needed: free them before the Python caller's next step
-        _warn_decoder_messages(path, messages)
+        warn_decoder_messages(path, messages)
         _check_pixel_count(decoded.shape[0], decoded.shape[1], f"image '{path}'")
         return bgr_to_rgb_inplace(decoded)  # (H, W, 3) RGB, no second full-size copy
     # OpenCV lacks a decoder for this format (e.g. TGA, PCX, ICO): fall back to Pillow.

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ovss.pipeline.image import deferred_warnings
+from ovss.pipeline.decoder_messages import deferred_warnings
 
 Item = TypeVar("Item")
 Value = TypeVar("Value")
