@@ -200,3 +200,18 @@ def test_a_shard_record_of_another_run_or_image_list_is_not_this_runs(tmp_path: 
     assert records is not None and [r["finished"] for r in records] == [["a", "c"], ["b"]]
     assert all_shards(tmp_path, 2, "key", inputs_digest(new)) is None  # shard 1 must run again on the new list
     assert all_shards(tmp_path, 2, "other key", inputs_digest(old)) is None
+
+
+def test_inputs_sharing_a_stem_are_refused_in_one_line_and_counted_in_one_pass(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
+    code = main(["segment", str(tmp_path / "x"), str(tmp_path / "y"), "--labels", "cat", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "share the file name stem(s) a; outputs would collide" in err
+    from ovss.cli.segment import duplicate_stems
+
+    many = [f"img{k:07d}" for k in range(300_000)] + ["img0000007", "img0000003"]  # a big folder, two clashes
+    assert duplicate_stems(many) == ["img0000003", "img0000007"]  # list.count per stem would take hours here

@@ -17,6 +17,7 @@ import gc
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,6 +172,11 @@ def example_image(name: str) -> np.ndarray:
     return image[..., :3]
 
 
+def duplicate_stems(stems: list[str]) -> list[str]:
+    """The stems that occur more than once, sorted (one counting pass: a folder may hold millions of images)."""
+    return sorted(stem for stem, times in Counter(stems).items() if times > 1)
+
+
 def plan_outputs(
     out: Path,
     jobs: list[tuple[str, Any]],
@@ -279,9 +285,8 @@ def _run(args: argparse.Namespace) -> int:
     jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
     if args.example:
         jobs.append((args.example, example_image(args.example)))
-    stems = [stem for stem, _ in jobs]
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})
+    dup = duplicate_stems([stem for stem, _ in jobs])
+    if dup:
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
     if args.read_ahead is not None and args.read_ahead < 0:
         raise OvssError(f"--read-ahead must be >= 0 images, got {args.read_ahead}")
