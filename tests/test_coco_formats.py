@@ -233,3 +233,16 @@ def test_specks_and_one_pixel_lines_become_polygons_with_an_area() -> None:
         assert isinstance(polygons, list) and all(len(polygon) >= 8 for polygon in polygons)
         decoded = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, 9, 11))).astype(bool)
         assert np.array_equal(decoded, labels == annotation["category_id"] - 1)
+
+
+def test_the_collection_writers_read_the_compact_labels_and_never_build_the_int64_copy(tmp_path: Path) -> None:
+    labels = _blobs(23, 31, seed=5)
+    compact = _prediction(labels.astype(np.int8))  # what predict returns for a few classes
+    wide = _prediction(labels)  # int64, the labels of earlier versions
+    options = CollectionOptions(coco=True, geojson=True)
+    written = save_collection(tmp_path / "compact", "x", compact, options, file_name="x.png")
+    assert compact._labels is None  # the 8-bytes-a-pixel copy was never made
+    again = save_collection(tmp_path / "wide", "x", wide, options, file_name="x.png")
+    assert [p.name for p in written] == [p.name for p in again] and len(written) == 2
+    for one, other in zip(written, again, strict=True):
+        assert one.read_bytes() == other.read_bytes(), one.name

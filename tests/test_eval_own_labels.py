@@ -159,3 +159,21 @@ def test_a_wrong_mask_format_is_one_line_naming_the_fix(
     _one_error(capsys.readouterr().err, "2 of 2 images have no entry")
     assert _eval(clip_args, photos, tmp_path / "coco.json", names, tmp_path / "e6", "--reduce-zero-label") == 2
     _one_error(capsys.readouterr().err, "do not apply to a COCO JSON")
+
+
+def test_a_malformed_coco_entry_is_one_line_before_any_image(
+    clip_args: list[str], photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = _names_file(tmp_path, ["cat", "sofa"])
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": "sofa"}]
+    images = [{"id": k + 1, "file_name": f"p{k}.png", "height": 36 + k, "width": 44} for k in range(2)]
+    broken = {
+        "images": [{"id": 1, "file_name": "p0.png", "height": 36}, images[1]],  # no width
+        "annotations": [{"image_id": 1, "category_id": 1}],  # no segmentation
+        "categories": [{"id": 1, "name": "cat"}, "sofa"],  # not an object
+    }
+    for key, needed in (("images", "width"), ("annotations", "segmentation"), ("categories", "name")):
+        coco = {"categories": categories, "images": images, "annotations": [], key: broken[key]}
+        (tmp_path / "coco.json").write_text(json.dumps(coco))
+        assert _eval(clip_args, photos, tmp_path / "coco.json", names, tmp_path / f"out-{key}") == 2
+        _one_error(capsys.readouterr().err, f"malformed entry in '{key}'", needed)

@@ -68,17 +68,23 @@ def test_predict_many_equals_a_predict_loop(segmenter: Segmenter, inputs: list[o
         _assert_same(one, other)
 
 
-def test_the_next_images_are_read_on_a_worker_thread_and_lazily(
-    segmenter: Segmenter, inputs: list[object], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    readers: list[str] = []
+@pytest.fixture
+def readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that read each image, in order (``Segmenter._read_and_resize`` recorded)."""
+    names: list[str] = []
     read = Segmenter._read_and_resize
 
     def recording(self: Segmenter, image: object) -> tuple[np.ndarray, np.ndarray]:
-        readers.append(threading.current_thread().name)
+        names.append(threading.current_thread().name)
         return read(self, image)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Segmenter, "_read_and_resize", recording)
+    return names
+
+
+def test_the_next_images_are_read_on_a_worker_thread_and_lazily(
+    segmenter: Segmenter, inputs: list[object], readers: list[str]
+) -> None:
     taken: list[int] = []
 
     def images() -> Iterator[object]:
@@ -97,16 +103,8 @@ def test_the_next_images_are_read_on_a_worker_thread_and_lazily(
 
 
 def test_on_the_cpu_the_default_reads_in_the_callers_thread(
-    segmenter: Segmenter, inputs: list[object], monkeypatch: pytest.MonkeyPatch
+    segmenter: Segmenter, inputs: list[object], readers: list[str]
 ) -> None:
-    readers: list[str] = []
-    read = Segmenter._read_and_resize
-
-    def recording(self: Segmenter, image: object) -> tuple[np.ndarray, np.ndarray]:
-        readers.append(threading.current_thread().name)
-        return read(self, image)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Segmenter, "_read_and_resize", recording)
     assert len(list(segmenter.predict_many(inputs, LABELS))) == len(inputs)
     assert readers == [threading.main_thread().name] * len(inputs)  # no reader thread beside the CPU's model
 

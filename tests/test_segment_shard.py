@@ -18,7 +18,7 @@ from PIL import Image
 
 import ovss.output.files
 from ovss.cli.main import main
-from ovss.cli.segment_shard import Shard, parse_shard
+from ovss.cli.segment_shard import Shard, all_shards, inputs_digest, parse_shard, record_shard
 from ovss.errors import OvssError
 from ovss.predictor import Segmenter
 from tiny import save_openai_jit, tiny_clip_state_dict
@@ -152,7 +152,8 @@ def test_two_torchrun_ranks_give_the_bytes_of_one(
 
 
 def test_an_interrupted_shard_resumes_and_never_touches_the_other_shard(
-    alone: Path, clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    alone: Path, clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "resumed"
     calls: list[str] = []
@@ -183,6 +184,34 @@ def test_an_interrupted_shard_resumes_and_never_touches_the_other_shard(
         calls.clear()
         assert main(_args(clip_file, bpe_path, photos, out, "--shard", "1/2", "--overwrite")) == 1
         assert calls == ["b", BAD, "f"]  # --overwrite redoes only this shard's images
+        summary = capsys.readouterr().err  # shard 1 finishes the run: the whole run's summary
+        assert f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in summary
+        assert "(1 finished earlier, skipped)" in summary  # shard 0's resumed run skipped a
     finally:
         torch.set_num_threads(threads)
     assert _snapshot(out) == _snapshot(alone)
+
+
+def test_a_shard_record_of_another_run_or_image_list_is_not_this_runs(tmp_path: Path) -> None:
+    old, new = ["a", "b", "c"], ["a", "b", "c", "d"]  # a file added to the folder since
+    for index in (0, 1):
+        record_shard(tmp_path, Shard(index, 2, 0, 1), "key", inputs_digest(old), old[index::2], {}, 1)
+    records = all_shards(tmp_path, 2, "key", inputs_digest(old))
+    assert records is not None and [r["finished"] for r in records] == [["a", "c"], ["b"]]
+    assert all_shards(tmp_path, 2, "key", inputs_digest(new)) is None  # shard 1 must run again on the new list
+    assert all_shards(tmp_path, 2, "other key", inputs_digest(old)) is None
+
+
+def test_inputs_sharing_a_stem_are_refused_in_one_line_and_counted_in_one_pass(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
+    code = main(["segment", str(tmp_path / "x"), str(tmp_path / "y"), "--labels", "cat", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "share the file name stem(s) a; outputs would collide" in err
+    from ovss.cli.segment import duplicate_stems
+
+    many = [f"img{k:07d}" for k in range(300_000)] + ["img0000007", "img0000003"]  # a big folder, two clashes
+    assert duplicate_stems(many) == ["img0000003", "img0000007"]  # list.count per stem would take hours here

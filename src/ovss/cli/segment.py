@@ -17,6 +17,7 @@ import gc
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,7 @@ from ovss.cli.segment_run import (
     segment_images,
     summary,
 )
-from ovss.cli.segment_shard import Shard, all_shards, forget_shard, parse_shard, record_shard
+from ovss.cli.segment_shard import Shard, all_shards, forget_shard, inputs_digest, parse_shard, record_shard
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
@@ -171,6 +172,11 @@ def example_image(name: str) -> np.ndarray:
     return image[..., :3]
 
 
+def duplicate_stems(stems: list[str]) -> list[str]:
+    """The stems that occur more than once, sorted (one counting pass: a folder may hold millions of images)."""
+    return sorted(stem for stem, times in Counter(stems).items() if times > 1)
+
+
 def plan_outputs(
     out: Path,
     jobs: list[tuple[str, Any]],
@@ -279,9 +285,8 @@ def _run(args: argparse.Namespace) -> int:
     jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
     if args.example:
         jobs.append((args.example, example_image(args.example)))
-    stems = [stem for stem, _ in jobs]
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})
+    dup = duplicate_stems([stem for stem, _ in jobs])
+    if dup:
         raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
     if args.read_ahead is not None and args.read_ahead < 0:
         raise OvssError(f"--read-ahead must be >= 0 images, got {args.read_ahead}")
@@ -358,8 +363,9 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
     """Rank 0's part of :func:`_finish`; the exit code of the run (of this shard while other shards run)."""
     whole = merged
     if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
-        record_shard(run.out, shard, run.key, merged.finished, merged.failed)
-        records = all_shards(run.out, shard.count, run.key)
+        inputs = inputs_digest(stems)
+        record_shard(run.out, shard, run.key, inputs, merged.finished, merged.failed, merged.skipped)
+        records = all_shards(run.out, shard.count, run.key, inputs)
         if records is None:
             if not args.quiet:
                 scope = f"shard {shard.index}/{shard.count}"
@@ -367,7 +373,7 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
                 print(summary(run.out, merged, mine, scope), file=sys.stderr)
                 print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
             return 0 if not merged.failed else 1
-        whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems, skipped=merged.skipped)
+        whole = combined([Outcome(r["finished"], r["failed"], r["skipped"]) for r in records], stems)
     if whole.finished:
         finish_run(run, whole.finished, stems)
     if not args.quiet:

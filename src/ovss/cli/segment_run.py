@@ -246,20 +246,19 @@ def finish_run(run: SegmentRun, finished: list[str], stems: list[str]) -> None:
         )
 
 
-def combined(parts: list[Outcome], stems: list[str], skipped: int | None = None) -> Outcome:
+def combined(parts: list[Outcome], stems: list[str]) -> Outcome:
     """One outcome from the outcomes of several processes, images in full-run order (``stems``).
 
     Args:
         parts: the processes' outcomes (their images do not overlap).
         stems: every image of the run, in order.
-        skipped: the count of images finished earlier; default the sum over ``parts``.
     """
     finished = {stem for part in parts for stem in part.finished}
     failed = {stem: message for part in parts for stem, message in part.failed.items()}
     return Outcome(
         [stem for stem in stems if stem in finished],
         {stem: failed[stem] for stem in stems if stem in failed},
-        sum(part.skipped for part in parts) if skipped is None else skipped,
+        sum(part.skipped for part in parts),
     )
 
 

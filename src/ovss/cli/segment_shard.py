@@ -13,12 +13,14 @@ Two ways to split a run, composable:
 Per-image files belong to exactly one process, so the union of the shards' outputs is byte-identical to
 one process's. The run-level ``config.json`` lists the finished images of the whole run in full-run order:
 under torchrun rank 0 writes it once every rank is done; with ``--shard`` each shard records its
-outcome in ``<out>/.ovss/shards/<I>-of-<N>.json`` and the shard that finds all N records (the last to
-finish) writes it. Two shards finishing at once both write the same bytes, atomically: harmless.
+outcome in ``<out>/.ovss/shards/<I>-of-<N>.json`` and the shard that finds all N records of the same
+configuration and image list (the last to finish) writes it. Two shards finishing at once both write the
+same bytes, atomically: harmless.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -84,17 +86,26 @@ def forget_shard(out: Path, shard: Shard) -> None:
     record_path(out, shard.index, shard.count).unlink(missing_ok=True)
 
 
-def record_shard(out: Path, shard: Shard, key: str, finished: list[str], failed: dict[str, str]) -> None:
-    """Record that this shard is done: its finished images and the failed ones with their reasons."""
+def inputs_digest(stems: list[str]) -> str:
+    """SHA-256 (hex) of the run's full, ordered image list: a shard record of another list is not this run's."""
+    return hashlib.sha256("\n".join(stems).encode("utf-8")).hexdigest()
+
+
+def record_shard(
+    out: Path, shard: Shard, key: str, inputs: str, finished: list[str], failed: dict[str, str], skipped: int
+) -> None:
+    """Record that this shard is done: its finished images (``skipped`` of them from an earlier run) and the
+    failed ones with their reasons; ``key`` and ``inputs`` (:func:`inputs_digest`) say which run it belongs to."""
     from ovss.storage.files import save_text
 
-    record = {"format": FORMAT, "config": key, "shard": shard.index, "of": shard.count,
-              "finished": finished, "failed": failed}  # fmt: skip
+    record = {"format": FORMAT, "config": key, "inputs": inputs, "shard": shard.index, "of": shard.count,
+              "finished": finished, "failed": failed, "skipped": skipped}  # fmt: skip
     save_text(record_path(out, shard.index, shard.count), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 
 
-def all_shards(out: Path, count: int, key: str) -> list[dict[str, Any]] | None:
-    """The records of all ``count`` shards of run ``key``, or None while one is missing (still running)."""
+def all_shards(out: Path, count: int, key: str, inputs: str) -> list[dict[str, Any]] | None:
+    """The records of all ``count`` shards of run ``key`` over the image list ``inputs``, or None while one is
+    missing (still running) or left by a run of other images (e.g. files added to the folder since)."""
     records: list[dict[str, Any]] = []
     for index in range(count):
         try:
@@ -102,6 +113,8 @@ def all_shards(out: Path, count: int, key: str) -> list[dict[str, Any]] | None:
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("config") != key:
+            return None
+        if record.get("inputs") != inputs:
             return None
         records.append(record)
     return records

@@ -254,10 +254,23 @@ class CocoMasks:
                 f"{self.path} is not a COCO JSON (it needs 'categories', 'images' and 'annotations' lists); "
                 f"masks must be {LABEL_FORMATS}"
             )
+        fields = {"categories": ("id", "name"), "images": ("id", "file_name", "height", "width"),
+                  "annotations": ("image_id", "category_id", "segmentation")}  # fmt: skip
+        for key, needed in fields.items():  # a malformed entry: one line now, not a KeyError at some image
+            bad = next((e for e in document[key] if not isinstance(e, dict) or any(f not in e for f in needed)), None)
+            if bad is not None:
+                raise OvssError(
+                    f"{self.path} has a malformed entry in '{key}' ({str(bad)[:80]}): each needs "
+                    f"{', '.join(needed)}; masks must be {LABEL_FORMATS}"
+                )
         self.class_of_category = self._match(document["categories"], classes, names_source)
         self.images: dict[str, tuple[int, int, int]] = {}  # file stem -> (image id, height, width)
         for image in document["images"]:
-            self.images[Path(str(image["file_name"])).stem] = (image["id"], int(image["height"]), int(image["width"]))
+            try:
+                size = (int(image["height"]), int(image["width"]))
+            except (TypeError, ValueError) as err:
+                raise OvssError(f"{self.path}: image {image['file_name']!r} has a non-integer height or width") from err
+            self.images[Path(str(image["file_name"])).stem] = (image["id"], *size)
         self.annotations: dict[int, list[dict]] = {}  # image id -> its annotations, in file order
         for annotation in document["annotations"]:
             self.annotations.setdefault(annotation["image_id"], []).append(annotation)

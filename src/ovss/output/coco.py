@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ovss.errors import OvssError
+from ovss.output.files import class_pixel_counts
 
 
 def _mask_api() -> Any:
@@ -65,8 +66,7 @@ def _as_pycocotools_rle(rle: Mapping[str, Any]) -> dict[str, Any]:
 
 def present_classes(labels: np.ndarray, num_classes: int) -> list[int]:
     """Ascending class ids that label at least one pixel of ``labels`` (negative values are unlabelled)."""
-    counts = np.bincount(labels[labels >= 0].reshape(-1), minlength=num_classes)  # (C,)
-    return [int(c) for c in np.flatnonzero(counts)]
+    return [int(c) for c in np.flatnonzero(class_pixel_counts(labels, num_classes))]
 
 
 def image_annotations(labels: np.ndarray, num_classes: int, polygons: bool = False) -> list[dict[str, Any]]:

@@ -173,7 +173,7 @@ def save_collection(
         raise OvssError(f"'{existing[0]}' already exists; pass overwrite=True (--overwrite) or choose another folder")
     if not paths:
         return []
-    labels = prediction.labels.cpu().numpy()  # (H0, W0) int64, UNLABELLED < 0
+    labels = prediction.compact_labels.cpu().numpy()  # (H0, W0) int8/16/32, UNLABELLED < 0: never the int64 copy
     height, width = labels.shape
     texts: list[str] = []
     if options.coco:

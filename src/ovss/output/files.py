@@ -93,15 +93,25 @@ def prediction_overlay(prediction: Prediction, alpha: float = 0.5) -> np.ndarray
     return overlay(prediction.image, labels, names, alpha=alpha, palette=class_palette(len(names)))
 
 
+def class_pixel_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C,) int64 pixel count of each class id 0..C-1 in a (H, W) label map (negative values: unlabelled).
+
+    Counted one band of rows at a time: ``np.bincount`` makes an int64 copy of what it counts.
+    """
+    height, width = labels.shape
+    counts = np.zeros(num_classes, dtype=np.int64)  # (C,)
+    rows = rows_per_band(width)
+    for start in range(0, height, rows):
+        band = labels[start : start + rows]  # (n, W)
+        counts += np.bincount(band[band >= 0], minlength=num_classes)[:num_classes]
+    return counts
+
+
 def class_areas(labels: np.ndarray, classes: list[list[str]]) -> dict[str, Any]:
     """Image size, per-class pixel counts and shares, and the unlabelled pixels of a label map."""
     height, width = labels.shape
     total = max(height * width, 1)
-    counts = np.zeros(len(classes), dtype=np.int64)  # (C,)
-    rows = rows_per_band(width)  # bincount makes an int64 copy: one band at a time
-    for start in range(0, height, rows):
-        band = labels[start : start + rows]  # (n, W)
-        counts += np.bincount(band[band >= 0], minlength=len(classes))[: len(classes)]
+    counts = class_pixel_counts(labels, len(classes))  # (C,)
     unlabelled = int((labels == UNLABELLED).sum())
     return {
         "height": height,

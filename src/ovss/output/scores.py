@@ -40,8 +40,8 @@ def score_paths(folder: str | os.PathLike[str], stem: str, classes: list[list[st
 
 
 def scores_to_uint8(probs: np.ndarray) -> np.ndarray:
-    """(C, H, W) probabilities in [0, 1] -> uint8 ``round(p * 255)`` (half to even), clipped to 0..255."""
-    return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)  # (C, H, W)
+    """Probabilities in [0, 1] (any shape) -> uint8 ``round(p * 255)`` (half to even), clipped to 0..255."""
+    return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)  # same shape
 
 
 def save_scores(prediction: Prediction, folder: str | os.PathLike[str], stem: str, fmt: str) -> list[Path]:
@@ -54,14 +54,13 @@ def save_scores(prediction: Prediction, folder: str | os.PathLike[str], stem: st
 
     paths = score_paths(folder, stem, prediction.classes, fmt)
     probs = prediction.probs  # (C, H0, W0) fp32, built once and kept by the prediction
-    if fmt == "npy":
-        contents = [probs.to(torch.float16).cpu().numpy()]  # [(C, H0, W0) fp16]
-    else:
-        contents = list(scores_to_uint8(probs.cpu().numpy()))  # C x (H0, W0) uint8
     written: list[Path] = []
     try:
-        for path, content in zip(paths, contents, strict=True):
-            written.append(save_npy(path, content) if fmt == "npy" else save_png(path, content))
+        if fmt == "npy":
+            written.append(save_npy(paths[0], probs.to(torch.float16).cpu().numpy()))  # (C, H0, W0) fp16
+        else:
+            for c, path in enumerate(paths):  # one class at a time: no (C, H0, W0) fp32 temporaries
+                written.append(save_png(path, scores_to_uint8(probs[c].cpu().numpy())))  # (H0, W0) uint8
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
