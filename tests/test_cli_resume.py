@@ -3,6 +3,7 @@ interrupted run continues with `--resume` to the same bytes as an uninterrupted 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -225,3 +226,27 @@ def test_a_vfm_whose_heads_do_not_match_is_one_line_before_any_image(
     assert _segment(clip_file, bpe_path, photos, out, "--method", "cass", "--vfm", str(vfm)) == 2
     _one_error_line(capsys.readouterr().err, "CLIP has 2 heads of 64, the VFM 3 of 64")
     assert calls == [] and not out.exists()
+
+
+@pytest.mark.parametrize(("every", "writes"), [(0.0, 3 + 1), (1e9, 1 + 1)])
+def test_config_json_is_rewritten_at_most_every_few_seconds(
+    clip_file, bpe_path, photos, tmp_path, monkeypatch, every, writes
+):
+    """A one-process run lists every finished image in config.json: rewriting it after each of 10^5 images
+    would write O(n^2) bytes, so it is rewritten at most every CONFIG_EVERY_S seconds (the first image at
+    once), and always at the end; the file is the same either way."""
+    from ovss.cli import segment_run
+
+    monkeypatch.setattr(segment_run, "CONFIG_EVERY_S", every)
+    calls: list[int] = []
+    save_config = segment_run.save_config
+
+    def counted(out, record, done):
+        calls.append(len(done))
+        return save_config(out, record, done)
+
+    monkeypatch.setattr(segment_run, "save_config", counted)
+    out = tmp_path / str(every)
+    assert _segment(clip_file, bpe_path, photos, out) == 0
+    assert len(calls) == writes and calls[0] == 1 and calls[-1] == 3  # the first image, then the end
+    assert json.loads((out / "config.json").read_text())["inputs"] == ["a", "b", "c"]

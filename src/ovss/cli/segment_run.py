@@ -4,7 +4,8 @@ Each finished image gets a marker (:mod:`ovss.output.resume`) after all its file
 images whose marker matches this run's configuration. An image that cannot be read is reported and
 skipped; a failed write stops the run (it would fail for every later image). ``config.json`` (the resolved
 configuration and the finished images in full-run order) is written by :func:`finish_run`; a run in one
-process also rewrites it after every image, so an interrupted run leaves an up-to-date one.
+process also rewrites it as it goes (after an image, at most every ``CONFIG_EVERY_S`` seconds) and when
+Ctrl-C stops it, so an interrupted run leaves an up-to-date one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,10 @@ from typing import Any
 from ovss.errors import OvssError
 
 MANY_WINDOWS = 100  # above this many windows per image, warn (naming the flags that reduce the count)
+# A run in one process rewrites config.json after an image at most this often (seconds): the file lists every
+# finished image, so rewriting it after each of 10^5 images would write O(n^2) bytes. Ctrl-C and the end of
+# the run always write it; --resume reads the done-markers, not this file.
+CONFIG_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,7 @@ def segment_images(segmenter: Any, jobs: list[tuple[str, Any]], finished: set[st
     )
     outcome = Outcome()
     saved = 0  # len(outcome.finished) at the last config.json write
+    written_at = -CONFIG_EVERY_S  # time.monotonic() of that write (the first image writes at once)
     bar = tqdm(jobs, desc="segment", unit="img", disable=not show or len(jobs) < 2, file=sys.stderr)
     try:
         for stem, source in bar:
@@ -167,9 +174,9 @@ def segment_images(segmenter: Any, jobs: list[tuple[str, Any]], finished: set[st
                 continue
             save_image(result, stem, source, run)
             outcome.finished.append(stem)
-            if run.save_each:
+            if run.save_each and time.monotonic() - written_at >= CONFIG_EVERY_S:
                 save_config(run.out, run.record, outcome.finished)
-                saved = len(outcome.finished)
+                saved, written_at = len(outcome.finished), time.monotonic()
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:

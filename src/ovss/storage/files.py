@@ -9,6 +9,7 @@ writer returned. On failure the temporary file is removed and the destination is
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -24,9 +25,10 @@ from ovss.errors import OvssError
 
 # Attempts at finding an unused temporary name before giving up (collisions need 32 random bits to clash).
 _MAX_TEMP_NAME_ATTEMPTS = 100
-# This machine in temporary names (letters, digits and '-'): a sweep removes only its own dead writers' files,
+# This machine in temporary names (a hash of its name): a sweep removes only its own dead writers' files,
 # never those of a live writer on another machine sharing the folder (``ovss segment --shard`` on a cluster).
-_WRITER = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+_WRITER = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()  # 8 characters: a long
+# host name must not push a long stem's temporary name past the file system's 255 bytes
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp[^/]*$")
 
 
