@@ -23,6 +23,7 @@ from hub_repos import CLIP_HF, DINOV2, DINOV3, GOOD_TOKEN, OPEN_CLIP, SAM, build
 from hub_server import FakeHub
 from ovss.api import load_clip
 from ovss.cli.main import main
+from ovss.errors import OvssError
 from ovss.models.clip import build_clip
 from ovss.models.dino import load_vfm
 from ovss.models.sam import load_sam
@@ -175,3 +176,23 @@ def test_ovss_segment_from_the_hub_records_the_revision(
     assert hub.requests[start:] == []
     again = json.loads((tmp_path / "again" / "config.json").read_text())
     assert (again["vfm_revision"], again["vfm_sha256"]) == (config["vfm_revision"], config["vfm_sha256"])
+
+
+def test_offline_every_uncached_hub_id_is_named_before_any_model_loads(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ovss.api
+
+    ovss.load("proxyclip", clip=f"hf-hub:{CLIP_HF}", vfm=f"hf-hub:{DINOV2}")  # both cached now; SAM is not
+    monkeypatch.setenv("OVSS_OFFLINE", "1")
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the missing Hub weights were reported")
+
+    monkeypatch.setattr(ovss.api, "load_clip", no_loading)
+    start = len(hub.requests)
+    with pytest.raises(OvssError, match=rf"SAM weights 'hf-hub:{SAM}' are not in the Hugging Face cache") as caught:
+        ovss.load("trident", clip=f"hf-hub:{CLIP_HF}", vfm=f"hf-hub:{DINOV2}", sam=f"hf-hub:{SAM}")
+    assert "Also:" not in str(caught.value) and hub.requests[start:] == []  # only SAM is missing; no request
+    with pytest.raises(OvssError, match=r"'hf-hub:nobody/clip' are not in .* Also: .*'hf-hub:nobody/dino'"):
+        ovss.load("proxyclip", clip="hf-hub:nobody/clip", vfm="hf-hub:nobody/dino")

@@ -214,6 +214,27 @@ def wanted_files(spec: MethodSpec, clip: Any, given: Mapping[str, Any]) -> list[
     return wanted
 
 
+def check_hub_cached(wanted: list[tuple[str, str]], download: bool) -> None:
+    """When nothing may be fetched: every ``hf-hub:`` id of ``wanted`` missing from the cache, named before loading.
+
+    Raises:
+        OvssError: the cache lookup's one line for each missing repository, joined.
+    """
+    from ovss.storage import hf_hub
+
+    if hf_hub.offline_reason(download) is None:
+        return
+    problems = []
+    for name, kind in wanted:
+        if hf_hub.is_hub_id(name):
+            try:
+                hf_hub.resolve_hub(name, kind, download=download, progress=False)  # the cache only: no network
+            except OvssError as err:
+                problems.append(str(err))
+    if problems:
+        raise OvssError(" Also: ".join(problems))
+
+
 def load(
     method: str = "clearclip",
     clip: str | os.PathLike[str] | CLIP = "ViT-B/16",
@@ -297,7 +318,9 @@ def load(
     from ovss.storage import hub
 
     given = {"vfm": vfm, "sam": sam}
-    hub.check_offline(wanted_files(spec, clip, given), download=download, vocabulary=tokenizer is None)  # all at once
+    wanted = wanted_files(spec, clip, given)
+    hub.check_offline(wanted, download=download, vocabulary=tokenizer is None)  # registry files, all at once
+    check_hub_cached(wanted, download)
     model, record = load_clip(clip, act=act, download=download, token=token)
     if model.text is not None and tokenizer is not False and not isinstance(tokenizer, Tokenizer):  # fail at load
         # Found and checked now, parsed only when a name misses the text-embedding cache.
