@@ -77,6 +77,14 @@ def tiny_state_dict() -> dict:
 
 
 @pytest.fixture(scope="session")
+def clip_file(tmp_path_factory: pytest.TempPathFactory, tiny_state_dict: dict) -> Path:
+    """The tiny CLIP saved as OpenAI's TorchScript archive: what ``ovss segment --clip FILE`` reads."""
+    from tiny import save_openai_jit
+
+    return save_openai_jit(tiny_state_dict, tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tiny_state_dict: dict):
     from ovss.models.clip import build_clip
 

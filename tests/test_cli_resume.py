@@ -21,14 +21,8 @@ from ovss.cli.main import main
 from ovss.output.resume import marker_path
 from ovss.predictor import Segmenter
 from test_dino import dino_state_dict
-from tiny import save_openai_jit, tiny_clip_state_dict
 
 STEMS = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,6 @@ import torch
 from PIL import Image
 
 from ovss.cli.main import main
-from tiny import save_openai_jit, tiny_clip_state_dict
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
 
 
 def _photo(path: Path, seed: int, size: tuple[int, int] = (48, 64)) -> Path:

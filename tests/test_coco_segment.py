@@ -15,16 +15,10 @@ from ovss.cli.main import main
 from ovss.output.collection import part_path
 from ovss.output.resume import marker_path
 from ovss.predictor import Segmenter
-from tiny import save_openai_jit, tiny_clip_state_dict
 
 # pycocotools <= 2.0.11 under NumPy 2 warns in its own decode
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 STEMS = ["c", "a", "b"]  # written as c.png, a.png, b.png: the job list is sorted by file name
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
 
 
 @pytest.fixture(scope="module")

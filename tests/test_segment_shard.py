@@ -21,16 +21,10 @@ from ovss.cli.main import main
 from ovss.cli.segment_shard import Shard, all_shards, inputs_digest, parse_shard, record_shard
 from ovss.errors import OvssError
 from ovss.predictor import Segmenter
-from tiny import save_openai_jit, tiny_clip_state_dict
 
 GOOD = ["a", "b", "c", "e", "f"]
 BAD = "d"  # position 3 of the sorted folder: shard 1 of 2, torchrun rank 1
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-@pytest.fixture(scope="module")
-def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_openai_jit(tiny_clip_state_dict(seed=0), tmp_path_factory.mktemp("weights") / "tiny-openai.pt")
 
 
 @pytest.fixture(scope="module")
