@@ -38,13 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, vocab_path
+from common import child_env, vocab_path
 
 VOC = (
     "background, aeroplane, bicycle, bird, boat, bottle, bus, car, cat, chair, cow, table, dog, horse, motorbike, "
     "person, plant, sheep, sofa, train, monitor"
 )
-SRC = str(REPO / "src")
 GPU_SCRIPT = """
 import json, sys, time
 import torch
@@ -86,14 +85,7 @@ def photos(folder: Path, count: int, width: int, height: int) -> list[Path]:
 
 
 def environment(cache: Path, threads: int) -> dict[str, str]:
-    env = {**os.environ, "OVSS_CACHE": str(cache), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env["PYTHONPATH"] = os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])
-    for name in ("OVSS_FAST_EXIT", "OVSS_PREPARED_CACHE", "OVSS_TEXT_CACHE"):
-        env.pop(name, None)
-    vocab = vocab_path()
-    if vocab:
-        env["OVSS_BPE_PATH"] = vocab
-    return env
+    return child_env(cache, threads)
 
 
 def timed(commands: list[list[str]], env: dict[str, str]) -> float:

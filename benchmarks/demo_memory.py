@@ -15,7 +15,6 @@ Target: 6000 x 6000, two methods, ViT-B/16, server peak under 2000 MB.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import vocab_path
+from common import child_env, vocab_path
 from memory_bench import smooth_photo
 
 
@@ -91,15 +90,7 @@ def main() -> None:
         photo = folder / f"photo{args.size}.png"
         smooth_photo(args.size, args.size).save(photo)  # type: ignore[attr-defined]
         port = free_port()
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-            "OVSS_CACHE": str(folder / "cache"),
-            "OMP_NUM_THREADS": "2",
-            "MKL_NUM_THREADS": "2",
-            "GRADIO_TEMP_DIR": str(folder / "gradio"),
-        }
+        env = {**child_env(folder / "cache"), "GRADIO_TEMP_DIR": str(folder / "gradio")}
         command = [sys.executable, "-m", "ovss", "demo", "--clip", clip, "--port", str(port)]
         command += ["--methods", ",".join(methods)]
         tokenizer = vocab_path()

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import vocab_path
+from common import child_env, vocab_path
 
 from ovss.cli.bench_harness import MeasurementError, measure
 from ovss.cli.bench_report import seconds_cell
@@ -141,14 +141,7 @@ def cli_main(args: argparse.Namespace) -> None:
         clip = write_random_weights(folder, quick=args.quick)["ViT-B/16"]
         image_path = folder / f"photo{width}x{height}.png"
         smooth_photo(height, width).save(image_path)  # type: ignore[attr-defined]
-        src = str(Path(__file__).resolve().parents[1] / "src")
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-            "OVSS_CACHE": str(folder / "cache"),
-            "OMP_NUM_THREADS": "2",
-            "MKL_NUM_THREADS": "2",
-        }
+        env = child_env(folder / "cache")
         command = [sys.executable, "-m", "ovss", "segment", str(image_path), "--clip", clip]
         command += ["--labels", "sky,road,person", "--templates", "imagenet7", "--out", str(folder / "out")]
         command += ["--no-progress", "--method", method_of(args)]
