@@ -142,6 +142,24 @@ def test_two_torchrun_ranks_give_the_bytes_of_one(
     assert f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in done.stderr and f"{BAD}.png" in done.stderr
 
 
+def test_a_rank_that_cannot_write_stops_every_rank_with_one_line(
+    clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "blocked"
+    (out / "e.png").mkdir(parents=True)  # rank 0 holds e (position 4): its label map cannot replace a folder
+    (out / "e.png" / "keep").write_text("a user's file\n")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), "-m", "ovss", *_args(clip_file, bpe_path, photos, out, "--overwrite"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300, check=False)
+    stops = [line for line in done.stderr.splitlines() if line.startswith("ovss: error: cannot write")]
+    assert len(stops) == 1 and "cannot write the outputs of 'e'" in stops[0], done.stderr[-3000:]  # said once
+    assert done.returncode != 0 and "Timed out" not in done.stderr  # no rank waited for the other until a timeout
+    assert "ovss: error: cannot read image" in done.stderr  # rank 1's bad image d, reported as it went
+    assert (out / "e.png" / "keep").read_text() == "a user's file\n"
+
+
 # ------------------------------------------------------------------------------ interrupt and resume
 
 

@@ -332,7 +332,12 @@ def _run_shard(
         forget_shard(out, shard)  # running again: not finished until this attempt's record
     show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars
     run = SegmentRun(out, per_image, key, record, classes, background, args, not shard.split, show)
-    outcome = segment_images(segmenter, mine, finished, run)
+    try:
+        outcome = segment_images(segmenter, mine, finished, run)
+    except OvssError as err:
+        if context.world_size == 1:
+            raise
+        outcome = Outcome(stopped=str(err))  # the other ranks wait for this one at the gather: meet them there
     if outcome.interrupted:
         redone = len(outcome.finished) - outcome.skipped
         where = f"{shard.name()}: " if shard.split else ""
@@ -354,7 +359,13 @@ def _finish(
     from ovss.distributed import all_gather_objects
 
     stems = [stem for stem, _ in jobs]
-    merged = combined(all_gather_objects(outcome, context), stems)  # this shard's images, all ranks
+    parts = all_gather_objects(outcome, context)
+    stopped = [part.stopped for part in parts if part.stopped is not None]
+    if stopped:  # a rank could not write: the run stops, with that rank's one line, once
+        if shard.rank == 0:
+            raise OvssError(stopped[0])
+        return 2
+    merged = combined(parts, stems)  # this shard's images, all ranks
     code = _finish_main(args, stems, shard, merged, run) if shard.rank == 0 else 0
     return int(all_gather_objects(code, context)[0])
 

@@ -51,6 +51,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # stem -> why it failed (one line), in job order
     skipped: int = 0  # images finished by an earlier run (--resume), included in ``finished``
     interrupted: bool = False  # Ctrl-C stopped the loop
+    stopped: str | None = None  # the one-line error that stopped this process (a torchrun rank), if any
 
 
 class WindowProgress:
