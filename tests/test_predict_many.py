@@ -177,3 +177,12 @@ def test_label_errors_come_at_the_call_before_any_image_is_read(segmenter: Segme
         segmenter.predict_many(never(), LABELS, errors="skip")  # type: ignore[arg-type]
     with pytest.raises(OvssError, match="read_ahead"):
         segmenter.predict_many(never(), LABELS, read_ahead=-1)
+
+
+def test_a_single_image_is_refused_not_read_letter_by_letter(segmenter: Segmenter, tmp_path: Path) -> None:
+    Image.fromarray(_rgb(0)).save(tmp_path / "a.png")
+    for single in (str(tmp_path), tmp_path / "a.png", _rgb(0), Image.fromarray(_rgb(0))):
+        with pytest.raises(OvssError, match="predict_many takes a collection of images") as raised:
+            segmenter.predict_many(single, LABELS)  # type: ignore[arg-type]
+        assert "pass [" in str(raised.value) and "\n" not in str(raised.value)
+    assert [r.labels.shape for r in segmenter.predict_many([tmp_path / "a.png"], LABELS)] == [(50, 70)]
