@@ -95,6 +95,16 @@ def test_out_pointing_at_a_file_is_one_line(clip_file, bpe_path, tmp_path, capsy
     assert target.read_text() == "mine"
 
 
+def test_inputs_sharing_a_stem_are_named_with_the_fix(clip_file, bpe_path, tmp_path, capsys):
+    a, b = _photo(tmp_path / "x" / "cat.png", 0), _photo(tmp_path / "y" / "cat.jpg", 1)
+    assert _segment(clip_file, bpe_path, tmp_path / "out", str(a), str(b), "--labels", "a, b") == 2
+    _one_error_line(capsys.readouterr().err, f"inputs {a}, {b} share the file name stem 'cat',")
+    assert _segment(clip_file, bpe_path, tmp_path / "out", str(a.parent), str(a.parent), "--labels", "a, b") == 2
+    err = capsys.readouterr().err
+    _one_error_line(err, f"inputs {a}, {a} share")
+    assert "give each image once" in err and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ fail fast
 
 

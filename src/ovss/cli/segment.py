@@ -279,10 +279,7 @@ def _run(args: argparse.Namespace) -> int:
     jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
     if args.example:
         jobs.append((args.example, example_image(args.example)))
-    stems = [stem for stem, _ in jobs]
-    if len(set(stems)) != len(stems):
-        dup = sorted({s for s in stems if stems.count(s) > 1})
-        raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
+    _refuse_shared_stems(jobs)
     if args.read_ahead is not None and args.read_ahead < 0:
         raise OvssError(f"--read-ahead must be >= 0 images, got {args.read_ahead}")
     index, count = parse_shard(args.shard)
@@ -290,6 +287,24 @@ def _run(args: argparse.Namespace) -> int:
         shard = Shard(index, count, context.rank, context.world_size)
         mine = [jobs[k] for k in shard.positions(len(jobs))]
         return _run_shard(args, jobs, mine, classes, background, shard, context)
+
+
+def _refuse_shared_stems(jobs: list[tuple[str, Any]]) -> None:
+    """One line naming the first stem several inputs share (with their paths) and the fix.
+
+    Raises:
+        OvssError: two inputs would write the same ``<stem>.png``.
+    """
+    sources: dict[str, list[str]] = {}
+    for stem, source in jobs:
+        sources.setdefault(stem, []).append(str(source) if isinstance(source, Path) else f"--example {stem}")
+    shared = [stem for stem, paths in sources.items() if len(paths) > 1]
+    if shared:
+        more = f" (and {len(shared) - 1} more stem(s))" if len(shared) > 1 else ""
+        raise OvssError(
+            f"inputs {', '.join(sources[shared[0]])} share the file name stem {shared[0]!r}{more}, so their outputs "
+            "would collide; give each image once, rename one, or segment them into separate --out folders"
+        )
 
 
 def _run_shard(
