@@ -186,3 +186,22 @@ def test_an_interrupted_shard_resumes_and_never_touches_the_other_shard(
     finally:
         torch.set_num_threads(threads)
     assert _snapshot(out) == _snapshot(alone)
+
+
+def test_shards_run_with_different_configurations_say_the_run_cannot_finish(
+    clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mixed"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(clip_file, bpe_path, photos, out, "--shard", "0/2")) == 0
+        capsys.readouterr()
+        other = [arg if arg != "cat, sofa" else "dog, lawn" for arg in _args(clip_file, bpe_path, photos, out)]
+        assert main([*other, "--shard", "1/2"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "ovss: error: shard 1/2 is done, but shard(s) 0/2 in" in err and "another configuration" in err
+    assert "the last shard to finish writes" not in err  # it never would: neither writes config.json
+    assert not (out / "config.json").exists() and not (out / "coco.json").exists()

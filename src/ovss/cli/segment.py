@@ -34,7 +34,7 @@ from ovss.cli.segment_run import (
     segment_images,
     summary,
 )
-from ovss.cli.segment_shard import Shard, all_shards, forget_shard, parse_shard, record_shard
+from ovss.cli.segment_shard import Shard, all_shards, forget_shard, mixed_run, parse_shard, record_shard
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
@@ -375,6 +375,9 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
     if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
         record_shard(run.out, shard, run.key, merged.finished, merged.failed)
         records = all_shards(run.out, shard.count, run.key)
+        if records is None and (mixed := mixed_run(run.out, shard, run.key)):  # it can never finish: say so
+            print(mixed, file=sys.stderr)
+            return 1
         if records is None:
             if not args.quiet:
                 scope = f"shard {shard.index}/{shard.count}"

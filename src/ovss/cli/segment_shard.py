@@ -105,3 +105,24 @@ def all_shards(out: Path, count: int, key: str) -> list[dict[str, Any]] | None:
             return None
         records.append(record)
     return records
+
+
+
+def mixed_run(out: Path, shard: Shard, key: str) -> str | None:
+    """The error line when another shard's record in ``out`` was made with another configuration than ``key``
+    (then no shard ever writes the run-level files); None when there is none."""
+    foreign = []
+    for index in range(shard.count):
+        try:
+            record = json.loads(record_path(out, index, shard.count).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("format") == FORMAT and record.get("config") != key:
+            foreign.append(f"{index}/{shard.count}")
+    if not foreign:
+        return None
+    return (
+        f"ovss: error: shard {shard.index}/{shard.count} is done, but shard(s) {', '.join(foreign)} in {out} ran "
+        "with another configuration (method, weights, labels or output flags), so config.json and coco.json are "
+        "not written; rerun those shards with this shard's flags and --overwrite, or use separate --out folders"
+    )
