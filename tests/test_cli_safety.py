@@ -6,6 +6,7 @@ Each test reproduces an observed problem (issue 9) through the command line with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,21 @@ def test_a_run_that_segments_nothing_leaves_the_output_folder_as_it_was(clip_fil
     (tmp_path / "in" / "empty.png").write_bytes(b"")
     assert _segment(clip_file, bpe_path, empty, str(tmp_path / "in"), "--labels", "a, b") == 1
     assert list(empty.iterdir()) == []  # no config.json
+
+
+def test_a_coco_json_already_in_out_is_not_replaced_without_overwrite(clip_file, bpe_path, tmp_path, capsys):
+    image, out = _photo(tmp_path / "a.jpg", 0), tmp_path / "out"
+    out.mkdir()
+    (out / "coco.json").write_text('{"mine": true}')
+    assert _segment(clip_file, bpe_path, out, str(image), "--labels", "cat, sofa", "--save-coco") == 2
+    _one_error_line(capsys.readouterr().err, f"'{out / 'coco.json'}' exists from an earlier run")
+    assert (out / "coco.json").read_text() == '{"mine": true}' and sorted(os.listdir(out)) == ["coco.json"]
+    assert _segment(clip_file, bpe_path, out, str(image), "--labels", "cat, sofa") == 0  # not written: no clash
+    assert (out / "coco.json").read_text() == '{"mine": true}'
+    coco = _photo(tmp_path / "in" / "coco.png", 1)  # its --save-json file is the run's coco.json
+    code = _segment(clip_file, bpe_path, tmp_path / "o2", str(coco), "--labels", "a, b", "--save-json", "--save-coco")
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, f"would both write '{tmp_path / 'o2' / 'coco.json'}'")
 
 
 def test_out_pointing_at_a_file_is_one_line(clip_file, bpe_path, tmp_path, capsys):

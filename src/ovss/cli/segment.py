@@ -184,7 +184,7 @@ def plan_outputs(
     Clashes are checked over the whole run's ``jobs`` (every shard refuses alike); earlier outputs only for
     this process's images ``mine`` (default: all), so a shard never trips over another shard's files.
     """
-    from ovss.output.collection import collection_options, collection_paths
+    from ovss.output.collection import COCO_FILE, collection_options, collection_paths
     from ovss.output.files import output_paths
     from ovss.output.resume import marker_path
 
@@ -195,7 +195,8 @@ def plan_outputs(
         + collection_paths(out, stem, classes, collection_options(args))
         for stem, _ in jobs
     }
-    planned = [out / "config.json", *(path for paths in per_image.values() for path in paths)]
+    run_files = [out / "config.json", *([out / COCO_FILE] if collection_options(args).coco else [])]
+    planned = [*run_files, *(path for paths in per_image.values() for path in paths)]
     resolved = [path.resolve() for path in planned]
     if len(set(resolved)) != len(resolved):
         clash = next(path for path in planned if resolved.count(path.resolve()) > 1)
@@ -207,7 +208,7 @@ def plan_outputs(
                 f"writing '{path}' would replace the input image '{inputs[full]}'; choose another --out folder"
             )
     own = [stem for stem, _ in (jobs if mine is None else mine)]
-    checked = [out / "config.json", *(path for stem in own for path in [*per_image[stem], marker_path(out, stem)])]
+    checked = [*run_files, *(path for stem in own for path in [*per_image[stem], marker_path(out, stem)])]
     existing = [path for path in checked if path.exists()]
     if existing and not (args.overwrite or args.resume):
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
