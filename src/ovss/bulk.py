@@ -113,6 +113,8 @@ def _predict_each(
         for image, prepared in queue:
             segmenter._read_ahead = None if prepared is None else (image, prepared)
             try:
+                if image is None:  # predict(None) would label the previous image again
+                    raise OvssError("predict_many got None for an image; give a path, an array or a PIL image")
                 result: Prediction | OvssError = segmenter.predict(image, labels, **kwargs)
             except OvssError as error:
                 if not yield_errors:
