@@ -123,6 +123,8 @@ def test_two_shard_processes_give_the_bytes_of_one(
     assert shards[1].returncode == 1 and f"{BAD}.png" in errs[1]  # shard 1 holds the bad image
     finishers = [err for err in errs if f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in err]
     assert len(finishers) == 1 and "1 failed:" in finishers[0] and f"{BAD}.png" in finishers[0]  # whole-run summary
+    assert all(f"shard {i}/2: segmented " in err for i, err in enumerate(errs))  # each shard's own line, then
+    assert f"all shards: segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in finishers[0]  # the whole run's
     assert [s.returncode for s, e in zip(shards, errs, strict=True) if e in finishers] == [1]  # the whole run's code
 
 

@@ -379,16 +379,17 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
         if records is None and (mixed := mixed_run(run.out, shard, run.key)):  # it can never finish: say so
             print(mixed, file=sys.stderr)
             return 1
+        scope = f"shard {shard.index}/{shard.count}"
+        if not args.quiet:  # each shard's own line (its skipped images: the others' are not known here)
+            mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
+            print(summary(run.out, merged, mine, scope), file=sys.stderr)
         if records is None:
             if not args.quiet:
-                scope = f"shard {shard.index}/{shard.count}"
-                mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
-                print(summary(run.out, merged, mine, scope), file=sys.stderr)
                 print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
             return 0 if not merged.failed else 1
-        whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems, skipped=merged.skipped)
+        whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems)
     if whole.finished:
         finish_run(run, whole.finished, stems)
     if not args.quiet:
-        print(summary(run.out, whole, len(stems)), file=sys.stderr)
+        print(summary(run.out, whole, len(stems), "all shards" if shard.count > 1 else ""), file=sys.stderr)
     return 0 if not whole.failed else 1
