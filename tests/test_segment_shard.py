@@ -190,7 +190,7 @@ def test_an_interrupted_shard_resumes_and_never_touches_the_other_shard(
     assert _snapshot(out) == _snapshot(alone)
 
 
-def test_shards_run_with_different_configurations_say_the_run_cannot_finish(
+def test_shards_run_with_different_configurations_say_what_the_run_waits_for(
     clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "mixed"
@@ -200,10 +200,13 @@ def test_shards_run_with_different_configurations_say_the_run_cannot_finish(
         assert main(_args(clip_file, bpe_path, photos, out, "--shard", "0/2")) == 0
         capsys.readouterr()
         other = [arg if arg != "cat, sofa" else "dog, lawn" for arg in _args(clip_file, bpe_path, photos, out)]
-        assert main([*other, "--shard", "1/2"]) == 1
+        assert main([*other, "--shard", "1/2"]) == 1  # its own outcome: the bad image is shard 1's
+        err = capsys.readouterr().err
+        assert "ovss: shard 1/2 done, but shard(s) 0/2 in" in err and "another configuration" in err
+        assert "the last shard to finish writes" not in err  # not while shard 0's record is another run's
+        assert not (out / "config.json").exists() and not (out / "coco.json").exists()
+        assert main([*other, "--shard", "0/2", "--overwrite"]) == 1  # shard 0 again, with shard 1's flags
+        assert json.loads((out / "config.json").read_text())["classes"] == [["dog"], ["lawn"]]
+        assert "all shards: segmented" in capsys.readouterr().err and (out / "coco.json").exists()
     finally:
         torch.set_num_threads(threads)
-    err = capsys.readouterr().err
-    assert "ovss: error: shard 1/2 is done, but shard(s) 0/2 in" in err and "another configuration" in err
-    assert "the last shard to finish writes" not in err  # it never would: neither writes config.json
-    assert not (out / "config.json").exists() and not (out / "coco.json").exists()

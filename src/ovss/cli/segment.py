@@ -376,15 +376,15 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
     if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
         record_shard(run.out, shard, run.key, merged.finished, merged.failed)
         records = all_shards(run.out, shard.count, run.key)
-        if records is None and (mixed := mixed_run(run.out, shard, run.key)):  # it can never finish: say so
-            print(mixed, file=sys.stderr)
-            return 1
         scope = f"shard {shard.index}/{shard.count}"
         if not args.quiet:  # each shard's own line (its skipped images: the others' are not known here)
             mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
             print(summary(run.out, merged, mine, scope), file=sys.stderr)
         if records is None:
-            if not args.quiet:
+            mixed = mixed_run(run.out, shard, run.key)  # not "the last shard writes": not with these records
+            if mixed is not None:
+                print(mixed, file=sys.stderr)
+            elif not args.quiet:
                 print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
             return 0 if not merged.failed else 1
         whole = combined([Outcome(r["finished"], r["failed"]) for r in records], stems)

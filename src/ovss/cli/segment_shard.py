@@ -109,8 +109,8 @@ def all_shards(out: Path, count: int, key: str) -> list[dict[str, Any]] | None:
 
 
 def mixed_run(out: Path, shard: Shard, key: str) -> str | None:
-    """The error line when another shard's record in ``out`` was made with another configuration than ``key``
-    (then no shard ever writes the run-level files); None when there is none."""
+    """A note naming the other shards whose record in ``out`` was made with another configuration than ``key``
+    (the run-level files wait until they run again with this one); None when there is none."""
     foreign = []
     for index in range(shard.count):
         try:
@@ -122,7 +122,7 @@ def mixed_run(out: Path, shard: Shard, key: str) -> str | None:
     if not foreign:
         return None
     return (
-        f"ovss: error: shard {shard.index}/{shard.count} is done, but shard(s) {', '.join(foreign)} in {out} ran "
-        "with another configuration (method, weights, labels or output flags), so config.json and coco.json are "
-        "not written; rerun those shards with this shard's flags and --overwrite, or use separate --out folders"
+        f"ovss: shard {shard.index}/{shard.count} done, but shard(s) {', '.join(foreign)} in {out} last ran with "
+        "another configuration (method, weights, labels or output flags): config.json and coco.json are written "
+        "only once they run again with this shard's flags (--overwrite); or use separate --out folders"
     )
