@@ -6,6 +6,7 @@ Each test reproduces an observed problem (issue 9) through the command line with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,21 @@ def test_a_run_that_segments_nothing_leaves_the_output_folder_as_it_was(clip_fil
     assert list(empty.iterdir()) == []  # no config.json
 
 
+def test_a_coco_json_already_in_out_is_not_replaced_without_overwrite(clip_file, bpe_path, tmp_path, capsys):
+    image, out = _photo(tmp_path / "a.jpg", 0), tmp_path / "out"
+    out.mkdir()
+    (out / "coco.json").write_text('{"mine": true}')
+    assert _segment(clip_file, bpe_path, out, str(image), "--labels", "cat, sofa", "--save-coco") == 2
+    _one_error_line(capsys.readouterr().err, f"'{out / 'coco.json'}' exists from an earlier run")
+    assert (out / "coco.json").read_text() == '{"mine": true}' and sorted(os.listdir(out)) == ["coco.json"]
+    assert _segment(clip_file, bpe_path, out, str(image), "--labels", "cat, sofa") == 0  # not written: no clash
+    assert (out / "coco.json").read_text() == '{"mine": true}'
+    coco = _photo(tmp_path / "in" / "coco.png", 1)  # its --save-json file is the run's coco.json
+    code = _segment(clip_file, bpe_path, tmp_path / "o2", str(coco), "--labels", "a, b", "--save-json", "--save-coco")
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, f"would both write '{tmp_path / 'o2' / 'coco.json'}'")
+
+
 def test_out_pointing_at_a_file_is_one_line(clip_file, bpe_path, tmp_path, capsys):
     image = _photo(tmp_path / "a.jpg", 0)
     target = tmp_path / "notes.txt"
@@ -87,6 +103,16 @@ def test_out_pointing_at_a_file_is_one_line(clip_file, bpe_path, tmp_path, capsy
     assert _segment(clip_file, bpe_path, target, str(image), "--labels", "a, b") == 2
     _one_error_line(capsys.readouterr().err, "is a file")
     assert target.read_text() == "mine"
+
+
+def test_inputs_sharing_a_stem_are_named_with_the_fix(clip_file, bpe_path, tmp_path, capsys):
+    a, b = _photo(tmp_path / "x" / "cat.png", 0), _photo(tmp_path / "y" / "cat.jpg", 1)
+    assert _segment(clip_file, bpe_path, tmp_path / "out", str(a), str(b), "--labels", "a, b") == 2
+    _one_error_line(capsys.readouterr().err, f"inputs {a}, {b} share the file name stem 'cat',")
+    assert _segment(clip_file, bpe_path, tmp_path / "out", str(a.parent), str(a.parent), "--labels", "a, b") == 2
+    err = capsys.readouterr().err
+    _one_error_line(err, f"inputs {a}, {a} share")
+    assert "give each image once" in err and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------ fail fast

@@ -345,12 +345,14 @@ def test_folder_dataset_errors(tmp_path: Path) -> None:
     _write_image(tmp_path / "img" / "a.jpg")
     _write_image(tmp_path / "img" / "b.jpg")
     _write_label(tmp_path / "lab" / "a.png", np.array([[0, 1]]))
-    with pytest.raises(OvssError, match=r"1 of 2 images have no label .*b\.png"):
+    with pytest.raises(OvssError, match=r"1 of 2 images have no label .*b\.png.*check --masks and --label-suffix$"):
         FolderDataset(tmp_path / "img", tmp_path / "lab", names)
-    with pytest.raises(OvssError, match="no images ending in '_image"):
+    with pytest.raises(OvssError, match=r"no images ending in '_image.*check --images and --image-suffix$"):
         FolderDataset(tmp_path / "img", tmp_path / "lab", names, image_suffix="_image")
     with pytest.raises(OvssError, match="not found"):
         FolderDataset(tmp_path / "nope", tmp_path / "lab", names)
     _write_label(tmp_path / "lab" / "b.png", np.array([[2, 255]]))
+    with pytest.raises(OvssError, match=r"has id 2 but .* 2 classes .*--names file.*--reduce-zero-label$"):
+        FolderDataset(tmp_path / "img", tmp_path / "lab", names)[1]  # the flags' names, not the keywords'
     dataset = FolderDataset(tmp_path / "img", tmp_path / "lab", names, reduce_zero_label=True)
     assert dataset[0].label.tolist() == [[255, 0]] and dataset[1].label.tolist() == [[1, 255]]

@@ -203,6 +203,18 @@ def test_an_unreachable_hub_falls_back_to_the_cache(hub: FakeHub, cache: Path, m
         resolve_hub(f"hf-hub:{SAM}", "sam")
 
 
+def test_ovss_download_with_the_hub_unreachable_does_not_say_run_ovss_download(
+    hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = "http://127.0.0.1:9"  # the discard port: nothing listens
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    assert main(["download", f"hf-hub:{SAM}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the Hub at {dead} could not be reached" in err and "HTTPS_PROXY" in err
+    assert "ovss download" not in err and "Traceback" not in err
+
+
 def test_the_registry_resolver_passes_hub_ids_on(hub: FakeHub, cache: Path) -> None:
     assert registry.resolve(f"hf-hub:{SAM}", kind="sam") == resolve_hub(f"hf-hub:{SAM}", "sam").folder
     with pytest.raises(OvssError, match="is a Hub repository, not a vocabulary file"):

@@ -175,3 +175,23 @@ def test_label_errors_come_at_the_call_before_any_image_is_read(segmenter: Segme
         segmenter.predict_many(never(), LABELS, errors="skip")  # type: ignore[arg-type]
     with pytest.raises(OvssError, match="read_ahead"):
         segmenter.predict_many(never(), LABELS, read_ahead=-1)
+
+
+def test_a_single_image_is_refused_not_read_letter_by_letter(segmenter: Segmenter, tmp_path: Path) -> None:
+    Image.fromarray(_rgb(0)).save(tmp_path / "a.png")
+    for single in (str(tmp_path), tmp_path / "a.png", _rgb(0), Image.fromarray(_rgb(0))):
+        with pytest.raises(OvssError, match="predict_many takes a collection of images") as raised:
+            segmenter.predict_many(single, LABELS)  # type: ignore[arg-type]
+        assert "pass [" in str(raised.value) and "\n" not in str(raised.value)
+    assert [r.labels.shape for r in segmenter.predict_many([tmp_path / "a.png"], LABELS)] == [(50, 70)]
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_none_in_the_images_is_an_error_in_its_place_not_the_previous_image_again(
+    segmenter: Segmenter, read_ahead: int
+) -> None:
+    results = list(segmenter.predict_many([_rgb(0), None, _rgb(1)], LABELS, errors="yield", read_ahead=read_ahead))
+    assert isinstance(results[0], ovss.Prediction) and isinstance(results[2], ovss.Prediction)
+    assert isinstance(results[1], OvssError) and "got None for an image" in str(results[1])
+    with pytest.raises(OvssError, match="got None for an image"):
+        list(segmenter.predict_many([_rgb(0), None], LABELS))

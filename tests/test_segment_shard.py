@@ -117,6 +117,8 @@ def test_two_shard_processes_give_the_bytes_of_one(
     assert shards[1].returncode == 1 and f"{BAD}.png" in errs[1]  # shard 1 holds the bad image
     finishers = [err for err in errs if f"segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in err]
     assert len(finishers) == 1 and "1 failed:" in finishers[0] and f"{BAD}.png" in finishers[0]  # whole-run summary
+    assert all(f"shard {i}/2: segmented " in err for i, err in enumerate(errs))  # each shard's own line, then
+    assert f"all shards: segmented {len(GOOD)} of {len(GOOD) + 1} image(s)" in finishers[0]  # the whole run's
     assert [s.returncode for s, e in zip(shards, errs, strict=True) if e in finishers] == [1]  # the whole run's code
 
 
@@ -222,8 +224,31 @@ def test_inputs_sharing_a_stem_are_refused_in_one_line_and_counted_in_one_pass(
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / folder / "a.png")
     code = main(["segment", str(tmp_path / "x"), str(tmp_path / "y"), "--labels", "cat", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "share the file name stem(s) a; outputs would collide" in err
-    from ovss.cli.segment import duplicate_stems
+    assert code == 2 and err.count("\n") == 1 and "share the file name stem 'a'" in err
+    from ovss.cli.segment import _refuse_shared_stems
 
-    many = [f"img{k:07d}" for k in range(300_000)] + ["img0000007", "img0000003"]  # a big folder, two clashes
-    assert duplicate_stems(many) == ["img0000003", "img0000007"]  # list.count per stem would take hours here
+    many = [(f"img{k:07d}", tmp_path / f"img{k:07d}.png") for k in range(300_000)]  # a big folder, two clashes
+    many += [("img0000007", tmp_path / "x" / "img0000007.png"), ("img0000003", tmp_path / "x" / "img0000003.png")]
+    with pytest.raises(OvssError, match=r"share the file name stem 'img0000003' \(and 1 more stem\(s\)\)"):
+        _refuse_shared_stems(many)  # one pass: list.count per stem would take hours here
+
+def test_shards_run_with_different_configurations_say_what_the_run_waits_for(
+    clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mixed"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_args(clip_file, bpe_path, photos, out, "--shard", "0/2")) == 0
+        capsys.readouterr()
+        other = [arg if arg != "cat, sofa" else "dog, lawn" for arg in _args(clip_file, bpe_path, photos, out)]
+        assert main([*other, "--shard", "1/2"]) == 1  # its own outcome: the bad image is shard 1's
+        err = capsys.readouterr().err
+        assert "ovss: shard 1/2 done, but shard(s) 0/2 in" in err and "another configuration" in err
+        assert "the last shard to finish writes" not in err  # not while shard 0's record is another run's
+        assert not (out / "config.json").exists() and not (out / "coco.json").exists()
+        assert main([*other, "--shard", "0/2", "--overwrite"]) == 1  # shard 0 again, with shard 1's flags
+        assert json.loads((out / "config.json").read_text())["classes"] == [["dog"], ["lawn"]]
+        assert "all shards: segmented" in capsys.readouterr().err and (out / "coco.json").exists()
+    finally:
+        torch.set_num_threads(threads)

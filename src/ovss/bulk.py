@@ -8,6 +8,7 @@ for the very image object it was read from. ``ovss segment`` runs its images thr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,6 +63,7 @@ def predict_many(
     """
     if errors not in ("raise", "yield"):
         raise OvssError(f"errors must be 'raise' or 'yield', got {errors!r}")
+    _check_many(images)
     if read_ahead is None:
         read_ahead = 2 if segmenter.device.type == "cuda" else 0
     if read_ahead < 0:
@@ -80,6 +82,28 @@ def predict_many(
     return _predict_each(segmenter, queue, labels, kwargs, errors == "yield")
 
 
+def _check_many(images: object) -> None:
+    """Refuse one image given where a collection is expected (a path would be read letter by letter).
+
+    Raises:
+        OvssError: ``images`` is a single path, array, tensor or PIL image.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise OvssError(
+            f"predict_many takes a collection of images, got the single path {os.fsdecode(images)!r}; pass [path] "
+            "(a folder: sorted(Path(folder).glob('*.jpg'))), or use predict for one image"
+        )
+    if isinstance(images, (np.ndarray, torch.Tensor, Image.Image)):
+        raise OvssError(
+            f"predict_many takes a collection of images, got a single {type(images).__name__}; pass [image], "
+            "or use predict for one image"
+        )
+
+
 def _predict_each(
     segmenter: Segmenter, queue: Iterator[tuple[ImageLike, Prepared[Any] | None]], labels: LabelsLike,
     kwargs: dict[str, Any], yield_errors: bool,
@@ -89,6 +113,8 @@ def _predict_each(
         for image, prepared in queue:
             segmenter._read_ahead = None if prepared is None else (image, prepared)
             try:
+                if image is None:  # predict(None) would label the previous image again
+                    raise OvssError("predict_many got None for an image; give a path, an array or a PIL image")
                 result: Prediction | OvssError = segmenter.predict(image, labels, **kwargs)
             except OvssError as error:
                 if not yield_errors:

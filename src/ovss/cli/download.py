@@ -108,7 +108,11 @@ def _download_hub(names: list[str], progress: bool) -> None:
     from ovss.storage.hf_hub import hub_cache_dir, resolve_hub
 
     for name in names:
-        got = resolve_hub(name, progress=progress)
+        advice = (  # `ovss download` must not tell the user to run `ovss download`
+            "Check the connection (behind a proxy, set HTTPS_PROXY) and run the command again, or run it where the "
+            "Hub can be reached and copy that cache folder here (point HF_HUB_CACHE or HF_HOME at it)."
+        )
+        got = resolve_hub(name, progress=progress, advice=advice)
         kind = detect_kind(got.folder) or "unknown kind"
         print(f"{name}: {got.folder} (revision {got.commit}, {got.file} SHA-256 {got.sha256}, {kind})")
     print(

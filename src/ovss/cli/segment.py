@@ -17,7 +17,6 @@ import gc
 import sys
 import tempfile
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,15 @@ from ovss.cli.segment_run import (
     segment_images,
     summary,
 )
-from ovss.cli.segment_shard import Shard, all_shards, forget_shard, inputs_digest, parse_shard, record_shard
+from ovss.cli.segment_shard import (
+    Shard,
+    all_shards,
+    forget_shard,
+    inputs_digest,
+    mixed_run,
+    parse_shard,
+    record_shard,
+)
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
@@ -172,11 +179,6 @@ def example_image(name: str) -> np.ndarray:
     return image[..., :3]
 
 
-def duplicate_stems(stems: list[str]) -> list[str]:
-    """The stems that occur more than once, sorted (one counting pass: a folder may hold millions of images)."""
-    return sorted(stem for stem, times in Counter(stems).items() if times > 1)
-
-
 def plan_outputs(
     out: Path,
     jobs: list[tuple[str, Any]],
@@ -190,7 +192,7 @@ def plan_outputs(
     Clashes are checked over the whole run's ``jobs`` (every shard refuses alike); earlier outputs only for
     this process's images ``mine`` (default: all), so a shard never trips over another shard's files.
     """
-    from ovss.output.collection import collection_options, collection_paths
+    from ovss.output.collection import COCO_FILE, collection_options, collection_paths
     from ovss.output.files import output_paths
     from ovss.output.resume import marker_path
 
@@ -201,7 +203,8 @@ def plan_outputs(
         + collection_paths(out, stem, classes, collection_options(args))
         for stem, _ in jobs
     }
-    planned = [out / "config.json", *(path for paths in per_image.values() for path in paths)]
+    run_files = [out / "config.json", *([out / COCO_FILE] if collection_options(args).coco else [])]
+    planned = [*run_files, *(path for paths in per_image.values() for path in paths)]
     resolved = [path.resolve() for path in planned]
     if len(set(resolved)) != len(resolved):
         clash = next(path for path in planned if resolved.count(path.resolve()) > 1)
@@ -213,7 +216,7 @@ def plan_outputs(
                 f"writing '{path}' would replace the input image '{inputs[full]}'; choose another --out folder"
             )
     own = [stem for stem, _ in (jobs if mine is None else mine)]
-    checked = [out / "config.json", *(path for stem in own for path in [*per_image[stem], marker_path(out, stem)])]
+    checked = [*run_files, *(path for stem in own for path in [*per_image[stem], marker_path(out, stem)])]
     existing = [path for path in checked if path.exists()]
     if existing and not (args.overwrite or args.resume):
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -285,9 +288,7 @@ def _run(args: argparse.Namespace) -> int:
     jobs: list[tuple[str, Any]] = [(p.stem, p) for p in collect_inputs(args.inputs)]
     if args.example:
         jobs.append((args.example, example_image(args.example)))
-    dup = duplicate_stems([stem for stem, _ in jobs])
-    if dup:
-        raise OvssError(f"several inputs share the file name stem(s) {', '.join(dup)}; outputs would collide")
+    _refuse_shared_stems(jobs)
     if args.read_ahead is not None and args.read_ahead < 0:
         raise OvssError(f"--read-ahead must be >= 0 images, got {args.read_ahead}")
     index, count = parse_shard(args.shard)
@@ -295,6 +296,24 @@ def _run(args: argparse.Namespace) -> int:
         shard = Shard(index, count, context.rank, context.world_size)
         mine = [jobs[k] for k in shard.positions(len(jobs))]
         return _run_shard(args, jobs, mine, classes, background, shard, context)
+
+
+def _refuse_shared_stems(jobs: list[tuple[str, Any]]) -> None:
+    """One line naming the first stem several inputs share (with their paths) and the fix.
+
+    Raises:
+        OvssError: two inputs would write the same ``<stem>.png``.
+    """
+    sources: dict[str, list[str]] = {}
+    for stem, source in jobs:
+        sources.setdefault(stem, []).append(str(source) if isinstance(source, Path) else f"--example {stem}")
+    shared = [stem for stem, paths in sources.items() if len(paths) > 1]
+    if shared:
+        more = f" (and {len(shared) - 1} more stem(s))" if len(shared) > 1 else ""
+        raise OvssError(
+            f"inputs {', '.join(sources[shared[0]])} share the file name stem {shared[0]!r}{more}, so their outputs "
+            "would collide; give each image once, rename one, or segment them into separate --out folders"
+        )
 
 
 def _run_shard(
@@ -377,16 +396,20 @@ def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merge
         inputs = inputs_digest(stems)
         record_shard(run.out, shard, run.key, inputs, merged.finished, merged.failed, merged.skipped)
         records = all_shards(run.out, shard.count, run.key, inputs)
+        scope = f"shard {shard.index}/{shard.count}"
+        if not args.quiet:  # each shard's own line (its skipped images: the others' are not known here)
+            mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
+            print(summary(run.out, merged, mine, scope), file=sys.stderr)
         if records is None:
-            if not args.quiet:
-                scope = f"shard {shard.index}/{shard.count}"
-                mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
-                print(summary(run.out, merged, mine, scope), file=sys.stderr)
+            mixed = mixed_run(run.out, shard, run.key)  # not "the last shard writes": not with these records
+            if mixed is not None:
+                print(mixed, file=sys.stderr)
+            elif not args.quiet:
                 print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
             return 0 if not merged.failed else 1
         whole = combined([Outcome(r["finished"], r["failed"], r["skipped"]) for r in records], stems)
     if whole.finished:
         finish_run(run, whole.finished, stems)
     if not args.quiet:
-        print(summary(run.out, whole, len(stems)), file=sys.stderr)
+        print(summary(run.out, whole, len(stems), "all shards" if shard.count > 1 else ""), file=sys.stderr)
     return 0 if not whole.failed else 1

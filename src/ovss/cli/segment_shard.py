@@ -118,3 +118,24 @@ def all_shards(out: Path, count: int, key: str, inputs: str) -> list[dict[str, A
             return None
         records.append(record)
     return records
+
+
+
+def mixed_run(out: Path, shard: Shard, key: str) -> str | None:
+    """A note naming the other shards whose record in ``out`` was made with another configuration than ``key``
+    (the run-level files wait until they run again with this one); None when there is none."""
+    foreign = []
+    for index in range(shard.count):
+        try:
+            record = json.loads(record_path(out, index, shard.count).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("format") == FORMAT and record.get("config") != key:
+            foreign.append(f"{index}/{shard.count}")
+    if not foreign:
+        return None
+    return (
+        f"ovss: shard {shard.index}/{shard.count} done, but shard(s) {', '.join(foreign)} in {out} last ran with "
+        "another configuration (method, weights, labels or output flags): config.json and coco.json are written "
+        "only once they run again with this shard's flags (--overwrite); or use separate --out folders"
+    )

@@ -133,7 +133,7 @@ class SegDataset:
             raise OvssError(
                 f"label {label_path} has id {int(label[invalid].max())} but {self.dataset} has "
                 f"{self.num_classes} classes (0..{self.num_classes - 1}, {self.ignore_index} = ignore); "
-                "check the dataset name and reduce_zero_label"
+                "check --dataset (a folder: the --names file, one class per id) and --reduce-zero-label"
             )
         return Sample(self.sample_names[index], self.image_paths[index], label)
 
@@ -198,7 +198,9 @@ class FolderDataset(SegDataset):
             key = stem[: len(stem) - len(image_suffix)]
             pairs[key] = (image_path, labels_dir / f"{key}{label_suffix}.png")
         if not pairs:
-            raise OvssError(f"no images ending in '{image_suffix}.<ext>' in {images_dir}; check image_suffix")
+            raise OvssError(
+                f"no images ending in '{image_suffix}.<ext>' in {images_dir}; check --images and --image-suffix"
+            )
         keys = sorted(pairs)
         if self.coco is not None:
             missing = [pairs[key][0].name for key in keys if pairs[key][0].stem not in self.coco.images]
@@ -212,7 +214,7 @@ class FolderDataset(SegDataset):
         if missing:
             raise OvssError(
                 f"{len(missing)} of {len(keys)} images have no label in {labels_dir} "
-                f"(e.g. {', '.join(missing[:_MAX_LISTED])}); check labels_dir and label_suffix"
+                f"(e.g. {', '.join(missing[:_MAX_LISTED])}); check --masks and --label-suffix"
             )
         super().__init__(
             sample_names=keys,

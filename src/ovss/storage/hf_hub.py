@@ -164,6 +164,7 @@ def resolve_hub(
     download: bool = True,
     token: str | None = None,
     progress: bool = True,
+    advice: str | None = None,
 ) -> HubWeights:
     """Download (or find in the Hugging Face cache) the files ovss reads from a Hub repository.
 
@@ -175,6 +176,8 @@ def resolve_hub(
             it only the cache is read.
         token: a Hub access token; None: ``huggingface_hub``'s own (``HF_TOKEN``, ``hf auth login``).
         progress: show ``huggingface_hub``'s progress bars.
+        advice: what the error of an impossible download tells the user to do instead of the default (run
+            ``ovss download`` where the Hub can be reached), e.g. for ``ovss download`` itself.
 
     Returns:
         The snapshot folder holding the weights and their configs, with the resolved commit and hash.
@@ -201,10 +204,14 @@ def resolve_hub(
     retry = "unset it" if reason.startswith("offline mode") else "check the connection (or HTTPS_PROXY) and retry"
     if reason.startswith("downloads disabled"):
         retry = "allow downloads (download=True, no --offline)"
+    if advice is None:
+        advice = (
+            f"Run `ovss download {name}` where the Hub can be reached (then copy that cache folder here and point "
+            f"HF_HUB_CACHE or HF_HOME at it), or {retry}."
+        )
     raise OvssError(
         f"{_LABELS[kind]} '{name}' are not in the Hugging Face cache {hub_cache_dir()} and cannot be downloaded "
-        f"({reason}). Run `ovss download {name}` where the Hub can be reached (then copy that cache folder here "
-        f"and point HF_HUB_CACHE or HF_HOME at it), or {retry}."
+        f"({reason}). {advice}"
     )
 
 
