@@ -24,25 +24,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ovss.cli.main import one_shot_process
 from ovss.cli.options import add_model_flags, load_kwargs
-from ovss.cli.segment_run import (
-    Outcome,
-    SegmentRun,
-    combined,
-    finish_run,
-    finished_images,
-    run_key,
-    segment_images,
-    summary,
-)
-from ovss.cli.segment_shard import (
-    Shard,
-    all_shards,
-    forget_shard,
-    inputs_digest,
-    mixed_run,
-    parse_shard,
-    record_shard,
-)
+from ovss.cli.segment_run import Outcome, SegmentRun, finished_images, run_key, segment_images
+from ovss.cli.segment_shard import Shard, finish_shard, forget_shard, parse_shard
 from ovss.errors import OvssError
 
 if TYPE_CHECKING:
@@ -366,50 +349,4 @@ def _run_shard(
             file=sys.stderr,
         )
         return 130
-    return _finish(args, jobs, shard, context, outcome, run)
-
-
-def _finish(
-    args: argparse.Namespace, jobs: list[tuple[str, Any]], shard: Shard, context: DistContext, outcome: Outcome,
-    run: SegmentRun,
-) -> int:  # fmt: skip
-    """Gather the ranks' outcomes to rank 0, which writes the run-level files if the whole run is done and
-    prints the summary; every rank returns rank 0's exit code (0: every image of the run finished)."""
-    from ovss.distributed import all_gather_objects
-
-    stems = [stem for stem, _ in jobs]
-    parts = all_gather_objects(outcome, context)
-    stopped = [part.stopped for part in parts if part.stopped is not None]
-    if stopped:  # a rank could not write: the run stops, with that rank's one line, once
-        if shard.rank == 0:
-            raise OvssError(stopped[0])
-        return 2
-    merged = combined(parts, stems)  # this shard's images, all ranks
-    code = _finish_main(args, stems, shard, merged, run) if shard.rank == 0 else 0
-    return int(all_gather_objects(code, context)[0])
-
-
-def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merged: Outcome, run: SegmentRun) -> int:
-    """Rank 0's part of :func:`_finish`; the exit code of the run (of this shard while other shards run)."""
-    whole = merged
-    if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
-        inputs = inputs_digest(stems)
-        record_shard(run.out, shard, run.key, inputs, merged.finished, merged.failed, merged.skipped)
-        records = all_shards(run.out, shard.count, run.key, inputs)
-        scope = f"shard {shard.index}/{shard.count}"
-        if not args.quiet:  # each shard's own line (its skipped images: the others' are not known here)
-            mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
-            print(summary(run.out, merged, mine, scope), file=sys.stderr)
-        if records is None:
-            mixed = mixed_run(run.out, shard, run.key)  # not "the last shard writes": not with these records
-            if mixed is not None:
-                print(mixed, file=sys.stderr)
-            elif not args.quiet:
-                print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
-            return 0 if not merged.failed else 1
-        whole = combined([Outcome(r["finished"], r["failed"], r["skipped"]) for r in records], stems)
-    if whole.finished:
-        finish_run(run, whole.finished, stems)
-    if not args.quiet:
-        print(summary(run.out, whole, len(stems), "all shards" if shard.count > 1 else ""), file=sys.stderr)
-    return 0 if not whole.failed else 1
+    return finish_shard(args, jobs, shard, context, outcome, run)

@@ -20,14 +20,20 @@ same bytes, atomically: harmless.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ovss.cli.segment_run import Outcome, SegmentRun, combined, finish_run, summary
 from ovss.errors import OvssError
+
+if TYPE_CHECKING:
+    from ovss.distributed import DistContext
 
 SHARD_FOLDER = Path(".ovss") / "shards"  # inside the output folder
 FORMAT = "ovss-segment-shard"  # the shard record's "format" field
@@ -139,3 +145,49 @@ def mixed_run(out: Path, shard: Shard, key: str) -> str | None:
         "another configuration (method, weights, labels or output flags): config.json and coco.json are written "
         "only once they run again with this shard's flags (--overwrite); or use separate --out folders"
     )
+
+
+def finish_shard(
+    args: argparse.Namespace, jobs: list[tuple[str, Any]], shard: Shard, context: DistContext, outcome: Outcome,
+    run: SegmentRun,
+) -> int:  # fmt: skip
+    """Gather the ranks' outcomes to rank 0, which writes the run-level files if the whole run is done and
+    prints the summary; every rank returns rank 0's exit code (0: every image of the run finished)."""
+    from ovss.distributed import all_gather_objects
+
+    stems = [stem for stem, _ in jobs]
+    parts = all_gather_objects(outcome, context)
+    stopped = [part.stopped for part in parts if part.stopped is not None]
+    if stopped:  # a rank could not write: the run stops, with that rank's one line, once
+        if shard.rank == 0:
+            raise OvssError(stopped[0])
+        return 2
+    merged = combined(parts, stems)  # this shard's images, all ranks
+    code = _finish_main(args, stems, shard, merged, run) if shard.rank == 0 else 0
+    return int(all_gather_objects(code, context)[0])
+
+
+def _finish_main(args: argparse.Namespace, stems: list[str], shard: Shard, merged: Outcome, run: SegmentRun) -> int:
+    """Rank 0's part of :func:`finish_shard`; the exit code of the run (of this shard while other shards run)."""
+    whole = merged
+    if shard.count > 1:  # --shard: record this shard's outcome; the shard that finds every record finishes the run
+        inputs = inputs_digest(stems)
+        record_shard(run.out, shard, run.key, inputs, merged.finished, merged.failed, merged.skipped)
+        records = all_shards(run.out, shard.count, run.key, inputs)
+        scope = f"shard {shard.index}/{shard.count}"
+        if not args.quiet:  # each shard's own line (its skipped images: the others' are not known here)
+            mine = len(range(shard.index, len(stems), shard.count))  # this shard's images, all its ranks
+            print(summary(run.out, merged, mine, scope), file=sys.stderr)
+        if records is None:
+            mixed = mixed_run(run.out, shard, run.key)  # not "the last shard writes": not with these records
+            if mixed is not None:
+                print(mixed, file=sys.stderr)
+            elif not args.quiet:
+                print(f"ovss: {scope} done; the last shard to finish writes {run.out / 'config.json'}", file=sys.stderr)
+            return 0 if not merged.failed else 1
+        whole = combined([Outcome(r["finished"], r["failed"], r["skipped"]) for r in records], stems)
+    if whole.finished:
+        finish_run(run, whole.finished, stems)
+    if not args.quiet:
+        print(summary(run.out, whole, len(stems), "all shards" if shard.count > 1 else ""), file=sys.stderr)
+    return 0 if not whole.failed else 1
