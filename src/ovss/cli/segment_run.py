@@ -39,7 +39,7 @@ class SegmentRun:
     classes: list[list[str]]  # classes, each a list of synonyms
     background: int | None  # the background class, or None
     args: argparse.Namespace  # the command line (file options, progress, --read-ahead)
-    save_each: bool  # rewrite config.json after every image (a run in one process)
+    save_each: bool  # rewrite config.json as images finish, at most every CONFIG_EVERY_S (a run in one process)
     progress: bool  # show progress bars (stderr is a terminal, not --quiet / --no-progress; rank 0)
 
 
