@@ -244,3 +244,18 @@ def test_config_json_is_rewritten_at_most_every_few_seconds(
     assert _segment(clip_file, bpe_path, photos, out) == 0
     assert len(calls) == writes and calls[0] == 1 and calls[-1] == 3  # the first image, then the end
     assert json.loads((out / "config.json").read_text())["inputs"] == ["a", "b", "c"]
+
+
+def test_overwrite_removes_the_earlier_runs_files_it_does_not_write_again(clip_file, bpe_path, photos, tmp_path):
+    out = tmp_path / "out"
+    assert _segment(clip_file, bpe_path, photos, out, "--save-masks", "--save-scores", "png") == 0
+    assert (out / "a_masks" / "0_cat.png").is_file() and (out / "a_scores" / "1_sofa.png").is_file()
+    (out / "a_masks" / "notes.txt").write_text("a user's file\n")  # not in any marker: never touched
+    args = ["segment", str(photos), "--labels", "dog, lawn", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
+    args += ["--out", str(out), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    assert main([*args, "--save-masks", "--no-progress", "--overwrite"]) == 0
+    for stem in STEMS:
+        masks = sorted(p.name for p in (out / f"{stem}_masks").iterdir() if p.suffix == ".png")
+        assert masks == ["0_dog.png", "1_lawn.png"]  # not the earlier run's 0_cat.png, 1_sofa.png
+        assert not (out / f"{stem}_scores").exists() and not (out / f"{stem}.json").exists()  # not asked for now
+    assert (out / "a_masks" / "notes.txt").read_text() == "a user's file\n"

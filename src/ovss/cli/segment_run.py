@@ -194,11 +194,12 @@ def save_image(result: Any, stem: str, source: Any, run: SegmentRun) -> None:
         OvssError: the outputs cannot be written.
     """
     from ovss.output.collection import collection_options, save_collection
-    from ovss.output.resume import remove_marker, source_digest, write_marker
+    from ovss.output.resume import remove_marker, remove_stale_files, source_digest, write_marker
 
     args, out = run.args, run.out
     digest = source_digest(source)
     try:
+        remove_stale_files(out, stem, run.per_image[stem])  # --overwrite: the earlier run's files this one won't write
         remove_marker(out, stem)  # from here until the new marker, the image counts as unfinished
         written = result.save(
             out,

@@ -110,3 +110,32 @@ def image_state(folder: str | os.PathLike[str], stem: str, key: str, source: str
             return "unfinished"
     return "finished"
 
+
+def remove_stale_files(folder: str | os.PathLike[str], stem: str, keep: Sequence[Path]) -> list[Path]:
+    """Remove the files an earlier run's marker lists for ``stem`` that this run will not write (``--overwrite``).
+
+    A rerun with other labels or output flags would otherwise leave the earlier run's masks, score maps or
+    GeoJSON beside its own files. Only files named in ovss's own marker are touched (never a user's), and
+    only inside ``folder``; a folder those removals leave empty (``<stem>_masks``) goes too.
+
+    Returns:
+        The removed paths.
+    """
+    out = Path(folder)
+    try:
+        record = json.loads(marker_path(out, stem).read_text(encoding="utf-8"))
+        listed = list(record["files"]) if isinstance(record.get("files"), dict) else []
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+    kept = {path.resolve() for path in keep}
+    removed: list[Path] = []
+    root = out.resolve()
+    for name in listed:
+        path = (out / str(name)).resolve()
+        if path in kept or not path.is_relative_to(root) or not path.is_file():
+            continue
+        path.unlink()
+        removed.append(path)
+        if path.parent != root and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+    return removed
