@@ -157,7 +157,11 @@ def test_resume_refuses_outputs_of_another_configuration(clip_file, bpe_path, ph
     before = _snapshot(out)
     capsys.readouterr()
     assert _segment(clip_file, bpe_path, photos, out, "--resume", "--alpha", "0.3") == 2
-    _one_error_line(capsys.readouterr().err, "another configuration", "--overwrite")
+    _one_error_line(capsys.readouterr().err, "another configuration", "the output flags differ", "--overwrite")
+    args = ["segment", str(photos), "--labels", "dog, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
+    args += ["--out", str(out), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]
+    assert main([*args, "--save-json", "--no-progress", "--resume"]) == 2
+    _one_error_line(capsys.readouterr().err, "these settings differ from its config.json: classes)")  # named
     assert _snapshot(out) == before
 
 

@@ -329,7 +329,7 @@ def _run_shard(
     record = {**segmenter.config, "classes": classes, "background": background}
     record["device"] = str(torch.device(args.device))  # the same config.json on every rank (cuda, not cuda:1)
     key = run_key(record, args)
-    finished = finished_images(out, mine, per_image, key) if args.resume else set()
+    finished = finished_images(out, mine, per_image, key, record) if args.resume else set()
     if shard.count > 1 and shard.rank == 0:
         forget_shard(out, shard)  # running again: not finished until this attempt's record
     show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars

@@ -115,11 +115,14 @@ def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
     return resume.run_key({**record, "outputs": options})
 
 
-def finished_images(out: Path, jobs: list[tuple[str, Any]], per_image: dict[str, list[Path]], key: str) -> set[str]:
+def finished_images(
+    out: Path, jobs: list[tuple[str, Any]], per_image: dict[str, list[Path]], key: str, record: dict[str, Any]
+) -> set[str]:
     """The stems whose outputs in ``out`` are complete and from this configuration (``--resume``).
 
     Raises:
-        OvssError: an image there was made with another configuration (resuming would mix the two).
+        OvssError: an image there was made with another configuration (resuming would mix the two); the
+            message names what differs from the earlier run's ``config.json`` when it can tell.
     """
     from ovss.output.resume import image_state, source_digest
 
@@ -128,13 +131,28 @@ def finished_images(out: Path, jobs: list[tuple[str, Any]], per_image: dict[str,
         state = image_state(out, stem, key, source_digest(source), per_image[stem])
         if state == "other-config":
             raise OvssError(
-                f"--resume: the outputs of '{stem}' in {out} were made with another configuration (method, "
-                "weights, labels or output flags differ); rerun with the same flags, pass --overwrite to redo "
-                "every image, or choose another --out"
+                f"--resume: the outputs of '{stem}' in {out} were made with another configuration "
+                f"({changed_settings(out, record)}); rerun with the same flags, pass --overwrite to redo every "
+                "image, or choose another --out"
             )
         if state == "finished":
             finished.add(stem)
     return finished
+
+
+def changed_settings(out: Path, record: dict[str, Any]) -> str:
+    """What differs between this run's record and the earlier run's ``config.json`` in ``out``, in words."""
+    try:
+        earlier = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        return "method, weights, labels or output flags differ"
+    now = json.loads(json.dumps(record, default=str))  # as config.json holds it: tuples as lists, objects as text
+    differ = sorted(k for k in set(now) | set(earlier) if k != "inputs" and now.get(k) != earlier.get(k))
+    if differ:
+        return f"these settings differ from its config.json: {', '.join(differ)}"
+    return "the output flags differ: --save-*, --logits-dtype, --alpha, --coco-polygons"
 
 
 def segment_images(segmenter: Any, jobs: list[tuple[str, Any]], finished: set[str], run: SegmentRun) -> Outcome:
