@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from ovss.errors import OvssError
-from ovss.labels import flatten_labels, normalize_labels
+from ovss.labels import check_background, flatten_labels, normalize_labels
 from ovss.pipeline.read_ahead import Prepared, prepare_ahead
 
 if TYPE_CHECKING:
@@ -69,8 +69,7 @@ def predict_many(
     if read_ahead < 0:
         raise OvssError(f"read_ahead must be >= 0 images, got {read_ahead}")
     classes = normalize_labels(labels)  # what holds for every image is checked now, not at the first image
-    if background is not None and not 0 <= background < len(classes):
-        raise OvssError(f"background must be a class index in 0..{len(classes) - 1} or None, got {background}")
+    check_background(background, len(classes))
     segmenter._text_embeddings(flatten_labels(classes)[0], text_embeddings)
     kwargs = {"text_embeddings": text_embeddings, "background": background, "progress": progress,
               "rows_progress": rows_progress}  # fmt: skip

@@ -239,6 +239,16 @@ def flatten_labels(classes: Sequence[Sequence[str]]) -> tuple[list[str], list[in
     return names, class_of_name
 
 
+def check_background(background: int | None, num_classes: int) -> None:
+    """``predict``'s ``background``: a class index in 0..C-1, or None (uncertain pixels stay unlabelled).
+
+    Raises:
+        OvssError: anything else.
+    """
+    if background is not None and not 0 <= background < num_classes:
+        raise OvssError(f"background must be a class index in 0..{num_classes - 1} or None, got {background}")
+
+
 def background_class(classes: Sequence[Sequence[str]], name: str | None = None) -> int | None:
     """The class that receives pixels below the background threshold, or None (they stay unlabelled).
 

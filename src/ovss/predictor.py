@@ -16,7 +16,7 @@ from PIL import Image
 
 from ovss.config import PipelineConfig
 from ovss.errors import OvssError
-from ovss.labels import UNLABELLED, flatten_labels, normalize_labels
+from ovss.labels import UNLABELLED, check_background, flatten_labels, normalize_labels
 from ovss.methods.common import Backbones, MethodOutput, WindowBatch
 from ovss.methods.proxyclip import window_pad_multiple
 from ovss.methods.registry import MethodSpec
@@ -323,8 +323,7 @@ class Segmenter:
             raise OvssError("predict() needs labels, e.g. ['sky', 'road', ['person', 'pedestrian']]")
         classes = normalize_labels(labels)
         names, name_to_class = flatten_labels(classes)
-        if background is not None and not 0 <= background < len(classes):
-            raise OvssError(f"background must be a class index in 0..{len(classes) - 1} or None, got {background}")
+        check_background(background, len(classes))
         if image is not None:
             self.set_image(image, progress=progress)
         st = self._current(" or pass an image to predict()")

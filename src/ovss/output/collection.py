@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ovss.errors import OvssError
 from ovss.output.coco import coco_categories, image_annotations
+from ovss.output.files import refuse_existing
 from ovss.output.scores import SCORE_FORMATS, save_scores, score_paths
 from ovss.storage.files import atomic_write, save_text
 
@@ -168,9 +169,7 @@ def save_collection(
 
     classes = prediction.classes
     paths = collection_paths(folder, stem, classes, options)
-    existing = [path for path in paths if path.exists()]
-    if existing and not overwrite:
-        raise OvssError(f"'{existing[0]}' already exists; pass overwrite=True (--overwrite) or choose another folder")
+    refuse_existing(paths, overwrite)
     if not paths:
         return []
     labels = prediction.compact_labels.cpu().numpy()  # (H0, W0) int8/16/32, UNLABELLED < 0: never the int64 copy

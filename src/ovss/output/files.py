@@ -124,6 +124,17 @@ def class_areas(labels: np.ndarray, classes: list[list[str]]) -> dict[str, Any]:
     }
 
 
+def refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """Before anything is written: refuse to replace an existing output unless ``overwrite``.
+
+    Raises:
+        OvssError: one of ``paths`` exists and ``overwrite`` is off.
+    """
+    existing = next((path for path in paths if path.exists()), None)
+    if existing is not None and not overwrite:
+        raise OvssError(f"'{existing}' already exists; pass overwrite=True (--overwrite) or choose another folder")
+
+
 def save_prediction(
     prediction: Prediction,
     folder: str | os.PathLike[str],
@@ -160,9 +171,7 @@ def save_prediction(
         raise OvssError(f"output folder '{out}' is a file; give a folder (it is created if missing)")
     classes = prediction.classes
     paths = output_paths(out, stem, classes, logits=logits, masks=masks, json=json)
-    existing = [path for path in paths if path.exists()]
-    if existing and not overwrite:
-        raise OvssError(f"'{existing[0]}' already exists; pass overwrite=True (--overwrite) or choose another folder")
+    refuse_existing(paths, overwrite)
     if logits and logits_dtype not in ("fp32", "fp16"):
         raise OvssError(f"logits_dtype must be 'fp32' or 'fp16', got {logits_dtype!r}")
     labels = prediction.compact_labels.cpu().numpy()  # (H0, W0) int8/16/32, never the int64 copy
