@@ -181,12 +181,13 @@ def plan_outputs(
 
     if out.exists() and not out.is_dir():
         raise OvssError(f"--out '{out}' is a file; give a folder (it is created if missing)")
+    collection = collection_options(args)
     per_image = {
         stem: output_paths(out, stem, classes, logits=args.save_logits, masks=args.save_masks, json=args.save_json)
-        + collection_paths(out, stem, classes, collection_options(args))
+        + collection_paths(out, stem, classes, collection)
         for stem, _ in jobs
     }
-    run_files = [out / "config.json", *([out / COCO_FILE] if collection_options(args).coco else [])]
+    run_files = [out / "config.json", *([out / COCO_FILE] if collection.coco else [])]
     planned = [*run_files, *(path for paths in per_image.values() for path in paths)]
     resolved = [path.resolve() for path in planned]
     if len(set(resolved)) != len(resolved):
@@ -308,6 +309,7 @@ def _run_shard(
 
     import ovss
     from ovss.distributed import rank_device
+    from ovss.output.collection import collection_options
 
     out = Path(args.out)
     shard_jobs = [jobs[k] for k in range(shard.index, len(jobs), shard.count)]  # all ranks refuse alike
@@ -333,7 +335,9 @@ def _run_shard(
     if shard.count > 1 and shard.rank == 0:
         forget_shard(out, shard)  # running again: not finished until this attempt's record
     show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars
-    run = SegmentRun(out, per_image, key, record, classes, background, args, not shard.split, show)
+    run = SegmentRun(
+        out, per_image, key, record, classes, background, args, collection_options(args), not shard.split, show
+    )
     try:
         outcome = segment_images(segmenter, mine, finished, run)
     except OvssError as err:

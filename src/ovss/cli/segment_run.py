@@ -17,9 +17,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ovss.errors import OvssError
+
+if TYPE_CHECKING:
+    from ovss.output.collection import CollectionOptions
 
 MANY_WINDOWS = 100  # above this many windows per image, warn (naming the flags that reduce the count)
 # A run in one process rewrites config.json after an image at most this often (seconds): the file lists every
@@ -39,6 +42,7 @@ class SegmentRun:
     classes: list[list[str]]  # classes, each a list of synonyms
     background: int | None  # the background class, or None
     args: argparse.Namespace  # the command line (file options, progress, --read-ahead)
+    collection: CollectionOptions  # coco.json / GeoJSON / score maps (ovss.output.collection)
     save_each: bool  # rewrite config.json as images finish, at most every CONFIG_EVERY_S (a run in one process)
     progress: bool  # show progress bars (stderr is a terminal, not --quiet / --no-progress; rank 0)
 
@@ -211,7 +215,7 @@ def save_image(result: Any, stem: str, source: Any, run: SegmentRun) -> None:
     Raises:
         OvssError: the outputs cannot be written.
     """
-    from ovss.output.collection import collection_options, save_collection
+    from ovss.output.collection import save_collection
     from ovss.output.resume import remove_marker, remove_stale_files, source_digest, write_marker
 
     args, out = run.args, run.out
@@ -230,7 +234,7 @@ def save_image(result: Any, stem: str, source: Any, run: SegmentRun) -> None:
             logits_dtype=args.logits_dtype,
         )
         written += save_collection(  # coco.json's part, GeoJSON, score maps: before the marker, which vouches for them
-            out, stem, result, collection_options(args), file_name=source.name if isinstance(source, Path) else stem,
+            out, stem, result, run.collection, file_name=source.name if isinstance(source, Path) else stem,
             overwrite=args.overwrite or args.resume,
         )  # fmt: skip
         write_marker(out, stem, run.key, digest, written)
@@ -257,15 +261,13 @@ def finish_run(run: SegmentRun, finished: list[str], stems: list[str]) -> None:
     all of its images, both in full-run order: ``config.json`` lists the first, ``coco.json`` (with
     ``--save-coco``) numbers its images by their place in the second.
     """
-    from ovss.output.collection import collection_options, merge_collection
+    from ovss.output.collection import merge_collection
 
     save_config(run.out, run.record, finished)
-    options = collection_options(run.args)
-    if not options.coco:
+    if not run.collection.coco:
         return
-    merged = merge_collection(
-        run.out, stems, run.classes, options, background=run.background, info={"method": run.record.get("method")}
-    )
+    info = {"method": run.record.get("method")}
+    merged = merge_collection(run.out, stems, run.classes, run.collection, background=run.background, info=info)
     if merged.missing and not run.args.quiet:
         print(
             f"ovss: note: {merged.path} lists {merged.images} of {len(stems)} image(s); the others are not finished",
