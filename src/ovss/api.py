@@ -18,6 +18,7 @@ from ovss.models.vit import VisionTransformer
 from ovss.precision import store_reduced
 from ovss.predictor import Segmenter
 from ovss.storage.hf_hub import is_hub_id, resolve_hub
+from ovss.storage.hf_hub import offline_reason as hub_offline_reason
 from ovss.text.tokenizer import Tokenizer, resolve_tokenizer
 from ovss.tuning import Tuning, resolve_tuning
 
@@ -220,15 +221,13 @@ def check_hub_cached(wanted: list[tuple[str, str]], download: bool) -> None:
     Raises:
         OvssError: the cache lookup's one line for each missing repository, joined.
     """
-    from ovss.storage import hf_hub
-
-    if hf_hub.offline_reason(download) is None:
+    if hub_offline_reason(download) is None:
         return
     problems = []
     for name, kind in wanted:
-        if hf_hub.is_hub_id(name):
+        if is_hub_id(name):
             try:
-                hf_hub.resolve_hub(name, kind, download=download, progress=False)  # the cache only: no network
+                resolve_hub(name, kind, download=download, progress=False)  # the cache only: no network
             except OvssError as err:
                 problems.append(str(err))
     if problems:
