@@ -254,7 +254,7 @@ def dropped_classes(
     Returns:
         (C,) bool, True for the classes whose probability is set to 0 everywhere.
     """
-    mapping = list(name_to_class)
+    mapping = _class_of_each_name(name_to_class, len(name_to_class), num_classes)  # checked, as band_class_probs
     areas = torch.zeros(num_classes, dtype=torch.int64)  # (C,)
     for start, stop in bands:
         areas += class_areas(_class_probs_of_band(logit_rows(start, stop), mapping, num_classes, logit_scale))
