@@ -41,13 +41,13 @@ _SHA256_CACHE: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) ->
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 (hex) of a file, computed once per (path, size, modification time) in this process."""
-    from ovss.storage.hub import _sha256
+    from ovss.storage.files import file_sha256 as sha256_of
 
     resolved = Path(path).resolve()
     stat = resolved.stat()
     key = (str(resolved), stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256_CACHE:
-        _SHA256_CACHE[key] = _sha256(resolved)
+        _SHA256_CACHE[key] = sha256_of(resolved)
     return _SHA256_CACHE[key]
 
 

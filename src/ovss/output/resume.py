@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ovss.storage.files import save_text
+from ovss.storage.files import file_sha256, save_text
 
 MARKER_FOLDER = Path(".ovss") / "done"  # inside the output folder
 FORMAT = "ovss-segment-done"  # the marker's "format" field
@@ -51,12 +51,9 @@ def source_digest(source: str | os.PathLike[str] | np.ndarray) -> str:
     digest = hashlib.sha256()
     if isinstance(source, np.ndarray):
         digest.update(repr((source.shape, str(source.dtype))).encode("utf-8"))
-        digest.update(np.ascontiguousarray(source).tobytes())
+        digest.update(np.ascontiguousarray(source).data)  # the buffer itself: no bytes copy of the image
         return digest.hexdigest()
-    with open(source, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(source)
 
 
 def marker_path(folder: str | os.PathLike[str], stem: str) -> Path:

@@ -32,6 +32,15 @@ _WRITER = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdiges
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp[^/]*$")
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's bytes, read 1 MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _create_temp_file(folder: Path, name: str, suffix: str) -> Path:
     """Create an empty, unused, hidden file in ``folder`` and return its path.
 

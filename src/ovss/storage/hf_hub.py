@@ -13,7 +13,6 @@ The snapshot folder is then read like a local Hugging Face / OpenCLIP folder.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from ovss.errors import OvssError
+from ovss.storage.files import file_sha256
 
 __all__ = [
     "PREFIX",
@@ -262,7 +262,7 @@ def _describe(hub_id: HubId, name: str, folder: Path, file: str) -> HubWeights:
     """The record of a snapshot: its folder name is the commit; the blob's name is the file's ETag."""
     path = folder / file
     blob = Path(os.path.realpath(path)).name  # blobs/<etag>: the SHA-256 for LFS files, else the git blob id
-    sha256 = blob if _SHA256.match(blob) else _file_sha256(path)
+    sha256 = blob if _SHA256.match(blob) else file_sha256(path)
     return HubWeights(
         name=name,
         repo_id=hub_id.repo_id,
@@ -273,14 +273,6 @@ def _describe(hub_id: HubId, name: str, folder: Path, file: str) -> HubWeights:
         sha256=sha256,
         size=path.stat().st_size,
     )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _no_weights(name: str, kind: str | None, present: list[str], where: str) -> OvssError:

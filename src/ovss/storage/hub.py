@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ovss.errors import OvssError
+from ovss.storage.files import file_sha256
 from ovss.storage.hf_hub import is_hub_id, resolve_hub
 from ovss.storage.weights import DEFAULT_CLIP, DEFAULT_VFM, KINDS, REGISTRY, WeightsEntry
 
@@ -258,18 +259,10 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def recorded_digest(target: Path) -> str:
     """The SHA-256 recorded beside a cached file without a registered digest (computed if none is)."""
     record = _record_path(target)
-    return record.read_text().split()[0] if record.is_file() else _sha256(target)
+    return record.read_text().split()[0] if record.is_file() else file_sha256(target)
 
 
 def _record_path(target: Path) -> Path:
@@ -279,7 +272,7 @@ def _record_path(target: Path) -> Path:
 
 def _check_cached(entry: WeightsEntry, target: Path) -> None:
     """Verify a cached file against the registered digest, or the digest recorded at its first use."""
-    actual = _sha256(target)
+    actual = file_sha256(target)
     record = _record_path(target)
     expected = entry.sha256
     if expected is None and record.is_file():
