@@ -157,6 +157,15 @@ def test_resume_refuses_outputs_of_another_configuration(clip_file, bpe_path, ph
     before = _snapshot(out)
     capsys.readouterr()
     assert _segment(clip_file, bpe_path, photos, out, "--resume", "--alpha", "0.3") == 2
+    _one_error_line(capsys.readouterr().err, "another configuration", "config.json: output flags --alpha)", "--overwrite")
+    assert _segment(clip_file, bpe_path, photos, out, "--resume", "--save-coco", "--save-masks") == 2
+    _one_error_line(capsys.readouterr().err, "config.json: output flags --save-masks, --save-coco)")
+    config = json.loads((out / "config.json").read_text())
+    assert config["outputs"] == {"logits": False, "logits_dtype": "fp32", "masks": False, "json": True, "alpha": 0.5}
+    del config["outputs"]  # a config.json of an earlier version: the flags are named as a group
+    (out / "config.json").write_text(json.dumps(config))
+    before = _snapshot(out)
+    assert _segment(clip_file, bpe_path, photos, out, "--resume", "--alpha", "0.3") == 2
     _one_error_line(capsys.readouterr().err, "another configuration", "the output flags differ", "--overwrite")
     args = ["segment", str(photos), "--labels", "dog, sofa", "--clip", str(clip_file), "--tokenizer", str(bpe_path)]
     args += ["--out", str(out), "--templates", "imagenet7", "--short-side", "32", "--crop", "32", "--stride", "16"]

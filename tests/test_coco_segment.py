@@ -103,6 +103,19 @@ def test_resume_with_other_output_flags_is_refused(
     assert "another configuration" in capsys.readouterr().err
 
 
+def test_overwrite_without_coco_removes_the_earlier_runs_coco_json_only(
+    clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    assert segment(clip_file, bpe_path, photos, out, "--save-coco") == 0
+    assert segment(clip_file, bpe_path, photos, out, "--overwrite") == 0
+    assert not (out / "coco.json").exists()  # it described the earlier run
+    mine = b'{"info": {"description": "my own labels"}, "images": [], "annotations": [], "categories": []}'
+    (out / "coco.json").write_bytes(mine)
+    assert segment(clip_file, bpe_path, photos, out, "--overwrite") == 0
+    assert (out / "coco.json").read_bytes() == mine  # a coco.json ovss did not write is never removed
+
+
 def test_no_coco_json_and_no_folder_when_no_image_was_segmented(
     clip_file: Path, bpe_path: Path, tmp_path: Path
 ) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ovss.cli.main import one_shot_process
 from ovss.cli.options import add_model_flags, load_kwargs
-from ovss.cli.segment_run import Outcome, SegmentRun, finished_images, run_key, segment_images
+from ovss.cli.segment_run import Outcome, SegmentRun, finished_images, output_options, run_key, segment_images
 from ovss.cli.segment_shard import Shard, finish_shard, forget_shard, parse_shard
 from ovss.errors import OvssError
 
@@ -309,13 +309,15 @@ def _run_shard(
 
     import ovss
     from ovss.distributed import rank_device
-    from ovss.output.collection import collection_options
+    from ovss.output.collection import collection_options, remove_earlier_coco
 
     out = Path(args.out)
     shard_jobs = [jobs[k] for k in range(shard.index, len(jobs), shard.count)]  # all ranks refuse alike
     per_image = plan_outputs(out, jobs, classes, args, shard_jobs)
     check_writable(out)
     sweep_outputs(out, per_image)
+    if args.overwrite and not collection_options(args).coco:
+        remove_earlier_coco(out)  # it would describe the earlier run; a coco.json ovss did not write stays
     own_process = one_shot_process()
     if own_process:  # importing torch and building the model leave no cycles: skip 0.14 s of full GC passes
         gc.disable()
@@ -330,6 +332,7 @@ def _run_shard(
     segmenter.encode_names(names)  # once, before any image: vocabulary and label errors end the run here
     record = {**segmenter.config, "classes": classes, "background": background}
     record["device"] = str(torch.device(args.device))  # the same config.json on every rank (cuda, not cuda:1)
+    record["outputs"] = output_options(args)  # the file options (run_key hashes the same dict: keys unchanged)
     key = run_key(record, args)
     finished = finished_images(out, mine, per_image, key, record) if args.resume else set()
     if shard.count > 1 and shard.rank == 0:

@@ -106,17 +106,23 @@ class ImageBars:
             self.current = None
 
 
-def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
-    """The key of everything that decides the output bytes: the configuration record and the file options."""
-    from ovss.output import resume
+def output_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The file options that decide the output bytes (config.json's ``outputs``; part of the run key)."""
     from ovss.output.collection import collection_options
 
-    options = {"logits": args.save_logits, "logits_dtype": args.logits_dtype, "masks": args.save_masks,
-               "json": args.save_json, "alpha": args.alpha}  # fmt: skip
+    options: dict[str, Any] = {"logits": args.save_logits, "logits_dtype": args.logits_dtype,
+                               "masks": args.save_masks, "json": args.save_json, "alpha": args.alpha}  # fmt: skip
     collection = collection_options(args)
     if collection.any:  # only then: the key of a run without these outputs stays what it was
         options["collection"] = collection.record()
-    return resume.run_key({**record, "outputs": options})
+    return options
+
+
+def run_key(record: dict[str, Any], args: argparse.Namespace) -> str:
+    """The key of everything that decides the output bytes: the configuration record and the file options."""
+    from ovss.output import resume
+
+    return resume.run_key({**record, "outputs": output_options(args)})
 
 
 def finished_images(
@@ -154,9 +160,28 @@ def changed_settings(out: Path, record: dict[str, Any]) -> str:
         return "method, weights, labels or output flags differ"
     now = json.loads(json.dumps(record, default=str))  # as config.json holds it: tuples as lists, objects as text
     differ = sorted(k for k in set(now) | set(earlier) if k != "inputs" and now.get(k) != earlier.get(k))
+    if "outputs" in differ:  # name the flags; a config.json of ovss < 0.2 does not record them
+        if isinstance(earlier.get("outputs"), dict):
+            flags = ", ".join(changed_flags(now["outputs"], earlier["outputs"]))
+            differ[differ.index("outputs")] = f"output flags {flags}"
+        else:
+            differ.remove("outputs")
     if differ:
         return f"these settings differ from its config.json: {', '.join(differ)}"
     return "the output flags differ: --save-*, --logits-dtype, --alpha, --coco-polygons"
+
+
+OUTPUT_FLAGS = {"logits": "--save-logits", "logits_dtype": "--logits-dtype", "masks": "--save-masks",
+                "json": "--save-json", "alpha": "--alpha", "coco": "--save-coco", "coco_polygons": "--coco-polygons",
+                "geojson": "--save-geojson", "scores": "--save-scores"}  # fmt: skip
+
+
+def changed_flags(now: dict[str, Any], earlier: dict[str, Any]) -> list[str]:
+    """The command-line flags whose values differ between two ``outputs`` entries of config.json."""
+    off = {"coco": False, "coco_polygons": False, "geojson": False, "scores": None}  # no "collection": all off
+    flat_now = {**now, **off, **now.get("collection", {})}
+    flat_earlier = {**earlier, **off, **earlier.get("collection", {})}
+    return [flag for key, flag in OUTPUT_FLAGS.items() if flat_now.get(key) != flat_earlier.get(key)]
 
 
 def segment_images(segmenter: Any, jobs: list[tuple[str, Any]], finished: set[str], run: SegmentRun) -> Outcome:

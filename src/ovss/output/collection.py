@@ -114,6 +114,25 @@ def collection_options(args: argparse.Namespace) -> CollectionOptions:
     )
 
 
+def remove_earlier_coco(folder: str | os.PathLike[str]) -> Path | None:
+    """Remove the ``coco.json`` an earlier ``ovss segment --save-coco`` left in ``folder`` (``--overwrite``
+    without ``--save-coco``: it would describe the earlier run). A coco.json that ovss did not write is kept.
+
+    Returns:
+        The removed path, or None.
+    """
+    path = Path(folder) / COCO_FILE
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            head = file.read(256)  # ovss writes '{' then its info line first (merge_collection)
+    except OSError:
+        return None
+    if not head.startswith('{\n"info": {"description": "ovss segment"'):
+        return None
+    path.unlink(missing_ok=True)
+    return path
+
+
 def part_path(folder: str | os.PathLike[str], stem: str) -> Path:
     """``<folder>/.ovss/coco/<stem>.json``: one image's part of coco.json."""
     return Path(folder) / PART_FOLDER / f"{stem}.json"
