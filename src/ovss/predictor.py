@@ -332,7 +332,8 @@ class Segmenter:
     ) -> Iterator[Prediction | OvssError]:
         """Label many images in order: :meth:`predict` on each (bit for bit), the next ones read meanwhile.
 
-        Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU) and ``errors``; see
+        Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU), ``errors`` and
+        ``pool_windows`` (several images' windows in one backbone forward); see
         :func:`ovss.bulk.predict_many`, which this is.
         """
         from ovss.bulk import predict_many
