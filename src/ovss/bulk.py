@@ -66,8 +66,8 @@ def predict_many(
 
     Returns:
         An iterator of one ``Prediction`` per image (or, with ``errors="yield"``, an OvssError for an image
-        that failed), equal bit for bit to ``predict(image, labels, **kwargs)`` (pooled: up to the backend's
-        rounding of another batch size; bit for bit in the CPU tests).
+        that failed), equal bit for bit to ``predict(image, labels, **kwargs)`` (pooled: labels and record
+        equal, logits up to the backend's rounding of a window in a batch of another size, ~1e-7 on the CPU).
 
     Raises:
         OvssError: bad labels, background, text embeddings, ``errors``, ``read_ahead`` or ``pool_windows``: at

@@ -11,14 +11,15 @@ The forward's output is split back at image boundaries; once all windows of an i
 Only methods whose ``run`` reads nothing but its windows pool (``MethodSpec.pools_images``); windows of
 another crop shape (a small image, whole-image mode) flush the pool first, as one forward takes windows of one
 shape. A forward's outputs are per window, so pooled predictions equal a ``predict`` loop's up to how the
-backend rounds a batch of another size (equal bit for bit on the CPU in the tests).
+backend rounds a window's products in a batch of another size (on the CPU: within 1e-7, labels identical;
+bit for bit where the batch sizes round alike; tests/test_pool_windows.py).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,108 +64,142 @@ def predict_pooled(
 ) -> Iterator[Prediction | OvssError]:
     """``predict`` on each image of ``queue`` in order, consecutive images' windows sharing backbone forwards.
 
-    Holds the images whose windows are in the current forward (at most one image's worth more than the cap
-    of windows) and the one being read; images are taken from ``queue`` only when the pool needs windows.
-    ``kwargs["progress"]`` reports the windows of the image to be yielded next (``progress(0, L)`` first),
-    including those encoded while an earlier image was finished. An OvssError of a forward fails every image
-    with windows in it; a bad read fails only its image, in its place.
+    Holds the images whose windows wait for a forward (fewer than one forward's worth, plus the image just
+    read) and the ones a forward completed until they are yielded; images are taken from ``queue`` only when
+    the pool needs windows. ``kwargs["progress"]`` reports the windows of the image to be yielded next
+    (``progress(0, L)`` first), including those encoded while an earlier image was finished. An OvssError of
+    a forward fails every image with windows in it; a bad read fails only its image, in its place.
     """
-    progress: Progress | None = kwargs["progress"]
-    pool: deque[_Pooled] = deque()
+    run = _PooledRun(segmenter, labels, kwargs, yield_errors)
     shape: tuple[object, ...] | None = None  # (padding, padded size) of the windows waiting in the pool
     cap = 0  # windows per forward of that shape
     try:
         for image, prepared in queue:
-            entry = _cut(segmenter, image, prepared)
+            entry = run.cut(image, prepared)
             if entry.cut is not None:
                 key = (entry.cut.padding, entry.cut.padded_size)
                 if key != shape:  # another crop shape: what waits of the last one is encoded first
-                    yield from _encode_pending(segmenter, pool, 0, progress, labels, kwargs, yield_errors)
+                    yield from run.encode_waiting(0)
                     shape, cap = key, segmenter._windows_per_forward(entry.cut.padded_size)
-            pool.append(entry)
-            if len(pool) == 1:
-                _report(entry, progress)
+            run.pool.append(entry)
+            run.report()  # the first image's (0, L) before its first forward
             if cap:
-                yield from _encode_pending(segmenter, pool, cap, progress, labels, kwargs, yield_errors)
-            yield from _drain(segmenter, pool, progress, labels, kwargs, yield_errors)
-        yield from _encode_pending(segmenter, pool, 0, progress, labels, kwargs, yield_errors)
+                yield from run.encode_waiting(cap)
+            yield from run.drain()
+        yield from run.encode_waiting(0)
     finally:
         queue.close()  # type: ignore[attr-defined]  # a generator: stops the reader thread on an early exit
 
 
-def _cut(segmenter: Segmenter, image: ImageLike, prepared: Prepared[Any] | None) -> _Pooled:
-    """The image cut into windows (``set_image``'s first step), or the OvssError that reading it gave."""
-    try:
-        if image is None:  # as in the loop: not the previous image again
-            raise OvssError("predict_many got None for an image; give a path, an array or a PIL image")
-        return _Pooled(segmenter._image_windows(image, None if prepared is None else (image, prepared)))
-    except OvssError as error:
-        return _Pooled(None, error)
+@dataclass
+class _PooledRun:
+    """The state of one pooled ``predict_many``: the pool of images in input order and what finishes them."""
 
+    segmenter: Segmenter
+    labels: LabelsLike
+    kwargs: dict[str, Any]  # predict's keywords
+    yield_errors: bool
+    pool: deque[_Pooled] = field(default_factory=deque)  # images not yet yielded, in input order
 
-def _encode_pending(
-    segmenter: Segmenter, pool: deque[_Pooled], cap: int, progress: Progress | None, labels: LabelsLike,
-    kwargs: dict[str, Any], yield_errors: bool,
-) -> Iterator[Prediction | OvssError]:  # fmt: skip
-    """Forwards of ``cap`` windows while that many wait (``cap`` 0: every waiting window, in forwards of the
-    per-forward cap), each followed by the images it completed, in order."""
-    while True:
-        waiting = [e for e in pool if not e.complete]
-        count = sum(e.total - e.done for e in waiting)
-        if count == 0 or count < cap:
+    def cut(self, image: ImageLike, prepared: Prepared[Any] | None) -> _Pooled:
+        """The image cut into windows (``set_image``'s first step), or the OvssError that reading it gave."""
+        try:
+            if image is None:  # as in the loop: not the previous image again
+                raise OvssError("predict_many got None for an image; give a path, an array or a PIL image")
+            return _Pooled(self.segmenter._image_windows(image, None if prepared is None else (image, prepared)))
+        except OvssError as error:
+            return _Pooled(None, error)
+
+    def encode_waiting(self, cap: int) -> Iterator[Prediction | OvssError]:
+        """Forwards of ``cap`` windows while that many wait (``cap`` 0: every waiting window, in forwards of the
+        per-forward cap), each followed by the images it completed, in order."""
+        while True:
+            waiting = [entry for entry in self.pool if not entry.complete]
+            count = sum(entry.total - entry.done for entry in waiting)
+            if count == 0 or count < cap:
+                return
+            first = waiting[0].cut
+            assert first is not None  # waiting images have windows
+            self.forward(waiting, cap or self.segmenter._windows_per_forward(first.padded_size))
+            self.report()
+            yield from self.drain()
+
+    @torch.inference_mode()
+    def forward(self, waiting: list[_Pooled], step: int) -> None:
+        """One backbone forward of the next ``step`` waiting windows (or fewer), split back to their images."""
+        pieces: list[tuple[_Pooled, ImageWindows, int, int]] = []  # (image, its windows, first window, stop)
+        left = step
+        for entry in waiting:
+            if left == 0:
+                break
+            assert entry.cut is not None  # waiting images have windows
+            take = min(left, entry.total - entry.done)
+            pieces.append((entry, entry.cut, entry.done, entry.done + take))
+            left -= take
+        segmenter = self.segmenter
+        try:
+            out, features = segmenter._forward(segmenter.backbones(), _batch(pieces))  # features (l, N, E)
+        except OvssError as error:  # a forward's error belongs to every image in it
+            for entry, _, _, _ in pieces:
+                entry.error = error
             return
-        first = waiting[0].cut
-        assert first is not None  # incomplete entries have windows
-        step = cap or segmenter._windows_per_forward(first.padded_size)
-        _forward(segmenter, waiting, step)
-        _report(pool[0], progress)
-        yield from _drain(segmenter, pool, progress, labels, kwargs, yield_errors)
+        offset = 0
+        for entry, _, start, stop in pieces:
+            n = stop - start
+            entry.outputs.append(_window_slice(out, offset, offset + n, segmenter.method.name))
+            entry.features.append(features[offset : offset + n])  # (n, N, E)
+            entry.done = stop
+            offset += n
+
+    def drain(self) -> Iterator[Prediction | OvssError]:
+        """Finish and yield the images at the head of the pool whose windows are all encoded, in order."""
+        while self.pool and self.pool[0].complete:
+            result = self.finish(self.pool.popleft())
+            if isinstance(result, OvssError) and not self.yield_errors:
+                raise result
+            yield result
+            self.report()  # the caller now waits for the next image
+
+    def finish(self, entry: _Pooled) -> Prediction | OvssError:
+        """``predict`` on the image's encoded windows: its state made current, then merge, scores, maps, post."""
+        if entry.error is not None:
+            return entry.error
+        assert entry.cut is not None
+        features = entry.features[0] if len(entry.features) == 1 else torch.cat(entry.features)  # (L, N, E)
+        self.segmenter.restore_image(entry.cut.state(gathered_outputs(entry.outputs), features))  # as set_image
+        try:
+            return self.segmenter.predict(None, self.labels, **self.kwargs)
+        except OvssError as error:
+            return error
+
+    def report(self) -> None:
+        """``progress(done, total)`` of the image the caller waits for: ``(0, L)`` first, then each advance."""
+        progress: Progress | None = self.kwargs["progress"]
+        entry = self.pool[0] if self.pool else None
+        if progress is None or entry is None or entry.cut is None:
+            return
+        if entry.reported < 0:
+            progress(0, entry.total)
+            entry.reported = 0
+        if entry.done > entry.reported:
+            progress(entry.done, entry.total)
+            entry.reported = entry.done
 
 
-@torch.inference_mode()
-def _forward(segmenter: Segmenter, waiting: list[_Pooled], step: int) -> None:
-    """One backbone forward of the next ``step`` waiting windows (or fewer), split back to their images."""
-    pieces: list[tuple[_Pooled, int, int]] = []  # (image, first window, stop)
-    left = step
-    for entry in waiting:
-        if left == 0:
-            break
-        take = min(left, entry.total - entry.done)
-        pieces.append((entry, entry.done, entry.done + take))
-        left -= take
-    batch = _batch(pieces)
-    try:
-        out, features = segmenter._forward(segmenter.backbones(), batch)  # (l, N, E)
-    except OvssError as error:  # a forward's error belongs to every image in it
-        for entry, _, _ in pieces:
-            entry.error = error
-        return
-    offset = 0
-    for entry, start, stop in pieces:
-        n = stop - start
-        entry.outputs.append(_window_slice(out, offset, offset + n, segmenter.method.name))
-        entry.features.append(features[offset : offset + n])  # (n, N, E)
-        entry.done = stop
-        offset += n
-
-
-def _batch(pieces: list[tuple[_Pooled, int, int]]) -> WindowBatch:
+def _batch(pieces: list[tuple[_Pooled, ImageWindows, int, int]]) -> WindowBatch:
     """The windows of ``pieces`` as one batch; from one image it is exactly ``set_image``'s batch.
 
-    From several images the batch holds their windows (each in its own image's pixels) and shared padding;
-    its per-image fields (``image_size`` of the first image, no ``image`` / ``rgb``) are not the windows' own:
-    methods that read them do not pool (``MethodSpec.reads_image``).
+    From several images the batch holds their windows (each in its own image's pixels) and their common
+    padding; its per-image fields (``image_size`` of the first image, no ``image`` / ``rgb``) are not every
+    window's own: methods that read them do not pool (``MethodSpec.reads_image``).
     """
-    cuts = [entry.cut for entry, _, _ in pieces]
-    assert all(cut is not None for cut in cuts)
-    first = cuts[0]
-    assert first is not None
+    _, first, start, stop = pieces[0]
     if len(pieces) == 1:
-        return first.batch(pieces[0][1], pieces[0][2])
-    crops = torch.cat([cut.crops[start:stop] for cut, (_, start, stop) in zip(cuts, pieces, strict=True) if cut])
-    windows = [w for cut, (_, start, stop) in zip(cuts, pieces, strict=True) if cut for w in cut.windows[start:stop]]
+        return first.batch(start, stop)
+    crops = torch.cat([cut.crops[start:stop] for _, cut, start, stop in pieces])  # (l, 3, h', w')
+    windows = [window for _, cut, start, stop in pieces for window in cut.windows[start:stop]]
     size = (int(first.pixels.shape[-2]), int(first.pixels.shape[-1]))
-    return WindowBatch(crops, windows, first.padding, size)  # (l, 3, h', w')
+    return WindowBatch(crops, windows, first.padding, size)
 
 
 def _window_slice(out: MethodOutput, start: int, stop: int, method: str) -> MethodOutput:
@@ -182,46 +217,3 @@ def _window_slice(out: MethodOutput, start: int, stop: int, method: str) -> Meth
     window_info = {key: list(values[start:stop]) for key, values in out.window_info.items()}
     extras = {key: value[start:stop] for key, value in out.extras.items()}  # (n, ...)
     return MethodOutput(out.tokens[start:stop], out.grid, out.info, window_info, extras)
-
-
-def _drain(
-    segmenter: Segmenter, pool: deque[_Pooled], progress: Progress | None, labels: LabelsLike,
-    kwargs: dict[str, Any], yield_errors: bool,
-) -> Iterator[Prediction | OvssError]:  # fmt: skip
-    """Finish and yield the images at the head of the pool whose windows are all encoded, in order."""
-    while pool and pool[0].complete:
-        entry = pool.popleft()
-        result = _finish(segmenter, entry, labels, kwargs)
-        if isinstance(result, OvssError) and not yield_errors:
-            raise result
-        yield result
-        if pool:  # the caller now waits for this one
-            _report(pool[0], progress)
-
-
-def _finish(segmenter: Segmenter, entry: _Pooled, labels: LabelsLike, kwargs: dict[str, Any]) -> Prediction | OvssError:
-    """``predict`` on the image's encoded windows: its state made current, then merge, scores, maps, post step."""
-    if entry.error is not None:
-        return entry.error
-    cut = entry.cut
-    assert cut is not None
-    out = gathered_outputs(entry.outputs)
-    features = entry.features[0] if len(entry.features) == 1 else torch.cat(entry.features)  # (L, N, E)
-    entry.outputs, entry.features = [], []
-    segmenter.restore_image(replace(cut, crops=cut.crops[:0]).state(out, features))  # the crops are not kept
-    try:
-        return segmenter.predict(None, labels, **kwargs)
-    except OvssError as error:
-        return error
-
-
-def _report(entry: _Pooled, progress: Progress | None) -> None:
-    """``progress(done, total)`` of the image the caller waits for: ``(0, L)`` first, then each advance."""
-    if progress is None or entry.cut is None:
-        return
-    if entry.reported < 0:
-        progress(0, entry.total)
-        entry.reported = 0
-    if entry.done > entry.reported:
-        progress(entry.done, entry.total)
-        entry.reported = entry.done
