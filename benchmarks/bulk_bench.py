@@ -22,8 +22,10 @@ to the last exit; images/s = images / wall seconds (model loading included, as a
 GPU table (when CUDA is available): the Python API (``ovss.load(...).predict_many``) in a fresh process per
 cell, images/s over the photos after a two-image warm-up, and the peak GPU memory
 (``torch.cuda.max_memory_allocated``) at several windows-per-forward (``window_batch``, with the
-1024-token cap off) in fp32, fp16 and bf16. ClearCLIP runs with 224-px windows there (15 per photo; its
-default 448-px windows are 2 per photo, too few to batch).
+1024-token cap off) in fp32, fp16 and bf16, each image's windows in forwards of their own (the default) and
+pooled (``predict_many(..., pool_windows=True)``: consecutive images' windows fill each forward; ``ovss
+segment --pool-windows``). ClearCLIP runs with 224-px windows there (15 per photo, so a forward of 64 holds
+windows of 4-5 photos only when pooled; its default 448-px windows are 2 per photo, too few to batch).
 """
 
 from __future__ import annotations
@@ -49,17 +51,17 @@ import json, sys, time
 import torch
 import ovss
 
-clip, vocab, dtype, batch, *paths = sys.argv[1:]
+clip, vocab, dtype, batch, pool, *paths = sys.argv[1:]
 dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 seg = ovss.load("clearclip", clip=clip, tokenizer=vocab or None, device="cuda", dtype=dtypes[dtype], crop=224,
                 stride=112, window_batch=int(batch), tuning={"window_tokens": 0})
 labels = [name.strip() for name in sys.stdin.read().split(",")]
-for prediction in seg.predict_many(paths[:2], labels):  # warm-up: kernels, text embeddings
+for prediction in seg.predict_many(paths[:2], labels, pool_windows=pool == "1"):  # warm-up: kernels, text
     prediction.labels
 torch.cuda.synchronize()
 torch.cuda.reset_peak_memory_stats()
 start = time.perf_counter()
-for prediction in seg.predict_many(paths, labels):
+for prediction in seg.predict_many(paths, labels, pool_windows=pool == "1"):
     prediction.labels.cpu()
 torch.cuda.synchronize()
 print(json.dumps({"seconds": time.perf_counter() - start, "peak": torch.cuda.max_memory_allocated()}))
@@ -128,17 +130,20 @@ def gpu_table(images: Path, clip: str, tmp: Path, batches: list[int]) -> None:
     env = environment(tmp / "cache", 4)
     print(f"GPU: {len(paths)} images; ClearCLIP with 224-px windows (stride 112: 15 per 500x375 photo at short side "
           "448), random ViT-B/16, predict_many")  # fmt: skip
-    print("| precision | windows per forward | images/s | peak GPU memory MiB |")
-    print("|---|---|---|---|")
+    print("| precision | windows per forward | images/s | peak GPU memory MiB | pooled: images/s | pooled: peak MiB |")
+    print("|---|---|---|---|---|---|")
     for dtype in ("fp32", "fp16", "bf16"):
         for batch in batches:
-            command = [sys.executable, "-c", GPU_SCRIPT, clip, vocab_path() or "", dtype, str(batch), *paths]
-            done = subprocess.run(command, input=VOC, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                sys.exit(f"GPU run failed ({dtype}, {batch}):\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            rate = len(paths) / result["seconds"]
-            print(f"| {dtype} | {batch} | {rate:.1f} | {result['peak'] / 2**20:.0f} |", flush=True)
+            cells = []
+            for pool in ("0", "1"):  # each image's windows alone, then --pool-windows
+                script = [sys.executable, "-c", GPU_SCRIPT, clip, vocab_path() or "", dtype, str(batch), pool]
+                command = [*script, *paths]
+                done = subprocess.run(command, input=VOC, env=env, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    sys.exit(f"GPU run failed ({dtype}, {batch}, pool {pool}):\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                cells += [f"{len(paths) / result['seconds']:.1f}", f"{result['peak'] / 2**20:.0f}"]
+            print(f"| {dtype} | {batch} | {' | '.join(cells)} |", flush=True)
 
 
 def main() -> None:
@@ -149,7 +154,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny weights, 8 small photos: a smoke test")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU table")
     parser.add_argument("--short-side", help="CPU table: --short-side of every run (default: the method's, 448)")
-    parser.add_argument("--batches", default="1,4,16", help="GPU windows per forward (default 1,4,16)")
+    parser.add_argument("--batches", default="1,4,16,64", help="GPU windows per forward (default 1,4,16,64)")
     args = parser.parse_args()
     import torch
 

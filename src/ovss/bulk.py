@@ -3,7 +3,8 @@
 The loop is ``predict`` on each image in turn, so the predictions are those of a ``predict`` loop, bit for
 bit; a worker thread (:mod:`ovss.pipeline.read_ahead`) reads and resizes the next images meanwhile and
 hands each read to ``set_image`` through the segmenter's one-shot ``_read_ahead`` slot, which is used only
-for the very image object it was read from. ``ovss segment`` runs its images through this loop.
+for the very image object it was read from. ``ovss segment`` runs its images through this loop. With
+``pool_windows=True`` consecutive images' windows share backbone forwards (:mod:`ovss.pipeline.pooled`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def predict_many(
     rows_progress: Progress | None = None,
     read_ahead: int | None = None,
     errors: Literal["raise", "yield"] = "raise",
+    pool_windows: bool = False,
 ) -> Iterator[Prediction | OvssError]:
     """Label many images, one prediction per image in input order (``Segmenter.predict_many``).
 
@@ -50,16 +52,26 @@ def predict_many(
         errors: an image that cannot be read or segmented: ``"raise"`` (default) raises its OvssError from the
             iterator, which then ends; ``"yield"`` yields the OvssError in its place and goes on with the next
             image (bulk labelling: one bad file does not stop the run).
+        pool_windows: put the windows of consecutive images into the same backbone forwards, filled up to the
+            per-forward cap (``window_batch`` windows, at most ``tuning.window_tokens`` tokens), then finish
+            each image as ``predict`` does. It pays where one image's windows leave the device idle (large
+            ``window_batch`` on a GPU, ``Tuning(window_tokens=0)``); off by default (not measured on a GPU; on
+            the CPU the token cap keeps forwards small). Methods that take all windows of an image at once
+            (``X+gla``, Trident) or read the whole image (CASS) run image by image as without it; a window of
+            another shape (a small image, whole-image mode) first encodes the windows waiting. Memory: the
+            images whose windows are in the current forward, plus the one being read (and ``read_ahead``).
+            An OvssError raised by a forward fails every image with windows in it.
         text_embeddings, background, progress, rows_progress: as for ``predict``, for every image
             (``progress`` starts again at ``done = 0`` for each image).
 
     Returns:
         An iterator of one ``Prediction`` per image (or, with ``errors="yield"``, an OvssError for an image
-        that failed), equal bit for bit to ``predict(image, labels, **kwargs)``.
+        that failed), equal bit for bit to ``predict(image, labels, **kwargs)`` (pooled: labels and record
+        equal, logits up to the backend's rounding of a window in a batch of another size, ~1e-7 on the CPU).
 
     Raises:
-        OvssError: bad labels, background, text embeddings, ``errors`` or ``read_ahead``: at the call, before
-            any image is read.
+        OvssError: bad labels, background, text embeddings, ``errors``, ``read_ahead`` or ``pool_windows``: at
+            the call, before any image is read.
     """
     if errors not in ("raise", "yield"):
         raise OvssError(f"errors must be 'raise' or 'yield', got {errors!r}")
@@ -68,6 +80,8 @@ def predict_many(
         read_ahead = 2 if segmenter.device.type == "cuda" else 0
     if read_ahead < 0:
         raise OvssError(f"read_ahead must be >= 0 images, got {read_ahead}")
+    if not isinstance(pool_windows, bool):
+        raise OvssError(f"pool_windows must be True or False, got {pool_windows!r}")
     classes = normalize_labels(labels)  # what holds for every image is checked now, not at the first image
     check_background(background, len(classes))
     segmenter._text_embeddings(flatten_labels(classes)[0], text_embeddings)
@@ -78,6 +92,10 @@ def predict_many(
         queue = prepare_ahead(images, segmenter._read_and_resize, read_ahead)
     else:
         queue = ((image, None) for image in images)
+    if pool_windows and segmenter.method.pools_images:
+        from ovss.pipeline.pooled import predict_pooled
+
+        return predict_pooled(segmenter, queue, labels, kwargs, errors == "yield")
     return _predict_each(segmenter, queue, labels, kwargs, errors == "yield")
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -23,12 +22,13 @@ from ovss.methods.registry import MethodSpec
 from ovss.models.clip import CLIP
 from ovss.models.vit import VisionTransformer
 from ovss.pipeline.image import clip_normalize, read_image, resize_short_side
+from ovss.pipeline.image_state import ImageState, ImageWindows
 from ovss.pipeline.maps import FullResolutionMaps, LabelRule
 from ovss.pipeline.merge import StitchedLogits
 from ovss.pipeline.method_outputs import gathered_outputs
 from ovss.pipeline.pamr import pamr
 from ovss.pipeline.postprocess import default_band_rows
-from ovss.pipeline.windows import WINDOWINGS, Layout, Padding, Window, pad_windows, symmetric_padding
+from ovss.pipeline.windows import WINDOWINGS, Window, pad_windows, symmetric_padding
 from ovss.precision import backbone_precision
 from ovss.prediction import Prediction
 from ovss.text.embeddings import EmbeddingCache
@@ -43,23 +43,6 @@ NO_TOKENIZER = (
     "this segmenter was loaded with tokenizer=False, so it cannot encode label names: pass "
     "text_embeddings=(Q, E) to predict(), or load it with a vocabulary (tokenizer=None, the default, or a path)"
 )
-
-
-@dataclass
-class ImageState:
-    """What :meth:`Segmenter.set_image` keeps: the image stage's dense features and the geometry to stitch them."""
-
-    rgb: np.ndarray  # (H0, W0, 3) uint8 original image
-    pixels: torch.Tensor  # (3, H, W) CLIP-normalised image the windows were cut from (Trident: the canvas)
-    windows: list[Window]  # L windows in processing pixels
-    padding: Padding  # symmetric padding of every window
-    padded_size: tuple[int, int]  # size of each window as fed to the backbone
-    features: torch.Tensor  # (L', gr * gc, E) fp32 L2-normalised dense features on ``layout``'s windows
-    grid: tuple[int, int]  # (gr, gc) token grid of the features
-    info: dict[str, Any]  # method diagnostics, per image
-    window_info: dict[str, list[Any]]  # method diagnostics, one entry per window (all sub-batches)
-    layout: Layout  # where the features live: the input windows, or the method's own (Trident: SAM's grid)
-    extras: dict[str, Any] = field(default_factory=dict)  # what MethodSpec.score / .post read (MethodOutput.extras)
 
 
 class Segmenter:
@@ -176,6 +159,13 @@ class Segmenter:
                 with ``done = 0`` before the first window and after every batch of windows.
         """
         held, self._read_ahead = self._read_ahead, None  # predict_many's read of this very image, if any
+        cut = self._image_windows(image, held)
+        out, features = self._dense_features(cut, progress)
+        self._state = cut.state(out, features)
+
+    def _image_windows(self, image: ImageLike, held: tuple[ImageLike, Any] | None = None) -> ImageWindows:
+        """The image stage's first step: read (or take ``held``, the read-ahead's read of this very image),
+        resize, normalise, window, crop and pad (``set_image`` and the pooled ``predict_many``)."""
         if held is not None and held[0] is image:
             rgb, processed = held[1].get()  # its decoder warnings are issued, a bad image's OvssError raised, here
         else:
@@ -195,12 +185,7 @@ class Segmenter:
                 "use a larger image or a larger short_side"
             )
         crops = torch.stack([pixels[:, win.y1 : win.y2, win.x1 : win.x2] for win in windows])  # (L, 3, h, w)
-        crops = pad_windows(crops, padding)  # (L, 3, h', w')
-        out, features = self._dense_features(crops, windows, padding, pixels, rgb, progress)
-        layout = out.layout or Layout(tuple(windows), padding, padded, (int(H), int(W)))
-        self._state = ImageState(
-            rgb, pixels, windows, padding, padded, features, out.grid, out.info, out.window_info, layout, out.extras
-        )
+        return ImageWindows(rgb, pixels, windows, padding, padded, pad_windows(crops, padding))  # (L, 3, h', w')
 
     def _read_and_resize(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
         """The image as (H0, W0, 3) uint8 RGB and resized for processing, (H, W, 3) (thread-safe: no state)."""
@@ -248,15 +233,7 @@ class Segmenter:
         return max(1, min(self.pipeline.window_batch, budget // tokens))
 
     @torch.inference_mode()
-    def _dense_features(
-        self,
-        crops: torch.Tensor,
-        windows: list[Window],
-        padding: Padding,
-        pixels: torch.Tensor,
-        rgb: np.ndarray,
-        progress: Progress | None = None,
-    ) -> tuple[MethodOutput, torch.Tensor]:
+    def _dense_features(self, cut: ImageWindows, progress: Progress | None = None) -> tuple[MethodOutput, torch.Tensor]:
         """The image stage: ``run`` over batches of windows (all at once for joint methods), then ``finish``.
 
         Returns:
@@ -264,28 +241,34 @@ class Segmenter:
             gathered over the batches) and its dense features (L', N, E) fp32, unit rows.
         """
         backbones = self.backbones()
-        method = self.method
-        step = len(windows) if method.joint_windows else self._windows_per_forward(crops.shape[-2:])
+        L = len(cut.windows)
+        step = L if self.method.joint_windows else self._windows_per_forward(cut.crops.shape[-2:])
         chunks: list[torch.Tensor] = []
         outputs: list[MethodOutput] = []
-        size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         if progress is not None:
-            progress(0, len(windows))
-        for start in range(0, len(windows), step):
-            batch = WindowBatch(
-                crops[start : start + step], windows[start : start + step], padding, size, pixels, rgb
-            )
-            with self._precision():
-                out = method.run(backbones, batch, self.options)
-            if method.finish is not None:  # over all windows (joint methods): outside autocast
-                out = method.finish(backbones, batch, out, self.options)
-            with self._precision():
-                f = self.clip.visual.head(out.tokens).float()  # (l, N, E)
-            chunks.append(F.normalize(f, dim=-1))
+            progress(0, L)
+        for start in range(0, L, step):
+            out, f = self._forward(backbones, cut.batch(start, start + step))
+            chunks.append(f)
             outputs.append(out)
             if progress is not None:
-                progress(min(start + step, len(windows)), len(windows))
+                progress(min(start + step, L), L)
         return gathered_outputs(outputs), torch.cat(chunks)  # (L', N, E)
+
+    def _forward(self, backbones: Backbones, batch: WindowBatch) -> tuple[MethodOutput, torch.Tensor]:
+        """One backbone forward: ``run`` (and ``finish``) on a batch of windows, then the dense head.
+
+        Returns:
+            The method's output and the batch's dense features (l', N, E) fp32, unit rows.
+        """
+        method = self.method
+        with self._precision():
+            out = method.run(backbones, batch, self.options)
+        if method.finish is not None:  # over all windows (joint methods): outside autocast
+            out = method.finish(backbones, batch, out, self.options)
+        with self._precision():
+            f = self.clip.visual.head(out.tokens).float()  # (l', N, E)
+        return out, F.normalize(f, dim=-1)
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -349,7 +332,8 @@ class Segmenter:
     ) -> Iterator[Prediction | OvssError]:
         """Label many images in order: :meth:`predict` on each (bit for bit), the next ones read meanwhile.
 
-        Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU) and ``errors``; see
+        Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU), ``errors`` and
+        ``pool_windows`` (several images' windows in one backbone forward); see
         :func:`ovss.bulk.predict_many`, which this is.
         """
         from ovss.bulk import predict_many

@@ -112,6 +112,14 @@ def add_parser(sub: Any) -> None:
         "device, 0 on the CPU, where the model's threads already use every core; 0: read each image when "
         "its turn comes)",
     )
+    p.add_argument(
+        "--pool-windows",
+        "--pool_windows",
+        dest="pool_windows",
+        action="store_true",
+        help="put the windows of consecutive images into the same backbone forwards (up to --window-batch): "
+        "for large window batches on a GPU; same outputs; X+gla, Trident and CASS run image by image",
+    )
     from ovss.output.collection import add_collection_flags  # issue 22: coco.json, GeoJSON, score maps
 
     add_collection_flags(p)

@@ -41,7 +41,7 @@ class SegmentRun:
     record: dict[str, Any]  # config.json without "inputs": resolved configuration, classes, background
     classes: list[list[str]]  # classes, each a list of synonyms
     background: int | None  # the background class, or None
-    args: argparse.Namespace  # the command line (file options, progress, --read-ahead)
+    args: argparse.Namespace  # the command line (file options, progress, --read-ahead, --pool-windows)
     collection: CollectionOptions  # coco.json / GeoJSON / score maps (ovss.output.collection)
     save_each: bool  # rewrite config.json as images finish, at most every CONFIG_EVERY_S (a run in one process)
     progress: bool  # show progress bars (stderr is a terminal, not --quiet / --no-progress; rank 0)
@@ -197,8 +197,9 @@ def segment_images(segmenter: Any, jobs: list[tuple[str, Any]], finished: set[st
     bars = ImageBars(show)
     todo = [source for stem, source in jobs if stem not in finished]
     results = segmenter.predict_many(
-        todo, run.classes, background=run.background, progress=bars, read_ahead=args.read_ahead, errors="yield"
-    )
+        todo, run.classes, background=run.background, progress=bars, read_ahead=args.read_ahead, errors="yield",
+        pool_windows=args.pool_windows,
+    )  # fmt: skip
     outcome = Outcome()
     saved = 0  # len(outcome.finished) at the last config.json write
     written_at = -CONFIG_EVERY_S  # time.monotonic() of that write (the first image writes at once)

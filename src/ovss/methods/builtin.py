@@ -144,6 +144,7 @@ for _spec in (
         description="CASS: DINO key graph distilled into NACLIP's per head; object-guided text, global logits",
         score=LazyRun("ovss.methods.cass.text:cass_scores"),
         check=LazyRun("ovss.methods.cass.method:check_cass"),
+        reads_image=True,  # the global embedding of the whole processing image (global_embedding="image")
     ),
 ):
     register(_spec)

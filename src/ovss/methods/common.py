@@ -32,7 +32,11 @@ class Backbones:
 
 @dataclass
 class WindowBatch:
-    """All windows of one image, padded to a common size, as fed to the backbones."""
+    """Windows of one image (a batch of them), padded to a common size, as fed to the backbones.
+
+    ``predict_many(pool_windows=True)`` also puts windows of several images into one batch, for methods that
+    read only ``pixels``, ``windows`` and ``padding`` (see ``MethodSpec.reads_image``).
+    """
 
     pixels: torch.Tensor  # (L, 3, h, w) CLIP-normalised RGB, zero-padded to the method's multiple
     windows: list[Window]  # the L windows in processing pixels (before padding), row-major

@@ -81,6 +81,9 @@ class MethodSpec:
     # ("sam", "sam-vitb"). ovss.load, the demo's model pool, ovss bench and ovss download read them.
     weights: tuple[tuple[str, str], ...] = ()
     joint_windows: bool = False  # all windows of an image must be processed in one call (GLA)
+    # ``run`` reads more of the image than its windows' pixels (WindowBatch.image / .rgb / .image_size: CASS's
+    # global view), so windows of several images never share a run (predict_many(pool_windows=True)).
+    reads_image: bool = False
     description: str = ""  # one line for `ovss methods` and the README table
     base: str | None = None  # the method GLA is attached to ("proxyclip" for "proxyclip+gla"); None: none
     windowing: str = "sliding"  # how windows are cut: a key of ovss.pipeline.windows.WINDOWINGS ("canvas": Trident)
@@ -98,6 +101,11 @@ class MethodSpec:
     def roles(self) -> tuple[str, ...]:
         """The model roles the method needs beyond CLIP, e.g. ("vfm", "sam")."""
         return tuple(role for role, _ in self.weights)
+
+    @property
+    def pools_images(self) -> bool:
+        """Whether windows of several images may share one ``run`` (per-window methods that read only their crops)."""
+        return not self.joint_windows and not self.reads_image
 
     def needs(self, role: str) -> bool:
         """Whether the method needs a model in ``role`` ("vfm", "sam")."""
