@@ -157,7 +157,8 @@ def test_resume_refuses_outputs_of_another_configuration(clip_file, bpe_path, ph
     before = _snapshot(out)
     capsys.readouterr()
     assert _segment(clip_file, bpe_path, photos, out, "--resume", "--alpha", "0.3") == 2
-    _one_error_line(capsys.readouterr().err, "another configuration", "config.json: output flags --alpha)", "--overwrite")
+    err = capsys.readouterr().err
+    _one_error_line(err, "another configuration", "config.json: output flags --alpha)", "--overwrite")
     assert _segment(clip_file, bpe_path, photos, out, "--resume", "--save-coco", "--save-masks") == 2
     _one_error_line(capsys.readouterr().err, "config.json: output flags --save-masks, --save-coco)")
     config = json.loads((out / "config.json").read_text())
