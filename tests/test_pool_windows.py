@@ -1,7 +1,8 @@
 """``predict_many(..., pool_windows=True)`` (issue 22, item 2): consecutive images' windows share backbone
-forwards, and every prediction equals a ``predict`` loop's bit for bit (labels, logits, record), for every
-per-window method in fp32 and bf16; methods that need an image's windows together run image by image; bad
-images keep their place; the CLI flag changes no output byte."""
+forwards, and every prediction equals a ``predict`` loop's (labels and record bit for bit, logits within the
+backend's rounding of a batch of another size) for every per-window method in fp32 and bf16; methods that need
+an image's windows together run image by image; bad images keep their place; with batches that round alike the
+CLI flag changes no output byte."""
 
 from __future__ import annotations
 

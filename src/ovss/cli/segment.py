@@ -118,7 +118,8 @@ def add_parser(sub: Any) -> None:
         dest="pool_windows",
         action="store_true",
         help="put the windows of consecutive images into the same backbone forwards (up to --window-batch): "
-        "for large window batches on a GPU; same outputs; X+gla, Trident and CASS run image by image",
+        "for large window batches on a GPU; same labels (--save-logits / --save-scores values may differ in the "
+        "last bits, as with another --window-batch); X+gla, Trident and CASS run image by image",
     )
     from ovss.output.collection import add_collection_flags  # issue 22: coco.json, GeoJSON, score maps
 
