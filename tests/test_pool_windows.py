@@ -6,6 +6,7 @@ CLI flag changes no output byte."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,6 +199,23 @@ def test_an_error_of_a_forward_fails_the_images_in_it_only(
     assert isinstance(got[2], OvssError) and "out of memory" in str(got[2])
     for position in (0, 1, 3, 4, 5):
         _assert_same(got[position], expected[position])
+
+
+def test_a_method_with_per_image_outputs_stops_a_pooled_run_with_one_line(
+    tiny_clip, tiny_dino, bpe_path, images: list[np.ndarray]
+) -> None:
+    segmenter = _load(tiny_clip, tiny_dino, bpe_path)
+    run = segmenter.method.run
+
+    def per_image(backbones: object, batch: object, options: object) -> object:
+        out = run(backbones, batch, options)
+        out.extras["view"] = "the whole image"  # a plugin's per-image object: it should have set reads_image
+        return out
+
+    segmenter.method = dataclasses.replace(segmenter.method, run=per_image)
+    assert isinstance(segmenter.predict(images[0], LABELS), ovss.Prediction)  # image by image it works
+    with pytest.raises(OvssError, match=r"clearclip returned per-image outputs .*without --pool-windows"):
+        list(segmenter.predict_many(images, LABELS, pool_windows=True, errors="yield"))
 
 
 def test_images_are_taken_lazily_as_the_pool_needs_windows(tiny_clip, tiny_dino, bpe_path) -> None:

@@ -209,11 +209,15 @@ def _window_slice(out: MethodOutput, start: int, stop: int, method: str) -> Meth
     per-window method and is kept whole.
 
     Raises:
-        RuntimeError: the output has something per image (a layout, a non-tensor extra): the method should
-            not have been pooled.
+        OvssError: the output has something per image (a layout, a non-tensor extra): the method cannot pool
+            (a plugin that should set ``MethodSpec.reads_image``); it stops the run, as it holds for every image.
     """
     if out.layout is not None or any(not isinstance(v, torch.Tensor) for v in out.extras.values()):
-        raise RuntimeError(f"{method} returned per-image outputs from a pooled forward; set MethodSpec.reads_image")
+        raise OvssError(
+            f"{method} returned per-image outputs (a layout or a non-tensor extra) from a forward of several "
+            "images' windows, so it cannot pool them; run it without --pool-windows (pool_windows=False), or set "
+            "reads_image=True in its MethodSpec"
+        )
     window_info = {key: list(values[start:stop]) for key, values in out.window_info.items()}
     extras = {key: value[start:stop] for key, value in out.extras.items()}  # (n, ...)
     return MethodOutput(out.tokens[start:stop], out.grid, out.info, window_info, extras)
