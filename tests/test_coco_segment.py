@@ -116,6 +116,17 @@ def test_overwrite_without_coco_removes_the_earlier_runs_coco_json_only(
     assert (out / "coco.json").read_bytes() == mine  # a coco.json ovss did not write is never removed
 
 
+def test_an_overwrite_that_fails_before_any_image_keeps_the_earlier_coco_json(
+    clip_file: Path, bpe_path: Path, photos: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    assert segment(clip_file, bpe_path, photos, out, "--save-coco") == 0
+    before = (out / "coco.json").read_bytes()
+    missing = str(tmp_path / "no-such-weights.pt")  # a typo: the run ends at loading, nothing is redone
+    assert segment(clip_file, bpe_path, photos, out, "--overwrite", "--clip", missing) == 2
+    assert (out / "coco.json").read_bytes() == before  # the earlier run is whole, its coco.json included
+
+
 def test_no_coco_json_and_no_folder_when_no_image_was_segmented(
     clip_file: Path, bpe_path: Path, tmp_path: Path
 ) -> None:

@@ -325,8 +325,6 @@ def _run_shard(
     per_image = plan_outputs(out, jobs, classes, args, shard_jobs)
     check_writable(out)
     sweep_outputs(out, per_image)
-    if args.overwrite and not collection_options(args).coco:
-        remove_earlier_coco(out)  # it would describe the earlier run; a coco.json ovss did not write stays
     own_process = one_shot_process()
     if own_process:  # importing torch and building the model leave no cycles: skip 0.14 s of full GC passes
         gc.disable()
@@ -346,6 +344,8 @@ def _run_shard(
     finished = finished_images(out, mine, per_image, key, record) if args.resume else set()
     if shard.count > 1 and shard.rank == 0:
         forget_shard(out, shard)  # running again: not finished until this attempt's record
+    if args.overwrite and not collection_options(args).coco:  # once the model and names loaded: the run starts
+        remove_earlier_coco(out)  # it would describe the earlier run; a coco.json ovss did not write stays
     show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars
     run = SegmentRun(
         out, per_image, key, record, classes, background, args, collection_options(args), not shard.split, show
