@@ -180,6 +180,28 @@ def test_a_bad_image_raises_in_its_turn_by_default(
         next(results)
 
 
+def _readers_alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("ovss-read-ahead")]
+
+
+def test_stopping_early_or_on_an_error_ends_the_reader_thread(
+    tiny_clip, tiny_dino, bpe_path, images: list[np.ndarray], tmp_path: Path
+) -> None:
+    segmenter = _load(tiny_clip, tiny_dino, bpe_path)
+    results = segmenter.predict_many(images, LABELS, pool_windows=True, read_ahead=2)
+    next(results)  # images 0 and 1 encoded, image 2 held in the pool, the reader ahead of it
+    assert _readers_alive()
+    results.close()  # type: ignore[attr-defined]  # the consumer stops: the pool's generator closes the reader
+    assert not _readers_alive()
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image\n")
+    results = segmenter.predict_many([images[0], bad, *images[1:]], LABELS, pool_windows=True, read_ahead=2)
+    next(results)
+    with pytest.raises(OvssError, match=r"broken\.png"):
+        next(results)
+    assert not _readers_alive()  # the raised error ended the iterator and its reader
+
+
 def test_an_error_of_a_forward_fails_the_images_in_it_only(
     tiny_clip, tiny_dino, bpe_path, images: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
