@@ -333,8 +333,8 @@ class Segmenter:
         """Label many images in order: :meth:`predict` on each (bit for bit), the next ones read meanwhile.
 
         Keywords: ``predict``'s, plus ``read_ahead`` (default 2 on CUDA, 0 on CPU), ``errors`` and
-        ``pool_windows`` (several images' windows in one backbone forward); see
-        :func:`ovss.bulk.predict_many`, which this is.
+        ``pool_windows`` (several images' windows in one backbone forward: the same labels, logits within the
+        backend's rounding of another batch size); see :func:`ovss.bulk.predict_many`, which this is.
         """
         from ovss.bulk import predict_many
 
