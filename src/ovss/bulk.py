@@ -17,6 +17,9 @@ from ovss.errors import OvssError
 from ovss.labels import check_background, flatten_labels, normalize_labels
 from ovss.pipeline.read_ahead import Prepared, prepare_ahead
 
+# None is refused: predict(None) would label the last image again
+NONE_IMAGE = "predict_many got None for an image; give a path, an array or a PIL image"
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -131,7 +134,7 @@ def _predict_each(
             segmenter._read_ahead = None if prepared is None else (image, prepared)
             try:
                 if image is None:  # predict(None) would label the previous image again
-                    raise OvssError("predict_many got None for an image; give a path, an array or a PIL image")
+                    raise OvssError(NONE_IMAGE)
                 result: Prediction | OvssError = segmenter.predict(image, labels, **kwargs)
             except OvssError as error:
                 if not yield_errors:

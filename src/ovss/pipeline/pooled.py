@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ovss.bulk import NONE_IMAGE
 from ovss.errors import OvssError
 from ovss.methods.common import MethodOutput, WindowBatch
 from ovss.pipeline.method_outputs import gathered_outputs
@@ -48,10 +49,12 @@ class _Pooled:
 
     @property
     def total(self) -> int:
+        """The image's window count L (0 for a failed read)."""
         return 0 if self.cut is None else len(self.cut.windows)
 
     @property
     def complete(self) -> bool:
+        """Whether the image can be finished: all its windows encoded, or it failed."""
         return self.error is not None or self.done == self.total
 
 
@@ -105,7 +108,7 @@ class _PooledRun:
         """The image cut into windows (``set_image``'s first step), or the OvssError that reading it gave."""
         try:
             if image is None:  # as in the loop: not the previous image again
-                raise OvssError("predict_many got None for an image; give a path, an array or a PIL image")
+                raise OvssError(NONE_IMAGE)
             return _Pooled(self.segmenter._image_windows(image, None if prepared is None else (image, prepared)))
         except OvssError as error:
             return _Pooled(None, error)
