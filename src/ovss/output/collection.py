@@ -42,6 +42,7 @@ PART_FOLDER = Path(".ovss") / "coco"  # inside the output folder
 PART_FORMAT = "ovss-coco-part"  # a part's "format" field
 PART_VERSION = 1  # a part of another version counts as missing
 COCO_FILE = "coco.json"
+COCO_DESCRIPTION = "ovss segment"  # coco.json's info.description: how an earlier run's file is recognised
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def remove_earlier_coco(folder: str | os.PathLike[str]) -> Path | None:
             head = file.read(256)  # ovss writes '{' then its info line first (merge_collection)
     except OSError:
         return None
-    if not head.startswith('{\n"info": {"description": "ovss segment"'):
+    if not head.startswith('{\n"info": {"description": ' + _dump(COCO_DESCRIPTION)):
         return None
     path.unlink(missing_ok=True)
     return path
@@ -269,7 +270,7 @@ def merge_collection(
     key = part_key(classes, options)
     import ovss
 
-    head = {"description": "ovss segment", "version": ovss.__version__, **(info or {})}
+    head = {"description": COCO_DESCRIPTION, "version": ovss.__version__, **(info or {})}
     lines_before = [
         "{", f'"info": {_dump(head)},', '"licenses": [],', '"categories": [',
         ",\n".join(_dump(category) for category in coco_categories(classes, background)), "],", '"images": [',
