@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +98,21 @@ def tiny_dino():
     from tiny import tiny_dino_vit
 
     return tiny_dino_vit()
+
+
+@pytest.fixture
+def readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that read each image, in order (``Segmenter._read_and_resize`` recorded)."""
+    import threading
+
+    from ovss.predictor import Segmenter
+
+    names: list[str] = []
+    read = Segmenter._read_and_resize
+
+    def recording(self: Segmenter, image: object) -> tuple[Any, Any]:
+        names.append(threading.current_thread().name)
+        return read(self, image)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Segmenter, "_read_and_resize", recording)
+    return names

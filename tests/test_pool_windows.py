@@ -117,20 +117,6 @@ def test_a_forward_spans_three_images_with_read_ahead(
     assert all(name.startswith(worker) for name in readers[len(images) :])
 
 
-@pytest.fixture
-def readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads that read each image, in order (``Segmenter._read_and_resize`` recorded)."""
-    names: list[str] = []
-    read = Segmenter._read_and_resize
-
-    def recording(self: Segmenter, image: object) -> tuple[np.ndarray, np.ndarray]:
-        names.append(threading.current_thread().name)
-        return read(self, image)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Segmenter, "_read_and_resize", recording)
-    return names
-
-
 @pytest.mark.parametrize("method", ["clearclip+gla", "proxyclip+gla", "cass"])
 def test_methods_that_need_an_image_at_once_run_image_by_image(
     tiny_clip, tiny_dino, bpe_path, images: list[np.ndarray], forwards: list[int], method: str

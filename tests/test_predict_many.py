@@ -68,20 +68,6 @@ def test_predict_many_equals_a_predict_loop(segmenter: Segmenter, inputs: list[o
         _assert_same(one, other)
 
 
-@pytest.fixture
-def readers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads that read each image, in order (``Segmenter._read_and_resize`` recorded)."""
-    names: list[str] = []
-    read = Segmenter._read_and_resize
-
-    def recording(self: Segmenter, image: object) -> tuple[np.ndarray, np.ndarray]:
-        names.append(threading.current_thread().name)
-        return read(self, image)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Segmenter, "_read_and_resize", recording)
-    return names
-
-
 def test_the_next_images_are_read_on_a_worker_thread_and_lazily(
     segmenter: Segmenter, inputs: list[object], readers: list[str]
 ) -> None:
