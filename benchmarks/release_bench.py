@@ -101,12 +101,12 @@ def release_child(job: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from ovss.cli.bench_harness import _image, peak_rss_bytes
+    from ovss.cli.bench_harness import bench_image, peak_rss_bytes
     from ovss.cli.bench_machine import QuietPolicy, proc_load_source, timed_runs
 
     torch.set_num_threads(job["threads"])
     seg = _release_naclip(Path(job["repo"]), job["clip"], job["pamr"])
-    rgb = _image(job["image"])  # (H0, W0, 3) uint8, the pixels ovss bench uses
+    rgb = bench_image(job["image"])  # (H0, W0, 3) uint8, the pixels ovss bench uses
     mean = torch.tensor([122.771, 116.746, 104.094]).view(3, 1, 1)
     std = torch.tensor([68.501, 66.632, 70.323]).view(3, 1, 1)
     last: list[Any] = []

@@ -111,7 +111,7 @@ class MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def _image(spec: str) -> Any:
+def bench_image(spec: str) -> Any:
     """The test image: ``"HxW"`` random pixels, ``"astronaut"`` (scikit-image), else a file path (read per run)."""
     import numpy as np
 
@@ -175,7 +175,7 @@ def image_job(job: dict[str, Any]) -> dict[str, Any]:
     load_peak = peak_rss_bytes()
     run_peak_only = reset_peak_rss()
     timer.start()
-    image = _image(job["image"])
+    image = bench_image(job["image"])
     n = int(job.get("classes", len(TEXT_NAMES)))
     labels = [f"class {i}" for i in range(n)]
     E = seg.clip.visual.cfg.output_dim
