@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import transformers  # the independent reference (pyproject [test] extra); the l
 from safetensors.torch import save
 
 from hub_server import FakeHub, Repo, folder_files
-from test_dinov3 import hf_dinov3
+from test_dinov3 import hf_dinov3, trained_like
 from test_sam import _tiny_hf_sam
 from tiny import tiny_clip_state_dict
 
@@ -124,20 +123,7 @@ def hf_dinov2_registers(seed: int = 0) -> torch.nn.Module:
         image_size=56,
         num_register_tokens=4,
     )
-    model = transformers.Dinov2WithRegistersModel(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("lambda1"):
-                p.copy_(0.5 + 0.2 * noise)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim >= 2 and "token" not in name and "position" not in name:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval()
+    return trained_like(transformers.Dinov2WithRegistersModel(config), seed).eval()
 
 
 def build_hub(

@@ -46,7 +46,12 @@ def hf_dinov3(seed: int = 0) -> torch.nn.Module:
         num_register_tokens=4,
         patch_size=16,
     )
-    model = transformers.DINOv3ViTModel(cfg).eval()
+    return trained_like(transformers.DINOv3ViTModel(cfg).eval(), seed, token_scale=0.5)
+
+
+def trained_like(model: torch.nn.Module, seed: int, token_scale: float = 0.1) -> torch.nn.Module:
+    """Every parameter of a transformers ViT random, at trained-model scales: LayerScale near 0.5, norm weights
+    near 1, matrices at 1/sqrt(fan-in); [CLS]/register/mask tokens ``token_scale``, the rest 0.1 (seeded)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,10 +60,10 @@ def hf_dinov3(seed: int = 0) -> torch.nn.Module:
                 p.copy_(0.5 + 0.2 * noise)
             elif "norm" in name and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim >= 2 and "token" not in name:
+            elif p.ndim >= 2 and "token" not in name and "position" not in name:
                 p.copy_(noise / math.sqrt(p[0].numel()))
             else:
-                p.copy_((0.5 if "token" in name else 0.1) * noise)
+                p.copy_((token_scale if "token" in name else 0.1) * noise)
     return model
 
 
