@@ -344,12 +344,11 @@ def _run_shard(
     finished = finished_images(out, mine, per_image, key, record) if args.resume else set()
     if shard.count > 1 and shard.rank == 0:
         forget_shard(out, shard)  # running again: not finished until this attempt's record
-    if args.overwrite and not collection_options(args).coco:  # once the model and names loaded: the run starts
+    collection = collection_options(args)
+    if args.overwrite and not collection.coco:  # once the model and names loaded: the run starts
         remove_earlier_coco(out)  # it would describe the earlier run; a coco.json ovss did not write stays
     show = args.progress and not args.quiet and sys.stderr.isatty() and shard.rank == 0  # one rank's bars
-    run = SegmentRun(
-        out, per_image, key, record, classes, background, args, collection_options(args), not shard.split, show
-    )
+    run = SegmentRun(out, per_image, key, record, classes, background, args, collection, not shard.split, show)
     try:
         outcome = segment_images(segmenter, mine, finished, run)
     except OvssError as err:

@@ -45,15 +45,19 @@ class ImageWindows:
     padded_size: tuple[int, int]  # (h', w') size of each window as fed to the backbone
     crops: torch.Tensor  # (L, 3, h', w') padded windows
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the processing image the windows live in."""
+        return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+
     def batch(self, start: int, stop: int) -> WindowBatch:
         """Windows ``start:stop`` as the method's ``run`` takes them."""
-        size = (int(self.pixels.shape[-2]), int(self.pixels.shape[-1]))
-        return WindowBatch(self.crops[start:stop], self.windows[start:stop], self.padding, size, self.pixels, self.rgb)
+        crops = self.crops[start:stop]  # (l, 3, h', w')
+        return WindowBatch(crops, self.windows[start:stop], self.padding, self.image_size, self.pixels, self.rgb)
 
     def state(self, out: MethodOutput, features: torch.Tensor) -> ImageState:
         """The image's :class:`ImageState` from its image stage's output and dense features (L', N, E)."""
-        size = (int(self.pixels.shape[-2]), int(self.pixels.shape[-1]))
-        layout = out.layout or Layout(tuple(self.windows), self.padding, self.padded_size, size)
+        layout = out.layout or Layout(tuple(self.windows), self.padding, self.padded_size, self.image_size)
         return ImageState(
             self.rgb, self.pixels, self.windows, self.padding, self.padded_size, features, out.grid, out.info,
             out.window_info, layout, out.extras,

@@ -201,8 +201,7 @@ def _batch(pieces: list[tuple[_Pooled, ImageWindows, int, int]]) -> WindowBatch:
         return first.batch(start, stop)
     crops = torch.cat([cut.crops[start:stop] for _, cut, start, stop in pieces])  # (l, 3, h', w')
     windows = [window for _, cut, start, stop in pieces for window in cut.windows[start:stop]]
-    size = (int(first.pixels.shape[-2]), int(first.pixels.shape[-1]))
-    return WindowBatch(crops, windows, first.padding, size)
+    return WindowBatch(crops, windows, first.padding, first.image_size)
 
 
 def _window_slice(out: MethodOutput, start: int, stop: int, method: str) -> MethodOutput:
